@@ -1,0 +1,30 @@
+"""P2Seg: pointly-supervised instance segmentation (ICLR 2024) as a Detectron2 project."""
+from setuptools import find_packages, setup
+
+setup(
+    name="p2seg",
+    version="0.1.0",
+    description="P2Seg (Pointly-supervised Segmentation via Mutual Distillation) for Detectron2",
+    python_requires=">=3.9",
+    packages=find_packages(include=("p2seg", "p2seg.*")),
+    # torch/torchvision and detectron2 are installed by `make install` (tools/install_detectron2.py):
+    # Detectron2 is not on PyPI and torch must be the pinned build.
+    install_requires=[
+        "numpy",
+        "opencv-python-headless",
+        "pycocotools>=2.0.2",
+        "fvcore",
+        "scipy",
+        "tqdm",
+        "Pillow",
+    ],
+    extras_require={"test": ["pytest", "pytest-timeout", "hypothesis"]},
+    entry_points={
+        "console_scripts": [
+            "p2seg-make-points=p2seg.tools.make_points:main",
+            "p2seg-convert-voc=p2seg.tools.convert_voc:main",
+            "p2seg-render-semseg=p2seg.tools.render_semseg:main",
+            "p2seg-shapes=p2seg.tools.shapes:main",
+        ]
+    },
+)
