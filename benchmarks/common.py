@@ -1,0 +1,98 @@
+"""Helpers shared by the benchmarks: the synthetic "5 instances" sample and the JSON line printer.
+
+The sample (used by every benchmark that needs one image): on an ``S x S`` image, discs of
+radius ``r = round(0.09 S)``:
+
+* two discs of class 14 touching side by side, centred at ``(x0, y0)`` and ``(x0 + 2r - 1, y0)``
+  with ``x0 = round(0.22 S)``, ``y0 = round(0.30 S)`` (they merge into one pseudo-label component,
+  exercising the nearest-point split);
+* one disc of class 14 at ``(0.76 S, 0.25 S)``;
+* two discs of class 11 at ``(0.30 S, 0.75 S)`` and ``(0.72 S, 0.72 S)``;
+
+coordinates rounded. The semantic map stores class ``k`` as ``k + 1`` (0 background), one point
+per disc at its centre.
+"""
+import json
+import os
+
+import numpy as np
+
+NUM_CLASSES = 20
+
+
+def disc_specs(size):
+    """Disc centres, classes and radius of the synthetic sample.
+
+    Args:
+        size: image side S.
+    Returns:
+        ``(centres, classes, radius)``: int64 ``5 x 2`` ``(x, y)``, int64 ``5``, int.
+    """
+    r = int(round(0.09 * size))
+    x0, y0 = int(round(0.22 * size)), int(round(0.30 * size))
+    rel = [(0.76, 0.25), (0.30, 0.75), (0.72, 0.72)]
+    centres = [(x0, y0), (x0 + 2 * r - 1, y0)] + [
+        (int(round(a * size)), int(round(b * size))) for a, b in rel
+    ]
+    classes = [14, 14, 14, 11, 11]
+    return np.array(centres, dtype=np.int64), np.array(classes, dtype=np.int64), r
+
+
+def make_sample(size=416, num_classes=NUM_CLASSES, seed=0):
+    """The synthetic sample of the module docstring.
+
+    Args:
+        size: image side S.
+        num_classes: number of classes C (the classes used are 11 and 14, so C >= 15).
+        seed: seed of the image noise.
+    Returns:
+        dict: ``"image"`` uint8 ``S x S x 3`` (RGB, disc colour per class plus noise),
+        ``"sem_seg"`` uint8 ``S x S``, ``"points"`` float32 ``5 x 2`` ``(x, y)``,
+        ``"point_classes"`` int64 ``5``, ``"num_classes"`` int.
+    """
+    centres, classes, r = disc_specs(size)
+    yy, xx = np.mgrid[:size, :size]
+    sem_seg = np.zeros((size, size), dtype=np.uint8)
+    for (cx, cy), k in zip(centres.tolist(), classes.tolist()):
+        sem_seg[(xx - cx) ** 2 + (yy - cy) ** 2 <= r * r] = k + 1
+    rng = np.random.default_rng(seed)
+    palette = rng.integers(0, 256, size=(256, 3), dtype=np.uint8)
+    palette[0] = 128
+    noise = rng.integers(-20, 21, size=(size, size, 3))
+    image = np.clip(palette[sem_seg].astype(np.int64) + noise, 0, 255).astype(np.uint8)
+    return {
+        "image": image,
+        "sem_seg": sem_seg,
+        "points": centres.astype(np.float32),
+        "point_classes": classes,
+        "num_classes": num_classes,
+    }
+
+
+def timing_stats(seconds):
+    """Median / min / max of a list of durations (seconds)."""
+    s = np.asarray(seconds, dtype=np.float64)
+    return {"median_s": float(np.median(s)), "min_s": float(s.min()), "max_s": float(s.max())}
+
+
+def environment():
+    """Thread / CPU / load information recorded with every benchmark result."""
+    info = {"cpu_count": os.cpu_count(), "loadavg_1min": round(os.getloadavg()[0], 2)}
+    try:
+        import cv2
+
+        info["cv2_threads"] = cv2.getNumThreads()
+    except ImportError:  # pragma: no cover
+        info["cv2_threads"] = None
+    try:
+        import torch
+
+        info["torch_threads"] = torch.get_num_threads()
+    except ImportError:  # pragma: no cover
+        info["torch_threads"] = None
+    return info
+
+
+def print_json(record):
+    """Print one benchmark record as a single JSON line."""
+    print(json.dumps(record, sort_keys=True))

@@ -1,0 +1,303 @@
+"""Data tools: point rules (make_points), VOC conversion, semantic rendering/degradation, mIoU."""
+import json
+import os
+
+import cv2
+import numpy as np
+import pycocotools.mask as mask_util
+import pytest
+from PIL import Image
+from scipy import ndimage
+
+from p2seg.data.point_coco import load_point_coco_json
+from p2seg.data.semantic_sources import (
+    Degradation,
+    add_blob_noise,
+    confusion_matrix,
+    drop_instances,
+    mean_iou,
+    perturb_mask_boundaries,
+    render_degraded_semantic_map,
+    render_semantic_map,
+)
+from p2seg.tools import convert_voc, make_points, render_semseg
+from p2seg.tools.make_points import box_center_point, mask_interior_point, random_point_in_mask
+
+
+def _rle(mask):
+    rle = mask_util.encode(np.asfortranarray(mask.astype(np.uint8)))
+    rle["counts"] = rle["counts"].decode()
+    return rle
+
+
+def _l_shape():
+    """30x40 L: a vertical bar (rows 2..27, cols 3..10) and a horizontal foot (rows 20..27, cols 3..35)."""
+    m = np.zeros((30, 40), bool)
+    m[2:28, 3:11] = True
+    m[20:28, 3:36] = True
+    return m
+
+
+# ---------------------------------------------------------------------------------- point rules
+def test_box_center():
+    assert box_center_point([10, 20, 30, 41]) == (25.0, 40.5)
+
+
+def test_mask_interior_on_rectangle_is_its_centre():
+    m = np.zeros((20, 30), bool)
+    m[4:15, 6:23] = True  # rows 4..14 (centre 9), cols 6..22 (centre 14)
+    assert mask_interior_point(m) == (14.0, 9.0)
+
+
+@pytest.mark.parametrize("mask", [_l_shape(), np.pad(np.ones((9, 9), bool), ((0, 5), (0, 12)))])
+def test_mask_interior_lies_inside_at_max_distance(mask):
+    x, y = mask_interior_point(mask)
+    assert mask[int(y), int(x)]
+    # independent check: Euclidean distance to the nearest background pixel, image border = boundary
+    dist = ndimage.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]
+    assert dist[int(y), int(x)] == pytest.approx(dist.max())
+    assert mask_interior_point(np.zeros((5, 5), bool)) is None
+
+
+def test_mask_interior_of_l_shape_is_in_the_corner_block():
+    x, y = mask_interior_point(_l_shape())
+    assert 3 <= x <= 10 and 20 <= y <= 27  # the thickest part is where bar and foot meet
+
+
+def test_random_in_mask_is_inside_and_deterministic_per_seed():
+    m = _l_shape()
+    draws = [random_point_in_mask(m, np.random.default_rng(s)) for s in range(20)]
+    assert all(m[int(y), int(x)] for x, y in draws)
+    assert draws == [random_point_in_mask(m, np.random.default_rng(s)) for s in range(20)]
+    assert len(set(draws)) > 10
+    assert random_point_in_mask(np.zeros((4, 4), bool), np.random.default_rng(0)) is None
+
+
+def _tiny_instances(tmp_path):
+    """COCO JSON: one 40x50 image with an L-shaped instance, a rectangle and a crowd region."""
+    h, w = 40, 50
+    rect = np.zeros((h, w), bool)
+    rect[5:15, 30:46] = True
+    crowd = np.zeros((h, w), bool)
+    crowd[30:38, 40:48] = True
+    l_mask = np.pad(_l_shape(), ((0, 10), (0, 10)))
+    anns = []
+    for i, (mask, cat, iscrowd) in enumerate([(l_mask, 1, 0), (rect, 2, 0), (crowd, 1, 1)]):
+        rle = _rle(mask)
+        anns.append({"id": i + 1, "image_id": 7, "category_id": cat, "iscrowd": iscrowd,
+                     "segmentation": rle, "bbox": [float(v) for v in mask_util.toBbox(rle)],
+                     "area": float(mask.sum())})
+    data = {"images": [{"id": 7, "file_name": "x.jpg", "height": h, "width": w}],
+            "annotations": anns, "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]}
+    path = tmp_path / "inst.json"
+    path.write_text(json.dumps(data))
+    return path, [l_mask, rect]
+
+
+def test_make_points_cli_rules_and_seed(tmp_path, capsys):
+    src, masks = _tiny_instances(tmp_path)
+    results = {}
+    for rule, seed in (("box-center", 0), ("mask-interior", 0), ("random-in-mask", 0), ("random-in-mask", 0),
+                       ("random-in-mask", 1)):
+        out = tmp_path / f"{rule}-{seed}.json"
+        assert make_points.main([str(src), str(out), "--rule", rule, "--seed", str(seed)]) == 0
+        printed = capsys.readouterr().out
+        assert "images=1" in printed and "points_written=2" in printed and "crowd_skipped=1" in printed
+        data = json.loads(out.read_text())
+        assert [a["id"] for a in data["annotations"]] == [1, 2]  # crowd dropped
+        results.setdefault((rule, seed), []).append([a["point"] for a in data["annotations"]])
+    assert results[("box-center", 0)][0][1] == [38.0, 10.0]  # rect bbox [30, 5, 16, 10]
+    for rule_seed, runs in results.items():
+        if rule_seed[0] != "box-center":
+            for (x, y), mask in zip(runs[0], masks):
+                assert mask[int(y), int(x)]
+    assert results[("random-in-mask", 0)][0] == results[("random-in-mask", 0)][1]
+    assert results[("random-in-mask", 0)][0] != results[("random-in-mask", 1)][0]
+
+
+def test_make_points_on_coco_mini_then_load(coco_mini, tmp_path, capsys):
+    src = coco_mini / "annotations" / "instances_train2017.json"
+    raw = json.loads(src.read_text())
+    non_crowd = [a for a in raw["annotations"] if not a.get("iscrowd", 0)]
+    out = tmp_path / "points.json"
+    make_points.main([str(src), str(out), "--rule", "mask-interior"])
+    printed = capsys.readouterr().out
+    assert f"points_written={len(non_crowd)}" in printed
+    assert f"crowd_skipped={len(raw['annotations']) - len(non_crowd)}" in printed
+    dicts = load_point_coco_json(str(out), str(coco_mini / "train2017"))
+    assert len(dicts) == len(raw["images"])
+    anns = [a for d in dicts for a in d["annotations"]]
+    assert sorted(a["id"] for a in anns) == sorted(a["id"] for a in non_crowd)
+    for d in dicts:
+        for a in d["annotations"]:
+            x, y = a["point"]
+            assert 0 <= x < d["width"] and 0 <= y < d["height"]
+            assert 0 <= a["category_id"] < 80
+
+
+# ---------------------------------------------------------------------------------- VOC
+def _voc_layout(root, class_value_offset=0):
+    """Two images: 2007_000001 with GT (person instance + aeroplane instance), 2007_000002 points only."""
+    for sub in ("JPEGImages", "SegmentationClass", "SegmentationObject", "Center_points"):
+        (root / sub).mkdir(parents=True)
+    h, w = 48, 64
+    obj = np.zeros((h, w), np.uint8)
+    cls = np.zeros((h, w), np.uint8)
+    obj[5:30, 5:25], cls[5:30, 5:25] = 1, 15  # person (contiguous 14)
+    obj[4, 5:25], cls[4, 5:25] = 255, 255  # void boundary row
+    obj[20:40, 35:60], cls[20:40, 35:60] = 2, 1  # aeroplane (contiguous 0)
+    palette = [v for i in range(256) for v in (i, 255 - i, (7 * i) % 256)]  # 256 colours
+    for arr, sub in ((cls, "SegmentationClass"), (obj, "SegmentationObject")):
+        im = Image.frombytes("P", (w, h), arr.tobytes())  # VOC label PNGs are palette images
+        im.putpalette(palette)
+        im.save(root / sub / "2007_000001.png")
+    for name, size in (("2007_000001", (w, h)), ("2007_000002", (30, 20))):
+        Image.new("RGB", size).save(root / "JPEGImages" / f"{name}.jpg")
+    off = class_value_offset
+    (root / "Center_points" / "2007_000001.txt").write_text(f"15 17 {14 + off} 0.9\n47 30 {0 + off} 1.0\n")
+    (root / "Center_points" / "2007_000002.txt").write_text(f"3 4 {6 + off} 1.0\n")
+    (root / "train_cls.txt").write_text("2007_000001 0 14\n2007_000002 6\n")
+    return obj, cls
+
+
+@pytest.mark.parametrize("offset", [0, 1])
+def test_convert_voc_points_mode(tmp_path, offset, capsys):
+    root = tmp_path / "VOC2012"
+    obj, _ = _voc_layout(root, offset)
+    out = tmp_path / "points.json"
+    convert_voc.main(["--voc-root", str(root), "--list", str(root / "train_cls.txt"), "--out", str(out),
+                      "--class-offset", str(offset)])
+    assert "points on a SegmentationClass pixel of their class: 100.0%" in capsys.readouterr().out
+    data = json.loads(out.read_text())
+    assert [c["id"] for c in data["categories"]] == list(range(1, 21))
+    assert data["categories"][14]["name"] == "person"
+    assert [(i["id"], i["height"], i["width"]) for i in data["images"]] == [(2007000001, 48, 64), (2007000002, 20, 30)]
+    a1, a2, a3 = data["annotations"]
+    assert (a1["category_id"], a1["point"], a1["score"]) == (15, [15.0, 17.0], 0.9)
+    assert (a2["category_id"], a3["category_id"], a3["image_id"]) == (1, 7, 2007000002)
+    np.testing.assert_array_equal(mask_util.decode(a1["segmentation"]).astype(bool), obj == 1)
+    assert a1["bbox"] == [5.0, 5.0, 20.0, 25.0] and a1["area"] == 500.0
+    np.testing.assert_array_equal(mask_util.decode(a2["segmentation"]).astype(bool), obj == 2)
+    assert "segmentation" not in a3  # no GT for that image
+    dicts = load_point_coco_json(str(out), str(root / "JPEGImages"))
+    assert [a["category_id"] for d in dicts for a in d["annotations"]] == [14, 0, 6]
+
+
+def test_convert_voc_wrong_offset_is_an_error_naming_file_and_line(tmp_path):
+    root = tmp_path / "VOC2012"
+    _voc_layout(root, class_value_offset=1)
+    (root / "Center_points" / "2007_000002.txt").write_text("3 4 20 1.0\n")
+    with pytest.raises(ValueError, match=r"2007_000002.txt:1: field 'cls'=20"):
+        convert_voc.main(["--voc-root", str(root), "--list", str(root / "train_cls.txt"),
+                          "--out", str(tmp_path / "o.json"), "--class-offset", "0"])
+
+
+def test_convert_voc_gt_mode(tmp_path, capsys):
+    root = tmp_path / "VOC2012"
+    obj, _ = _voc_layout(root)
+    (root / "val_cls.txt").write_text("2007_000001 0 14\n")
+    out = tmp_path / "val.json"
+    convert_voc.main(["--voc-root", str(root), "--list", str(root / "val_cls.txt"), "--out", str(out),
+                      "--points-dir", "none"])
+    assert "mode=gt" in capsys.readouterr().out
+    anns = json.loads(out.read_text())["annotations"]
+    assert [a["category_id"] for a in anns] == [15, 1]
+    for a, inst in zip(anns, (1, 2)):
+        x, y = a["point"]
+        assert obj[int(y), int(x)] == inst
+        np.testing.assert_array_equal(mask_util.decode(a["segmentation"]).astype(bool), obj == inst)
+    # GT mode without segmentation files is an error naming the expected file
+    (root / "val_cls.txt").write_text("2007_000002 6\n")
+    with pytest.raises(FileNotFoundError, match="SegmentationObject.*2007_000002.png"):
+        convert_voc.main(["--voc-root", str(root), "--list", str(root / "val_cls.txt"),
+                          "--out", str(out), "--points-dir", "none"])
+
+
+# ---------------------------------------------------------------------------------- rendering
+def test_render_overlap_rules_and_crowd():
+    masks = np.zeros((3, 4, 4), bool)
+    masks[0, :, :2] = True
+    masks[1, :, 1:3] = True
+    masks[2, :2, :] = True  # crowd
+    sem = render_semantic_map(masks, np.array([1, 2, 9]), crowd=np.array([0, 0, 1]))
+    np.testing.assert_array_equal(sem[2], [1, 2, 2, 0])  # no scores: the later mask wins
+    np.testing.assert_array_equal(sem[0], [1, 2, 2, 255])  # crowd only on unlabelled pixels
+    sem = render_semantic_map(masks[:2], np.array([1, 2]), scores=np.array([0.8, 0.3]))
+    np.testing.assert_array_equal(sem[0], [1, 1, 2, 0])  # higher score wins
+
+
+def test_confusion_and_mean_iou():
+    gt = np.array([0, 0, 1, 1, 2, 255])
+    pred = np.array([0, 1, 1, 1, 255, 2])
+    conf = confusion_matrix(pred, gt, 3)
+    assert conf.shape == (3, 4) and conf.sum() == 5
+    miou, iou = mean_iou(conf)
+    np.testing.assert_allclose(iou, [1 / 2, 2 / 3, 0.0])
+    assert miou == pytest.approx((1 / 2 + 2 / 3) / 3)
+    assert mean_iou(confusion_matrix(gt, gt, 3))[0] == 1.0
+
+
+def test_degradation_functions():
+    rng = np.random.default_rng(0)
+    assert not drop_instances(50, 1.0, rng).any() and drop_instances(50, 0.0, rng).all()
+    m = np.zeros((2, 30, 30), bool)
+    m[:, 10:20, 10:20] = True
+    eroded = perturb_mask_boundaries(m, erode=3, dilate=0, rng=np.random.default_rng(1))
+    dilated = perturb_mask_boundaries(m, erode=0, dilate=3, rng=np.random.default_rng(1))
+    assert (eroded <= m).all() and (dilated >= m).all()
+    assert eroded.sum() < m.sum() < dilated.sum()
+    sem = np.zeros((40, 40), np.uint8)
+    sem[5:20, 5:20] = 3
+    sem[30:, 30:] = 255
+    noisy = add_blob_noise(sem, 20, 0.2, np.random.default_rng(2))
+    assert set(np.unique(noisy)) <= {0, 3, 255} and (noisy != sem).any()
+    np.testing.assert_array_equal(noisy == 255, sem == 255)  # ignore pixels untouched
+    identity = render_degraded_semantic_map(m, np.array([1, 2]), None, None, Degradation(), rng)
+    np.testing.assert_array_equal(identity, render_semantic_map(m, np.array([1, 2])))
+
+
+def _render_cli(src, out, *extra):
+    return render_semseg.main([str(src), "--out", str(out), "--quiet", *extra])
+
+
+def _mask_json(tmp_path):
+    """Three 64x64 images with a few rectangles of 3 categories."""
+    rng = np.random.default_rng(0)
+    images, anns = [], []
+    for i in range(3):
+        images.append({"id": i + 1, "file_name": f"im{i}.jpg", "height": 64, "width": 64})
+        for j in range(4):
+            x, y = rng.integers(0, 40, size=2)
+            m = np.zeros((64, 64), bool)
+            m[y:y + 20, x:x + 22] = True
+            anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": int(j % 3) + 1,
+                         "iscrowd": 0, "segmentation": _rle(m)})
+    data = {"images": images, "annotations": anns, "categories": [{"id": k, "name": str(k)} for k in (1, 2, 3)]}
+    path = tmp_path / "masks.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+def _miou_printed(capsys):
+    out = capsys.readouterr().out
+    return float(out.rsplit("mIoU_vs_undegraded=", 1)[1].split()[0])
+
+
+def test_render_semseg_cli_miou_and_determinism(tmp_path, capsys):
+    src = _mask_json(tmp_path)
+    _render_cli(src, tmp_path / "clean")
+    assert _miou_printed(capsys) == 1.0
+    assert sorted(os.listdir(tmp_path / "clean")) == ["im0.png", "im1.png", "im2.png"]
+    clean = cv2.imread(str(tmp_path / "clean" / "im0.png"), cv2.IMREAD_UNCHANGED)
+    assert set(np.unique(clean)) <= {0, 1, 2, 3} and clean.any()
+    degrade = ["--erode", "3", "--dilate", "3", "--blob-noise", "2", "--drop-prob", "0.2"]
+    runs = {}
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        _render_cli(src, tmp_path / name, *degrade, "--seed", str(seed))
+        miou = _miou_printed(capsys)
+        maps = [cv2.imread(str(tmp_path / name / f"im{i}.png"), cv2.IMREAD_UNCHANGED) for i in range(3)]
+        runs[name] = (miou, maps)
+    assert 0 < runs["a"][0] < 1
+    assert runs["a"][0] == runs["b"][0]
+    assert all((p == q).all() for p, q in zip(runs["a"][1], runs["b"][1]))
+    assert any((p != q).any() for p, q in zip(runs["a"][1], runs["c"][1]))

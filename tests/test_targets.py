@@ -1,0 +1,183 @@
+"""Training targets (p2seg/data/targets.py) on tiny hand-made semantic maps."""
+import numpy as np
+import pytest
+import torch
+
+from p2seg.data.targets import (
+    build_targets,
+    center_heatmaps,
+    class_masks,
+    gaussian_kernel,
+    offset_assignment,
+    point_pixels,
+)
+
+C = 4
+
+
+def _assert_offsets_land_on_points(t, points, classes, sem_seg):
+    """Every assigned pixel + offset is the pixel of a point of the pixel's class."""
+    h, w = sem_seg.shape
+    ys, xs = np.nonzero(t["offset_weights"] > 0)
+    ty = ys + t["offset"][0, ys, xs]
+    tx = xs + t["offset"][1, ys, xs]
+    pix = point_pixels(points, h, w)
+    hit = (ty[:, None] == pix[None, :, 1]) & (tx[:, None] == pix[None, :, 0])
+    assert hit.any(1).all()
+    target_cls = classes[hit.argmax(1)]
+    assert np.array_equal(sem_seg[ys, xs], target_cls + 1)
+
+
+def test_one_point_per_component():
+    sem = np.zeros((30, 40), np.uint8)
+    sem[2:12, 3:13] = 2  # class 1, 100 px
+    sem[15:28, 20:38] = 3  # class 2, 234 px
+    points = np.array([[5.2, 4.4], [30.0, 20.0]])
+    classes = np.array([1, 2])
+    t = build_targets(sem, points, classes, C)
+    assert set(t) == {"center", "center_weights", "offset", "offset_weights"}
+    assert t["offset"].shape == (2, 30, 40) and t["offset"].dtype == np.float32
+    assert t["center"].shape == (C, 30, 40) and t["center"].dtype == np.float32
+    np.testing.assert_array_equal(t["offset_weights"], (sem > 0).astype(np.float32))
+    # pixel (y=11, x=12) of the first square points to the pixel (x=5, y=4)
+    assert tuple(t["offset"][:, 11, 12]) == (4 - 11, 5 - 12)
+    assert tuple(t["offset"][:, 27, 20]) == (20 - 27, 30 - 20)
+    assert np.all(t["offset"][:, sem == 0] == 0)
+    _assert_offsets_land_on_points(t, points, classes, sem)
+
+
+def test_two_points_in_one_component_split_by_nearest_point():
+    sem = np.zeros((20, 60), np.uint8)
+    sem[5:15, 5:55] = 1  # one class-0 bar of 500 px
+    points = np.array([[10.0, 10.0], [40.0, 10.0]])
+    classes = np.array([0, 0])
+    assign = offset_assignment(sem, point_pixels(points, 20, 60), classes)
+    assert assign[6, 6] == 0 and assign[14, 54] == 1
+    # boundary = bisector x = 25: x <= 24 -> point 0, x = 25 ties -> lowest index, x >= 26 -> 1
+    np.testing.assert_array_equal(assign[5:15, 5:26], 0)
+    np.testing.assert_array_equal(assign[5:15, 26:55], 1)
+    t = build_targets(sem, points, classes, C)
+    assert tuple(t["offset"][:, 7, 24]) == (3, -14)
+    assert tuple(t["offset"][:, 7, 27]) == (3, 13)
+    assert t["offset_weights"][5:15, 5:55].all()
+    _assert_offsets_land_on_points(t, points, classes, sem)
+
+
+def test_nearest_point_is_euclidean_not_axis():
+    sem = np.zeros((40, 40), np.uint8)
+    sem[0:40, 0:40] = 1
+    points = np.array([[5.0, 5.0], [30.0, 30.0], [5.0, 34.0]])
+    classes = np.array([0, 0, 0])
+    assign = offset_assignment(sem, point_pixels(points, 40, 40), classes)
+    yy, xx = np.mgrid[:40, :40]
+    d = np.stack([(yy - py) ** 2 + (xx - px) ** 2 for px, py in points.astype(int)])
+    np.testing.assert_array_equal(assign, d.argmin(0))
+
+
+def test_component_without_point_and_small_component_get_weight_zero():
+    sem = np.zeros((30, 40), np.uint8)
+    sem[1:11, 1:11] = 1  # class 0, 100 px, has a point
+    sem[15:25, 15:25] = 1  # class 0, 100 px, no point
+    sem[1:8, 30:37] = 1  # class 0, 49 px < 50, has a point -> ignored
+    sem[20:28, 30:38] = 2  # class 1, 64 px, has a point (>= 50 kept)
+    points = np.array([[5.0, 5.0], [33.0, 4.0], [34.0, 24.0]])
+    classes = np.array([0, 0, 1])
+    t = build_targets(sem, points, classes, C, min_component_area=50)
+    w = t["offset_weights"]
+    assert w[1:11, 1:11].all()
+    assert not w[15:25, 15:25].any()
+    assert not w[1:8, 30:37].any()
+    assert w[20:28, 30:38].all()
+    assert w.sum() == 100 + 64
+    # the ignored small component still has its heatmap peak
+    assert t["center"][0, 4, 33] == 1.0
+    # lowering the threshold keeps it
+    t2 = build_targets(sem, points, classes, C, min_component_area=49)
+    assert t2["offset_weights"][1:8, 30:37].all()
+
+
+def test_point_outside_its_class_region_captures_nothing():
+    sem = np.zeros((20, 20), np.uint8)
+    sem[0:10, 0:10] = 1  # class 0
+    # a class-0 point in background and a class-1 point on a class-0 pixel
+    points = np.array([[15.0, 15.0], [4.0, 4.0]])
+    classes = np.array([0, 1])
+    t = build_targets(sem, points, classes, C)
+    assert t["offset_weights"].sum() == 0
+    assert t["center"][0, 15, 15] == 1.0 and t["center"][1, 4, 4] == 1.0
+
+
+def test_eight_connectivity_joins_diagonal_touching_squares():
+    sem = np.zeros((20, 20), np.uint8)
+    sem[0:8, 0:8] = 1
+    sem[8:16, 8:16] = 1  # touches the first square only at a corner
+    points = np.array([[2.0, 2.0]])
+    t8 = build_targets(sem, points, [0], C, connectivity=8)
+    t4 = build_targets(sem, points, [0], C, connectivity=4)
+    assert t8["offset_weights"].sum() == 128
+    assert t4["offset_weights"].sum() == 64
+
+
+def test_heatmap_peak_and_gaussian_values():
+    sigma = 2.0
+    points = np.array([[10.4, 7.6], [0.0, 0.0]])  # pixel (10, 8); a point at the border
+    classes = np.array([2, 2])
+    t = build_targets(np.zeros((20, 30), np.uint8), points, classes, C, sigma=sigma)
+    c = t["center"]
+    assert c[2, 8, 10] == 1.0 and c[2, 0, 0] == 1.0
+    assert c.max() == 1.0
+    assert not c[[0, 1, 3]].any()
+    r = gaussian_kernel(sigma).shape[0] // 2
+    assert gaussian_kernel(sigma).shape == (6 * 2 + 3, 6 * 2 + 3)
+    for dy, dx in [(0, 1), (1, 1), (3, -2), (-4, 5), (r, 0)]:
+        d2 = dy * dy + dx * dx
+        np.testing.assert_allclose(c[2, 8 + dy, 10 + dx], np.exp(-d2 / (2 * sigma**2)), rtol=1e-6)
+    assert c[2, 8, 10 + r + 1] == 0.0  # outside the kernel window
+
+
+def test_heatmaps_combine_by_max():
+    g = center_heatmaps(np.array([[5, 5], [8, 5]]), np.array([0, 0]), 1, 12, 14, 2.0)
+    single = center_heatmaps(np.array([[5, 5]]), np.array([0]), 1, 12, 14, 2.0)
+    other = center_heatmaps(np.array([[8, 5]]), np.array([0]), 1, 12, 14, 2.0)
+    np.testing.assert_array_equal(g, np.maximum(single, other))
+    assert g[0, 5, 5] == 1.0 and g[0, 5, 8] == 1.0
+
+
+def test_center_weights_ignore_and_no_points():
+    sem = np.zeros((10, 12), np.uint8)
+    sem[:, :3] = 255
+    t = build_targets(sem, np.zeros((0, 2)), np.zeros(0, np.int64), C)
+    np.testing.assert_array_equal(t["center_weights"], (sem != 255).astype(np.float32))
+    assert not t["center"].any() and not t["offset"].any() and not t["offset_weights"].any()
+
+
+def test_invalid_classes_raise():
+    with pytest.raises(ValueError, match="point_classes"):
+        build_targets(np.zeros((5, 5), np.uint8), [[1, 1]], [C], C)
+
+
+def test_random_maps_offsets_always_land_on_same_class_points():
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        sem = np.zeros((48, 64), np.uint8)
+        for _ in range(6):
+            y, x = rng.integers(0, 40), rng.integers(0, 56)
+            sem[y : y + rng.integers(5, 20), x : x + rng.integers(5, 20)] = rng.integers(1, C + 1)
+        fg_y, fg_x = np.nonzero(sem)
+        pick = rng.choice(len(fg_y), size=6, replace=False)
+        points = np.stack([fg_x[pick], fg_y[pick]], 1).astype(float)
+        classes = sem[fg_y[pick], fg_x[pick]].astype(np.int64) - 1
+        t = build_targets(sem, points, classes, C, min_component_area=10)
+        assert t["offset_weights"].sum() > 0
+        _assert_offsets_land_on_points(t, points, classes, sem)
+
+
+def test_class_masks_numpy_and_torch():
+    sem = np.array([[0, 1, 2], [255, 2, 3]], np.uint8)
+    m = class_masks(sem, [1, 0])
+    assert m.shape == (2, 2, 3) and m.dtype == bool
+    np.testing.assert_array_equal(m[0], sem == 2)
+    np.testing.assert_array_equal(m[1], sem == 1)
+    mt = class_masks(torch.from_numpy(sem.astype(np.int64)), torch.tensor([1, 0]))
+    assert mt.dtype == torch.bool
+    np.testing.assert_array_equal(mt.numpy(), m)
