@@ -1,0 +1,380 @@
+"""Export point-guided pseudo masks as a COCO instances JSON (stage-1 output, stage-2 input).
+
+:class:`PseudoMaskExporter` is a Detectron2 ``DatasetEvaluator``. With points in its input
+(test mapper: ``"points"`` P x 2, ``"point_classes"`` P) the model returns one instance per
+point (instance i = point i, docs/INTERNALS.md); each becomes one annotation::
+
+    {"id", "image_id", "category_id" (the dataset's own id), "segmentation" (COCO RLE, str counts),
+     "bbox" (XYWH of the mask, pycocotools toBbox), "area", "iscrowd": 0, "score",
+     "point": [x, y] (original image coordinates)}
+
+The file has the source dataset's ``images`` entries (those exported) and ``categories``
+(:func:`~p2seg.evaluation.instance_evaluator.load_source_coco`: ``metadata.json_file`` when
+present, else built from the dataset dicts and ``thing_classes``, category ids =
+``thing_dataset_id_to_contiguous_id`` inverted). ``register_coco_instances(name, {}, file,
+image_root)`` loads it as-is (``image_root`` of the source dataset; file names copied from it).
+
+Resumable, multi-process export:
+
+* each process appends one JSON line per image (``{"image_id", "num_points", "annotations"}``)
+  to its own sidecar ``<output>.partial.jsonl`` (rank 0) / ``<output>.partial.rank<r>.jsonl``,
+  flushed and fsync-ed per image;
+* on construction the sidecars are read back: :meth:`PseudoMaskExporter.finished_image_ids`
+  lets the export command skip those images (:func:`remaining_dataset_dicts`). A truncated last
+  line (a crash during a write) is ignored and cut off the process's own sidecar before
+  appending;
+* ``evaluate()``: every process sends the records of the sidecars it owns (its rank's; the main
+  process also those of ranks >= the world size, left by an earlier run) with
+  ``detectron2.utils.comm.gather``; the main process drops duplicate image ids (first record
+  kept), sorts images by id, numbers annotations 1..N in that order and writes the JSON once,
+  atomically (temp file in the same folder + ``os.replace``); then the sidecars are removed.
+  Nothing exists under the final name before ``evaluate()`` has written it.
+
+Sidecars do not record the model or config: delete them to restart an export from scratch.
+Resuming a multi-machine export needs the output folder on a shared file system (every process
+must see every sidecar to skip the same images); a process that cannot see another's sidecar
+re-exports those images, and the duplicates are dropped at assembly.
+``evaluate()`` returns (main process) the pseudo masks' metrics against the ground truth when the
+dataset has any (:func:`~p2seg.evaluation.instance_evaluator.evaluate_instance_masks`) plus
+``{"pseudo_masks": {"num_images", "num_masks", "num_points"}}``.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+import re
+from collections import OrderedDict
+from typing import Dict, Iterable, List, Optional, Sequence, Set
+
+import numpy as np
+import pycocotools.mask as mask_util
+
+from detectron2.data import MetadataCatalog
+from detectron2.evaluation import DatasetEvaluator
+from detectron2.utils import comm
+
+from p2seg.data.point_coco import write_json_atomic
+
+from .instance_evaluator import (
+    DEFAULT_IOU_THRESHOLDS,
+    contiguous_to_dataset_ids,
+    evaluate_instance_masks,
+    has_mask_gt,
+    image_id_sort_key,
+    load_source_coco,
+    source_contiguous_ids,
+)
+from .voc_mask_ap import encode_masks
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "PseudoMaskExporter",
+    "remaining_dataset_dicts",
+    "sidecar_path",
+    "read_sidecar",
+    "original_points",
+    "pseudo_annotations",
+]
+
+
+def sidecar_path(output_file: str, rank: int = 0) -> str:
+    """Sidecar JSON-lines file of process ``rank`` for ``output_file``."""
+    return f"{output_file}.partial.jsonl" if rank == 0 else f"{output_file}.partial.rank{rank}.jsonl"
+
+
+def _sidecars(output_file: str) -> Dict[int, str]:
+    """Existing sidecars of ``output_file``: ``{rank: path}``."""
+    pattern = re.compile(re.escape(output_file) + r"\.partial(?:\.rank(\d+))?\.jsonl$")
+    found = {}
+    for path in glob.glob(glob.escape(output_file) + ".partial*.jsonl"):
+        m = pattern.match(path)
+        if m:
+            found[int(m.group(1) or 0)] = path
+    return found
+
+
+def read_sidecar(path: str) -> List[dict]:
+    """Records of a sidecar file, in file order.
+
+    A last line without its newline (interrupted write) is ignored. A malformed complete line is
+    an error naming the file and line number.
+    """
+    with open(path, "rb") as f:
+        data = f.read()
+    lines = data.split(b"\n")
+    if lines and lines[-1]:
+        logger.info("%s: ignoring a truncated last line (%d bytes)", path, len(lines[-1]))
+    records = []
+    for k, line in enumerate(lines[:-1], start=1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(
+                f"{path}: line {k} is not valid JSON ({e.msg}); delete the file to restart the export"
+            ) from e
+        if not isinstance(record, dict) or "image_id" not in record or "annotations" not in record:
+            raise ValueError(f"{path}: line {k} lacks field 'image_id' or 'annotations'")
+        records.append(record)
+    return records
+
+
+def _cut_truncated_line(path: str) -> None:
+    """Truncate ``path`` after its last newline so that appended lines stay whole."""
+    with open(path, "rb+") as f:
+        data = f.read()
+        end = data.rfind(b"\n") + 1
+        if end != len(data):
+            f.truncate(end)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def remaining_dataset_dicts(dataset_dicts: Sequence[dict], exporter: "PseudoMaskExporter") -> List[dict]:
+    """The dataset dicts whose image is not yet exported (to build the export data loader)."""
+    done = exporter.finished_image_ids()
+    return [d for d in dataset_dicts if d["image_id"] not in done]
+
+
+def original_points(inp: dict) -> np.ndarray:
+    """The input's points in ORIGINAL image coordinates.
+
+    The test mapper gives ``"points"`` (float32 P x 2, resized coordinates) built from the
+    non-crowd annotations in order. When those annotations are passed through with the same
+    number of points and the same classes, their exact ``"point"`` values are used; otherwise the
+    resize is inverted (pixel-index convention: ``x = (x' + 0.5) * W / W' - 0.5``).
+
+    Returns:
+        float64 ``(P, 2)`` (x, y).
+    """
+    points = inp["points"].cpu().numpy().astype(np.float64).reshape(-1, 2)
+    anns = [a for a in inp.get("annotations", []) if not a.get("iscrowd", 0)]
+    if len(anns) == len(points) and all("point" in a for a in anns):
+        classes = [int(a["category_id"]) for a in anns]
+        if "point_classes" not in inp or classes == inp["point_classes"].tolist():
+            return np.array([a["point"] for a in anns], dtype=np.float64).reshape(-1, 2)
+    if "image" in inp:
+        h_resized, w_resized = inp["image"].shape[-2:]
+        scale = np.array([inp["width"] / w_resized, inp["height"] / h_resized])
+        points = (points + 0.5) * scale - 0.5
+    return points
+
+
+def pseudo_annotations(instances, points: np.ndarray, classes: Sequence[int], dataset_ids: Sequence[int]) -> List[dict]:
+    """COCO annotations (without ``id`` / ``image_id``) of one image's point-guided masks.
+
+    Args:
+        instances: ``Instances`` with ``pred_masks`` bool ``P x H x W`` and ``scores`` ``P``;
+            instance i belongs to point i.
+        points: float ``(P, 2)`` original-image points.
+        classes: P contiguous class ids (the points' labels).
+        dataset_ids: dataset category id per contiguous class.
+    Returns:
+        P dicts ``{"category_id", "segmentation", "bbox", "area", "iscrowd", "score", "point"}``.
+    """
+    instances = instances.to("cpu")
+    rles = encode_masks(instances.pred_masks.numpy().astype(bool))
+    if not rles:
+        return []
+    boxes = mask_util.toBbox(rles).tolist()
+    areas = mask_util.area(rles).tolist()
+    scores = instances.scores.tolist()
+    return [
+        {
+            "category_id": int(dataset_ids[int(c)]),
+            "segmentation": rle,
+            "bbox": box,
+            "area": float(area),
+            "iscrowd": 0,
+            "score": float(score),
+            "point": [float(p[0]), float(p[1])],
+        }
+        for rle, box, area, score, c, p in zip(rles, boxes, areas, scores, classes, points.tolist())
+    ]
+
+
+class PseudoMaskExporter(DatasetEvaluator):
+    """Write one pseudo mask per annotated point to a COCO JSON; resumable (module docstring)."""
+
+    def __init__(
+        self,
+        dataset_name: str,
+        output_file: str,
+        distributed: bool = True,
+        iou_thresholds: Sequence[float] = DEFAULT_IOU_THRESHOLDS,
+        max_dets_per_image: int = 100,
+    ):
+        """
+        Args:
+            dataset_name: the registered (training) dataset whose points are exported.
+            output_file: path of the COCO JSON to write.
+            distributed: gather across processes (Detectron2 convention); False = this process
+                alone owns every sidecar.
+            iou_thresholds, max_dets_per_image: of the metrics against ground truth.
+        """
+        self._dataset_name = dataset_name
+        self._output_file = os.path.abspath(output_file)
+        self._distributed = distributed
+        self._iou_thresholds = tuple(iou_thresholds)
+        self._max_dets = max_dets_per_image
+        self._metadata = MetadataCatalog.get(dataset_name)
+        self._source = None
+        self._ids: Optional[List[int]] = None
+        self._rank = comm.get_rank() if distributed else 0
+        self._world_size = comm.get_world_size() if distributed else 1
+        self._sidecar = sidecar_path(self._output_file, self._rank)
+        os.makedirs(os.path.dirname(self._output_file), exist_ok=True)
+        if os.path.exists(self._sidecar):
+            _cut_truncated_line(self._sidecar)
+        self._finished: Set = set()
+        for path in _sidecars(self._output_file).values():
+            self._finished.update(r["image_id"] for r in read_sidecar(path))
+        if self._finished:
+            logger.info("Resuming the export to %s: %d images already done", self._output_file, len(self._finished))
+        elif os.path.exists(self._output_file):
+            logger.warning("%s exists and will be replaced when this export finishes", self._output_file)
+
+    @property
+    def output_file(self) -> str:
+        return self._output_file
+
+    def finished_image_ids(self) -> Set:
+        """Image ids already exported (in a sidecar), by this or an interrupted earlier run."""
+        return set(self._finished)
+
+    def reset(self):
+        """Nothing to clear: results live in the sidecars (``inference_on_dataset`` calls this)."""
+
+    def _load_source(self):
+        if self._source is None:
+            self._source = load_source_coco(self._dataset_name)
+        return self._source
+
+    def _dataset_ids(self) -> List[int]:
+        """Dataset category id per contiguous class (metadata mapping, else the source's ids)."""
+        if self._ids is None:
+            if getattr(self._metadata, "thing_dataset_id_to_contiguous_id", None):
+                self._ids = contiguous_to_dataset_ids(self._metadata)
+            else:
+                self._ids = source_contiguous_ids(self._metadata, self._load_source())
+        return self._ids
+
+    def _record(self, inp: dict, out: dict) -> dict:
+        """The sidecar record of one image (see the module docstring)."""
+        image_id = inp["image_id"]
+        num_points = len(inp["points"]) if "points" in inp else 0
+        if num_points == 0:
+            return {"image_id": image_id, "num_points": 0, "annotations": []}
+        where = f"dataset '{self._dataset_name}' image_id {image_id!r} ({inp.get('file_name')})"
+        if "instances" not in out:
+            raise ValueError(f"{where}: the model output has no 'instances' for {num_points} points")
+        instances = out["instances"]
+        if len(instances) != num_points:
+            raise ValueError(f"{where}: the model returned {len(instances)} instances for {num_points} points")
+        if tuple(instances.image_size) != (inp["height"], inp["width"]):
+            raise ValueError(
+                f"{where}: pred_masks are {tuple(instances.image_size)}, the image is "
+                f"{(inp['height'], inp['width'])} (fields 'height', 'width')"
+            )
+        classes = inp["point_classes"].tolist() if "point_classes" in inp else instances.pred_classes.tolist()
+        anns = pseudo_annotations(instances, original_points(inp), classes, self._dataset_ids())
+        return {"image_id": image_id, "num_points": num_points, "annotations": anns}
+
+    def process(self, inputs, outputs):
+        """Append one sidecar line per new image (flushed and fsync-ed)."""
+        for inp, out in zip(inputs, outputs):
+            if inp["image_id"] in self._finished:
+                continue
+            line = json.dumps(self._record(inp, out), separators=(",", ":")) + "\n"
+            with open(self._sidecar, "a") as f:
+                f.write(line)
+                f.flush()
+                os.fsync(f.fileno())
+            self._finished.add(inp["image_id"])
+
+    def _owned_sidecars(self) -> List[str]:
+        """Sidecars this process sends at ``evaluate``: its own, plus orphans on the main process."""
+        found = _sidecars(self._output_file)
+        return [p for r, p in sorted(found.items()) if r == self._rank or (self._rank == 0 and r >= self._world_size)]
+
+    def _assemble(self, records: Iterable[dict]):
+        """COCO dict from the gathered records: dedup by image id, sorted, annotation ids 1..N.
+
+        Returns:
+            ``(coco dict, number of points of the exported images)``.
+        """
+        by_image: Dict = {}
+        for r in records:
+            by_image.setdefault(r["image_id"], r)
+        source = self._load_source()
+        missing = [i for i in by_image if i not in source.imgs]
+        if missing:
+            raise ValueError(f"dataset '{self._dataset_name}' has no image entry for exported image ids {missing[:5]}")
+        image_ids = sorted(by_image, key=image_id_sort_key)
+        annotations = []
+        for i in image_ids:
+            for ann in by_image[i]["annotations"]:
+                annotations.append(dict({"id": len(annotations) + 1, "image_id": i}, **ann))
+        coco = {
+            "info": {"description": "P2Seg pseudo masks, one per point", "source_dataset": self._dataset_name},
+            "images": [source.imgs[i] for i in image_ids],
+            "categories": source.dataset["categories"],
+            "annotations": annotations,
+        }
+        return coco, sum(by_image[i]["num_points"] for i in image_ids)
+
+    def evaluate(self):
+        """Write the COCO JSON (main process) and return the export's metrics; others return ``{}``."""
+        owned = self._owned_sidecars()
+        records = [r for path in owned for r in read_sidecar(path)]
+        if self._distributed and self._world_size > 1:
+            records = [r for part in comm.gather(records, dst=0) for r in part]
+        main = self._rank == 0
+        if main:
+            coco, num_points = self._assemble(records)
+            write_json_atomic(coco, self._output_file)
+            _fsync_file(self._output_file)
+            logger.info(
+                "Wrote %d pseudo masks of %d images to %s",
+                len(coco["annotations"]),
+                len(coco["images"]),
+                self._output_file,
+            )
+        if self._distributed and self._world_size > 1:
+            comm.synchronize()  # the final file exists before any sidecar disappears
+        for path in owned:
+            os.remove(path)
+        self._finished = set()
+        if not main:
+            return {}
+        results = OrderedDict()
+        source = self._load_source()
+        if has_mask_gt(source) and coco["annotations"]:
+            preds = [
+                {k: a[k] for k in ("image_id", "category_id", "segmentation", "score")} for a in coco["annotations"]
+            ]
+            img_ids = [im["id"] for im in coco["images"]]
+            results.update(evaluate_instance_masks(source, preds, img_ids, self._iou_thresholds, self._max_dets))
+        results["pseudo_masks"] = {
+            "num_images": len(coco["images"]),
+            "num_masks": len(coco["annotations"]),
+            "num_points": num_points,
+        }
+        return results
+
+
+def _fsync_file(path: str) -> None:
+    """Flush ``path`` and its folder entry to disk (the sidecars are deleted right after)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    dir_fd = os.open(os.path.dirname(path), os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)

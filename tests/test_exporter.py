@@ -1,0 +1,285 @@
+"""PseudoMaskExporter: COCO JSON content, loadability, atomic write, resume, multi-process."""
+
+import copy
+import json
+import os
+import uuid
+
+import numpy as np
+import pycocotools.mask as mask_util
+import pytest
+import torch
+from pycocotools.coco import COCO
+
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.datasets import register_coco_instances
+from detectron2.evaluation import inference_on_dataset
+from detectron2.structures import Boxes, Instances
+
+from p2seg.evaluation.instance_evaluator import segmentation_to_rle
+from p2seg.evaluation.pseudo_mask_exporter import (
+    PseudoMaskExporter,
+    original_points,
+    read_sidecar,
+    remaining_dataset_dicts,
+    sidecar_path,
+)
+
+CLASSES = ["cat", "dog"]
+ID_MAP = {3: 0, 7: 1}  # dataset category id -> contiguous id
+
+
+def make_dicts(num_images=6, seed=0):
+    """Dataset dicts: rectangles (polygon GT) with a point each; image 2 has no object."""
+    rng = np.random.default_rng(seed)
+    dicts = []
+    for i in range(num_images):
+        h, w = 24 + 2 * i, 30
+        anns = []
+        for k in range(0 if i == 2 else 1 + i % 3):
+            x0, y0 = int(rng.integers(0, w - 12)), int(rng.integers(0, h - 10))
+            poly = [[x0, y0, x0 + 8 + k, y0, x0 + 8 + k, y0 + 6, x0, y0 + 6]]
+            anns.append(
+                {"category_id": (i + k) % 2, "iscrowd": 0, "segmentation": poly, "point": [x0 + 2.0 + k, y0 + 3.0]}
+            )
+        dicts.append(
+            {"file_name": f"/data/img{i}.jpg", "image_id": 100 + i, "height": h, "width": w, "annotations": anns}
+        )
+    return dicts
+
+
+def register(dicts):
+    name = f"test_export_{uuid.uuid4().hex[:8]}"
+    DatasetCatalog.register(name, lambda: copy.deepcopy(dicts))
+    MetadataCatalog.get(name).set(thing_classes=CLASSES, thing_dataset_id_to_contiguous_id=ID_MAP)
+    return name
+
+
+def mapper(d, scale=1):
+    """What the test mapper gives: resized image, points in resized coordinates, annotations."""
+    h, w = d["height"], d["width"]
+    inp = {
+        "image": torch.zeros(3, h * scale, w * scale, dtype=torch.uint8),
+        "height": h,
+        "width": w,
+        "image_id": d["image_id"],
+        "file_name": d["file_name"],
+        "annotations": copy.deepcopy(d["annotations"]),
+    }
+    if d["annotations"]:
+        pts = np.array([a["point"] for a in d["annotations"]], dtype=np.float64)
+        inp["points"] = torch.as_tensor((pts + 0.5) * scale - 0.5, dtype=torch.float32)
+        inp["point_classes"] = torch.tensor([a["category_id"] for a in d["annotations"]])
+    return inp
+
+
+def fake_model(inp):
+    """One instance per point: the ground-truth rectangle of the point (perfect pseudo masks)."""
+    h, w = inp["height"], inp["width"]
+    anns = inp["annotations"] if "points" in inp else []
+    masks = [mask_util.decode(segmentation_to_rle(a["segmentation"], h, w, "fake")) for a in anns]
+    inst = Instances((h, w))
+    inst.pred_masks = torch.as_tensor(np.array(masks, dtype=bool).reshape(-1, h, w))
+    inst.pred_boxes = Boxes(torch.zeros(len(anns), 4))
+    inst.pred_classes = torch.tensor([a["category_id"] for a in anns], dtype=torch.int64)
+    inst.scores = torch.tensor([0.9 - 0.1 * k for k in range(len(anns))], dtype=torch.float32)
+    return {"instances": inst}
+
+
+def run_export(name, dicts, output_file, exporter=None):
+    exporter = exporter or PseudoMaskExporter(name, str(output_file))
+    for d in dicts:
+        inp = mapper(d, scale=2)
+        exporter.process([inp], [fake_model(inp)])
+        assert not os.path.exists(output_file), "final file written before evaluate()"
+    return exporter, exporter.evaluate()
+
+
+def test_export_content_and_metrics(tmp_path):
+    dicts = make_dicts()
+    name = register(dicts)
+    out = tmp_path / "pseudo" / "masks.json"
+    _, res = run_export(name, dicts, out)
+    assert out.is_file()
+    assert not os.path.exists(sidecar_path(str(out)))
+    assert not [p for p in os.listdir(out.parent) if p != "masks.json"], "temporary files left behind"
+
+    num_points = sum(len(d["annotations"]) for d in dicts)
+    assert res["pseudo_masks"] == {"num_images": len(dicts), "num_masks": num_points, "num_points": num_points}
+    # perfect pseudo masks
+    assert res["segm"]["AP"] == pytest.approx(100.0)
+    for v in res["voc_mask"].values():
+        assert v == pytest.approx(100.0)
+
+    coco = COCO(str(out))
+    data = json.loads(out.read_text())
+    assert [c["id"] for c in data["categories"]] == [3, 7]
+    assert [im["id"] for im in data["images"]] == [d["image_id"] for d in dicts]
+    assert [a["id"] for a in data["annotations"]] == list(range(1, num_points + 1))
+    for d in dicts:
+        anns = coco.imgToAnns.get(d["image_id"], [])
+        assert len(anns) == len(d["annotations"])  # one annotation per input point, in point order
+        for a, src in zip(anns, d["annotations"]):
+            assert a["point"] == src["point"]
+            assert a["category_id"] == {0: 3, 1: 7}[src["category_id"]]
+            assert isinstance(a["segmentation"]["counts"], str) and a["iscrowd"] == 0
+            gt = mask_util.decode(segmentation_to_rle(src["segmentation"], d["height"], d["width"], "t"))
+            assert (coco.annToMask(a) == gt).all()
+            assert a["bbox"] == mask_util.toBbox(a["segmentation"]).tolist()
+            assert a["area"] == float(gt.sum())
+    assert sorted({a["score"] for a in data["annotations"]}) == pytest.approx([0.7, 0.8, 0.9])
+
+
+def test_export_loads_with_register_coco_instances(tmp_path):
+    dicts = make_dicts()
+    name = register(dicts)
+    out = tmp_path / "masks.json"
+    run_export(name, dicts, out)
+    loaded_name = f"pseudo_{uuid.uuid4().hex[:8]}"
+    register_coco_instances(loaded_name, {}, str(out), "/data")
+    loaded = DatasetCatalog.get(loaded_name)
+    assert [d["image_id"] for d in loaded] == [d["image_id"] for d in dicts]
+    assert [d["file_name"] for d in loaded] == [d["file_name"] for d in dicts]
+    for d, src in zip(loaded, dicts):
+        assert len(d["annotations"]) == len(src["annotations"])
+        assert [a["category_id"] for a in d["annotations"]] == [a["category_id"] for a in src["annotations"]]
+        assert all(isinstance(a["segmentation"], dict) for a in d["annotations"])
+    assert MetadataCatalog.get(loaded_name).thing_classes == CLASSES
+
+
+def test_resume_after_interruption_gives_identical_file(tmp_path):
+    dicts = make_dicts()
+    name = register(dicts)
+    reference = tmp_path / "ref" / "masks.json"
+    run_export(name, dicts, reference)
+
+    out = tmp_path / "resumed" / "masks.json"
+    first = PseudoMaskExporter(name, str(out))
+    for d in dicts[:3]:
+        inp = mapper(d, scale=2)
+        first.process([inp], [fake_model(inp)])
+    # crash while writing the 4th image's line: a truncated last line, no evaluate()
+    with open(sidecar_path(str(out)), "a") as f:
+        f.write('{"image_id":103,"num_points":1,"annotations":[{"category_id":3,"segm')
+    del first
+    assert not out.exists()
+
+    second = PseudoMaskExporter(name, str(out))
+    assert second.finished_image_ids() == {100, 101, 102}
+    remaining = remaining_dataset_dicts(dicts, second)
+    assert [d["image_id"] for d in remaining] == [103, 104, 105]
+    # the truncated line was cut off before appending: every line stays valid
+    _, res = run_export(name, remaining, out, exporter=second)
+    assert out.read_bytes() == reference.read_bytes()
+    data = json.loads(out.read_text())
+    image_ids = [a["image_id"] for a in data["annotations"]]
+    assert len(data["images"]) == len({im["id"] for im in data["images"]}) == len(dicts)
+    assert len(image_ids) == sum(len(d["annotations"]) for d in dicts)
+    assert res["pseudo_masks"]["num_images"] == len(dicts)
+    assert not os.path.exists(sidecar_path(str(out)))
+
+
+def test_resume_without_filtering_and_orphan_sidecars_dedups(tmp_path):
+    dicts = make_dicts()
+    name = register(dicts)
+    reference = tmp_path / "ref" / "masks.json"
+    run_export(name, dicts, reference)
+
+    out = tmp_path / "dup" / "masks.json"
+    first = PseudoMaskExporter(name, str(out))
+    for d in dicts[:4]:
+        inp = mapper(d, scale=2)
+        first.process([inp], [fake_model(inp)])
+    del first
+    # an earlier 2-process run left a rank-1 sidecar with overlapping images
+    with open(sidecar_path(str(out)), "rb") as src, open(sidecar_path(str(out), rank=1), "wb") as dst:
+        dst.write(src.read())
+    second = PseudoMaskExporter(name, str(out))
+    run_export(name, dicts, out, exporter=second)  # all images offered again: finished ones skipped
+    assert out.read_bytes() == reference.read_bytes()
+    assert sorted(os.listdir(out.parent)) == ["masks.json"]  # both sidecars removed
+
+
+def test_read_sidecar_rejects_a_corrupt_middle_line(tmp_path):
+    path = tmp_path / "x.json.partial.jsonl"
+    path.write_text('{"image_id": 1, "annotations": []}\n{"image_id": 2, "ann\n{"image_id": 3, "annotations": []}\n')
+    with pytest.raises(ValueError, match="line 2"):
+        read_sidecar(str(path))
+    path.write_text('{"image_id": 1, "annotations": []}\n{"image_id": 2, "ann')
+    assert [r["image_id"] for r in read_sidecar(str(path))] == [1]
+
+
+def test_original_points_from_annotations_or_inverted_resize():
+    d = make_dicts()[1]
+    inp = mapper(d, scale=2)
+    expected = np.array([a["point"] for a in d["annotations"]])
+    assert (original_points(inp) == expected).all()  # exact values from the annotations
+    del inp["annotations"]
+    np.testing.assert_allclose(original_points(inp), expected, atol=1e-4)  # resize inverted
+
+
+def test_instance_count_mismatch_names_the_image(tmp_path):
+    dicts = make_dicts()
+    name = register(dicts)
+    exporter = PseudoMaskExporter(name, str(tmp_path / "m.json"))
+    inp = mapper(dicts[1])
+    out = fake_model(inp)
+    out["instances"] = out["instances"][:1]
+    with pytest.raises(ValueError, match="image_id 101"):
+        exporter.process([inp], [out])
+
+
+class FakeModel(torch.nn.Module):
+    def forward(self, batched_inputs):
+        return [fake_model(inp) for inp in batched_inputs]
+
+
+def test_inference_on_dataset_resume(tmp_path):
+    """Through Detectron2's inference loop (which calls reset()): resume keeps earlier images."""
+    dicts = make_dicts()
+    name = register(dicts)
+    reference = tmp_path / "ref" / "masks.json"
+    run_export(name, dicts, reference)
+    out = tmp_path / "loop" / "masks.json"
+    first = PseudoMaskExporter(name, str(out))
+    first.reset()
+    for d in dicts[:2]:
+        inp = mapper(d, scale=2)
+        first.process([inp], [fake_model(inp)])
+    del first
+    exporter = PseudoMaskExporter(name, str(out))
+    loader = [[mapper(d, scale=2)] for d in remaining_dataset_dicts(dicts, exporter)]
+    assert len(loader) == len(dicts) - 2
+    res = inference_on_dataset(FakeModel(), loader, exporter)
+    assert res["pseudo_masks"]["num_images"] == len(dicts)
+    assert out.read_bytes() == reference.read_bytes()
+
+
+# ----------------------------------------------------------------------------- two processes
+def _distributed_worker(rank, world_size, init_file, output_file, dicts, name):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    DatasetCatalog.register(name, lambda: copy.deepcopy(dicts))
+    MetadataCatalog.get(name).set(thing_classes=CLASSES, thing_dataset_id_to_contiguous_id=ID_MAP)
+    exporter = PseudoMaskExporter(name, output_file)
+    for d in dicts[rank::world_size]:
+        inp = mapper(d, scale=2)
+        exporter.process([inp], [fake_model(inp)])
+    assert os.path.exists(sidecar_path(output_file, rank))
+    res = exporter.evaluate()
+    assert (res["pseudo_masks"]["num_images"] == len(dicts)) if rank == 0 else res == {}
+    dist.destroy_process_group()
+
+
+def test_two_processes_write_one_file(tmp_path):
+    dicts = make_dicts()
+    name = register(dicts)
+    reference = tmp_path / "ref" / "masks.json"
+    run_export(name, dicts, reference)
+    out = tmp_path / "dist" / "masks.json"
+    torch.multiprocessing.spawn(
+        _distributed_worker, args=(2, str(tmp_path / "init"), str(out), dicts, name), nprocs=2, join=True
+    )
+    assert out.read_bytes() == reference.read_bytes()
+    assert sorted(os.listdir(out.parent)) == ["masks.json"]
