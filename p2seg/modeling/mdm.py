@@ -1,0 +1,259 @@
+"""Mutual Distillation Module (MDM): S2I refined offsets, I2S affinity labels/losses, random walk.
+
+The math lives in :mod:`p2seg.modeling.s2i` (refined offsets) and :mod:`p2seg.modeling.affinity`
+(blockwise affinity loss and random walk, no ``N x N`` memory); this module builds the I2S labels
+per image and offers the batch-level entry points the meta-architecture calls.
+
+Decisions (METHOD.md leaves them open or the reference differs)
+---------------------------------------------------------------
+* Class label: regions are the **background** (``sem_seg == 0``, its own region) and each present
+  class (``image_classes``, the classes with points). Pixels labelled ``ignore_value`` and pixels of
+  a class that has no point in the image are excluded from every pair. After max-pooling
+  ``POOL_STRIDE x POOL_STRIDE`` a cell belongs to every region that has a pixel in it (multi-hot);
+  a pair is positive when the two cells share a region, negative otherwise.
+* Instance label: regions are ALL pseudo instances of the image (S2I ``instance_ids``; the reference
+  keeps only the last one -- a bug). Same instance: positive; different instances or
+  instance/background: negative; background/background pairs are not counted (METHOD.md names
+  them neither positive nor negative). Cells with neither an instance nor background are excluded.
+* ``i == j`` pairs are not counted (``include_self=False``); a single sigmoid is applied (the
+  reference applies two). A loss term whose pair set is empty is 0.
+* Labels are built per image and never mixed across the batch. The batch loss is the mean over the
+  images that have at least one counted pair (0, with a graph, when none has).
+* Random walk: on the **softmax semantic probabilities at feature resolution (1/4), before
+  upsampling**, only the channels of the present classes (background + classes with points) are
+  walked: ``P' = P D^-1 A`` (``transition="row"``, METHOD.md's formula; ``"column"`` =
+  ``P A D^-1``, AffinityNet's convex form, is available). Absent-class channels keep their softmax
+  values; each pixel's channels are then renormalised to sum to 1 (the row walk does not preserve
+  per-pixel sums). METHOD.md puts the walk in the semantic path "before upsampling" and its
+  pseudo-mask inference lists the plain softmax + "clean", hence: the refined probabilities replace
+  the softmax in the TRAINING semantic loss, gradients flowing into both the semantic logits and the
+  affinity features.
+
+Integration recipe (for ``meta_arch.py``)
+-----------------------------------------
+``_s2i_losses`` (training, ``cfg.MODEL.P2SEG.S2I.ENABLED``)::
+
+    offset_r, weights_r, instance_ids = refine_offset_targets(
+        pred_offset,            # B x 2 x H x W, predicted offsets upsampled to the input size
+        sem_seg,                # B x H x W int64 (batched "sem_seg", padding = ignore)
+        [x["points"] for x in batched_inputs], [x["point_classes"] for x in batched_inputs],
+        ignore_value=cfg.INPUT.IGNORE_VALUE)
+    loss_off_refined = weighted L1(pred_offset, offset_r, weights_r)   # same form as L_off
+    L_off_total = 0.5 * (L_off + loss_off_refined)                     # times OFFSET_WEIGHT
+
+``_i2s_losses`` (training, ``cfg.MODEL.P2SEG.I2S.ENABLED``)::
+
+    image_classes = [x["point_classes"].unique() for x in batched_inputs]
+    losses = i2s_losses(aff_features,   # B x D x h x w (affinity branch, 1/4 of the padded input)
+                        sem_seg, instance_ids, image_classes,   # instance_ids from _s2i_losses
+                        pool_stride=cfg.MODEL.P2SEG.I2S.POOL_STRIDE,
+                        block_size=cfg.MODEL.P2SEG.I2S.BLOCK_SIZE,
+                        ignore_value=cfg.INPUT.IGNORE_VALUE)
+    L_aff = I2S.LOSS_WEIGHT * 0.5 * (losses["loss_aff_class"] + losses["loss_aff_instance"])
+    # If S2I is disabled, build instance_ids with the same function from the ground-truth points
+    # (pred_offset = zeros gives the nearest-point assignment).
+
+Semantic loss with the random walk (training, ``cfg.MODEL.P2SEG.I2S.RANDOM_WALK``)::
+
+    probs = sem_logits_quarter.softmax(1)                    # B x (C+1) x h x w, BEFORE upsampling
+    refined = refine_semantic_probs(probs, aff_features, image_classes,
+                                    block_size=..., transition=cfg.MODEL.P2SEG.I2S.RANDOM_WALK_TRANSITION)
+    up = F.interpolate(refined, size=(H, W), mode="bilinear", align_corners=False)
+    log_p = up.clamp_min(torch.finfo(up.dtype).tiny).log()   # a valid "logits" input:
+    L_sem = DeepLabCE(...)(log_p, sem_seg)                   # log_softmax(log p) == log p
+
+Inference: no random walk (METHOD.md's pseudo-mask steps use the plain softmax, "clean" by the
+image-level labels); ``refine_semantic_probs`` with the points' classes can be switched on there
+too if wanted (it needs the image-level classes, so not for point-free inference).
+"""
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+
+from .affinity import affinity_loss, affinity_losses, random_walk
+from .s2i import refine_offset_targets
+
+__all__ = [
+    "refine_offset_targets",
+    "affinity_loss",
+    "affinity_losses",
+    "random_walk",
+    "AffinityLabel",
+    "pool_labels",
+    "class_region_map",
+    "i2s_labels",
+    "i2s_losses",
+    "refine_semantic_probs",
+]
+
+
+class AffinityLabel(NamedTuple):
+    """Pair labels of one image at feature resolution (``N = h * w`` cells, row-major).
+
+    membership: bool ``N x K`` multi-hot regions; valid: bool ``N``; neutral: bool ``N`` or None
+    (pairs of two neutral cells are not counted).
+    """
+
+    membership: torch.Tensor
+    valid: torch.Tensor
+    neutral: Optional[torch.Tensor]
+
+
+def pooled_size(height, width, stride):
+    """Feature-grid size ``(ceil(H / s), ceil(W / s))`` of a ``H x W`` map max-pooled by ``s``."""
+    return -(-height // stride), -(-width // stride)
+
+
+def pool_labels(label_map, num_regions, stride):
+    """Max-pool a region-index map into multi-hot cell membership.
+
+    Args:
+        label_map: int64 ``H x W``, values in ``-1..K-1`` (-1 = no region).
+        num_regions: K.
+        stride: pooling window and stride (``cfg.MODEL.P2SEG.I2S.POOL_STRIDE``); the map is padded
+            with -1 to a multiple of it.
+    Returns:
+        bool ``(h * w) x K`` with ``(h, w) = pooled_size(H, W, stride)``: cell c belongs to region r
+        when any pixel of its ``stride x stride`` window has index r.
+    """
+    if label_map.numel() and (int(label_map.min()) < -1 or int(label_map.max()) >= num_regions):
+        raise ValueError(
+            f"p2seg/modeling/mdm.py: label_map values must be in -1..{num_regions - 1}, got "
+            f"{int(label_map.min())}..{int(label_map.max())}"
+        )
+    height, width = label_map.shape
+    h, w = pooled_size(height, width, stride)
+    padded = F.pad(label_map, (0, w * stride - width, 0, h * stride - height), value=-1)
+    cells = padded.reshape(h, stride, w, stride).permute(0, 2, 1, 3).reshape(h * w, stride * stride)
+    onehot = torch.zeros(h * w, num_regions + 1, dtype=torch.bool, device=label_map.device)
+    onehot.scatter_(1, cells + 1, True)  # column 0 collects "no region"
+    return onehot[:, 1:]
+
+
+def class_region_map(sem_seg, image_classes, ignore_value):
+    """Region index of every pixel for the class label.
+
+    Args:
+        sem_seg: int64 ``H x W`` (0 bg, k+1 class k, ``ignore_value`` ignore).
+        image_classes: int64 ``U`` present classes (0..C-1), e.g. the classes of the points.
+        ignore_value: ignore label.
+    Returns:
+        ``(region_map, K)``: int64 ``H x W`` with 0 = background, ``r`` = r-th present class
+        (sorted), -1 = ignore or a class absent from ``image_classes``; ``K = U + 1``.
+    """
+    if sem_seg.numel() and int(sem_seg.min()) < 0:
+        raise ValueError(f"p2seg/modeling/mdm.py: sem_seg has negative labels ({int(sem_seg.min())})")
+    classes = image_classes.reshape(-1).to(device=sem_seg.device, dtype=torch.int64).unique()
+    top = int(sem_seg.max()) if sem_seg.numel() else 0
+    size = max(top, ignore_value, int(classes.max()) + 1 if classes.numel() else 0) + 1
+    lut = torch.full((size,), -1, dtype=torch.int64, device=sem_seg.device)
+    lut[0] = 0
+    lut[classes + 1] = torch.arange(1, classes.numel() + 1, device=sem_seg.device)
+    lut[ignore_value] = -1
+    return lut[sem_seg], classes.numel() + 1
+
+
+def i2s_labels(sem_seg, instance_ids, image_classes, pool_stride, ignore_value):
+    """Class and instance affinity labels of ONE image (see the module docstring for the rules).
+
+    Args:
+        sem_seg: int64 ``H x W``; instance_ids: int64 ``H x W`` (-1 none, else 0..P-1, from
+            :func:`refine_offset_targets`); image_classes: int64 ``U``; pool_stride: int;
+        ignore_value: ignore label.
+    Returns:
+        ``(class_label, instance_label)``: two :class:`AffinityLabel` over the pooled cells.
+    """
+    regions, k = class_region_map(sem_seg, image_classes, ignore_value)
+    cls_member = pool_labels(regions, k, pool_stride)
+    class_label = AffinityLabel(cls_member, cls_member.any(1), None)
+
+    num_inst = int(instance_ids.max()) + 1 if instance_ids.numel() else 0
+    inst_member = pool_labels(instance_ids, max(num_inst, 0), pool_stride)
+    background = pool_labels(torch.where(sem_seg == 0, 0, -1), 1, pool_stride)[:, 0]
+    in_instance = inst_member.any(1)
+    instance_label = AffinityLabel(inst_member, in_instance | background, ~in_instance)
+    return class_label, instance_label
+
+
+def _check_batch(features, sem_seg, instance_ids, image_classes, pool_stride):
+    """Raise ValueError naming the argument whose shape does not match."""
+    if features.dim() != 4:
+        raise ValueError(f"p2seg/modeling/mdm.py: features must be B x D x h x w, got {tuple(features.shape)}")
+    b, _, h, w = features.shape
+    if sem_seg.dim() != 3 or sem_seg.shape[0] != b or tuple(instance_ids.shape) != tuple(sem_seg.shape):
+        raise ValueError(
+            f"p2seg/modeling/mdm.py: sem_seg and instance_ids must both be B x H x W with B = {b}, got "
+            f"{tuple(sem_seg.shape)} and {tuple(instance_ids.shape)}"
+        )
+    if pooled_size(sem_seg.shape[1], sem_seg.shape[2], pool_stride) != (h, w):
+        raise ValueError(
+            f"p2seg/modeling/mdm.py: sem_seg {tuple(sem_seg.shape[1:])} pooled by POOL_STRIDE="
+            f"{pool_stride} gives {pooled_size(sem_seg.shape[1], sem_seg.shape[2], pool_stride)}, but the "
+            f"affinity features are {(h, w)}"
+        )
+    if len(image_classes) != b:
+        raise ValueError(f"p2seg/modeling/mdm.py: image_classes needs {b} entries, got {len(image_classes)}")
+
+
+def i2s_losses(features, sem_seg, instance_ids, image_classes, pool_stride, block_size,
+               ignore_value=255, include_self=False, reduction="mean"):
+    """Class and instance affinity losses of a batch, labels built per image.
+
+    Args:
+        features: float ``B x D x h x w`` affinity features, ``(h, w) = ceil((H, W) / pool_stride)``.
+        sem_seg: int64 ``B x H x W``; instance_ids: int64 ``B x H x W`` (S2I assignment, -1 none).
+        image_classes: list of B int64 tensors, present classes (e.g. ``point_classes.unique()``).
+        pool_stride: ``cfg.MODEL.P2SEG.I2S.POOL_STRIDE``; block_size: ``cfg.MODEL.P2SEG.I2S.BLOCK_SIZE``.
+        ignore_value: ``cfg.INPUT.IGNORE_VALUE``; include_self: count ``i == j`` pairs.
+        reduction: ``"mean"`` (over images with at least one counted pair) or ``"none"`` (``B``).
+    Returns:
+        dict ``loss_aff_class``, ``loss_aff_instance``: scalars (or ``B`` tensors for "none").
+    """
+    _check_batch(features, sem_seg, instance_ids, image_classes, pool_stride)
+    if reduction not in ("mean", "none"):
+        raise ValueError(f"p2seg/modeling/mdm.py: reduction must be 'mean' or 'none', got {reduction!r}")
+    losses, pairs = [], []
+    for b in range(features.shape[0]):
+        feats = features[b].flatten(1).T  # N x D, row-major cells like pool_labels
+        labels = i2s_labels(sem_seg[b], instance_ids[b].to(sem_seg.device), image_classes[b],
+                            pool_stride, ignore_value)
+        # One strip pass serves both labels (the logits are shared).
+        loss, n = affinity_losses(feats, labels, block_size=block_size, include_self=include_self)
+        losses.append(loss)
+        pairs.append(n)
+    losses, has = torch.stack(losses), torch.stack(pairs) > 0  # B x 2
+    if reduction == "mean":
+        losses = (losses * has).sum(0) / has.sum(0).clamp_min(1)
+    return {"loss_aff_class": losses[..., 0], "loss_aff_instance": losses[..., 1]}
+
+
+def refine_semantic_probs(sem_probs, features, image_classes, block_size, transition="row"):
+    """Random-walk refinement of the present-class semantic probabilities (before upsampling).
+
+    Args:
+        sem_probs: float ``B x (C+1) x h x w`` softmax probabilities at feature resolution.
+        features: float ``B x D x h x w`` affinity features.
+        image_classes: list of B int64 tensors of present classes (0..C-1); background (channel 0)
+            is always walked.
+        block_size: ``cfg.MODEL.P2SEG.I2S.BLOCK_SIZE``; transition: see :func:`random_walk`.
+    Returns:
+        float ``B x (C+1) x h x w``: present channels walked, absent channels unchanged, each
+        pixel renormalised to sum 1. Differentiable w.r.t. ``sem_probs`` and ``features``.
+    """
+    if sem_probs.dim() != 4 or features.dim() != 4 or sem_probs.shape[0] != features.shape[0] \
+            or sem_probs.shape[2:] != features.shape[2:]:
+        raise ValueError(
+            f"p2seg/modeling/mdm.py: sem_probs B x (C+1) x h x w and features B x D x h x w must share "
+            f"B, h, w; got {tuple(sem_probs.shape)} and {tuple(features.shape)}"
+        )
+    out = []
+    for b in range(sem_probs.shape[0]):
+        classes = image_classes[b].reshape(-1).to(device=sem_probs.device, dtype=torch.int64).unique()
+        channels = torch.cat([classes.new_zeros(1), classes + 1])
+        probs = sem_probs[b].flatten(1)  # (C+1) x N
+        walked = random_walk(features[b].flatten(1).T, probs[channels], block_size, transition)
+        refined = probs.index_copy(0, channels, walked)
+        refined = refined / refined.sum(0, keepdim=True).clamp_min(torch.finfo(refined.dtype).tiny)
+        out.append(refined.view_as(sem_probs[b]))
+    return torch.stack(out)

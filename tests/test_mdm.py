@@ -1,0 +1,375 @@
+"""Mutual Distillation Module: S2I refined offsets, I2S labels, blockwise affinity loss / random walk."""
+import numpy as np
+import pytest
+import torch
+
+from p2seg.modeling.affinity import (
+    affinity_loss,
+    affinity_losses,
+    dense_affinity_loss,
+    dense_random_walk,
+    random_walk,
+)
+from p2seg.modeling.mdm import (
+    class_region_map,
+    i2s_labels,
+    i2s_losses,
+    pool_labels,
+    refine_semantic_probs,
+)
+from p2seg.modeling.s2i import refine_offset_targets
+
+REL_TOL = 1e-5
+
+
+def rel_err(a, b):
+    """Max absolute difference relative to the max magnitude of the reference ``b``."""
+    return float((a - b).detach().abs().max() / b.detach().abs().max().clamp_min(1e-300))
+
+
+# ------------------------------------------------------------------------------------------- S2I
+def _blob_image(h=12, w=20):
+    sem = torch.zeros(1, h, w, dtype=torch.int64)
+    sem[0, 2:10, 2:18] = 1  # class 0
+    return sem
+
+
+def test_s2i_offsets_decide_between_two_points_of_one_blob():
+    sem = _blob_image()
+    a, b = (4.0, 5.0), (15.0, 5.0)  # (x, y)
+    points = [torch.tensor([a, b])]
+    classes = [torch.tensor([0, 0])]
+    pred = torch.zeros(1, 2, 12, 20)
+    ys, xs = torch.meshgrid(torch.arange(12.0), torch.arange(20.0), indexing="ij")
+    # Columns 10..13 are nearer to B, but their predicted offsets land next to A.
+    cols = (xs >= 10) & (xs <= 13)
+    pred[0, 0][cols] = (a[1] - ys[cols]) + 0.3
+    pred[0, 1][cols] = (a[0] - xs[cols]) - 0.4
+    offset, weights, ids = refine_offset_targets(pred, sem, points, classes)
+    fg = sem[0] == 1
+    assert torch.equal(weights[0] > 0, fg)
+    assert torch.equal(ids[0] >= 0, fg)
+    assert (ids[0][fg & cols] == 0).all()
+    # Other pixels have zero offsets: plain nearest point.
+    left = fg & (xs < 10)
+    right = fg & (xs > 13)
+    assert (ids[0][left] == 0).all() and (ids[0][right] == 1).all()
+    # Refined offsets = assigned point pixel - pixel.
+    pt = torch.tensor([a, b])
+    exp_dy = pt[ids[0].clamp_min(0), 1] - ys
+    exp_dx = pt[ids[0].clamp_min(0), 0] - xs
+    assert torch.equal(offset[0, 0][fg], exp_dy[fg]) and torch.equal(offset[0, 1][fg], exp_dx[fg])
+    assert (offset[0][:, ~fg] == 0).all()
+
+
+def test_s2i_never_crosses_classes_and_skips_ignore_background_and_pointless_classes():
+    sem = torch.zeros(1, 10, 10, dtype=torch.int64)
+    sem[0, :, :5] = 1  # class 0
+    sem[0, :, 5:] = 2  # class 1
+    sem[0, 0, :] = 255
+    sem[0, 9, :] = 0
+    sem[0, 4, 4] = 3  # class 2: no point
+    points = [torch.tensor([[1.0, 5.0], [8.0, 5.0]])]
+    classes = [torch.tensor([0, 1])]
+    # Every pixel predicts an offset landing exactly on the class-0 point.
+    ys, xs = torch.meshgrid(torch.arange(10.0), torch.arange(10.0), indexing="ij")
+    pred = torch.stack([5.0 - ys, 1.0 - xs])[None]
+    _, weights, ids = refine_offset_targets(pred, sem, points, classes, ignore_value=255)
+    assert (ids[0][sem[0] == 2] == 1).all()  # class-1 pixels stay with the class-1 point
+    assert (ids[0][sem[0] == 1] == 0).all()
+    for label in (0, 3, 255):
+        assert (ids[0][sem[0] == label] == -1).all() and (weights[0][sem[0] == label] == 0).all()
+
+
+def test_s2i_matches_per_pixel_reference_and_handles_empty_images():
+    gen = torch.Generator().manual_seed(0)
+    b, h, w = 2, 9, 11
+    sem = torch.randint(0, 4, (b, h, w), generator=gen)
+    sem[torch.rand(b, h, w, generator=gen) < 0.1] = 255
+    pred = torch.randn(b, 2, h, w, generator=gen) * 3
+    points = [torch.rand(5, 2, generator=gen) * torch.tensor([w - 1.0, h - 1.0]), torch.zeros(0, 2)]
+    classes = [torch.tensor([0, 1, 1, 2, 0]), torch.zeros(0, dtype=torch.int64)]
+    offset, weights, ids = refine_offset_targets(pred, sem, points, classes)
+    assert (ids[1] == -1).all() and (weights[1] == 0).all() and (offset[1] == 0).all()
+    pix = np.clip(np.rint(points[0].numpy()), 0, [w - 1, h - 1])  # (x, y) point pixels
+    for y in range(h):  # per-pixel oracle (tests only)
+        for x in range(w):
+            label = int(sem[0, y, x])
+            same = [j for j in range(5) if int(classes[0][j]) + 1 == label]
+            if label in (0, 255) or not same:
+                assert ids[0, y, x] == -1
+                continue
+            ty, tx = y + float(pred[0, 0, y, x]), x + float(pred[0, 1, y, x])
+            dist = [(ty - pix[j, 1]) ** 2 + (tx - pix[j, 0]) ** 2 for j in same]
+            j = same[int(np.argmin(dist))]
+            assert ids[0, y, x] == j
+            assert offset[0, 0, y, x] == pytest.approx(pix[j, 1] - y)
+            assert offset[0, 1, y, x] == pytest.approx(pix[j, 0] - x)
+
+
+def test_s2i_rejects_mismatched_inputs():
+    with pytest.raises(ValueError, match="sem_seg"):
+        refine_offset_targets(torch.zeros(1, 2, 4, 4), torch.zeros(1, 4, 5, dtype=torch.int64),
+                              [torch.zeros(0, 2)], [torch.zeros(0, dtype=torch.int64)])
+
+
+# ------------------------------------------------------------------------------------ I2S labels
+def test_pool_labels_is_multi_hot_max_pool():
+    lab = torch.tensor([[0, 0, 1, -1],
+                        [0, 2, -1, -1],
+                        [-1, -1, 1, 1],
+                        [-1, -1, 1, 0]])
+    m = pool_labels(lab, 3, 2)
+    assert m.shape == (4, 3)
+    assert m.tolist() == [[True, False, True], [False, True, False],
+                          [False, False, False], [True, True, False]]
+    # Sizes not divisible by the stride are padded with "no region".
+    assert pool_labels(torch.zeros(5, 3, dtype=torch.int64), 1, 2).shape == (6, 1)
+
+
+def test_class_region_map_background_present_classes_ignore():
+    sem = torch.tensor([[0, 1, 3, 255], [5, 5, 0, 1]])
+    regions, k = class_region_map(sem, torch.tensor([4, 0]), 255)
+    assert k == 3
+    assert regions.tolist() == [[0, 1, -1, -1], [2, 2, 0, 1]]  # class 2 (label 3) has no point
+
+
+def _pair_matrices(label):
+    """Dense (pos, neg) over all cells from an AffinityLabel (test oracle)."""
+    m = label.membership.double()
+    pos = (m @ m.T) > 0
+    neg = ~pos
+    if label.neutral is not None:
+        neg &= ~(label.neutral[:, None] & label.neutral[None, :])
+    v = label.valid[:, None] & label.valid[None, :]
+    return pos & v, neg & v
+
+
+def test_i2s_labels_use_every_instance_and_leave_background_pairs_out():
+    sem = torch.zeros(4, 8, dtype=torch.int64)
+    sem[:, 0:2] = 1
+    sem[:, 2:4] = 1
+    sem[:, 4:6] = 2
+    sem[3, 6:8] = 255
+    ids = torch.full((4, 8), -1)
+    ids[:, 0:2], ids[:, 2:4], ids[:, 4:6] = 0, 1, 2
+    cls_label, inst_label = i2s_labels(sem, ids, torch.tensor([0, 1]), 2, 255)
+    assert inst_label.membership.shape == (8, 3)
+    assert inst_label.membership.any(0).all()  # all three instances are regions
+    pos, neg = _pair_matrices(inst_label)
+    # cells (row-major 2 x 4): c0, c4 = inst 0; c1, c5 = inst 1; c2, c6 = inst 2; c3 = bg; c7 = bg+ignore
+    assert pos[0, 4] and pos[1, 5] and pos[2, 6]
+    assert neg[0, 1] and neg[0, 2] and neg[0, 3]  # across instances and instance/background
+    assert not pos[3, 7] and not neg[3, 7]  # background/background: not counted
+    cpos, cneg = _pair_matrices(cls_label)
+    assert cpos[0, 1] and cneg[0, 2] and cpos[3, 7] and cneg[0, 3]
+
+
+# ------------------------------------------------------------------- blockwise loss == dense loss
+def _random_case(n, d, k, seed, dtype=torch.float64):
+    gen = torch.Generator().manual_seed(seed)
+    feats = (torch.randn(n, d, generator=gen) * 0.6).to(dtype)
+    member = torch.rand(n, k, generator=gen) < 0.35
+    neutral = ~member.any(1) & (torch.rand(n, generator=gen) < 0.7)
+    valid = member.any(1) | neutral
+    valid[:5] = False
+    return feats, member, neutral, valid
+
+
+@pytest.mark.parametrize("block_size", [1, 7, 64, 150, 151, 1000])
+@pytest.mark.parametrize("variant", ["class", "neutral", "self"])
+def test_affinity_loss_value_and_gradient_equal_dense(block_size, variant):
+    n = 151 if variant != "self" else 96
+    feats, member, neutral, valid = _random_case(n, 6, 4, seed=n + block_size)
+    kw = {"class": {}, "neutral": {"neutral": neutral, "valid": valid},
+          "self": {"include_self": True}}[variant]
+    f_ref = feats.clone().requires_grad_()
+    ref = dense_affinity_loss(f_ref, member, **kw)
+    ref.backward()
+    f_blk = feats.clone().requires_grad_()
+    loss = affinity_loss(f_blk, member, block_size=block_size, **kw)
+    loss.backward()
+    assert rel_err(loss, ref) < REL_TOL
+    assert rel_err(f_blk.grad, f_ref.grad) < REL_TOL
+    if "valid" in kw:
+        assert (f_blk.grad[~valid] == 0).all()
+
+
+def test_affinity_losses_one_pass_equals_separate_losses():
+    feats, member, neutral, valid = _random_case(120, 5, 3, seed=11)
+    other = torch.rand(120, 2, generator=torch.Generator().manual_seed(2)) < 0.5
+    labels = [(member, valid, neutral), (other, None, None)]
+    f_one = feats.clone().requires_grad_()
+    losses, pairs = affinity_losses(f_one, labels, block_size=17)
+    (losses * torch.tensor([0.3, 1.7], dtype=torch.float64)).sum().backward()
+    f_ref = feats.clone().requires_grad_()
+    refs = [dense_affinity_loss(f_ref, *lab) for lab in labels]
+    (0.3 * refs[0] + 1.7 * refs[1]).backward()
+    assert rel_err(losses, torch.stack(refs)) < REL_TOL
+    assert rel_err(f_one.grad, f_ref.grad) < REL_TOL
+    for lab, n in zip(labels, pairs):
+        assert int(n) == int(affinity_loss(feats, *lab, return_num_pairs=True)[1])
+
+
+def test_affinity_loss_float32_close_to_float64_dense():
+    feats, member, _, _ = _random_case(300, 16, 5, seed=3)
+    f64 = feats.clone().requires_grad_()
+    ref = dense_affinity_loss(f64, member)
+    ref.backward()
+    f32 = feats.float().requires_grad_()
+    loss = affinity_loss(f32, member, block_size=64)
+    loss.backward()
+    assert loss.dtype == torch.float32
+    assert rel_err(loss.double(), ref) < REL_TOL
+    assert rel_err(f32.grad.double(), f64.grad) < 1e-4
+
+
+def test_affinity_loss_without_pairs_is_zero_with_a_graph():
+    feats = torch.randn(10, 3, requires_grad=True)
+    loss, pairs = affinity_loss(feats, torch.zeros(10, 2, dtype=torch.bool), return_num_pairs=True)
+    assert float(loss.detach()) == 0 and int(pairs) == 0
+    loss.backward()
+    assert (feats.grad == 0).all()
+
+
+def test_affinity_loss_rejects_bad_block_size():
+    with pytest.raises(ValueError, match="BLOCK_SIZE"):
+        affinity_loss(torch.randn(4, 2), torch.ones(4, 1, dtype=torch.bool), block_size=0)
+
+
+# ------------------------------------------------------------------ blockwise walk == dense walk
+@pytest.mark.parametrize("block_size", [1, 13, 100, 120, 500])
+@pytest.mark.parametrize("transition", ["row", "column"])
+def test_random_walk_output_and_gradients_equal_dense(block_size, transition):
+    gen = torch.Generator().manual_seed(block_size)
+    n, d, k = 120, 5, 3
+    feats = torch.randn(n, d, generator=gen, dtype=torch.float64) * 0.6
+    probs = torch.rand(k, n, generator=gen, dtype=torch.float64)
+    weight = torch.randn(k, n, generator=gen, dtype=torch.float64)
+    f_ref, p_ref = feats.clone().requires_grad_(), probs.clone().requires_grad_()
+    ref = dense_random_walk(f_ref, p_ref, transition)
+    (ref * weight).sum().backward()
+    f_blk, p_blk = feats.clone().requires_grad_(), probs.clone().requires_grad_()
+    out = random_walk(f_blk, p_blk, block_size, transition)
+    (out * weight).sum().backward()
+    assert rel_err(out, ref) < REL_TOL
+    assert rel_err(f_blk.grad, f_ref.grad) < REL_TOL
+    assert rel_err(p_blk.grad, p_ref.grad) < REL_TOL
+
+
+def test_random_walk_column_is_convex_and_row_conserves_class_mass():
+    feats = torch.randn(40, 4, dtype=torch.float64)
+    probs = torch.rand(3, 40, dtype=torch.float64)
+    probs = probs / probs.sum(0)
+    col = random_walk(feats, probs, 16, "column")
+    assert torch.allclose(col.sum(0), torch.ones(40, dtype=torch.float64))
+    row = random_walk(feats, probs, 16, "row")
+    assert torch.allclose(row.sum(1), probs.sum(1))
+
+
+def test_gradcheck_tiny():
+    gen = torch.Generator().manual_seed(1)
+    feats = (torch.randn(10, 3, generator=gen, dtype=torch.float64) * 0.5).requires_grad_()
+    member = torch.rand(10, 2, generator=gen) < 0.5
+    neutral = ~member.any(1)
+    assert torch.autograd.gradcheck(
+        lambda f: affinity_loss(f, member, neutral=neutral, block_size=3), (feats,))
+    probs = torch.rand(2, 10, generator=gen, dtype=torch.float64).requires_grad_()
+    for transition in ("row", "column"):
+        assert torch.autograd.gradcheck(
+            lambda f, p: random_walk(f, p, 4, transition), (feats, probs))
+
+
+# -------------------------------------------------------------------------- batch-level helpers
+def _two_image_batch():
+    gen = torch.Generator().manual_seed(7)
+    sem = torch.zeros(2, 16, 16, dtype=torch.int64)
+    sem[0, 2:9, 2:14] = 1
+    sem[0, 10:15, 3:8] = 3
+    sem[1, 4:14, 4:12] = 2
+    sem[1, 0, :] = 255
+    points = [torch.tensor([[4.0, 5.0], [11.0, 5.0], [5.0, 12.0]]), torch.tensor([[8.0, 8.0]])]
+    classes = [torch.tensor([0, 0, 2]), torch.tensor([1])]
+    pred = torch.randn(2, 2, 16, 16, generator=gen)
+    _, _, ids = refine_offset_targets(pred, sem, points, classes)
+    feats = torch.randn(2, 8, 4, 4, generator=gen, dtype=torch.float64)
+    return feats, sem, ids, classes
+
+
+def test_i2s_losses_never_mix_labels_across_images():
+    feats, sem, ids, classes = _two_image_batch()
+    batch = i2s_losses(feats, sem, ids, classes, pool_stride=4, block_size=5, reduction="none")
+    mean = i2s_losses(feats, sem, ids, classes, pool_stride=4, block_size=5)
+    for b in range(2):
+        alone = i2s_losses(feats[b:b + 1], sem[b:b + 1], ids[b:b + 1], classes[b:b + 1],
+                           pool_stride=4, block_size=5)
+        for name in ("loss_aff_class", "loss_aff_instance"):
+            assert torch.allclose(batch[name][b], alone[name], rtol=1e-12)
+            # and each equals the dense loss on that image's own labels
+            labels = dict(zip(("loss_aff_class", "loss_aff_instance"),
+                              i2s_labels(sem[b], ids[b], classes[b], 4, 255)))
+            lab = labels[name]
+            ref = dense_affinity_loss(feats[b].flatten(1).T, lab.membership, lab.valid, lab.neutral)
+            assert torch.allclose(alone[name], ref, rtol=1e-12)
+    for name in mean:
+        assert torch.allclose(mean[name], batch[name].mean(), rtol=1e-12)
+
+
+def test_i2s_losses_rejects_wrong_feature_size():
+    feats, sem, ids, classes = _two_image_batch()
+    with pytest.raises(ValueError, match="POOL_STRIDE"):
+        i2s_losses(feats, sem, ids, classes, pool_stride=2, block_size=5)
+
+
+def test_refine_semantic_probs_walks_present_channels_and_renormalises():
+    gen = torch.Generator().manual_seed(5)
+    logits = torch.randn(2, 4, 3, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    feats = torch.randn(2, 6, 3, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    classes = [torch.tensor([1]), torch.tensor([0, 2])]
+    probs = logits.softmax(1)
+    out = refine_semantic_probs(probs, feats, classes, block_size=4, transition="row")
+    assert torch.allclose(out.sum(1), torch.ones(2, 3, 5, dtype=torch.float64))
+    for b, chans in enumerate(([0, 2], [0, 1, 3])):
+        p = probs[b].flatten(1)
+        exp = p.clone()
+        exp[chans] = dense_random_walk(feats[b].flatten(1).T, p[chans], "row")
+        exp = exp / exp.sum(0)
+        assert torch.allclose(out[b].flatten(1), exp, rtol=1e-10)
+    out.log()[:, 1].sum().backward()
+    assert logits.grad.abs().sum() > 0 and feats.grad.abs().sum() > 0
+
+
+# ------------------------------------------------------------------------------- memory bound
+class _SavedNumel:
+    """saved_tensors_hooks that records the largest tensor autograd saves for backward."""
+
+    def __init__(self):
+        self.largest = 0
+
+    def pack(self, t):
+        self.largest = max(self.largest, t.numel())
+        return t
+
+    def hooks(self):
+        return torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t)
+
+
+def test_blockwise_saves_no_quadratic_tensor_while_dense_does():
+    n, d, k, block = 4096, 16, 3, 256
+    gen = torch.Generator().manual_seed(0)
+    feats = (torch.randn(n, d, generator=gen) * 0.3).requires_grad_()
+    member = torch.rand(n, k, generator=gen) < 0.3
+    probs = torch.rand(k, n, generator=gen).requires_grad_()
+    rec = _SavedNumel()
+    with rec.hooks():
+        loss = affinity_loss(feats, member, block_size=block)
+        walked = random_walk(feats, probs, block_size=block)
+        (loss + walked.mean()).backward()
+    assert rec.largest < n * n // 4, rec.largest
+    assert feats.grad.abs().sum() > 0 and probs.grad.abs().sum() > 0
+    # The hook does see quadratic tensors when they exist (dense reference, small n).
+    small = 512
+    dense_rec = _SavedNumel()
+    with dense_rec.hooks():
+        dense_random_walk(feats[:small], probs[:, :small]).sum().backward()
+    assert dense_rec.largest >= small * small
