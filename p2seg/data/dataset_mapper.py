@@ -15,10 +15,25 @@ Point coordinates: dataset points are pixel indices (``x = 0`` is the centre of 
 the point pixel is ``round(x)``), while Detectron2 transforms work in continuous coordinates (pixel
 ``i`` covers ``[i, i + 1)``; Detectron2's own COCO loader adds 0.5 to keypoints for this reason).
 The mapper adds 0.5 before ``apply_coords`` and subtracts it after, so that e.g. a horizontal flip
-maps pixel ``x`` exactly to pixel ``W - 1 - x``.
+maps pixel ``x`` exactly to pixel ``W - 1 - x``. Points are first clipped to the image
+(``[0, W-1] x [0, H-1]``, which keeps their point pixel ``(round(x), round(y))``), so a point the
+loader accepts on the border (``W - 0.5 <= x <= W``) is never lost without a crop.
+
+Bad input (checked here, where the sample enters, not in the model): a missing / unreadable image,
+an image whose size differs from the dict's ``height`` / ``width``, a missing / unreadable /
+wrong-size semantic PNG or one with labels outside ``0..C`` and the ignore value, points that are
+missing, not finite or outside the image, and category ids outside ``0..C-1`` raise a
+:class:`BadSampleError` (also a ``FileNotFoundError`` / ``ValueError`` / ``KeyError``) naming the
+file and the field. With ``cfg.DATALOADER.BAD_SAMPLES = "skip"`` the *training* mapper instead
+logs a warning (once per bad file, with the running count) and returns None, which makes
+Detectron2's ``MapDataset`` map another, randomly chosen sample instead (its retry mechanism);
+:attr:`P2SegDatasetMapper.num_bad_samples` counts the skipped samples (per data-loader worker:
+each worker process holds its own copy of the mapper). The test mapper always raises: skipping
+would silently change what is evaluated.
 """
 import copy
 import logging
+import struct
 
 import numpy as np
 import torch
@@ -32,7 +47,46 @@ from fvcore.transforms.transform import PadTransform
 
 from .targets import build_targets
 
-__all__ = ["P2SegDatasetMapper", "FixedSizeCropSegPad", "build_p2seg_augmentations", "read_sem_seg"]
+__all__ = [
+    "P2SegDatasetMapper",
+    "FixedSizeCropSegPad",
+    "build_p2seg_augmentations",
+    "read_sem_seg",
+    "read_image_checked",
+    "BadSampleError",
+    "BAD_SAMPLE_POLICIES",
+]
+
+logger = logging.getLogger(__name__)
+
+# Values of cfg.DATALOADER.BAD_SAMPLES.
+BAD_SAMPLE_POLICIES = ("error", "skip")
+
+# Exceptions PIL / Detectron2 raise for a missing, truncated or undecodable image file.
+_IMAGE_READ_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, Image.DecompressionBombError)
+
+
+class BadSampleError(Exception):
+    """Base class of the errors for an invalid input sample (file or dataset-dict field).
+
+    Raised as one of the subclasses below, which also derive from the matching built-in
+    exception, so ``except FileNotFoundError`` / ``except ValueError`` keep working.
+    """
+
+
+class BadSampleFileError(BadSampleError, FileNotFoundError):
+    """A file named by the dataset dict does not exist."""
+
+
+class BadSampleValueError(BadSampleError, ValueError):
+    """A file cannot be decoded, or a field / file content is invalid."""
+
+
+class BadSampleKeyError(BadSampleError, KeyError):
+    """A field the mapper needs is missing from the dataset dict."""
+
+    def __str__(self):
+        return str(self.args[0]) if self.args else ""
 
 # Keys copied from the dataset dict to the mapper output (everything else is dropped).
 _PASS_THROUGH_KEYS = ("file_name", "image_id", "height", "width")
@@ -116,7 +170,7 @@ def build_p2seg_augmentations(cfg, is_train):
 
 
 def read_sem_seg(file_name, height, width, num_classes, ignore_value):
-    """Read a semantic pseudo-label PNG (single channel; palette PNGs give their indices).
+    """Read and check a semantic pseudo-label PNG (single channel; palette PNGs give their indices).
 
     Args:
         file_name: path of the PNG (the dict's ``"sem_seg_file_name"``).
@@ -126,28 +180,35 @@ def read_sem_seg(file_name, height, width, num_classes, ignore_value):
     Returns:
         uint8 array ``H x W``.
     Raises:
-        FileNotFoundError / ValueError naming the file and the field ``sem_seg_file_name``.
+        BadSampleFileError (a FileNotFoundError) / BadSampleValueError (a ValueError) naming the
+        file and the field ``sem_seg_file_name``: missing, undecodable, not single-channel, wrong
+        size, or labels outside ``0..C`` and ``ignore_value``.
     """
     if not PathManager.isfile(file_name):
-        raise FileNotFoundError(f"sem_seg_file_name: file not found: {file_name}")
-    with PathManager.open(file_name, "rb") as f:
-        pil = Image.open(f)
-        pil.load()
+        raise BadSampleFileError(f"sem_seg_file_name: file not found: {file_name}")
+    try:
+        with PathManager.open(file_name, "rb") as f:
+            pil = Image.open(f)
+            pil.load()
+    except _IMAGE_READ_ERRORS as e:
+        raise BadSampleValueError(
+            f"sem_seg_file_name {file_name}: cannot read the PNG ({type(e).__name__}: {e})"
+        ) from e
     if pil.mode not in ("L", "P", "I", "I;16"):
-        raise ValueError(
+        raise BadSampleValueError(
             f"sem_seg_file_name {file_name}: expected a single-channel label PNG (mode L or P), "
             f"got mode {pil.mode}"
         )
     sem_seg = np.asarray(pil)
     if sem_seg.shape != (height, width):
-        raise ValueError(
+        raise BadSampleValueError(
             f"sem_seg_file_name {file_name}: size {sem_seg.shape[1]}x{sem_seg.shape[0]} (WxH) "
             f"differs from the image size {width}x{height}"
         )
-    if sem_seg.max() > num_classes:
-        bad = np.unique(sem_seg[(sem_seg > num_classes) & (sem_seg != ignore_value)])
+    if sem_seg.size and (sem_seg.max() > num_classes or sem_seg.min() < 0):
+        bad = np.unique(sem_seg[((sem_seg > num_classes) | (sem_seg < 0)) & (sem_seg != ignore_value)])
         if len(bad):
-            raise ValueError(
+            raise BadSampleValueError(
                 f"sem_seg_file_name {file_name}: labels {bad.tolist()[:10]} are neither "
                 f"0..{num_classes} (background + {num_classes} classes) nor the ignore value "
                 f"{ignore_value}"
@@ -155,27 +216,100 @@ def read_sem_seg(file_name, height, width, num_classes, ignore_value):
     return sem_seg.astype(np.uint8, copy=False)
 
 
-def _points_from_annotations(dataset_dict, num_classes):
+def read_image_checked(dataset_dict, image_format):
+    """``detection_utils.read_image`` + ``check_image_size`` with errors naming file and field.
+
+    Args:
+        dataset_dict: dataset dict with "file_name" and optionally "height" / "width".
+        image_format: cfg.INPUT.FORMAT.
+    Returns:
+        uint8 array ``H x W x 3`` (Detectron2's ``read_image`` output).
+    Raises:
+        BadSampleKeyError if "file_name" is missing; BadSampleFileError if the file does not
+        exist; BadSampleValueError if it cannot be decoded or its size differs from the dict's
+        "height" / "width".
+    """
+    if "file_name" not in dataset_dict:
+        raise BadSampleKeyError(f"dataset dict (image_id={dataset_dict.get('image_id')}) lacks field 'file_name'")
+    file_name = dataset_dict["file_name"]
+    try:
+        image = utils.read_image(file_name, format=image_format)
+    except FileNotFoundError as e:
+        raise BadSampleFileError(f"file_name: image file not found: {file_name}") from e
+    except _IMAGE_READ_ERRORS as e:
+        raise BadSampleValueError(
+            f"file_name {file_name}: cannot read the image ({type(e).__name__}: {e})"
+        ) from e
+    expected = (dataset_dict.get("width", image.shape[1]), dataset_dict.get("height", image.shape[0]))
+    if (image.shape[1], image.shape[0]) != expected:
+        raise BadSampleValueError(
+            f"file_name {file_name}: image size {image.shape[1]}x{image.shape[0]} (WxH) differs "
+            f"from the dataset dict's fields 'width' x 'height' = {expected[0]}x{expected[1]}"
+        )
+    return image
+
+
+def _points_from_annotations(dataset_dict, num_classes, height=None, width=None):
     """Points and classes of the non-crowd annotations of a dataset dict.
 
+    Args:
+        dataset_dict: dataset dict with "annotations" (each with "point" [x, y] and
+            "category_id" in ``0..num_classes-1``).
+        num_classes: C.
+        height, width: image size; if given, points must lie in ``[0, width] x [0, height]``
+            (the loader's rule, :func:`p2seg.data.point_coco.load_point_coco_json`).
     Returns:
         ``(points, classes)``: float64 ``P x 2`` ``(x, y)``, int64 ``P``.
     Raises:
-        ValueError naming the file and the field when "point" / "category_id" are missing / invalid.
+        BadSampleValueError (a ValueError) naming the file and the field when "point" /
+        "category_id" are missing or invalid.
     """
     anns = [a for a in dataset_dict.get("annotations", []) if a.get("iscrowd", 0) == 0]
     file_name = dataset_dict.get("file_name", "<no file_name>")
     for i, a in enumerate(anns):
-        if "point" not in a or len(a["point"]) != 2:
-            raise ValueError(f"{file_name}: annotations[{i}] has no valid 'point' [x, y]")
-    points = np.array([a["point"] for a in anns], dtype=np.float64).reshape(-1, 2)
-    classes = np.array([a.get("category_id", -1) for a in anns], dtype=np.int64)
+        point = a.get("point")
+        if not (isinstance(point, (list, tuple, np.ndarray)) and len(point) == 2):
+            raise BadSampleValueError(f"{file_name}: annotations[{i}] has no valid field 'point' [x, y]: {point!r}")
+    try:
+        points = np.array([a["point"] for a in anns], dtype=np.float64).reshape(-1, 2)
+        classes = np.array([a.get("category_id", -1) for a in anns], dtype=np.int64)
+    except (TypeError, ValueError, OverflowError) as e:
+        raise BadSampleValueError(
+            f"{file_name}: annotations fields 'point' / 'category_id' must be numbers ({e})"
+        ) from e
     if len(classes) and (classes.min() < 0 or classes.max() >= num_classes):
-        raise ValueError(
+        raise BadSampleValueError(
             f"{file_name}: annotations 'category_id' must be contiguous ids in [0, {num_classes}), "
             f"got {sorted(set(classes.tolist()))}"
         )
+    not_finite = ~np.isfinite(points).all(axis=1)
+    if not_finite.any():
+        i = int(np.flatnonzero(not_finite)[0])
+        raise BadSampleValueError(
+            f"{file_name}: annotations[{i}] field 'point' {points[i].tolist()} is not finite "
+            f"({int(not_finite.sum())} such points)"
+        )
+    if height is not None and width is not None:
+        outside = (points < 0).any(axis=1) | (points[:, 0] > width) | (points[:, 1] > height)
+        if outside.any():
+            i = int(np.flatnonzero(outside)[0])
+            raise BadSampleValueError(
+                f"{file_name}: annotations[{i}] field 'point' {points[i].tolist()} lies outside the "
+                f"image ({width}x{height}) ({int(outside.sum())} such points)"
+            )
     return points, classes
+
+
+def clip_points(points, height, width):
+    """Clip points to ``[0, width - 1] x [0, height - 1]`` (keeps each point pixel).
+
+    Args:
+        points: float ``P x 2`` ``(x, y)``.
+    Returns:
+        float64 ``P x 2``.
+    """
+    points = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+    return np.clip(points, 0.0, [width - 1.0, height - 1.0])
 
 
 def transform_points(transforms, points):
@@ -208,6 +342,10 @@ class P2SegDatasetMapper:
     Test output: "image" (resized), "height"/"width" (original), "file_name", "image_id",
     "annotations" (untouched, if present), "points"/"point_classes" (resized coordinates, if the
     annotations have points), "sem_seg" (resized, if "sem_seg_file_name" is present).
+
+    Invalid samples raise :class:`BadSampleError`; in training with ``bad_samples="skip"`` the
+    mapper returns None instead (Detectron2's ``MapDataset`` then maps another sample) and counts
+    them in :attr:`num_bad_samples` (see the module docstring).
     """
 
     @configurable
@@ -222,6 +360,7 @@ class P2SegDatasetMapper:
         min_component_area=50,
         connectivity=8,
         ignore_value=255,
+        bad_samples="error",
     ):
         """
         Args:
@@ -231,7 +370,13 @@ class P2SegDatasetMapper:
             num_classes: C (cfg.MODEL.P2SEG.NUM_CLASSES).
             sigma, min_component_area, connectivity: cfg.MODEL.P2SEG.TARGETS.*.
             ignore_value: cfg.INPUT.IGNORE_VALUE.
+            bad_samples: cfg.DATALOADER.BAD_SAMPLES, "error" (raise) or "skip" (training only:
+                warn, count and return None so that ``MapDataset`` maps another sample).
         """
+        if bad_samples not in BAD_SAMPLE_POLICIES:
+            raise ValueError(
+                f"DATALOADER.BAD_SAMPLES must be one of {BAD_SAMPLE_POLICIES}, got {bad_samples!r}"
+            )
         self.is_train = is_train
         self.augmentations = T.AugmentationList(augmentations)
         self.image_format = image_format
@@ -240,10 +385,11 @@ class P2SegDatasetMapper:
         self.min_component_area = min_component_area
         self.connectivity = connectivity
         self.ignore_value = ignore_value
+        self.skip_bad_samples = is_train and bad_samples == "skip"
+        self.num_bad_samples = 0  # samples skipped so far (this process)
+        self._bad_files = set()  # files already reported
         mode = "training" if is_train else "inference"
-        logging.getLogger(__name__).info(
-            f"[P2SegDatasetMapper] Augmentations used in {mode}: {augmentations}"
-        )
+        logger.info(f"[P2SegDatasetMapper] Augmentations used in {mode}: {augmentations}")
 
     @classmethod
     def from_config(cls, cfg, is_train=True):
@@ -257,6 +403,7 @@ class P2SegDatasetMapper:
             "min_component_area": targets.MIN_COMPONENT_AREA,
             "connectivity": targets.CONNECTIVITY,
             "ignore_value": cfg.INPUT.IGNORE_VALUE,
+            "bad_samples": cfg.DATALOADER.BAD_SAMPLES,
         }
 
     def __call__(self, dataset_dict):
@@ -264,11 +411,35 @@ class P2SegDatasetMapper:
         Args:
             dataset_dict: one dataset dict (docs/INTERNALS.md); not modified.
         Returns:
-            dict: the model input described in the class docstring.
+            dict: the model input described in the class docstring, or None for an invalid
+            sample when skipping (training with ``bad_samples="skip"``).
+        Raises:
+            BadSampleError naming the file and the field of an invalid sample (unless skipping).
         """
-        image = utils.read_image(dataset_dict["file_name"], format=self.image_format)
-        sizes = {k: dataset_dict[k] for k in ("height", "width") if k in dataset_dict}
-        utils.check_image_size(dict(sizes, file_name=dataset_dict["file_name"]), image)
+        if not self.skip_bad_samples:
+            return self._map(dataset_dict)
+        try:
+            return self._map(dataset_dict)
+        except BadSampleError as e:
+            self._report_bad_sample(dataset_dict, e)
+            return None
+
+    def _report_bad_sample(self, dataset_dict, error):
+        """Count a skipped sample; warn the first time a file fails (with the running count)."""
+        self.num_bad_samples += 1
+        key = dataset_dict.get("file_name", dataset_dict.get("image_id"))
+        if key in self._bad_files:
+            return
+        self._bad_files.add(key)
+        logger.warning(
+            f"[P2SegDatasetMapper] skipping a bad sample (DATALOADER.BAD_SAMPLES='skip'; another "
+            f"sample is used instead): {error} -- {self.num_bad_samples} samples skipped so far, "
+            f"{len(self._bad_files)} distinct bad files in this process"
+        )
+
+    def _map(self, dataset_dict):
+        """``__call__`` without the skip handling."""
+        image = read_image_checked(dataset_dict, self.image_format)
         out = {k: dataset_dict[k] for k in _PASS_THROUGH_KEYS if k in dataset_dict}
         out.setdefault("height", image.shape[0])
         out.setdefault("width", image.shape[1])
@@ -290,12 +461,13 @@ class P2SegDatasetMapper:
     def _map_train(self, dataset_dict, image, out):
         """Augment image / semantic map / points jointly and build the targets into ``out``."""
         if "sem_seg_file_name" not in dataset_dict:
-            raise KeyError(
+            raise BadSampleKeyError(
                 f"{dataset_dict['file_name']}: training needs 'sem_seg_file_name' "
                 "(the semantic pseudo-label PNG)"
             )
         sem_seg = self._read_sem_seg(dataset_dict, image)
-        points, classes = _points_from_annotations(dataset_dict, self.num_classes)
+        points, classes = _points_from_annotations(dataset_dict, self.num_classes, *image.shape[:2])
+        points = clip_points(points, *image.shape[:2])
 
         aug_input = T.AugInput(image, sem_seg=sem_seg)
         transforms = self.augmentations(aug_input)
@@ -336,7 +508,7 @@ class P2SegDatasetMapper:
             annotations = dataset_dict["annotations"]
             out["annotations"] = copy.deepcopy(annotations)
             if any("point" in a for a in annotations):
-                points, classes = _points_from_annotations(dataset_dict, self.num_classes)
+                points, classes = _points_from_annotations(dataset_dict, self.num_classes, *image.shape[:2])
                 points = transform_points(transforms, points)
                 out["points"] = torch.as_tensor(points, dtype=torch.float32).reshape(-1, 2)
                 out["point_classes"] = torch.as_tensor(classes, dtype=torch.int64)

@@ -19,12 +19,35 @@ A *point JSON* is a COCO instances JSON whose non-crowd annotations carry ``"poi
 
 The JSON is parsed with the standard ``json`` module rather than through ``load_coco_json`` for
 the two behaviours above and for errors that name the file, the annotation and the field.
+
+Validation (always strict: the loader raises, it never drops bad entries silently; a broken JSON
+is a data-preparation bug to fix once, see ``DATALOADER.BAD_SAMPLES`` for per-sample problems in
+the mapper). Every error is a ``ValueError`` (``FileNotFoundError`` for paths) whose message
+names the JSON file and the entry / field:
+
+* JSON syntax error (file, line, column), a top level that is not an object with the lists
+  ``images`` / ``annotations`` / ``categories``;
+* ``categories`` empty, an entry without integer ``id`` / string ``name``, duplicate ids;
+* ``images`` empty (an empty dataset), an entry without integer-or-string ``id``, non-empty
+  string ``file_name`` or positive integer ``height`` / ``width``, duplicate image ids;
+* an annotation that is not an object, lacks ``image_id`` or has ``iscrowd`` other than 0 / 1;
+  a non-crowd annotation whose ``category_id`` is not in ``categories``, whose ``point`` is
+  missing (with ``require_points``), not two finite numbers or outside ``[0, W] x [0, H]``, whose
+  ``bbox`` is not four finite numbers or whose ``segmentation`` is neither polygons of numbers
+  nor an RLE of the image size;
+* a training set (``require_points``) without any point.
+
+Annotations of unknown image ids are ignored with one warning (count). Images without points are
+kept (their semantic map is still valid data) and counted in one warning; Detectron2's training
+loader drops them when ``DATALOADER.FILTER_EMPTY_ANNOTATIONS`` is True (its default) and logs
+how many it removed.
 """
 from __future__ import annotations
 
 import json
 import logging
 import math
+import numbers
 import os
 import tempfile
 from typing import Dict, List, Optional, Sequence, Union
@@ -56,14 +79,45 @@ def write_json_atomic(obj, path: str) -> None:
         raise
 
 
+def _is_int(value) -> bool:
+    """True for an integer that is not a bool."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    """True for a real number that is not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+_JSON_NUMBER_TYPES = frozenset((int, float))
+
+
+def _finite_numbers(values, count: Optional[int] = None) -> bool:
+    """True if ``values`` is a list/tuple of finite JSON numbers (of length ``count`` if given).
+
+    Fast path for long polygons: the element types are collected by ``map`` and finiteness is
+    tested on the sum (NaN / inf propagate); only an overflowing sum is checked element-wise.
+    """
+    if not isinstance(values, (list, tuple)) or (count is not None and len(values) != count):
+        return False
+    if not set(map(type, values)) <= _JSON_NUMBER_TYPES:  # bool, str, None, lists ... rejected
+        return False
+    try:
+        return math.isfinite(sum(values)) or all(math.isfinite(v) for v in values)
+    except OverflowError:  # an integer too large for a float
+        return False
+
+
 def _check_point(point, width: int, height: int, where: str) -> List[float]:
     """Validate ``point`` = [x, y] finite inside ``[0, width] x [0, height]``; returns floats."""
     if not (isinstance(point, (list, tuple)) and len(point) == 2):
         raise ValueError(f"{where}: field 'point' must be [x, y], got {point!r}")
+    if not all(_is_number(v) for v in point):
+        raise ValueError(f"{where}: field 'point' must hold two numbers, got {point!r}")
     try:
         x, y = float(point[0]), float(point[1])
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{where}: field 'point' must hold two numbers, got {point!r}") from e
+    except OverflowError as e:
+        raise ValueError(f"{where}: field 'point' is not finite: {point!r}") from e
     if not (math.isfinite(x) and math.isfinite(y)):
         raise ValueError(f"{where}: field 'point' is not finite: {point!r}")
     if not (0 <= x <= width and 0 <= y <= height):
@@ -71,16 +125,42 @@ def _check_point(point, width: int, height: int, where: str) -> List[float]:
     return [x, y]
 
 
-def _clean_segmentation(segm):
-    """Detectron2-compatible segmentation: valid polygons only, RLE counts compressed; None if empty."""
+def _clean_rle(segm: dict, height: int, width: int, where: str) -> dict:
+    """Check an RLE ``{"size": [height, width], "counts": list | str}``; list counts compressed."""
     import pycocotools.mask as mask_util
 
-    if not segm:
-        return None
-    if isinstance(segm, dict):
-        if isinstance(segm.get("counts"), list):
-            return mask_util.frPyObjects(segm, *segm["size"])
+    size, counts = segm.get("size"), segm.get("counts")
+    if not (isinstance(size, (list, tuple)) and list(size) == [height, width] and all(map(_is_int, size))):
+        raise ValueError(
+            f"{where}: field 'segmentation' is an RLE whose 'size' {size!r} is not the image's "
+            f"[height, width] = [{height}, {width}]"
+        )
+    if isinstance(counts, str):
         return segm
+    if not (isinstance(counts, list) and all(_is_int(c) and c >= 0 for c in counts)):
+        raise ValueError(f"{where}: field 'segmentation' RLE 'counts' must be a string or a list of integers >= 0")
+    try:
+        return mask_util.frPyObjects(segm, height, width)
+    except Exception as e:  # pycocotools' C parser: any failure means a malformed RLE
+        raise ValueError(f"{where}: field 'segmentation' is a malformed RLE ({e})") from e
+
+
+def _clean_segmentation(segm, height: int, width: int, where: str):
+    """Detectron2-compatible segmentation: valid polygons only, RLE counts compressed; None if empty.
+
+    Polygons with an odd number of values or fewer than 3 vertices are dropped (as in Detectron2's
+    ``load_coco_json``); anything that is neither polygons of finite numbers nor an RLE of the
+    image size raises a ValueError naming ``where`` and the field.
+    """
+    if isinstance(segm, dict):
+        return _clean_rle(segm, height, width, where) if segm else None
+    if segm is None or (isinstance(segm, list) and not segm):
+        return None
+    if not (isinstance(segm, list) and all(_finite_numbers(p) for p in segm)):
+        raise ValueError(
+            f"{where}: field 'segmentation' must be a list of polygons [x0, y0, x1, y1, ...] of "
+            f"finite numbers or an RLE dict, got {str(segm)[:80]}"
+        )
     polys = [p for p in segm if len(p) % 2 == 0 and len(p) >= 6]
     return polys or None
 
@@ -88,7 +168,7 @@ def _clean_segmentation(segm):
 def _convert_annotation(ann: dict, img: dict, id_map: Dict[int, int], json_file: str, require_points: bool):
     """One COCO annotation -> a Detectron2 annotation dict (contiguous category, point, GT)."""
     where = f"{json_file}: annotation id={ann.get('id')} (image_id={img['id']})"
-    if ann.get("category_id") not in id_map:
+    if not (_is_int(ann.get("category_id")) and ann["category_id"] in id_map):
         raise ValueError(f"{where}: field 'category_id'={ann.get('category_id')} is not in 'categories'")
     obj = {"category_id": id_map[ann["category_id"]], "iscrowd": 0}
     if "id" in ann:
@@ -102,11 +182,11 @@ def _convert_annotation(ann: dict, img: dict, id_map: Dict[int, int], json_file:
         )
     bbox = ann.get("bbox")
     if bbox is not None:
-        if len(bbox) != 4:
-            raise ValueError(f"{where}: field 'bbox' must be [x, y, w, h], got {bbox!r}")
+        if not _finite_numbers(bbox, 4):
+            raise ValueError(f"{where}: field 'bbox' must be [x, y, w, h] (finite numbers), got {bbox!r}")
         obj["bbox"] = [float(v) for v in bbox]
         obj["bbox_mode"] = BoxMode.XYWH_ABS
-    segm = _clean_segmentation(ann.get("segmentation"))
+    segm = _clean_segmentation(ann.get("segmentation"), img["height"], img["width"], where)
     if segm is not None:
         obj["segmentation"] = segm
     return obj
@@ -161,6 +241,101 @@ def _attach_sem_seg(dicts: List[dict], png_dir: str, source: SemSegRoot) -> None
         )
 
 
+def _check_categories(cats: list, json_file: str) -> List[dict]:
+    """Validate ``categories`` (non-empty, integer ``id``, string ``name``, unique ids); sorted by id."""
+    if not cats:
+        raise ValueError(f"{json_file}: field 'categories' is empty")
+    for i, c in enumerate(cats):
+        if not isinstance(c, dict):
+            raise ValueError(f"{json_file}: categories[{i}] must be an object, got {c!r}")
+        if not _is_int(c.get("id")):
+            raise ValueError(f"{json_file}: categories[{i}] field 'id' must be an integer, got {c.get('id')!r}")
+        if not isinstance(c.get("name"), str):
+            raise ValueError(f"{json_file}: categories[{i}] (id={c['id']}) field 'name' must be a string")
+    ids = [c["id"] for c in cats]
+    if len(set(ids)) != len(ids):
+        dup = sorted({i for i in ids if ids.count(i) > 1})
+        raise ValueError(f"{json_file}: field 'categories' has duplicate ids {dup}")
+    return sorted(cats, key=lambda c: c["id"])
+
+
+def _check_image(img, index: int, json_file: str) -> None:
+    """Validate one ``images`` entry: ``id`` int/str, ``file_name`` str, ``height``/``width`` > 0."""
+    if not isinstance(img, dict):
+        raise ValueError(f"{json_file}: images[{index}] must be an object, got {str(img)[:80]}")
+    for field in ("id", "file_name", "height", "width"):
+        if field not in img:
+            raise ValueError(f"{json_file}: image entry {img.get('id', img)} lacks field '{field}'")
+    where = f"{json_file}: images[{index}] (id={img['id']!r})"
+    if not (_is_int(img["id"]) or isinstance(img["id"], str)):
+        raise ValueError(f"{where}: field 'id' must be an integer or a string")
+    if not (isinstance(img["file_name"], str) and img["file_name"]):
+        raise ValueError(f"{where}: field 'file_name' must be a non-empty string, got {img['file_name']!r}")
+    for field in ("height", "width"):
+        if not (_is_int(img[field]) and img[field] > 0):
+            raise ValueError(f"{where}: field '{field}' must be a positive integer, got {img[field]!r}")
+
+
+def _index_images(images: list, json_file: str) -> Dict[object, dict]:
+    """image id -> image entry, after validating each entry; duplicate ids are an error."""
+    index: Dict[object, dict] = {}
+    position: Dict[object, int] = {}
+    for i, img in enumerate(images):
+        _check_image(img, i, json_file)
+        if img["id"] in index:
+            raise ValueError(
+                f"{json_file}: field 'images' has duplicate image id {img['id']!r} "
+                f"(images[{position[img['id']]}] and images[{i}])"
+            )
+        index[img["id"]], position[img["id"]] = img, i
+    return index
+
+
+def _check_annotation(ann, index: int, json_file: str) -> None:
+    """Validate the fields every annotation needs: an object with ``image_id``, ``iscrowd`` 0/1."""
+    if not isinstance(ann, dict):
+        raise ValueError(f"{json_file}: annotations[{index}] must be an object, got {str(ann)[:80]}")
+    image_id = ann.get("image_id")
+    if not (_is_int(image_id) or isinstance(image_id, str)):
+        raise ValueError(
+            f"{json_file}: annotations[{index}] (id={ann.get('id')}) field 'image_id' must be an "
+            f"integer or a string, got {image_id!r}"
+        )
+    if ann.get("iscrowd", 0) not in (0, 1):
+        raise ValueError(
+            f"{json_file}: annotations[{index}] (id={ann.get('id')}) field 'iscrowd' must be 0 or 1, "
+            f"got {ann.get('iscrowd')!r}"
+        )
+
+
+def _read_json(json_file: str) -> dict:
+    """:func:`read_coco_json`, also naming the file when it is not valid UTF-8."""
+    try:
+        return read_coco_json(json_file)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{json_file}: not a UTF-8 text file ({e})") from e
+
+
+def _check_not_empty(dicts: List[dict], json_file: str, require_points: bool) -> None:
+    """Error for an empty dataset / a training set without points; warn about pointless images."""
+    if not dicts:
+        raise ValueError(f"{json_file}: field 'images' is empty: the dataset has no image")
+    if not require_points:
+        return
+    empty = [d["image_id"] for d in dicts if not d["annotations"]]
+    if len(empty) == len(dicts):
+        raise ValueError(
+            f"{json_file}: no image has a point (field 'annotations' holds no non-crowd "
+            f"annotation of a listed image); a training set needs points"
+        )
+    if empty:
+        logger.warning(
+            "%s: %d of %d images have no point (e.g. image ids %s); Detectron2's training loader "
+            "drops them when DATALOADER.FILTER_EMPTY_ANNOTATIONS is True",
+            json_file, len(empty), len(dicts), empty[:5],
+        )
+
+
 def load_point_coco_json(
     json_file: str,
     image_root: str,
@@ -182,28 +357,28 @@ def load_point_coco_json(
         list of dicts ``{"file_name", "height", "width", "image_id", "annotations":
         [{"category_id", "point", "iscrowd": 0, "id", ["bbox", "bbox_mode", "segmentation"]}],
         ["sem_seg_file_name"]}``, sorted by image id.
+    Raises:
+        FileNotFoundError for a missing ``json_file`` / ``image_root`` / ``sem_seg_root`` or
+        semantic PNG; ValueError naming the file and the entry / field for invalid content
+        (see the module docstring).
     """
     json_file = os.fspath(json_file)
     if not os.path.isfile(json_file):
         raise FileNotFoundError(f"json_file not found: {json_file}")
     if not os.path.isdir(image_root):
         raise FileNotFoundError(f"image_root of {json_file} not found: {image_root}")
-    data = read_coco_json(json_file)
-    cats = sorted(data["categories"], key=lambda c: c["id"])
+    data = _read_json(json_file)
+    cats = _check_categories(data["categories"], json_file)
     id_map = {cid: label - 1 for cid, label in category_labels(cats).items()}
     if dataset_name is not None:
         _set_metadata(dataset_name, [c["name"] for c in cats], id_map, json_file)
 
-    images = {}
-    for img in data["images"]:
-        for field in ("id", "file_name", "height", "width"):
-            if field not in img:
-                raise ValueError(f"{json_file}: image entry {img.get('id', img)} lacks field '{field}'")
-        images[img["id"]] = img
+    images = _index_images(data["images"], json_file)
     anns_per_image: Dict[object, List[dict]] = {i: [] for i in images}
     num_crowd = num_orphan = 0
-    for ann in data["annotations"]:
-        img = images.get(ann.get("image_id"))
+    for j, ann in enumerate(data["annotations"]):
+        _check_annotation(ann, j, json_file)
+        img = images.get(ann["image_id"])
         if img is None:
             num_orphan += 1
         elif ann.get("iscrowd", 0):
@@ -226,6 +401,7 @@ def load_point_coco_json(
     png_dir = _resolve_sem_seg_root(sem_seg_root, id_map, json_file)
     if png_dir is not None:
         _attach_sem_seg(dicts, png_dir, sem_seg_root)
+    _check_not_empty(dicts, json_file, require_points)
     num_points = sum(len(d["annotations"]) for d in dicts)
     logger.info("Loaded %d images, %d points (%d crowd skipped) from %s", len(dicts), num_points, num_crowd, json_file)
     return dicts

@@ -593,8 +593,12 @@ def semantic_miou(dataset_dicts, num_classes, ignore_label=IGNORE_LABEL):
 
     GT = union of the annotations' "segmentation" per class. Returns ``{"mIoU", "IoU",
     "mIoU_excl_ignore", "ignore_frac"}``: ``mIoU`` counts ignore pixels as wrong,
-    ``mIoU_excl_ignore`` leaves them out.
+    ``mIoU_excl_ignore`` leaves them out. A label absent from both maps counts IoU 0. Uses the
+    project's one mIoU implementation (:func:`p2seg.data.semantic_sources.confusion_matrix` /
+    :func:`~p2seg.data.semantic_sources.mean_iou`).
     """
+    from .semantic_sources import confusion_matrix, mean_iou
+
     n = num_classes + 1
     conf = np.zeros((n, n + 1), np.int64)  # rows GT, columns pseudo-label (last: ignore / other)
     for d in dataset_dicts:
@@ -604,12 +608,10 @@ def semantic_miou(dataset_dicts, num_classes, ignore_label=IGNORE_LABEL):
             if "segmentation" not in a:
                 raise KeyError(f"{d['file_name']}: annotation lacks field 'segmentation' (GT)")
             gt[mask_util.decode(a["segmentation"]).astype(bool)] = a["category_id"] + 1
-        pl = np.where((sem >= n) | (sem == ignore_label), n, sem)
-        conf += np.bincount((gt * (n + 1) + pl).ravel(), minlength=n * (n + 1)).reshape(n, n + 1)
-    tp = np.diag(conf[:, :n]).astype(np.float64)
-    iou = tp / np.maximum(conf.sum(1) + conf[:, :n].sum(0) - tp, 1)
-    sub = conf[:, :n]
-    iou_ex = tp / np.maximum(sub.sum(1) + sub.sum(0) - tp, 1)
+        pl = np.where(sem == ignore_label, n, sem)  # ignore -> the "other" column
+        conf += confusion_matrix(pl, gt, n, ignore_label=-1)  # the GT has no ignore pixels
+    iou = np.nan_to_num(mean_iou(conf)[1])
+    iou_ex = np.nan_to_num(mean_iou(conf[:, :n])[1])
     return {"mIoU": round(float(iou.mean()), 4), "IoU": [round(float(v), 4) for v in iou],
             "mIoU_excl_ignore": round(float(iou_ex.mean()), 4),
             "ignore_frac": round(float(conf[:, n].sum() / max(conf.sum(), 1)), 4)}

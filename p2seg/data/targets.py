@@ -262,6 +262,9 @@ def build_targets(
         ``"center"`` float32 ``C x H x W``; ``"center_weights"`` float32 ``H x W`` (1 where
         ``sem_seg != ignore_value``); ``"offset"`` float32 ``2 x H x W`` (dy, dx);
         ``"offset_weights"`` float32 ``H x W`` (1 on pixels assigned to a point).
+    Raises:
+        ValueError if ``sem_seg`` is not 2-D, ``points`` / ``point_classes`` differ in length,
+        a class is outside ``[0, num_classes)`` or a point is not finite.
     """
     sem_seg = np.asarray(sem_seg)
     if sem_seg.ndim != 2:
@@ -273,6 +276,9 @@ def build_targets(
         raise ValueError(
             f"build_targets: {len(points)} points but {len(point_classes)} point_classes"
         )
+    finite = np.isfinite(points).all(axis=1)
+    if not finite.all():  # NaN would silently become pixel 0 in point_pixels
+        raise ValueError(f"build_targets: points must be finite, got {points[~finite].tolist()[:5]}")
     if len(point_classes) and (point_classes.min() < 0 or point_classes.max() >= num_classes):
         raise ValueError(
             f"build_targets: point_classes must be in [0, {num_classes}), got "
