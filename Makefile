@@ -6,6 +6,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.p2seg-installed
 TORCH_SPEC := torch==2.14.1 torchvision==0.29.1
 export OMP_NUM_THREADS ?= 2
+# busy-waiting OpenMP threads make 2-thread runs many times slower on a loaded 2-core machine
+export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: install test demo clean-venv
 

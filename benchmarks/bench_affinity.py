@@ -1,20 +1,30 @@
-"""Forward+backward time and peak memory of the I2S affinity math, blockwise vs dense.
+"""Forward+backward time and peak memory of the I2S affinity math (losses + random walk), per image.
 
 Usage: ``.venv/bin/python benchmarks/bench_affinity.py [--crops 320 416 640] [--dim 256]
-[--block 1024] [--threads 2] [--runs 1] [--dense-max-gb 6] [--device cpu]``.
+[--block 1024] [--cache-mb 512] [--threads 2] [--runs 1] [--methods joint] [--transition row]
+[--dense-max-gb 6] [--device cpu]``.
 
-For each crop size S and method (``blockwise``: p2seg.modeling.affinity; ``dense``: the N x N
-reference), a FRESH subprocess builds the labels of the synthetic 5-instance sample
-(benchmarks/common.py) at S x S, pooled by 4 (N = (S/4)^2 cells), random features N x D, and runs
-class loss + instance loss + random walk of the present-class probabilities (background + 2 classes),
-forward then backward. One JSON line per (S, method): forward / backward / total seconds (the single
-cold run with ``--runs 1``, else the median over ``--runs`` runs after one warm-up; field ``warmup``)
-and peak RSS (``ru_maxrss`` of the whole process, Python and torch included; ``rss_before_mb`` is the
-value once the inputs exist), plus peak CUDA memory on ``--device cuda``. Dense runs whose estimated
-memory (``DENSE_BYTES_PER_PAIR * N^2``) exceeds ``--dense-max-gb`` are reported as skipped.
+For each crop size S and method, a FRESH subprocess builds the labels of the synthetic 5-instance
+sample (benchmarks/common.py) at S x S, pooled by 4 (N = (S/4)^2 cells), random features N x D, and
+runs the whole I2S computation of ONE image: class loss + instance loss + random walk of the
+present-class probabilities (background + 2 classes), forward then backward. Methods:
+
+* ``joint`` (default): :func:`p2seg.modeling.affinity.affinity_terms`, one Function for the two
+  losses and the walk (what ``mdm.i2s_terms`` runs per image);
+* ``blockwise``: the two separate calls ``affinity_losses`` (both labels) + ``random_walk`` (what
+  ``mdm.i2s_losses`` + ``mdm.refine_semantic_probs`` run per image);
+* ``dense``: the N x N references.
+
+One JSON line per (S, method): forward / backward / total seconds (the single cold run with
+``--runs 1``, else the median over ``--runs`` runs after one warm-up; field ``warmup``), peak RSS
+(``ru_maxrss`` of the whole process, Python and torch included; ``rss_before_mb`` is the value once
+the inputs exist), torch threads and the 1-minute load average (``loadavg_1min`` at the end,
+``loadavg_start`` before the run), plus peak CUDA memory on ``--device cuda``. Dense runs whose
+estimated memory (``DENSE_BYTES_PER_PAIR * N^2``) exceeds ``--dense-max-gb`` are reported as skipped.
 """
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -48,7 +58,7 @@ def _inputs(crop, dim, device, seed):
     return feats, probs, labels
 
 
-def _step(method, feats, probs, labels, block):
+def _step(method, feats, probs, labels, block, cache_mb, transition):
     """One forward + backward; returns (forward seconds, backward seconds)."""
     from p2seg.modeling import affinity as aff
 
@@ -57,13 +67,15 @@ def _step(method, feats, probs, labels, block):
     sync = torch.cuda.synchronize if f.is_cuda else (lambda: None)
     sync()
     t0 = time.perf_counter()
-    if method == "blockwise":
-        losses = [aff.affinity_loss(f, lab.membership, lab.valid, lab.neutral, block_size=block)
-                  for lab in labels]
-        walked = aff.random_walk(f, p, block_size=block)
+    if method == "joint":
+        losses, _, walked = aff.affinity_terms(f, [tuple(lab) for lab in labels], p, block, False,
+                                               transition, cache_mb)
+    elif method == "blockwise":
+        losses, _ = aff.affinity_losses(f, [tuple(lab) for lab in labels], block_size=block)
+        walked = aff.random_walk(f, p, block_size=block, transition=transition, cache_mb=cache_mb)
     else:
         losses = [aff.dense_affinity_loss(f, lab.membership, lab.valid, lab.neutral) for lab in labels]
-        walked = aff.dense_random_walk(f, p)
+        walked = aff.dense_random_walk(f, p, transition)
     total = 0.5 * (losses[0] + losses[1]) + walked.log().mean()
     sync()
     t1 = time.perf_counter()
@@ -74,6 +86,7 @@ def _step(method, feats, probs, labels, block):
 
 def worker(args):
     """Run one configuration in this process and print its JSON line."""
+    load_start = round(os.getloadavg()[0], 2)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     feats, probs, labels = _inputs(args.crop, args.dim, device, seed=0)
@@ -82,9 +95,9 @@ def worker(args):
         torch.cuda.reset_peak_memory_stats(device)
     runs = []
     if args.runs > 1:
-        _step(args.method, feats, probs, labels, args.block)  # warm-up
+        _step(args.method, feats, probs, labels, args.block, args.cache_mb, args.transition)  # warm-up
     for _ in range(args.runs):
-        runs.append(_step(args.method, feats, probs, labels, args.block))
+        runs.append(_step(args.method, feats, probs, labels, args.block, args.cache_mb, args.transition))
     record = {
         "benchmark": "affinity_fwd_bwd",
         "method": args.method,
@@ -92,7 +105,10 @@ def worker(args):
         "N": feats.shape[0],
         "D": args.dim,
         "K_walk": probs.shape[0],
-        "block": args.block if args.method == "blockwise" else None,
+        "block": args.block if args.method != "dense" else None,
+        "cache_mb": args.cache_mb if args.method != "dense" else None,
+        "transition": args.transition,
+        "loadavg_start": load_start,
         "device": str(device),
         "runs": args.runs,
         "warmup": args.runs > 1,
@@ -113,11 +129,14 @@ def main():
     parser.add_argument("--crops", type=int, nargs="+", default=[320, 416, 640], help="crop sides S")
     parser.add_argument("--dim", type=int, default=256, help="feature channels D")
     parser.add_argument("--block", type=int, default=1024, help="rows per strip (I2S.BLOCK_SIZE)")
+    parser.add_argument("--cache-mb", type=float, default=512,
+                        help="strip cache of the row walk (I2S.CACHE_MB)")
+    parser.add_argument("--transition", default="row", help="random-walk transition (row / column)")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     parser.add_argument("--runs", type=int, default=1, help="timed runs (>1: after one warm-up)")
     parser.add_argument("--dense-max-gb", type=float, default=6.0,
                         help="skip dense runs whose estimated memory exceeds this")
-    parser.add_argument("--methods", nargs="+", default=["blockwise", "dense"])
+    parser.add_argument("--methods", nargs="+", default=["joint"], help="joint / blockwise / dense")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--method", default="blockwise", help=argparse.SUPPRESS)
@@ -135,8 +154,10 @@ def main():
                 continue
             cmd = [sys.executable, __file__, "--worker", "--method", method, "--crop", str(crop),
                    "--dim", str(args.dim), "--block", str(args.block), "--threads", str(args.threads),
+                   "--cache-mb", str(args.cache_mb), "--transition", args.transition,
                    "--runs", str(args.runs), "--device", args.device]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
+            env = dict(os.environ, OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if proc.returncode != 0:
                 print_json({"benchmark": "affinity_fwd_bwd", "method": method, "crop": crop, "N": n,
                             "error": proc.stderr.strip().splitlines()[-1:]})

@@ -6,6 +6,7 @@ import torch
 from p2seg.modeling.affinity import (
     affinity_loss,
     affinity_losses,
+    affinity_terms,
     dense_affinity_loss,
     dense_random_walk,
     random_walk,
@@ -14,6 +15,7 @@ from p2seg.modeling.mdm import (
     class_region_map,
     i2s_labels,
     i2s_losses,
+    i2s_terms,
     pool_labels,
     refine_semantic_probs,
 )
@@ -280,6 +282,137 @@ def test_gradcheck_tiny():
             lambda f, p: random_walk(f, p, 4, transition), (feats, probs))
 
 
+# ------------------------------------------------------- joint losses + walk (one Function) == dense
+def _joint_case(seed, n=120, d=5, k=3):
+    gen = torch.Generator().manual_seed(seed)
+    feats = torch.randn(n, d, generator=gen, dtype=torch.float64) * 0.6
+    probs = torch.rand(k, n, generator=gen, dtype=torch.float64)
+    weight = torch.randn(k, n, generator=gen, dtype=torch.float64)
+    member = torch.rand(n, 4, generator=gen) < 0.3
+    neutral = ~member.any(1) & (torch.rand(n, generator=gen) < 0.6)
+    valid = member.any(1) | neutral
+    valid[:3] = False
+    other = torch.rand(n, 2, generator=gen) < 0.5
+    labels = [(member, valid, neutral), (other, None, None)]
+    return feats, probs, weight, labels
+
+
+def _dense_joint(feats, probs, weight, labels, transition, include_self=False):
+    losses = [dense_affinity_loss(feats, *lab, include_self=include_self) for lab in labels]
+    walked = dense_random_walk(feats, probs, transition)
+    return 0.3 * losses[0] + 1.7 * losses[1] + (walked * weight).sum(), torch.stack(losses), walked
+
+
+# strips of 13 rows x <= 120 columns in float64 are <= 12.5 kB: 0.02 MB keeps only some of them
+@pytest.mark.parametrize("cache_mb", [0, 0.02, 512])
+@pytest.mark.parametrize("block_size", [1, 13, 120, 500])
+@pytest.mark.parametrize("transition", ["row", "column"])
+def test_affinity_terms_joint_equal_dense(transition, block_size, cache_mb):
+    feats, probs, weight, labels = _joint_case(block_size)
+    f_ref, p_ref = feats.clone().requires_grad_(), probs.clone().requires_grad_()
+    total_ref, losses_ref, walked_ref = _dense_joint(f_ref, p_ref, weight, labels, transition)
+    total_ref.backward()
+    f, p = feats.clone().requires_grad_(), probs.clone().requires_grad_()
+    losses, pairs, walked = affinity_terms(f, labels, p, block_size, transition=transition,
+                                           cache_mb=cache_mb)
+    (0.3 * losses[0] + 1.7 * losses[1] + (walked * weight).sum()).backward()
+    assert rel_err(losses, losses_ref) < REL_TOL
+    assert rel_err(walked, walked_ref) < REL_TOL
+    assert rel_err(f.grad, f_ref.grad) < REL_TOL
+    assert rel_err(p.grad, p_ref.grad) < REL_TOL
+    for lab, n in zip(labels, pairs):
+        assert int(n) == int(affinity_loss(feats, *lab, return_num_pairs=True)[1])
+
+
+@pytest.mark.parametrize("transition", ["row", "column"])
+def test_affinity_terms_include_self_and_partial_gradients(transition):
+    feats, probs, weight, labels = _joint_case(3, n=60)
+    f_ref, p_ref = feats.clone().requires_grad_(), probs.clone().requires_grad_()
+    total_ref, _, _ = _dense_joint(f_ref, p_ref, weight, labels, transition, include_self=True)
+    total_ref.backward()
+    # Only the features need a gradient, then only the probabilities.
+    f = feats.clone().requires_grad_()
+    losses, _, walked = affinity_terms(f, labels, probs, 7, include_self=True, transition=transition)
+    (0.3 * losses[0] + 1.7 * losses[1] + (walked * weight).sum()).backward()
+    assert rel_err(f.grad, f_ref.grad) < REL_TOL
+    p = probs.clone().requires_grad_()
+    losses, _, walked = affinity_terms(feats, labels, p, 7, include_self=True, transition=transition)
+    (walked * weight).sum().backward()
+    assert rel_err(p.grad, p_ref.grad) < REL_TOL
+    # A walk whose output is unused gives zero gradients to the probabilities.
+    p2, f2 = probs.clone().requires_grad_(), feats.clone().requires_grad_()
+    losses, _, walked = affinity_terms(f2, labels, p2, 7, include_self=True, transition=transition)
+    (losses.sum() + walked.sum() * 0).backward()
+    assert (p2.grad == 0).all() and f2.grad.abs().sum() > 0
+
+
+def test_many_regions_pack_into_several_words():
+    """More than 62 regions: pixel types span several packed words (affinity._unique_row_ids)."""
+    gen = torch.Generator().manual_seed(12)
+    n, k = 200, 90
+    feats = torch.randn(n, 4, generator=gen, dtype=torch.float64) * 0.5
+    region = torch.randint(0, k, (n,), generator=gen)
+    member = torch.nn.functional.one_hot(region, k).bool()
+    member[torch.arange(0, n, 7), (region[::7] + 70) % k] = True  # some multi-hot "boundary" cells
+    f_ref = feats.clone().requires_grad_()
+    dense_affinity_loss(f_ref, member).backward()
+    f = feats.clone().requires_grad_()
+    loss = affinity_loss(f, member, block_size=33)
+    loss.backward()
+    assert rel_err(loss, dense_affinity_loss(feats, member)) < REL_TOL
+    assert rel_err(f.grad, f_ref.grad) < REL_TOL
+
+
+def test_gradcheck_joint_tiny():
+    feats, probs, _, labels = _joint_case(4, n=11, d=3, k=2)
+    feats.requires_grad_()
+    probs.requires_grad_()
+    for transition in ("row", "column"):
+        def fn(f, p):
+            losses, _, walked = affinity_terms(f, labels, p, 4, transition=transition, cache_mb=1e-3)
+            return losses, walked
+        assert torch.autograd.gradcheck(fn, (feats, probs))
+
+
+def test_float32_sums_stay_exact_when_positive_pairs_saturate():
+    """With A ~ 1 on positive pairs, 1 - A is recovered from float64 sums of float32 strips."""
+    gen = torch.Generator().manual_seed(9)
+    n, d = 600, 16
+    centre = torch.randn(3, d, generator=gen, dtype=torch.float64)
+    centre = 3.0 * centre / centre.norm(dim=1, keepdim=True)  # same-region logits ~ 9: 1 - A ~ 1e-4
+    region = torch.randint(0, 3, (n,), generator=gen)
+    feats = centre[region] + 0.05 * torch.randn(n, d, generator=gen, dtype=torch.float64)
+    member = torch.nn.functional.one_hot(region, 3).bool()
+    ref = dense_affinity_loss(feats, member)
+    pos_ref = 0.5 * (1 - torch.sigmoid(feats @ feats.T))[(member.double() @ member.double().T) > 0].mean()
+    loss = affinity_loss(feats.float(), member, block_size=64)
+    assert pos_ref < 1e-3 * ref  # the case is dominated by the negative term; check both terms:
+    probs = torch.rand(2, n, generator=gen, dtype=torch.float64)
+    losses, _, walked = affinity_terms(feats.float(), [(member, None, None)], probs.float(), 64)
+    assert rel_err(loss.double(), ref) < REL_TOL and rel_err(losses.double(), ref) < REL_TOL
+    assert rel_err(walked.double(), dense_random_walk(feats, probs)) < REL_TOL
+    # The positive term alone (negatives absent): values ~1e-4 from sums ~N^2.
+    one = torch.ones(n, 1, dtype=torch.bool)
+    same = centre[0] + 0.3 * torch.randn(n, d, generator=gen, dtype=torch.float64)
+    ref_pos = dense_affinity_loss(same, one)
+    assert ref_pos < 1e-3
+    # float32 rounds A near 1 (~3e-8 absolute): as close as the dense formula in float32
+    err = rel_err(affinity_loss(same.float(), one, block_size=64).double(), ref_pos)
+    assert err < 1e-4 and err <= 2 * rel_err(dense_affinity_loss(same.float(), one).double(), ref_pos)
+
+
+def test_affinity_terms_rejects_bad_arguments():
+    feats = torch.randn(6, 2)
+    with pytest.raises(ValueError, match="labels, probs or both"):
+        affinity_terms(feats)
+    with pytest.raises(ValueError, match="probs must be K x N"):
+        affinity_terms(feats, (), torch.rand(2, 5))
+    with pytest.raises(ValueError, match="RANDOM_WALK_TRANSITION"):
+        affinity_terms(feats, (), torch.rand(2, 6), transition="sideways")
+    with pytest.raises(ValueError, match="CACHE_MB"):
+        affinity_terms(feats, (), torch.rand(2, 6), cache_mb=-1)
+
+
 # -------------------------------------------------------------------------- batch-level helpers
 def _two_image_batch():
     gen = torch.Generator().manual_seed(7)
@@ -313,6 +446,28 @@ def test_i2s_losses_never_mix_labels_across_images():
             assert torch.allclose(alone[name], ref, rtol=1e-12)
     for name in mean:
         assert torch.allclose(mean[name], batch[name].mean(), rtol=1e-12)
+
+
+def test_i2s_terms_one_pass_equals_separate_losses_and_walk():
+    feats, sem, ids, classes = _two_image_batch()
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(2, 4, 4, 4, generator=gen, dtype=torch.float64)
+    weight = torch.randn(2, 4, 4, 4, generator=gen, dtype=torch.float64)
+    results = []
+    for joint in (True, False):
+        f, lg = feats.clone().requires_grad_(), logits.clone().requires_grad_()
+        probs = lg.softmax(1)
+        if joint:
+            terms = i2s_terms(f, sem, ids, classes, 4, 5, sem_probs=probs, transition="row")
+            walked = terms["sem_probs"]
+        else:
+            terms = i2s_losses(f, sem, ids, classes, pool_stride=4, block_size=5)
+            walked = refine_semantic_probs(probs, f, classes, block_size=5, transition="row")
+        (terms["loss_aff_class"] + 2 * terms["loss_aff_instance"] + (walked * weight).sum()).backward()
+        results.append((terms["loss_aff_class"], terms["loss_aff_instance"], walked, f.grad, lg.grad))
+    for a, b in zip(*results):
+        assert rel_err(a, b) < REL_TOL
+    assert "sem_probs" not in i2s_terms(feats, sem, ids, classes, 4, 5)
 
 
 def test_i2s_losses_rejects_wrong_feature_size():
@@ -364,7 +519,8 @@ def test_blockwise_saves_no_quadratic_tensor_while_dense_does():
     with rec.hooks():
         loss = affinity_loss(feats, member, block_size=block)
         walked = random_walk(feats, probs, block_size=block)
-        (loss + walked.mean()).backward()
+        losses, _, walked2 = affinity_terms(feats, [(member, None, None)], probs, block_size=block)
+        (loss + walked.mean() + losses.sum() + walked2.mean()).backward()
     assert rec.largest < n * n // 4, rec.largest
     assert feats.grad.abs().sum() > 0 and probs.grad.abs().sum() > 0
     # The hook does see quadratic tensors when they exist (dense reference, small n).

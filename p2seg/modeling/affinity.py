@@ -1,31 +1,46 @@
-"""Blockwise pixel affinity of I2S: the affinity loss and the random walk, exact, with no N x N memory.
+"""Blockwise pixel affinity of I2S: the affinity losses and the random walk, exact, with no N x N memory.
 
 For the features ``F`` (``N x D``) of ONE image at the feature resolution (``N = h * w``), the
 affinity is ``A = sigmoid(F F^T)`` (``N x N``, symmetric). The reference materialises ``A`` (and its
 labels) densely: ``(416 / 4)^4 * 4 B ~ 470 MB`` per matrix at a 416 crop, several of them in the
-backward pass. Here both quantities are computed by custom ``torch.autograd.Function`` s that visit
-``A`` one *row strip* at a time (``block_size`` rows):
+backward pass. Here ONE custom ``torch.autograd.Function`` (:func:`affinity_terms`) computes any of
+the affinity losses of several label sets and the random walk, visiting ``A`` one *row strip*
+(``block_size`` rows) at a time; nothing of size ``N x N`` is saved (backward recomputes the strips).
 
-* the forward pass accumulates sums/counts (loss) or the walked probabilities (random walk);
-* nothing of size ``N x N`` is saved for backward: the backward pass recomputes each strip's logits
-  ``F_I F^T`` and turns them into that strip's contribution to ``dL/dF`` (``dL/dF_i =
-  sum_j (g_ij + g_ji) F_j``) and ``dL/dP``.
+How the work is kept small (the exact algebra; results equal the dense formulas up to summation order):
 
-Peak extra memory is ``O(block_size * N)`` per temporary; time is that of the dense version or
-less: the loss visits each unordered pair once (strips cover only the upper triangle, using the
-symmetry of ``F F^T`` and of the labels), and :func:`affinity_losses` evaluates several label sets
-(class and instance) on the same strip logits, in forward and backward. The random walk's row sums
-``D`` come from the same strip as its product (full-row strips), so it also takes one pass each
-way. The results equal the dense formulas up to floating-point summation order (tests compare with
-:func:`dense_affinity_loss` and :func:`dense_random_walk`, which exist for tests and benchmarks only).
+* **Pair types.** A loss' positive / negative pair masks depend only on the pair of *pixel types*
+  ``t_i = (membership, valid, neutral)`` of all label sets (a handful of distinct rows: regions and
+  their boundary combinations). Pixels are sorted by type, so a strip's rows form a few contiguous
+  type segments and the columns' types are known. Forward: the per-type column sums of each segment
+  (``sum(0)``) give ``C[t, u] = sum_{t_i = t, t_j = u} A_ij`` and every loss is a ``T x T`` table
+  lookup of ``C`` and of the pair counts; no ``N``-wide boolean mask is ever built. Backward:
+  ``dL/dA_ij = W[t_i, t_j]``, applied as one broadcast row vector per segment.
+* **Symmetry.** ``A`` and the loss weights are symmetric; the random walk's ``dL/dA`` is a rank
+  ``K + 1`` matrix ``U V^T``, so ``dL/dZ + dL/dZ^T = A' o (2 W + [U V] [V U]^T)`` (``A' = A(1 - A)``) is
+  symmetric too: strips cover only the upper triangle (columns ``>= s``) and ``dL/dF = S F`` is
+  applied as ``S_IJ F_J`` (rows) plus ``S_IJ^T F_I`` (columns after the diagonal block).
+* **One strip, all terms.** Each strip's logits are computed once per pass and serve every label set
+  and the walk. Costs in ``N^2 D`` products (the logits matmul of all pairs = 1): forward 0.5
+  (upper triangle), backward 1.5 (triangle logits 0.5 + the two gradient products 1). The ``row``
+  walk needs two passes each way (``P D^-1`` needs every row sum before the product; the row-sum
+  term ``dd`` of ``dL/dA`` needs ``dR A`` before the gradient pass): the first pass' strips are kept
+  for the second within ``cache_mb`` (``N^2 / 2`` floats: 234 MB at N = 10816), otherwise
+  recomputed (+0.5 each way). Elementwise passes over the triangle: forward sigmoid and sums;
+  backward sigmoid, ``A(1 - A)``, weights (one broadcast row per type segment + a rank ``2K + 2``
+  product for the walk) and their product.
 
 Computation dtype: float64 inputs stay float64; any other floating dtype (fp16/bf16 under autocast)
-is computed in float32 (autocast is disabled inside the Functions), gradients are returned in the
-input dtype.
+is computed in float32 (autocast is disabled inside the Function), with float64 accumulators for the
+loss sums; gradients are returned in the input dtype. The dense formulas
+(:func:`dense_affinity_loss`, :func:`dense_random_walk`) exist for tests and benchmarks only.
 """
+import bisect
+
 import torch
 
 __all__ = [
+    "affinity_terms",
     "affinity_loss",
     "affinity_losses",
     "random_walk",
@@ -41,12 +56,22 @@ __all__ = [
 # With A symmetric both use the same D (row sums == column sums).
 RANDOM_WALK_TRANSITIONS = ("row", "column")
 
+_WHERE = "p2seg/modeling/affinity.py"
+DEFAULT_CACHE_MB = 512  # cfg.MODEL.P2SEG.I2S.CACHE_MB: a 416 crop (N = 10816) needs 234 MB
+
+
+def _cache_bytes(cache_mb):
+    """``cache_mb`` (MB, >= 0) in bytes, or ValueError naming the argument."""
+    if not cache_mb >= 0:
+        raise ValueError(f"{_WHERE}: cache_mb (cfg.MODEL.P2SEG.I2S.CACHE_MB) must be >= 0, got {cache_mb!r}")
+    return int(cache_mb * 2 ** 20)
+
 
 def _check_block_size(block_size):
     """Return ``block_size`` as a positive int or raise ValueError naming the argument."""
     if int(block_size) != block_size or int(block_size) < 1:
         raise ValueError(
-            f"p2seg/modeling/affinity.py: block_size must be a positive integer "
+            f"{_WHERE}: block_size must be a positive integer "
             f"(cfg.MODEL.P2SEG.I2S.BLOCK_SIZE), got {block_size!r}"
         )
     return int(block_size)
@@ -62,115 +87,27 @@ def _strips(n, block_size):
     return [(s, min(s + block_size, n)) for s in range(0, n, block_size)]
 
 
-# ----------------------------------------------------------------------------------------- loss
-def _strip_labels(member, valid, neutral, s, e, include_self):
-    """Positive / negative pair masks of rows ``[s, e)`` against columns ``[s, N)``.
+def _segments(bounds, s, e):
+    """Type segments ``(t, a, b)`` (``a, b`` relative to ``s``) of the sorted rows ``[s, e)``.
 
-    Args:
-        member: float ``N x K`` multi-hot region membership (0/1).
-        valid: bool ``N``: pixels taking part in this label's pairs.
-        neutral: bool ``N`` or None; pairs of two neutral pixels are neither positive nor negative.
-        s, e: row range of the strip.
-        include_self: whether the ``i == j`` pairs count.
-    Returns:
-        ``(pos, neg)``: bool ``(e - s) x (N - s)``; ``pos_ij = (M_i . M_j > 0)``, ``neg`` = the rest
-        of the counted pairs.
+    ``bounds`` is the list ``[0, end_0, end_1, ..., N]`` of type boundaries (pixels sorted by type).
     """
-    both = valid[s:e, None] & valid[None, s:]
-    pos = (member[s:e] @ member[s:].T) > 0.5  # entries are integer counts of shared regions
-    pos &= both
-    neg = both.logical_xor_(pos)  # valid pairs that are not positive
-    if neutral is not None:
-        neg &= ~(neutral[s:e, None] & neutral[None, s:])
-    if not include_self:
-        r = torch.arange(e - s, device=member.device)
-        pos[r, r] = False
-        neg[r, r] = False
-    return pos, neg
+    out = []
+    t = bisect.bisect_right(bounds, s) - 1
+    while t < len(bounds) - 1 and bounds[t] < e:
+        a, b = max(bounds[t], s), min(bounds[t + 1], e)
+        if b > a:
+            out.append((t, a - s, b - s))
+        t += 1
+    return out
 
 
-def _column_multiplicity(s, e, n, device, dtype):
-    """``N - s`` weights: 1 for the strip's own (diagonal) block columns, 2 for the columns after it.
-
-    Off-diagonal entries of the upper-triangle strip stand for both ``(i, j)`` and ``(j, i)``.
-    """
-    mult = torch.full((n - s,), 2, dtype=dtype, device=device)
-    mult[: e - s] = 1
-    return mult
-
-
-class _AffinityLossesFn(torch.autograd.Function):
-    """``0.5 * mean_pos(1 - A) + 0.5 * mean_neg(A)`` for L label sets, in ONE strip pass.
-
-    forward(feats ``N x D``, block_size, include_self, *labels) with ``labels`` the flattened
-    ``(member N x K_l float, valid N bool, neutral N bool or None)`` of each label set
-    -> (losses ``L``, numbers of counted ordered pairs ``L`` int64, non-differentiable).
-    The logits of a strip are computed once and shared by all label sets, in forward and backward.
-    """
-
-    @staticmethod
-    def forward(ctx, feats, block_size, include_self, *labels):
-        n, dev = feats.shape[0], feats.device
-        groups = [labels[i:i + 3] for i in range(0, len(labels), 3)]
-        acc = torch.float64
-        s_pos = torch.zeros(len(groups), dtype=acc, device=dev)
-        s_neg = torch.zeros(len(groups), dtype=acc, device=dev)
-        n_pos = torch.zeros(len(groups), dtype=torch.int64, device=dev)
-        n_neg = torch.zeros(len(groups), dtype=torch.int64, device=dev)
-        with torch.autocast(device_type=dev.type, enabled=False):
-            for s, e in _strips(n, block_size):
-                sig = (feats[s:e] @ feats[s:].T).sigmoid_()
-                one_minus = 1 - sig
-                mult = _column_multiplicity(s, e, n, dev, acc)
-                imult = mult.to(torch.int64)
-                for i, (member, valid, neutral) in enumerate(groups):
-                    pos, neg = _strip_labels(member, valid, neutral, s, e, include_self)
-                    s_pos[i] += torch.where(pos, one_minus, 0).sum(0).to(acc) @ mult
-                    s_neg[i] += torch.where(neg, sig, 0).sum(0).to(acc) @ mult
-                    n_pos[i] += pos.sum(0) @ imult
-                    n_neg[i] += neg.sum(0) @ imult
-        ctx.n_pos, ctx.n_neg = n_pos.tolist(), n_neg.tolist()
-        ctx.include_self, ctx.block_size, ctx.num_labels = include_self, block_size, len(labels)
-        ctx.save_for_backward(feats, *labels)
-        # A term whose pair set is empty is 0.
-        losses = 0.5 * (s_pos / n_pos.clamp_min(1) + s_neg / n_neg.clamp_min(1))
-        num_pairs = n_pos + n_neg
-        ctx.mark_non_differentiable(num_pairs)
-        return losses.to(feats.dtype), num_pairs
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_losses, _grad_pairs):
-        feats, *labels = ctx.saved_tensors
-        groups = [labels[i:i + 3] for i in range(0, len(labels), 3)]
-        n = feats.shape[0]
-        grad = torch.zeros_like(feats)
-        go = grad_losses.tolist()
-        # dL/dz_ij = sigma'(z_ij) * sum_l go_l * (c_neg_l [neg_l] - c_pos_l [pos_l])
-        c_pos = [g * 0.5 / p if p else 0.0 for g, p in zip(go, ctx.n_pos)]
-        c_neg = [g * 0.5 / q if q else 0.0 for g, q in zip(go, ctx.n_neg)]
-        with torch.autocast(device_type=feats.device.type, enabled=False):
-            for s, e in _strips(n, ctx.block_size):
-                sig = (feats[s:e] @ feats[s:].T).sigmoid_()
-                w = torch.zeros_like(sig)
-                for i, (member, valid, neutral) in enumerate(groups):
-                    if not (c_pos[i] or c_neg[i]):
-                        continue
-                    pos, neg = _strip_labels(member, valid, neutral, s, e, ctx.include_self)
-                    w.add_(pos, alpha=-c_pos[i]).add_(neg, alpha=c_neg[i])
-                # dL/dF = (G + G^T) F = 2 G F (G symmetric)
-                g = sig.mul_(1 - sig).mul_(w).mul_(2.0)
-                grad[s:e] += g @ feats[s:]
-                # Columns after the diagonal block stand for the transposed block too.
-                grad[e:] += g[:, e - s:].T @ feats[s:e]
-        return (grad, None, None) + (None,) * ctx.num_labels
-
-
+# ----------------------------------------------------------------------------------- pair types
 def _as_label(membership, valid, neutral, n, device):
     """Normalise one label set to (member bool N x K, valid bool N, neutral bool N or None)."""
     if membership.dim() != 2 or membership.shape[0] != n:
         raise ValueError(
-            f"p2seg/modeling/affinity.py: membership must be N x K with N = {n} (features rows), "
+            f"{_WHERE}: membership must be N x K with N = {n} (features rows), "
             f"got {tuple(membership.shape)}"
         )
     member = membership.to(device).bool()
@@ -181,58 +118,453 @@ def _as_label(membership, valid, neutral, n, device):
     return member, valid.to(device=device, dtype=torch.bool), neutral
 
 
-def affinity_losses(features, labels, block_size=1024, include_self=False):
-    """I2S affinity losses of one image for several label sets, computed blockwise in one pass.
+def _pair_types(labels, n, device):
+    """Pixel types of several label sets and the per-type-pair positive / negative tables.
 
-    ``A_ij = sigmoid(F_i . F_j)``; for each label set, a pair ``(i, j)`` of its valid pixels is
-    *positive* when the two pixels share a region (``M_i . M_j > 0``), *negative* otherwise, except
-    pairs of two ``neutral`` pixels, which are not counted.
+    A pair ``(i, j)`` of label set ``l`` is positive when both pixels are valid and share a region
+    (``M_i . M_j > 0``), negative when both are valid, share none and are not both neutral.
+    Both depend only on the rows ``(M_i & valid_i, valid_i, neutral_i & valid_i)`` of every label set,
+    the pixel's *type*.
+
+    Args:
+        labels: list of normalised ``(member bool N x K_l, valid bool N, neutral bool N or None)``.
+        n: number of pixels N.
+    Returns:
+        ``(type_ids, pos, neg)``: int64 ``N`` in ``0..T-1``; bool ``L x T x T`` each (symmetric).
+    """
+    if not labels:
+        return (torch.zeros(n, dtype=torch.int64, device=device),
+                torch.zeros(0, 1, 1, dtype=torch.bool, device=device),
+                torch.zeros(0, 1, 1, dtype=torch.bool, device=device))
+    keys = []
+    for member, valid, neutral in labels:
+        neu = torch.zeros_like(valid) if neutral is None else neutral & valid
+        keys += [member & valid[:, None], valid[:, None], neu[:, None]]
+    key = torch.cat(keys, 1)
+    type_ids = _unique_row_ids(key)
+    first = torch.full((int(type_ids.max()) + 1 if n else 0,), n, dtype=torch.int64, device=device)
+    first.scatter_reduce_(0, type_ids, torch.arange(key.shape[0], device=device), "amin")
+    reps = key[first]
+    pos, neg, col = [], [], 0
+    for member, _, _ in labels:
+        k = member.shape[1]
+        m = reps[:, col:col + k].to(torch.float64)
+        v, neu = reps[:, col + k].bool(), reps[:, col + k + 1].bool()
+        col += k + 2
+        share = (m @ m.T) > 0.5  # integer counts of shared regions
+        both = v[:, None] & v[None, :]
+        pos.append(share & both)
+        neg.append(both & ~share & ~(neu[:, None] & neu[None, :]))
+    return type_ids.reshape(n), torch.stack(pos), torch.stack(neg)
+
+
+def _unique_row_ids(key, bits=62):
+    """Ids ``0..T-1`` of the distinct rows of a bool ``N x W`` matrix (int64 ``N``).
+
+    Rows are packed into int64 words of ``bits`` bits; the words' ids are combined one word at a
+    time with 1-D ``torch.unique`` (much faster than ``torch.unique(dim=0)``).
+    """
+    n, width = key.shape
+    ids = torch.zeros(n, dtype=torch.int64, device=key.device)
+    for c in range(0, max(width, 1), bits):
+        chunk = key[:, c:c + bits].to(torch.int64)
+        shifts = torch.arange(chunk.shape[1], dtype=torch.int64, device=key.device)
+        word_ids = torch.unique((chunk << shifts).sum(1), return_inverse=True)[1]
+        ids = torch.unique(ids * (int(word_ids.max()) + 1 if n else 1) + word_ids, return_inverse=True)[1]
+    return ids
+
+
+def _pair_counts(counts, include_self):
+    """int64 ``T x T`` numbers of ordered pixel pairs per type pair (``i == j`` left out unless asked)."""
+    pairs = counts[:, None] * counts[None, :]
+    if not include_self:
+        pairs = pairs - torch.diag(counts)
+    return pairs
+
+
+# ------------------------------------------------------------------------------ autograd Function
+class _SigmoidStrips:
+    """Upper-triangle row strips ``A[s:e, s:] = sigmoid(F_I F_{s:}^T)``, kept for a later pass.
+
+    ``get(i, keep=True)`` (a first pass) computes strip ``i`` and stores it while the byte budget
+    lasts; ``get(i)`` (the last pass) hands a stored strip over and forgets it, or recomputes it.
+    Strips that are not stored live in one scratch buffer, valid until the next ``get``; the caller
+    may overwrite what it gets on its last pass.
+    """
+
+    def __init__(self, f, block_size, cache_bytes):
+        """f: float ``N x D`` features; block_size: rows per strip; cache_bytes: storage budget."""
+        self.f, self.n = f, f.shape[0]
+        self.ranges = _strips(self.n, block_size)
+        self.budget = cache_bytes
+        self.kept = {}
+        self.scratch = None
+
+    def get(self, i, keep=False):
+        """Strip ``i``: float ``(e - s) x (N - s)`` with ``(s, e) = self.ranges[i]``."""
+        if i in self.kept:
+            return self.kept[i] if keep else self.kept.pop(i)
+        s, e = self.ranges[i]
+        numel = (e - s) * (self.n - s)
+        if keep and numel * self.f.element_size() <= self.budget:
+            self.budget -= numel * self.f.element_size()
+            out = self.kept[i] = torch.empty(e - s, self.n - s, dtype=self.f.dtype, device=self.f.device)
+        else:
+            if self.scratch is None:
+                self.scratch = torch.empty((self.ranges[0][1]) * self.n, dtype=self.f.dtype,
+                                           device=self.f.device)
+            out = self.scratch[:numel].view(e - s, self.n - s)
+        torch.mm(self.f[s:e], self.f[s:].T, out=out)
+        return out.sigmoid_()
+
+
+def _triangle_product(strips, x, keep):
+    """``x A`` (``K x N``) for float ``x`` ``K x N``, one pass over the upper-triangle strips."""
+    out = torch.zeros_like(x)
+    for i, (s, e) in enumerate(strips.ranges):
+        sig = strips.get(i, keep)
+        out[:, s:].addmm_(x[:, s:e], sig)
+        if e < strips.n:  # the block right of the diagonal block stands for its transpose too
+            out[:, s:e].addmm_(x[:, e:], sig[:, e - s:].T)
+    return out
+
+
+def _first_pass(strips, bounds, t_count, p, transition, need_diag):
+    """The forward triangle pass: per-type column sums of ``A`` (losses) and the walk's sums.
+
+    Args:
+        strips: :class:`_SigmoidStrips` over the sorted features; bounds: type boundaries;
+        t_count: number of types T (0: no loss); p: float ``K x N`` sorted probabilities or None;
+        transition: "row" / "column"; need_diag: collect ``A_ii`` (losses without self pairs).
+    Returns:
+        dict: ``y``, ``y_off`` float64 ``T x N`` (``y[t, j]``: sum of ``A_ij`` over the type-t rows
+        ``i`` whose strip covers column ``j``; ``y_off``: only columns after the rows' strip),
+        ``diag`` float ``N`` or None, ``d`` float ``N`` row sums of ``A`` (walk), ``r`` float
+        ``K x N`` ``P A`` (column walk).
+    """
+    n, dtype, dev = strips.n, strips.f.dtype, strips.f.device
+    y = torch.zeros(t_count, n, dtype=torch.float64, device=dev)
+    y_off = torch.zeros_like(y)
+    diag = torch.empty(n, dtype=dtype, device=dev) if need_diag else None
+    out = {"y": y, "y_off": y_off, "diag": diag, "d": None, "r": None}
+    row = p is not None and transition == "row"
+    column = p is not None and not row
+    if row:
+        d = out["d"] = torch.zeros(n, dtype=dtype, device=dev)
+    if column:  # [R; d^T] = [P; 1] A
+        p1 = torch.cat([p, torch.ones(1, n, dtype=dtype, device=dev)])
+        acc = torch.zeros_like(p1)
+    for i, (s, e) in enumerate(strips.ranges):
+        sig = strips.get(i, keep=True)
+        col_sums = None
+        if t_count:
+            if diag is not None:
+                diag[s:e] = sig.diagonal()
+            for t, a, b in _segments(bounds, s, e):
+                seg_sums = sig[a:b].sum(0)
+                y[t, s:] += seg_sums
+                y_off[t, e:] += seg_sums[e - s:]
+                if row:
+                    col_sums = seg_sums if col_sums is None else col_sums.add_(seg_sums)
+        if row:  # d_i = sum over this strip's row + the columns of earlier strips' rows
+            d[s:e] += sig.sum(1)
+            if e < n:
+                d[e:] += col_sums[e - s:] if col_sums is not None else sig[:, e - s:].sum(0)
+        if column:
+            acc[:, s:].addmm_(p1[:, s:e], sig)
+            if e < n:
+                acc[:, s:e].addmm_(p1[:, e:], sig[:, e - s:].T)
+    if column:
+        out["r"], out["d"] = acc[:-1], acc[-1]
+    return out
+
+
+def _loss_values(sums, ts, counts, pos, neg, include_self):
+    """Losses and pair counts from the first pass' type sums.
+
+    ``C[t, u]`` = sum of ``A_ij`` over ordered counted pairs of types ``(t, u)``;
+    ``loss_l = 0.5 * sum(pos_l o (pairs - C)) / n_pos_l + 0.5 * sum(neg_l o C) / n_neg_l``.
+
+    Returns:
+        ``(losses float64 L, n_pos int64 L, n_neg int64 L)``.
+    """
+    t_count = pos.shape[1]
+    zeros = torch.zeros(t_count, t_count, dtype=torch.float64, device=ts.device)
+    c = zeros.index_add(1, ts, sums["y"]) + zeros.index_add(1, ts, sums["y_off"]).T
+    if sums["diag"] is not None:
+        c -= torch.diag(torch.zeros(t_count, dtype=torch.float64, device=ts.device)
+                        .index_add_(0, ts, sums["diag"].to(torch.float64)))
+    pairs = _pair_counts(counts, include_self)
+    n_pos, n_neg = (pos * pairs).sum((1, 2)), (neg * pairs).sum((1, 2))
+    s_pos = (pos * (pairs - c)).sum((1, 2))  # sum over positive pairs of (1 - A)
+    s_neg = (neg * c).sum((1, 2))
+    # A term whose pair set is empty is 0.
+    return 0.5 * (s_pos / n_pos.clamp_min(1) + s_neg / n_neg.clamp_min(1)), n_pos, n_neg
+
+
+class _AffinityFn(torch.autograd.Function):
+    """Affinity losses of ``L`` label sets and / or one random-walk step, strip by strip.
+
+    forward(feats ``N x D``, probs ``K x N`` or None, block_size, transition, include_self,
+    cache_bytes, type_ids int64 ``N``, pos bool ``L x T x T``, neg bool ``L x T x T``)
+    -> (losses ``L``, numbers of counted ordered pairs ``L`` int64, walked ``K x N`` (``0 x N``
+    without probs)). Pixels are sorted by type inside; see the module docstring for the algebra.
+
+    Random walk, generic form: ``Q = P diag(a)``, ``R = Q A``, ``P' = R diag(b)`` with
+    ``(a, b) = (1/d, 1)`` (row) or ``(1, 1/d)`` (column), ``d = A 1``. Backward (``G = dL/dP'``):
+    ``dR = G diag(b)``, ``dQ = dR A``, ``dP = dQ diag(a)``, ``dd_i = -(sum_k dQ_ki P_ki) / d_i^2`` (row)
+    or ``-(sum_k G_ki R_ki) / d_i^2`` (column), ``dA = U V^T`` with ``U = [Q^T, dd]``, ``V = [dR^T, 1]``.
+    The row walk takes two triangle passes each way (``P D^-1`` needs every row sum before the
+    product; ``dd`` needs ``dR A`` before the gradient pass); the strips of the first pass are kept
+    for the second within ``cache_bytes``, the others are recomputed.
+    """
+
+    @staticmethod
+    def forward(ctx, feats, probs, block_size, transition, include_self, cache_bytes, type_ids, pos, neg):
+        n, dev, dtype = feats.shape[0], feats.device, feats.dtype
+        walk, num_labels = probs is not None, pos.shape[0]
+        row = walk and transition == "row"
+        perm = torch.argsort(type_ids, stable=True)
+        f = feats[perm].contiguous()
+        p = probs[:, perm].contiguous() if walk else None
+        counts = torch.bincount(type_ids, minlength=pos.shape[1])
+        bounds = [0] + torch.cumsum(counts, 0).tolist()
+        ts = type_ids[perm]
+        with torch.autocast(device_type=dev.type, enabled=False):
+            strips = _SigmoidStrips(f, block_size, cache_bytes if row else 0)
+            sums = _first_pass(strips, bounds, pos.shape[1] if num_labels else 0, p, transition,
+                               need_diag=bool(num_labels) and not include_self)
+            losses = torch.zeros(num_labels, dtype=torch.float64, device=dev)
+            n_pos = n_neg = torch.zeros(num_labels, dtype=torch.int64, device=dev)
+            if num_labels:
+                losses, n_pos, n_neg = _loss_values(sums, ts, counts, pos, neg, include_self)
+            walked = torch.zeros(0, n, dtype=dtype, device=dev)
+            if walk:
+                d = sums["d"]
+                walked_sorted = _triangle_product(strips, p / d, keep=False) if row else sums["r"] / d
+                walked = torch.empty_like(walked_sorted)
+                walked[:, perm] = walked_sorted
+        del strips
+        ctx.block_size, ctx.transition, ctx.include_self = block_size, transition, include_self
+        ctx.walk, ctx.cache_bytes, ctx.bounds = walk, cache_bytes, bounds
+        ctx.n_pos, ctx.n_neg = n_pos.tolist(), n_neg.tolist()
+        ctx.save_for_backward(f, p, perm, ts, pos, neg, sums["d"], sums["r"])
+        num_pairs = n_pos + n_neg
+        ctx.mark_non_differentiable(num_pairs)
+        if not walk:
+            ctx.mark_non_differentiable(walked)
+        return losses.to(dtype), num_pairs, walked
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_losses, _grad_pairs, grad_walked):
+        f, p, perm, ts, pos, neg, d, r = ctx.saved_tensors
+        need_f, need_p = ctx.needs_input_grad[0], ctx.walk and ctx.needs_input_grad[1]
+        with torch.autocast(device_type=f.device.type, enabled=False):
+            row = ctx.walk and ctx.transition == "row"
+            strips = _SigmoidStrips(f, ctx.block_size, ctx.cache_bytes if row else 0)
+            w2 = _loss_weights(grad_losses, pos, neg, ctx.n_pos, ctx.n_neg)
+            walk = None
+            if ctx.walk and (need_f or need_p) and bool(grad_walked.ne(0).any()):
+                walk = _walk_factors(strips, p, d, r, grad_walked[:, perm].to(f.dtype), row, need_f)
+            grad_f = _gradient_pass(strips, ts, ctx.bounds, w2, walk, ctx.include_self, need_f, need_p)
+        grad_feats = grad_probs = None
+        if need_f:
+            grad_feats = torch.empty_like(grad_f)
+            grad_feats[perm] = grad_f
+        if need_p:
+            grad_p = torch.zeros_like(p) if walk is None else walk["d_q"]
+            if row:
+                grad_p = grad_p / d
+            grad_probs = torch.empty_like(grad_p)
+            grad_probs[:, perm] = grad_p
+        return grad_feats, grad_probs, None, None, None, None, None, None, None
+
+
+def _loss_weights(grad_losses, pos, neg, n_pos, n_neg):
+    """``2 dL/dA`` per type pair, float64 ``T x T``, or None when no loss term has a gradient.
+
+    ``dL/dA_ij = sum_l g_l (0.5 [neg_l] / n_neg_l - 0.5 [pos_l] / n_pos_l)`` for counted pairs.
+    """
+    if not pos.shape[0] or not bool(grad_losses.ne(0).any()):
+        return None
+    go = grad_losses.to(torch.float64)
+    c_pos = torch.tensor([1.0 / q if q else 0.0 for q in n_pos], dtype=torch.float64, device=go.device)
+    c_neg = torch.tensor([1.0 / q if q else 0.0 for q in n_neg], dtype=torch.float64, device=go.device)
+    return ((go * c_neg)[:, None, None] * neg - (go * c_pos)[:, None, None] * pos).sum(0)
+
+
+def _walk_factors(strips, p, d, r, g, row, need_f):
+    """Random-walk terms of backward (pixels sorted).
+
+    Args:
+        strips: :class:`_SigmoidStrips`; p: float ``K x N`` probabilities; d: float ``N`` row sums
+        of ``A``; r: float ``K x N`` ``P A`` (column walk) or None; g: float ``K x N`` ``dL/dP'``;
+        row: row transition; need_f: build the factors.
+    Returns:
+        dict: ``d_q`` float ``K x N`` ``dL/dQ = dR A`` (row: computed here by one triangle pass
+        whose strips are kept for the gradient pass; column: zeros, accumulated by
+        :func:`_gradient_pass`), ``d_r`` float ``K x N``, ``row`` bool, ``lf``, ``rf`` float
+        ``N x (2K + 2)`` with ``dL/dA + (dL/dA)^T = lf rf^T`` (None if not ``need_f``).
+    """
+    if row:
+        q, d_r = p / d, g
+        d_q = _triangle_product(strips, d_r, keep=need_f)
+        dd = -(d_q * p).sum(0) / d.square()
+    else:
+        q, d_r = p, g / d
+        d_q = torch.zeros_like(p)
+        dd = -(g * r).sum(0) / d.square()
+    out = {"d_q": d_q, "d_r": d_r, "row": row, "lf": None, "rf": None}
+    if need_f:  # dA = U V^T, U = [Q^T, dd], V = [dR^T, 1]; dA + dA^T = [U, V] [V, U]^T
+        ones = torch.ones_like(dd)[:, None]
+        out["lf"] = torch.cat([q.T, dd[:, None], d_r.T, ones], 1).contiguous()
+        out["rf"] = torch.cat([d_r.T, ones, q.T, dd[:, None]], 1).contiguous()
+    return out
+
+
+def _gradient_pass(strips, ts, bounds, w2, walk, include_self, need_f, need_p):
+    """The gradient pass over the upper-triangle strips: ``dL/dF = (A' o Omega) F``.
+
+    ``Omega = 2 W[t_i, t_j]`` (losses, ``i != j`` unless ``include_self``) ``+ lf_i . rf_j`` (walk).
+    The column walk's ``dL/dQ = dR A`` is accumulated into ``walk["d_q"]`` on the way.
+
+    Args:
+        strips: :class:`_SigmoidStrips` over the sorted features; ts: int64 ``N`` sorted types;
+        bounds: type boundaries; w2: float64 ``T x T`` ``2 dL/dA`` per type pair or None;
+        walk: :func:`_walk_factors` or None; include_self, need_f, need_p: as in the Function.
+    Returns:
+        float ``N x D`` gradient (sorted pixels), or None if not ``need_f``.
+    """
+    f, n = strips.f, strips.n
+    col_dq = walk is not None and not walk["row"] and need_p
+    has_walk = walk is not None and need_f
+    grad = torch.zeros_like(f) if need_f else None
+    if not col_dq and not (need_f and (w2 is not None or has_walk)):
+        return grad
+    wexp = wdiag = omega_buf = None
+    if w2 is not None:
+        wexp = w2.to(f.dtype)[:, ts]  # T x N: row t = 2 dL/dA of a type-t row against every column
+        if not include_self:
+            wdiag = w2.diagonal().to(f.dtype)[ts]
+    if has_walk:
+        omega_buf = torch.empty(strips.ranges[0][1] * n, dtype=f.dtype, device=f.device)
+    for i, (s, e) in enumerate(strips.ranges):
+        sig = strips.get(i)
+        if col_dq:
+            d_q, d_r = walk["d_q"], walk["d_r"]
+            d_q[:, s:].addmm_(d_r[:, s:e], sig)
+            if e < n:
+                d_q[:, s:e].addmm_(d_r[:, e:], sig[:, e - s:].T)
+        if not need_f or (w2 is None and not has_walk):
+            continue
+        sig.addcmul_(sig, sig, value=-1)  # A' = A (1 - A) = dA/dZ
+        segs = _segments(bounds, s, e) if wexp is not None else []
+        if has_walk:
+            omega = omega_buf[: sig.numel()].view(sig.shape)
+            torch.mm(walk["lf"][s:e], walk["rf"][s:].T, out=omega)
+            for t, a, b in segs:
+                omega[a:b] += wexp[t, s:]
+            if wdiag is not None:
+                omega.diagonal().sub_(wdiag[s:e])
+            sig.mul_(omega)
+        else:
+            for t, a, b in segs:
+                sig[a:b].mul_(wexp[t, s:])
+            if wdiag is not None:
+                sig.diagonal().zero_()
+        grad[s:e].addmm_(sig, f[s:])
+        if e < n:  # the block right of the diagonal block stands for its transpose too
+            grad[e:].addmm_(sig[:, e - s:].T, f[s:e])
+    return grad
+
+
+# ------------------------------------------------------------------------------------ public API
+def affinity_terms(features, labels=(), probs=None, block_size=1024, include_self=False,
+                   transition="row", cache_mb=DEFAULT_CACHE_MB):
+    """Affinity losses of several label sets and one random-walk step of ONE image, in one Function.
+
+    ``A_ij = sigmoid(F_i . F_j)``. Losses: for each label set, a pair ``(i, j)`` of its valid pixels
+    is *positive* when the two pixels share a region (``M_i . M_j > 0``), *negative* otherwise,
+    except pairs of two ``neutral`` pixels, which are not counted;
     ``loss = 0.5 * mean_pos(1 - A) + 0.5 * mean_neg(A)`` over ordered pairs (a term whose pair set
-    is empty is 0). A single sigmoid (the reference applies it twice). No ``N x N`` tensor is held in
-    forward or backward; the strip logits are shared by the label sets.
+    is empty is 0; a single sigmoid, the reference applies it twice). Walk: ``A`` with ``A_ii``,
+    ``D = diag(A 1)``, ``P' = P D^-1 A`` (``"row"``) or ``P A D^-1`` (``"column"``).
+    Everything shares the strip logits, forward and backward; no ``N x N`` tensor is held.
 
     Args:
         features: float ``N x D`` features of ONE image (``N = h * w``, row-major pixels).
         labels: sequence of ``(membership, valid, neutral)``: bool/float ``N x K`` multi-hot regions
             (a pooled pixel may belong to several), bool ``N`` or None (default
-            ``membership.any(1) | neutral``), bool ``N`` or None (e.g. the background of the instance
-            label: bg-bg pairs are neither positive nor negative).
-        block_size: rows per strip (``cfg.MODEL.P2SEG.I2S.BLOCK_SIZE``); memory ``O(block_size * N)``.
-        include_self: count the ``i == j`` pairs (always positive, ``A_ii = sigmoid(|F_i|^2)``);
-            default False: they carry no relation between pixels.
+            ``membership.any(1) | neutral``), bool ``N`` or None (e.g. the background of the
+            instance label: bg-bg pairs are neither positive nor negative). May be empty.
+        probs: float ``K x N`` probabilities to walk, or None (no walk).
+        block_size: rows per strip (``cfg.MODEL.P2SEG.I2S.BLOCK_SIZE``); extra memory about
+            ``2 * block_size * N`` floats.
+        include_self: count the ``i == j`` pairs in the losses (always positive); default False.
+        transition: one of ``RANDOM_WALK_TRANSITIONS``
+            (``cfg.MODEL.P2SEG.I2S.RANDOM_WALK_TRANSITION``).
+        cache_mb: MB of affinity strips kept between the two passes of the ``row`` walk, forward
+            and backward (``cfg.MODEL.P2SEG.I2S.CACHE_MB``); 0 recomputes them (about 20 % more
+            time); ``N^2 / 2`` floats make every strip kept.
+    Returns:
+        ``(losses, num_pairs, walked)``: float ``L`` (dtype of ``features``), int64 ``L`` counted
+        ordered pairs, float ``K x N`` (dtype of ``probs``) or None without ``probs``.
+    """
+    block_size = _check_block_size(block_size)
+    if transition not in RANDOM_WALK_TRANSITIONS:
+        raise ValueError(
+            f"{_WHERE}: transition (cfg.MODEL.P2SEG.I2S.RANDOM_WALK_TRANSITION) "
+            f"must be one of {RANDOM_WALK_TRANSITIONS}, got {transition!r}"
+        )
+    if features.dim() != 2:
+        raise ValueError(f"{_WHERE}: features must be N x D, got {tuple(features.shape)}")
+    n, dev = features.shape[0], features.device
+    if probs is not None and (probs.dim() != 2 or probs.shape[1] != n):
+        raise ValueError(
+            f"{_WHERE}: probs must be K x N with N = {n} (features rows), got {tuple(probs.shape)}"
+        )
+    if probs is None and not labels:
+        raise ValueError(f"{_WHERE}: affinity_terms needs labels, probs or both")
+    labels = [_as_label(*lab, n, dev) for lab in labels]
+    dtype = features.dtype if probs is None else torch.promote_types(features.dtype, probs.dtype)
+    cdtype = _compute_dtype(dtype)
+    feats = features
+    if probs is None:  # losses only: pixels outside every label set take no part
+        keep = torch.zeros(n, dtype=torch.bool, device=dev)
+        for _, valid, _ in labels:
+            keep |= valid
+        idx = keep.nonzero(as_tuple=True)[0]
+        if idx.numel() == 0:
+            zeros = torch.zeros(len(labels), dtype=torch.int64, device=dev)
+            return features.sum() * 0 + zeros.to(features.dtype), zeros, None
+        if idx.numel() < n:
+            feats = features[idx]
+            labels = [(m[idx], v[idx], None if u is None else u[idx]) for m, v, u in labels]
+    type_ids, pos, neg = _pair_types(labels, feats.shape[0], dev)
+    losses, pairs, walked = _AffinityFn.apply(
+        feats.to(cdtype), None if probs is None else probs.to(cdtype), block_size, transition,
+        bool(include_self), _cache_bytes(cache_mb), type_ids, pos, neg)
+    return losses.to(features.dtype), pairs, None if probs is None else walked.to(probs.dtype)
+
+
+def affinity_losses(features, labels, block_size=1024, include_self=False):
+    """I2S affinity losses of one image for several label sets (see :func:`affinity_terms`).
+
     Returns:
         ``(losses, num_pairs)``: float ``L`` (dtype of ``features``), int64 ``L`` counted pairs.
     """
-    block_size = _check_block_size(block_size)
-    if features.dim() != 2:
-        raise ValueError(
-            f"p2seg/modeling/affinity.py: features must be N x D, got {tuple(features.shape)}"
-        )
-    n, dev = features.shape[0], features.device
-    labels = [_as_label(*lab, n, dev) for lab in labels]
-    keep = torch.zeros(n, dtype=torch.bool, device=dev)
-    for _, valid, _ in labels:
-        keep |= valid
-    idx = keep.nonzero(as_tuple=True)[0]
-    if idx.numel() == 0:
-        zeros = torch.zeros(len(labels), dtype=torch.int64, device=dev)
-        return features.sum() * 0 + zeros.to(features.dtype), zeros
-    cdtype = _compute_dtype(features.dtype)
-    flat = []
-    for member, valid, neutral in labels:
-        flat += [member[idx].to(cdtype), valid[idx], None if neutral is None else neutral[idx]]
-    losses, pairs = _AffinityLossesFn.apply(features[idx].to(cdtype), block_size,
-                                            bool(include_self), *flat)
-    return losses.to(features.dtype), pairs
+    losses, pairs, _ = affinity_terms(features, labels, None, block_size, include_self)
+    return losses, pairs
 
 
 def affinity_loss(features, membership, valid=None, neutral=None, block_size=1024,
                   include_self=False, return_num_pairs=False):
-    """I2S affinity loss of one image for ONE label set (see :func:`affinity_losses`).
+    """I2S affinity loss of one image for ONE label set (see :func:`affinity_terms`).
 
     Args:
         features: float ``N x D``; membership: bool/float ``N x K``; valid, neutral: bool ``N`` or
-            None; block_size, include_self: as :func:`affinity_losses`.
+            None; block_size, include_self: as :func:`affinity_terms`.
         return_num_pairs: also return the int64 scalar number of counted ordered pairs.
     Returns:
         scalar loss (dtype of ``features``), and the number of pairs if ``return_num_pairs``.
@@ -241,100 +573,24 @@ def affinity_loss(features, membership, valid=None, neutral=None, block_size=102
     return (losses[0], pairs[0]) if return_num_pairs else losses[0]
 
 
-# ---------------------------------------------------------------------------------- random walk
-class _RandomWalkFn(torch.autograd.Function):
-    """``P' = P D^-1 A`` (``row``) or ``P A D^-1`` (``column``), strip by strip.
-
-    Generic form: ``Q = P diag(a)``, ``R = Q A``, ``P' = R diag(b)`` with ``(a, b) = (1/d, 1)`` (row)
-    or ``(1, 1/d)`` (column), ``d = A 1``. Backward (``G = dL/dP'``): ``dR = G diag(b)``,
-    ``dQ = dR A``, ``dP = dQ diag(a)``, ``dd_i = -(sum_k dQ_ki P_ki) / d_i^2`` (row) or
-    ``-(sum_k G_ki R_ki) / d_i^2`` (column), ``dA_ij = (Q^T dR)_ij + dd_i``,
-    ``dZ = dA * A * (1 - A)``, ``dF = (dZ + dZ^T) F``; every term is local to a row strip of ``A``.
-
-    forward(feats ``N x D``, probs ``K x N``, block_size int, transition str) -> ``K x N``.
-    """
-
-    @staticmethod
-    def forward(ctx, feats, probs, block_size, transition):
-        n = feats.shape[0]
-        d = torch.empty(n, dtype=feats.dtype, device=feats.device)
-        out = torch.zeros_like(probs)
-        with torch.autocast(device_type=feats.device.type, enabled=False):
-            for s, e in _strips(n, block_size):
-                a = (feats[s:e] @ feats.T).sigmoid_()  # full rows: their sums are complete
-                d[s:e] = a.sum(1)
-                src = probs[:, s:e] / d[s:e] if transition == "row" else probs[:, s:e]
-                out += src @ a
-            if transition == "column":
-                r = out
-                out = r / d
-                ctx.save_for_backward(feats, probs, d, r)
-            else:
-                ctx.save_for_backward(feats, probs, d)
-        ctx.block_size, ctx.transition = block_size, transition
-        return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):
-        feats, probs, d = ctx.saved_tensors[:3]
-        n = feats.shape[0]
-        row = ctx.transition == "row"
-        need_f, need_p = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_f = torch.zeros_like(feats) if need_f else None
-        grad_p = torch.empty_like(probs) if need_p else None
-        with torch.autocast(device_type=feats.device.type, enabled=False):
-            grad_out = grad_out.to(feats.dtype)
-            if row:
-                q, d_r = probs / d, grad_out
-            else:
-                r = ctx.saved_tensors[3]
-                q, d_r = probs, grad_out / d
-                dd_all = -(grad_out * r).sum(0) / d.square()
-            for s, e in _strips(n, ctx.block_size):
-                a = (feats[s:e] @ feats.T).sigmoid_()  # Bi x N
-                d_q = d_r @ a.T  # K x Bi, == (dR A)[:, s:e] since A is symmetric
-                if need_p:
-                    grad_p[:, s:e] = d_q / d[s:e] if row else d_q
-                if not need_f:
-                    continue
-                dd = -(d_q * probs[:, s:e]).sum(0) / d[s:e].square() if row else dd_all[s:e]
-                d_z = (q[:, s:e].T @ d_r).add_(dd[:, None]).mul_(torch.addcmul(a, a, a, value=-1))
-                grad_f[s:e] += d_z @ feats
-                grad_f += d_z.T @ feats[s:e]
-        return grad_f, grad_p, None, None
-
-
-def random_walk(features, probs, block_size=1024, transition="row"):
-    """One random-walk step of class probabilities over the affinity graph, blockwise.
-
-    ``A = sigmoid(F F^T)`` (self-affinity ``A_ii`` included), ``D = diag(A 1)``;
-    ``transition="row"``: ``P' = P D^-1 A`` (METHOD.md); ``"column"``: ``P' = P A D^-1`` (each output
-    pixel a convex combination, as AffinityNet). Exact gradients w.r.t. ``features`` and ``probs``;
-    no ``N x N`` tensor is saved (backward recomputes each strip).
+def random_walk(features, probs, block_size=1024, transition="row", cache_mb=DEFAULT_CACHE_MB):
+    """One random-walk step of class probabilities over the affinity graph (see :func:`affinity_terms`).
 
     Args:
         features: float ``N x D`` features of ONE image.
         probs: float ``K x N`` probabilities (e.g. the present-class channels at feature resolution).
-        block_size: rows of ``A`` per strip; memory ``O(block_size * N)``.
-        transition: one of ``RANDOM_WALK_TRANSITIONS`` (``cfg.MODEL.P2SEG.I2S.RANDOM_WALK_TRANSITION``).
+        block_size: rows of ``A`` per strip; transition: one of ``RANDOM_WALK_TRANSITIONS``;
+        cache_mb: see :func:`affinity_terms`.
     Returns:
-        float ``K x N`` refined probabilities (dtype of ``probs``).
+        float ``K x N`` refined probabilities (dtype of ``probs``), exact gradients w.r.t.
+        ``features`` and ``probs``.
     """
-    block_size = _check_block_size(block_size)
-    if transition not in RANDOM_WALK_TRANSITIONS:
-        raise ValueError(
-            f"p2seg/modeling/affinity.py: transition (cfg.MODEL.P2SEG.I2S.RANDOM_WALK_TRANSITION) "
-            f"must be one of {RANDOM_WALK_TRANSITIONS}, got {transition!r}"
-        )
     if features.dim() != 2 or probs.dim() != 2 or probs.shape[1] != features.shape[0]:
         raise ValueError(
-            f"p2seg/modeling/affinity.py: random_walk expects features N x D and probs K x N, "
+            f"{_WHERE}: random_walk expects features N x D and probs K x N, "
             f"got features {tuple(features.shape)} and probs {tuple(probs.shape)}"
         )
-    cdtype = _compute_dtype(torch.promote_types(features.dtype, probs.dtype))
-    out = _RandomWalkFn.apply(features.to(cdtype), probs.to(cdtype), block_size, transition)
-    return out.to(probs.dtype)
+    return affinity_terms(features, (), probs, block_size, transition=transition, cache_mb=cache_mb)[2]
 
 
 # ------------------------------------------------------------------- dense references (tests only)

@@ -62,6 +62,14 @@ Semantic loss with the random walk (training, ``cfg.MODEL.P2SEG.I2S.RANDOM_WALK`
     log_p = up.clamp_min(torch.finfo(up.dtype).tiny).log()   # a valid "logits" input:
     L_sem = DeepLabCE(...)(log_p, sem_seg)                   # log_softmax(log p) == log p
 
+Training with both (the fast path, ~half the time of the two calls above): ONE call computes the
+two affinity losses and the walk from the same affinity strips::
+
+    terms = i2s_terms(aff_features, sem_seg, instance_ids, image_classes, pool_stride, block_size,
+                      sem_probs=sem_logits_quarter.softmax(1), transition=..., ignore_value=...,
+                      cache_mb=cfg.MODEL.P2SEG.I2S.CACHE_MB)
+    terms["loss_aff_class"], terms["loss_aff_instance"], terms["sem_probs"]  # = the refined probs
+
 Inference: no random walk (METHOD.md's pseudo-mask steps use the plain softmax, "clean" by the
 image-level labels); ``refine_semantic_probs`` with the points' classes can be switched on there
 too if wanted (it needs the image-level classes, so not for point-free inference).
@@ -71,19 +79,21 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
-from .affinity import affinity_loss, affinity_losses, random_walk
+from .affinity import DEFAULT_CACHE_MB, affinity_loss, affinity_losses, affinity_terms, random_walk
 from .s2i import refine_offset_targets
 
 __all__ = [
     "refine_offset_targets",
     "affinity_loss",
     "affinity_losses",
+    "affinity_terms",
     "random_walk",
     "AffinityLabel",
     "pool_labels",
     "class_region_map",
     "i2s_labels",
     "i2s_losses",
+    "i2s_terms",
     "refine_semantic_probs",
 ]
 
@@ -196,39 +206,95 @@ def _check_batch(features, sem_seg, instance_ids, image_classes, pool_stride):
         raise ValueError(f"p2seg/modeling/mdm.py: image_classes needs {b} entries, got {len(image_classes)}")
 
 
-def i2s_losses(features, sem_seg, instance_ids, image_classes, pool_stride, block_size,
-               ignore_value=255, include_self=False, reduction="mean"):
-    """Class and instance affinity losses of a batch, labels built per image.
+def i2s_terms(features, sem_seg, instance_ids, image_classes, pool_stride, block_size, sem_probs=None,
+              transition="row", ignore_value=255, include_self=False, reduction="mean",
+              cache_mb=DEFAULT_CACHE_MB):
+    """Class and instance affinity losses and (optionally) the random walk of a batch, in ONE pass.
+
+    Per image, one :func:`affinity_terms` call computes both losses and the walk of the
+    present-class probabilities from the same affinity strips (about half the time of
+    :func:`i2s_losses` followed by :func:`refine_semantic_probs`; same values and gradients).
 
     Args:
         features: float ``B x D x h x w`` affinity features, ``(h, w) = ceil((H, W) / pool_stride)``.
         sem_seg: int64 ``B x H x W``; instance_ids: int64 ``B x H x W`` (S2I assignment, -1 none).
         image_classes: list of B int64 tensors, present classes (e.g. ``point_classes.unique()``).
         pool_stride: ``cfg.MODEL.P2SEG.I2S.POOL_STRIDE``; block_size: ``cfg.MODEL.P2SEG.I2S.BLOCK_SIZE``.
+        sem_probs: float ``B x (C+1) x h x w`` softmax probabilities at feature resolution, or None
+            (no walk); transition: see :func:`random_walk`.
         ignore_value: ``cfg.INPUT.IGNORE_VALUE``; include_self: count ``i == j`` pairs.
         reduction: ``"mean"`` (over images with at least one counted pair) or ``"none"`` (``B``).
+        cache_mb: see :func:`affinity_terms` (``cfg.MODEL.P2SEG.I2S.CACHE_MB``).
     Returns:
-        dict ``loss_aff_class``, ``loss_aff_instance``: scalars (or ``B`` tensors for "none").
+        dict ``loss_aff_class``, ``loss_aff_instance``: scalars (or ``B`` tensors for "none"), and
+        with ``sem_probs``: ``sem_probs`` float ``B x (C+1) x h x w`` as :func:`refine_semantic_probs`.
     """
     _check_batch(features, sem_seg, instance_ids, image_classes, pool_stride)
     if reduction not in ("mean", "none"):
         raise ValueError(f"p2seg/modeling/mdm.py: reduction must be 'mean' or 'none', got {reduction!r}")
-    losses, pairs = [], []
+    if sem_probs is not None:
+        _check_probs(sem_probs, features)
+    losses, pairs, walked = [], [], []
     for b in range(features.shape[0]):
         feats = features[b].flatten(1).T  # N x D, row-major cells like pool_labels
         labels = i2s_labels(sem_seg[b], instance_ids[b].to(sem_seg.device), image_classes[b],
                             pool_stride, ignore_value)
-        # One strip pass serves both labels (the logits are shared).
-        loss, n = affinity_losses(feats, labels, block_size=block_size, include_self=include_self)
+        probs = channels = None
+        if sem_probs is not None:
+            channels = _walk_channels(image_classes[b], sem_probs.device)
+            probs = sem_probs[b].flatten(1)  # (C+1) x N
+        # One strip pass serves both labels and the walk (the logits are shared).
+        loss, n, out = affinity_terms(feats, labels, None if probs is None else probs[channels],
+                                      block_size, include_self, transition, cache_mb)
         losses.append(loss)
         pairs.append(n)
+        if probs is not None:
+            walked.append(_merge_walked(probs, channels, out).view_as(sem_probs[b]))
     losses, has = torch.stack(losses), torch.stack(pairs) > 0  # B x 2
     if reduction == "mean":
         losses = (losses * has).sum(0) / has.sum(0).clamp_min(1)
-    return {"loss_aff_class": losses[..., 0], "loss_aff_instance": losses[..., 1]}
+    out = {"loss_aff_class": losses[..., 0], "loss_aff_instance": losses[..., 1]}
+    if sem_probs is not None:
+        out["sem_probs"] = torch.stack(walked)
+    return out
 
 
-def refine_semantic_probs(sem_probs, features, image_classes, block_size, transition="row"):
+def i2s_losses(features, sem_seg, instance_ids, image_classes, pool_stride, block_size,
+               ignore_value=255, include_self=False, reduction="mean"):
+    """Class and instance affinity losses of a batch, labels built per image (no walk).
+
+    Args: as :func:`i2s_terms` without ``sem_probs``.
+    Returns:
+        dict ``loss_aff_class``, ``loss_aff_instance``: scalars (or ``B`` tensors for "none").
+    """
+    return i2s_terms(features, sem_seg, instance_ids, image_classes, pool_stride, block_size,
+                     ignore_value=ignore_value, include_self=include_self, reduction=reduction)
+
+
+def _check_probs(sem_probs, features):
+    """Raise ValueError unless ``sem_probs`` is ``B x (C+1) x h x w`` like ``features`` (B, h, w)."""
+    if sem_probs.dim() != 4 or features.dim() != 4 or sem_probs.shape[0] != features.shape[0] \
+            or sem_probs.shape[2:] != features.shape[2:]:
+        raise ValueError(
+            f"p2seg/modeling/mdm.py: sem_probs B x (C+1) x h x w and features B x D x h x w must share "
+            f"B, h, w; got {tuple(sem_probs.shape)} and {tuple(features.shape)}"
+        )
+
+
+def _walk_channels(classes, device):
+    """int64 channels walked for one image: background (0) and ``1 + c`` per present class."""
+    classes = classes.reshape(-1).to(device=device, dtype=torch.int64).unique()
+    return torch.cat([classes.new_zeros(1), classes + 1])
+
+
+def _merge_walked(probs, channels, walked):
+    """Put the walked channels (``K x N``) into ``probs`` (``(C+1) x N``) and renormalise per pixel."""
+    refined = probs.index_copy(0, channels, walked)
+    return refined / refined.sum(0, keepdim=True).clamp_min(torch.finfo(refined.dtype).tiny)
+
+
+def refine_semantic_probs(sem_probs, features, image_classes, block_size, transition="row",
+                          cache_mb=DEFAULT_CACHE_MB):
     """Random-walk refinement of the present-class semantic probabilities (before upsampling).
 
     Args:
@@ -236,24 +302,17 @@ def refine_semantic_probs(sem_probs, features, image_classes, block_size, transi
         features: float ``B x D x h x w`` affinity features.
         image_classes: list of B int64 tensors of present classes (0..C-1); background (channel 0)
             is always walked.
-        block_size: ``cfg.MODEL.P2SEG.I2S.BLOCK_SIZE``; transition: see :func:`random_walk`.
+        block_size: ``cfg.MODEL.P2SEG.I2S.BLOCK_SIZE``; transition: see :func:`random_walk`;
+        cache_mb: see :func:`affinity_terms`.
     Returns:
         float ``B x (C+1) x h x w``: present channels walked, absent channels unchanged, each
         pixel renormalised to sum 1. Differentiable w.r.t. ``sem_probs`` and ``features``.
     """
-    if sem_probs.dim() != 4 or features.dim() != 4 or sem_probs.shape[0] != features.shape[0] \
-            or sem_probs.shape[2:] != features.shape[2:]:
-        raise ValueError(
-            f"p2seg/modeling/mdm.py: sem_probs B x (C+1) x h x w and features B x D x h x w must share "
-            f"B, h, w; got {tuple(sem_probs.shape)} and {tuple(features.shape)}"
-        )
+    _check_probs(sem_probs, features)
     out = []
     for b in range(sem_probs.shape[0]):
-        classes = image_classes[b].reshape(-1).to(device=sem_probs.device, dtype=torch.int64).unique()
-        channels = torch.cat([classes.new_zeros(1), classes + 1])
+        channels = _walk_channels(image_classes[b], sem_probs.device)
         probs = sem_probs[b].flatten(1)  # (C+1) x N
-        walked = random_walk(features[b].flatten(1).T, probs[channels], block_size, transition)
-        refined = probs.index_copy(0, channels, walked)
-        refined = refined / refined.sum(0, keepdim=True).clamp_min(torch.finfo(refined.dtype).tiny)
-        out.append(refined.view_as(sem_probs[b]))
+        walked = random_walk(features[b].flatten(1).T, probs[channels], block_size, transition, cache_mb)
+        out.append(_merge_walked(probs, channels, walked).view_as(sem_probs[b]))
     return torch.stack(out)
