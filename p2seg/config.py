@@ -45,6 +45,8 @@ def add_p2seg_config(cfg):
     cfg.MODEL.P2SEG.HEAD_INIT_STD = 0.001
     # Channels of the centre head convs (Panoptic-DeepLab uses INS_EMBED_HEAD.HEAD_CHANNELS).
     cfg.MODEL.INS_EMBED_HEAD.CENTER_HEAD_CHANNELS = 128
+    # Centre/offset head with one centre heatmap per class (p2seg/modeling/heads.py).
+    cfg.MODEL.INS_EMBED_HEAD.NAME = "P2SegInsEmbedHead"
 
     # Training targets (p2seg/data/targets.py).
     cfg.MODEL.P2SEG.TARGETS = CN()
@@ -74,6 +76,7 @@ def add_p2seg_config(cfg):
     cfg.MODEL.P2SEG.I2S.DECODER_CHANNELS = 128  # decoder (and ASPP) channels
     cfg.MODEL.P2SEG.I2S.POOL_STRIDE = 4  # labels: masks max-pooled POOL_STRIDE x POOL_STRIDE
     cfg.MODEL.P2SEG.I2S.BLOCK_SIZE = 1024  # pixels per block of the blockwise affinity computation
+    cfg.MODEL.P2SEG.I2S.CACHE_MB = 512  # MB of affinity strips kept between the row walk's two passes (0: recompute)
     cfg.MODEL.P2SEG.I2S.RANDOM_WALK = True  # refine present-class semantic probabilities
     cfg.MODEL.P2SEG.I2S.RANDOM_WALK_TRANSITION = "row"  # "row": P D^-1 A (METHOD.md); "column": P A D^-1
 

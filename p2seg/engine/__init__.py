@@ -1,1 +1,2 @@
 """p2seg.engine"""
+from .trainer import Trainer, register_builtin_datasets, single_process_norm

@@ -1,0 +1,529 @@
+"""The P2Seg meta-architecture: backbone -> semantic / centre / offset (/ affinity) heads.
+
+Data flow (docs/INTERNALS.md)::
+
+    batched mapper outputs
+      -> preprocess_image (normalise, pad to SIZE_DIVISIBILITY)    ImageList
+      -> backbone                                                  dict of feature maps
+      -> predict                                                   head outputs at 1/4
+      -> training:  prepare_targets + losses                       dict of loss terms
+         inference: inference (softmax, "clean", random walk,      list of dicts
+                    upsample, crop/resize, grouping)               {"instances", "sem_seg"}
+
+The wiring lives here; the math lives in small functions: losses in p2seg/modeling/losses.py,
+grouping in p2seg/modeling/postprocessing.py, the Mutual Distillation Module (S2I refined offsets,
+I2S affinity labels / losses and random walk) in p2seg/modeling/mdm.py (with s2i.py, affinity.py).
+The MDM hooks are the methods :meth:`P2Seg._s2i` (refined offsets), :meth:`P2Seg._i2s`
+(affinity losses and, in training, the random walk of the semantic probabilities, one pass) and
+:meth:`P2Seg._refine_semantics` (random walk at inference).
+"""
+from typing import Dict, List, Optional
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from detectron2.config import configurable
+from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
+from detectron2.modeling.postprocessing import sem_seg_postprocess
+from detectron2.structures import BitMasks, Boxes, ImageList, Instances
+from detectron2.utils.events import get_event_storage
+
+from . import mdm
+from .heads import init_head_weights
+from .losses import center_loss, offset_loss, point_loss, semantic_loss
+from .postprocessing import peak_instances, point_guided_instances
+from .simple_heads import build_p2seg_heads
+
+__all__ = ["P2Seg"]
+
+_WHERE = "p2seg/modeling/meta_arch.py"
+
+
+def _put_scalar(name, value):
+    """Log a scalar to the current ``EventStorage`` (no-op outside a training loop)."""
+    try:
+        storage = get_event_storage()
+    except AssertionError:  # no EventStorage: called outside a trainer
+        return
+    storage.put_scalar(name, float(value))
+
+
+@META_ARCH_REGISTRY.register()
+class P2Seg(nn.Module):
+    """Point-supervised instance segmentation (P2Seg, ICLR 2024) as a Detectron2 meta-architecture.
+
+    Training input: the outputs of ``P2SegDatasetMapper(is_train=True)`` (image, sem_seg, points,
+    point_classes, center(+weights), offset(+weights)); returns a dict of loss terms
+    (``loss_sem``, ``loss_center``, ``loss_offset``, optionally ``loss_point`` and the MDM terms).
+    Inference input: ``P2SegDatasetMapper(is_train=False)`` outputs (optionally with points);
+    returns per image ``{"instances": Instances, "sem_seg": (C+1)xHxW probabilities}`` at the
+    original ``height`` x ``width``. With points there is exactly one instance per point.
+    """
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        backbone: nn.Module,
+        sem_seg_head: nn.Module,
+        ins_embed_head: nn.Module,
+        affinity_head: Optional[nn.Module] = None,
+        num_classes: int,
+        pixel_mean: List[float],
+        pixel_std: List[float],
+        size_divisibility: int,
+        ignore_value: int,
+        sem_weight: float,
+        sem_top_k: float,
+        center_weight: float,
+        offset_weight: float,
+        point_weight: float = 0.0,
+        s2i_enabled: bool = False,
+        i2s_enabled: bool = False,
+        i2s_loss_weight: float = 1.0,
+        i2s_pool_stride: int = 4,
+        i2s_block_size: int = 1024,
+        random_walk: bool = False,
+        random_walk_transition: str = "row",
+        i2s_cache_mb: float = 512,
+        center_threshold: float = 0.1,
+        nms_kernel: int = 41,
+        top_k: int = 200,
+        min_instance_area: int = 1,
+        fallback_box_size: int = 64,
+        fallback_score: float = 0.5,
+        flip_tta: bool = False,
+    ):
+        """
+        Args:
+            backbone: Detectron2 backbone (dict of feature maps).
+            sem_seg_head: ``.layers(features)`` -> logits Bx(C+1)xhxw at 1/``common_stride``.
+            ins_embed_head: ``.layers(features)`` -> (center BxCxhxw, offset Bx2xhxw in units of
+                1/``common_stride`` pixels); its ``common_stride`` is the output stride of all heads.
+            affinity_head: ``.layers(features)`` -> affinity features BxFxhxw (I2S only).
+            num_classes: C.
+            pixel_mean, pixel_std: per-channel normalisation (channels in INPUT.FORMAT).
+            size_divisibility: inputs and targets are padded to a multiple of this.
+            ignore_value: semantic label without loss (pads the semantic targets).
+            sem_weight, sem_top_k: weight and hard-pixel-mining fraction of ``loss_sem``.
+            center_weight, offset_weight, point_weight: weights of ``loss_center``,
+                ``loss_offset`` and ``loss_point`` (0 = no point loss term).
+            s2i_enabled, i2s_enabled, i2s_loss_weight, i2s_pool_stride, i2s_block_size,
+                random_walk, random_walk_transition, i2s_cache_mb: Mutual Distillation Module
+                settings (MODEL.P2SEG.S2I / MODEL.P2SEG.I2S).
+            center_threshold, nms_kernel, top_k, min_instance_area: peak grouping (no points).
+            fallback_box_size, fallback_score: mask of a point that gets no pixel.
+            flip_tta: average with the horizontally flipped input at inference.
+        """
+        super().__init__()
+        self.backbone = backbone
+        self.sem_seg_head = sem_seg_head
+        self.ins_embed_head = ins_embed_head
+        self.affinity_head = affinity_head
+        self.num_classes = num_classes
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
+        self.size_divisibility = size_divisibility
+        self.ignore_value = ignore_value
+        self.common_stride = ins_embed_head.common_stride
+        self.sem_weight = sem_weight
+        self.sem_top_k = sem_top_k
+        self.center_weight = center_weight
+        self.offset_weight = offset_weight
+        self.point_weight = point_weight
+        self.s2i_enabled = s2i_enabled
+        self.i2s_enabled = i2s_enabled
+        self.i2s_loss_weight = i2s_loss_weight
+        self.i2s_pool_stride = i2s_pool_stride
+        self.i2s_block_size = i2s_block_size
+        self.random_walk = random_walk
+        self.random_walk_transition = random_walk_transition
+        self.i2s_cache_mb = i2s_cache_mb
+        self.center_threshold = center_threshold
+        self.nms_kernel = nms_kernel
+        self.top_k = top_k
+        self.min_instance_area = min_instance_area
+        self.fallback_box_size = fallback_box_size
+        self.fallback_score = fallback_score
+        self.flip_tta = flip_tta
+        if i2s_enabled and affinity_head is None:
+            raise ValueError(f"{_WHERE}: MODEL.P2SEG.I2S.ENABLED needs an affinity_head")
+        if i2s_enabled and i2s_pool_stride != self.common_stride:
+            raise ValueError(
+                f"{_WHERE}: MODEL.P2SEG.I2S.POOL_STRIDE ({i2s_pool_stride}) must equal the heads' "
+                f"output stride ({self.common_stride}): labels are pooled to the affinity grid"
+            )
+
+    @classmethod
+    def from_config(cls, cfg):
+        """Build the backbone (``MODEL.BACKBONE.NAME``, e.g. ``build_resnet_backbone``,
+        ``build_resnet_deeplab_backbone`` or ``build_hrnet_backbone``) and the heads named by the
+        config (``build_p2seg_heads``: the DeepLabV3+ heads of heads.py for ResNet, the simple
+        heads of simple_heads.py for HRNet), initialised per ``MODEL.P2SEG.HEAD_INIT_STD``."""
+        backbone = build_backbone(cfg)
+        shapes = backbone.output_shape()
+        p2 = cfg.MODEL.P2SEG
+        sem_seg_head, ins_embed_head, affinity_head = build_p2seg_heads(cfg, shapes)
+        for head in (sem_seg_head, ins_embed_head, affinity_head):
+            if head is not None:
+                init_head_weights(head, p2.HEAD_INIT_STD)
+        if len(cfg.MODEL.PIXEL_MEAN) != len(cfg.MODEL.PIXEL_STD):
+            raise ValueError("config: MODEL.PIXEL_MEAN and MODEL.PIXEL_STD differ in length")
+        return {
+            "backbone": backbone,
+            "sem_seg_head": sem_seg_head,
+            "ins_embed_head": ins_embed_head,
+            "affinity_head": affinity_head,
+            "num_classes": p2.NUM_CLASSES,
+            "pixel_mean": list(cfg.MODEL.PIXEL_MEAN),
+            "pixel_std": list(cfg.MODEL.PIXEL_STD),
+            "size_divisibility": p2.SIZE_DIVISIBILITY,
+            "ignore_value": cfg.INPUT.IGNORE_VALUE,
+            "sem_weight": p2.LOSS.SEM_WEIGHT,
+            "sem_top_k": p2.LOSS.SEM_TOP_K,
+            "center_weight": p2.LOSS.CENTER_WEIGHT,
+            "offset_weight": p2.LOSS.OFFSET_WEIGHT,
+            "point_weight": p2.LOSS.POINT_WEIGHT,
+            "s2i_enabled": p2.S2I.ENABLED,
+            "i2s_enabled": p2.I2S.ENABLED,
+            "i2s_loss_weight": p2.I2S.LOSS_WEIGHT,
+            "i2s_pool_stride": p2.I2S.POOL_STRIDE,
+            "i2s_block_size": p2.I2S.BLOCK_SIZE,
+            "random_walk": p2.I2S.RANDOM_WALK,
+            "random_walk_transition": p2.I2S.RANDOM_WALK_TRANSITION,
+            "i2s_cache_mb": p2.I2S.CACHE_MB,
+            "center_threshold": p2.INFERENCE.CENTER_THRESHOLD,
+            "nms_kernel": p2.INFERENCE.NMS_KERNEL,
+            "top_k": p2.INFERENCE.TOP_K,
+            "min_instance_area": p2.INFERENCE.MIN_INSTANCE_AREA,
+            "fallback_box_size": p2.INFERENCE.FALLBACK_BOX_SIZE,
+            "fallback_score": p2.INFERENCE.FALLBACK_SCORE,
+            "flip_tta": p2.INFERENCE.FLIP_TTA,
+        }
+
+    @property
+    def device(self):
+        return self.pixel_mean.device
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, batched_inputs: List[Dict]):
+        """
+        Args:
+            batched_inputs: list of mapper outputs (docs/INTERNALS.md).
+        Returns:
+            training: dict name -> float scalar loss.
+            inference: list of ``{"instances": Instances, "sem_seg": (C+1)xHxW}`` per image.
+        """
+        images = self.preprocess_image(batched_inputs)
+        if not self.training:
+            return self.inference(self.predict_for_inference(images), batched_inputs, images)
+        outputs = self.predict(self.backbone(images.tensor))
+        targets = self.prepare_targets(batched_inputs, images.tensor.shape[-2:])
+        return self.losses(outputs, targets)
+
+    def preprocess_image(self, batched_inputs: List[Dict]) -> ImageList:
+        """Normalise ``"image"`` (uint8 3xHxW) and pad the batch to ``size_divisibility``.
+
+        Returns:
+            ImageList: tensor float Bx3xH'xW' (H', W' multiples of size_divisibility),
+            ``image_sizes`` the unpadded (H, W) of each image.
+        """
+        images = [x["image"].to(self.device) for x in batched_inputs]
+        images = [(x - self.pixel_mean) / self.pixel_std for x in images]
+        return ImageList.from_tensors(images, self.size_divisibility)
+
+    def predict(self, features: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """Head outputs at 1/``common_stride`` of the padded input (h = H'/4, w = W'/4).
+
+        Returns:
+            dict: ``sem_seg`` float Bx(C+1)xhxw logits, ``center`` float BxCxhxw,
+            ``offset`` float Bx2xhxw (dy, dx) in 1/4-resolution pixels, and with I2S
+            ``affinity`` float BxFxhxw.
+        """
+        center, offset = self.ins_embed_head.layers(features)
+        outputs = {"sem_seg": self.sem_seg_head.layers(features), "center": center, "offset": offset}
+        if self.affinity_head is not None:
+            outputs["affinity"] = self.affinity_head.layers(features)
+        return outputs
+
+    def upsample(self, outputs: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """Bilinear upsampling by ``common_stride`` to the padded input size (Panoptic-DeepLab).
+
+        Returns ``sem_seg`` (logits) / ``sem_probs`` (probabilities), ``center`` and ``offset``
+        at H'xW', offsets multiplied by ``common_stride`` (input pixels). Other keys are dropped.
+        """
+        s = self.common_stride
+        up = {}
+        for key in ("sem_seg", "sem_probs", "center", "offset"):
+            if key in outputs:
+                up[key] = F.interpolate(outputs[key], scale_factor=s, mode="bilinear", align_corners=False)
+        up["offset"] = up["offset"] * s
+        return up
+
+    # ------------------------------------------------------------------ training
+    def prepare_targets(self, batched_inputs: List[Dict], padded_size) -> Dict:
+        """Stack and pad the training targets like the images (sem_seg with ``ignore_value``,
+        everything else with 0).
+
+        Returns:
+            dict: ``sem_seg`` int64 BxH'xW', ``center`` float BxCxH'xW', ``center_weights``
+            float BxH'xW', ``offset`` float Bx2xH'xW', ``offset_weights`` float BxH'xW',
+            ``points`` list of float P_ix2 (x, y), ``point_classes`` list of int64 P_i.
+        """
+        required = ("sem_seg", "center", "center_weights", "offset", "offset_weights", "points",
+                    "point_classes")
+        for i, x in enumerate(batched_inputs):
+            missing = [k for k in required if k not in x]
+            if missing:
+                raise KeyError(
+                    f"{_WHERE}: training input {i} ({x.get('file_name', '?')}) lacks {missing}; "
+                    "use P2SegDatasetMapper(is_train=True) (p2seg/data/dataset_mapper.py)"
+                )
+
+        def pad(key, value):
+            tensors = [x[key].to(self.device) for x in batched_inputs]
+            padded = ImageList.from_tensors(tensors, self.size_divisibility, value).tensor
+            if tuple(padded.shape[-2:]) != tuple(padded_size):
+                raise ValueError(
+                    f"{_WHERE}: target '{key}' has size {tuple(tensors[0].shape[-2:])}, which does "
+                    f"not match the image (padded {tuple(padded_size)})"
+                )
+            return padded
+
+        targets = {"sem_seg": pad("sem_seg", self.ignore_value)}
+        for key in ("center", "center_weights", "offset", "offset_weights"):
+            targets[key] = pad(key, 0.0)
+        targets["points"] = [x["points"].to(self.device) for x in batched_inputs]
+        targets["point_classes"] = [x["point_classes"].to(self.device) for x in batched_inputs]
+        return targets
+
+    def losses(self, outputs: Dict[str, torch.Tensor], targets: Dict) -> Dict[str, torch.Tensor]:
+        """All loss terms (weighted); Detectron2's trainer sums them.
+
+        ``L = SEM*L_sem + CENTER*L_ctr + OFFSET*avg(L_off, L_off') [+ POINT*L_pt]
+        [+ I2S.LOSS_WEIGHT*avg(L_aff_class, L_aff_instance)]`` where ``L_off'`` (S2I refined
+        targets), the affinity losses and the random walk feeding ``L_sem`` come from the MDM hooks.
+        """
+        up = self.upsample(outputs)
+        s2i = self._s2i(outputs, up, targets)
+        i2s = self._i2s(outputs, targets, s2i)
+        terms = {}
+        terms.update(self._semantic_losses(up, targets, i2s))
+        terms.update(self._center_losses(up, targets))
+        terms.update(self._offset_losses(up, targets, s2i))
+        if i2s is not None:
+            both = i2s["loss_aff_class"] + i2s["loss_aff_instance"]
+            terms["loss_affinity"] = self.i2s_loss_weight * 0.5 * both
+            _put_scalar("p2seg/aff_class", i2s["loss_aff_class"].detach())
+            _put_scalar("p2seg/aff_instance", i2s["loss_aff_instance"].detach())
+        num_points = sum(len(p) for p in targets["points"])
+        _put_scalar("p2seg/points_per_image", num_points / max(len(targets["points"]), 1))
+        return terms
+
+    def _semantic_losses(self, up, targets, i2s):
+        """``loss_sem`` (hard-pixel-mining CE) and, if ``point_weight`` > 0, ``loss_point``, on
+        the logits of :meth:`_semantic_logits`."""
+        logits = self._semantic_logits(up, i2s)
+        terms = {
+            "loss_sem": self.sem_weight
+            * semantic_loss(logits, targets["sem_seg"], self.sem_top_k, self.ignore_value)
+        }
+        if self.point_weight > 0:
+            terms["loss_point"] = self.point_weight * point_loss(
+                logits, targets["points"], targets["point_classes"]
+            )
+        return terms
+
+    def _center_losses(self, up, targets):
+        """``loss_center``: weighted MSE against the initial Gaussian targets."""
+        loss = center_loss(up["center"], targets["center"], targets["center_weights"])
+        return {"loss_center": self.center_weight * loss}
+
+    def _offset_losses(self, up, targets, s2i):
+        """``loss_offset``: weighted L1 against the initial targets, averaged with the loss
+        against the S2I refined targets when ``s2i`` is given (METHOD.md)."""
+        initial = offset_loss(up["offset"], targets["offset"], targets["offset_weights"])
+        if s2i is None:
+            return {"loss_offset": self.offset_weight * initial}
+        refined = offset_loss(up["offset"], s2i["offset"], s2i["offset_weights"])
+        _put_scalar("p2seg/offset_initial", initial.detach())
+        _put_scalar("p2seg/offset_refined", refined.detach())
+        return {"loss_offset": self.offset_weight * 0.5 * (initial + refined)}
+
+    # ------------------------------------------------------------------ MDM hooks
+    @staticmethod
+    def _image_classes(point_classes: List[torch.Tensor]) -> List[torch.Tensor]:
+        """Image-level labels: per image the int64 sorted unique classes of its points."""
+        return [c.reshape(-1).long().unique() for c in point_classes]
+
+    def _s2i(self, outputs, up, targets) -> Optional[Dict[str, torch.Tensor]]:
+        """S2I hook: refined offset targets from the predicted offsets (mdm.refine_offset_targets).
+
+        Returns None when S2I is disabled, else a dict at the padded input size:
+        ``offset`` float Bx2xH'xW' refined targets, ``offset_weights`` float BxH'xW', and
+        ``instance_ids`` int64 BxH'xW' (index of the assigned point per image, -1 none) for I2S.
+        """
+        if not self.s2i_enabled:
+            return None
+        offset, weights, instance_ids = mdm.refine_offset_targets(
+            up["offset"], targets["sem_seg"], targets["points"], targets["point_classes"],
+            ignore_value=self.ignore_value,
+        )
+        return {"offset": offset, "offset_weights": weights, "instance_ids": instance_ids}
+
+    def _i2s(self, outputs, targets, s2i) -> Optional[Dict[str, torch.Tensor]]:
+        """I2S hook: the class / instance affinity losses and, with I2S.RANDOM_WALK, the random
+        walk of the 1/4-resolution softmax probabilities over the present classes, in one blockwise
+        pass (``mdm.i2s_terms``). None when I2S is disabled.
+
+        The pseudo instances are the S2I assignment; without S2I, the nearest-point assignment of
+        the foreground pixels (``refine_offset_targets`` with zero offsets).
+
+        Returns:
+            dict: ``loss_aff_class``, ``loss_aff_instance`` float scalars and, with the random
+            walk, ``sem_probs`` float Bx(C+1)xhxw (refined probabilities at 1/4).
+        """
+        if not self.i2s_enabled:
+            return None
+        sem_seg = targets["sem_seg"]
+        if s2i is not None:
+            instance_ids = s2i["instance_ids"]
+        else:
+            zeros = torch.zeros((sem_seg.shape[0], 2) + tuple(sem_seg.shape[1:]), device=sem_seg.device)
+            instance_ids = mdm.refine_offset_targets(
+                zeros, sem_seg, targets["points"], targets["point_classes"],
+                ignore_value=self.ignore_value,
+            )[2]
+        sem_probs = F.softmax(outputs["sem_seg"], dim=1) if self.random_walk else None
+        return mdm.i2s_terms(
+            outputs["affinity"], sem_seg, instance_ids, self._image_classes(targets["point_classes"]),
+            pool_stride=self.i2s_pool_stride, block_size=self.i2s_block_size, sem_probs=sem_probs,
+            transition=self.random_walk_transition, ignore_value=self.ignore_value,
+            cache_mb=self.i2s_cache_mb,
+        )
+
+    def _semantic_logits(self, up, i2s) -> torch.Tensor:
+        """Logits of the semantic losses at the padded input size, float Bx(C+1)xH'xW'.
+
+        Without the random walk: the upsampled head logits. With it: the log of the refined
+        1/4-resolution probabilities (``i2s["sem_probs"]``) upsampled bilinearly
+        (``log_softmax(log p) = log p``, so the cross-entropy sees the refined probabilities).
+        """
+        if i2s is None or "sem_probs" not in i2s:
+            return up["sem_seg"]
+        probs = F.interpolate(i2s["sem_probs"], scale_factor=self.common_stride, mode="bilinear",
+                              align_corners=False)
+        return probs.clamp_min(torch.finfo(probs.dtype).tiny).log()
+
+    def _refine_semantics(self, sem_probs, outputs, batched_inputs):
+        """Inference random walk (I2S.RANDOM_WALK) on the 1/4-resolution probabilities of the
+        images that have points (their classes are the image-level labels); identity otherwise.
+
+        Args:
+            sem_probs: float Bx(C+1)xhxw softmax probabilities.
+            outputs: :meth:`predict_for_inference` outputs (``affinity`` with I2S).
+            batched_inputs: the inputs (``point_classes`` of images with ``points``).
+        Returns:
+            float Bx(C+1)xhxw.
+        """
+        if not (self.i2s_enabled and self.random_walk):
+            return sem_probs
+        index = [i for i, x in enumerate(batched_inputs) if "points" in x]
+        if not index:
+            return sem_probs
+        classes = self._image_classes([batched_inputs[i]["point_classes"].to(self.device) for i in index])
+        walked = mdm.refine_semantic_probs(
+            sem_probs[index], outputs["affinity"][index], classes,
+            block_size=self.i2s_block_size, transition=self.random_walk_transition,
+            cache_mb=self.i2s_cache_mb,
+        )
+        sem_probs = sem_probs.clone()
+        sem_probs[index] = walked
+        return sem_probs
+
+    # ------------------------------------------------------------------ inference
+    def predict_for_inference(self, images: ImageList) -> Dict[str, torch.Tensor]:
+        """:meth:`predict` plus softmax ``sem_probs``; with ``flip_tta`` the semantic
+        probabilities, centres and offsets are averaged with those of the horizontally flipped
+        (padded) batch, flipped back (offsets with dx negated). Affinity features come from the
+        unflipped pass. Returns the :meth:`predict` keys plus ``sem_probs`` Bx(C+1)xhxw."""
+        outputs = self.predict(self.backbone(images.tensor))
+        outputs["sem_probs"] = F.softmax(outputs["sem_seg"], dim=1)
+        if not self.flip_tta:
+            return outputs
+        flipped = self.predict(self.backbone(images.tensor.flip(-1)))
+        sign = torch.tensor([1.0, -1.0], device=self.device).view(1, 2, 1, 1)
+        back = {
+            "sem_probs": F.softmax(flipped["sem_seg"], dim=1).flip(-1),
+            "center": flipped["center"].flip(-1),
+            "offset": flipped["offset"].flip(-1) * sign,
+        }
+        for key, value in back.items():
+            outputs[key] = 0.5 * (outputs[key] + value)
+        return outputs
+
+    def present_classes(self, batched_inputs: List[Dict]) -> torch.Tensor:
+        """Image-level labels: float Bx(C+1), channel 0 (background) always 1; for an image with
+        ``"points"`` 1 exactly for the classes that have points, otherwise all 1."""
+        present = torch.ones(len(batched_inputs), self.num_classes + 1, device=self.device)
+        for i, x in enumerate(batched_inputs):
+            if "points" in x:
+                classes = x["point_classes"].to(self.device).long()
+                present[i, 1:] = 0.0
+                present[i, classes + 1] = 1.0
+        return present
+
+    def inference(self, outputs: Dict[str, torch.Tensor], batched_inputs: List[Dict],
+                  images: ImageList) -> List[Dict]:
+        """Semantic probabilities and instances at the original size of each image.
+
+        The random walk (images with points, I2S.RANDOM_WALK) and "clean" (zero the channels of
+        classes without points) run at 1/4 resolution on the probabilities, which are then
+        upsampled bilinearly, cropped to the
+        unpadded size and resized to ``height`` x ``width`` (``sem_seg_postprocess``). With
+        ``"points"`` (x, y in the input tensor's coordinates): one instance per point
+        (:func:`point_guided_instances`); without: instances from centre peaks
+        (:func:`peak_instances`). The returned ``sem_seg`` is the cleaned probabilities.
+        """
+        present = self.present_classes(batched_inputs)
+        outputs = dict(outputs)
+        walked = self._refine_semantics(outputs["sem_probs"], outputs, batched_inputs)
+        outputs["sem_probs"] = walked * present[:, :, None, None]
+        up = self.upsample(outputs)
+        results = []
+        for i, (x, image_size) in enumerate(zip(batched_inputs, images.image_sizes)):
+            height = x.get("height", image_size[0])
+            width = x.get("width", image_size[1])
+            probs = sem_seg_postprocess(up["sem_probs"][i], image_size, height, width)
+            offset = sem_seg_postprocess(up["offset"][i], image_size, height, width)
+            scale_y, scale_x = height / image_size[0], width / image_size[1]
+            offset = offset * torch.tensor([scale_y, scale_x], device=offset.device).view(2, 1, 1)
+            if "points" in x:
+                points = x["points"].to(self.device).reshape(-1, 2).float()
+                points = points * torch.tensor([scale_x, scale_y], device=self.device)
+                found = point_guided_instances(
+                    probs, offset, points, x["point_classes"].to(self.device),
+                    self.fallback_box_size, self.fallback_score,
+                )
+            else:
+                center = sem_seg_postprocess(up["center"][i], image_size, height, width)
+                found = peak_instances(
+                    probs, center, offset, self.center_threshold, self.nms_kernel, self.top_k,
+                    self.min_instance_area,
+                )
+            results.append({"instances": self._to_instances(found, height, width), "sem_seg": probs})
+        return results
+
+    @staticmethod
+    def _to_instances(found: Dict[str, torch.Tensor], height: int, width: int) -> Instances:
+        """dict(masks RxHxW bool, scores R, classes R) -> Instances with pred_masks / pred_boxes
+        (tight boxes of the masks) / scores / pred_classes."""
+        masks = found["masks"]
+        instances = Instances((height, width))
+        instances.pred_masks = masks
+        boxes = BitMasks(masks).get_bounding_boxes().tensor.to(masks.device)
+        instances.pred_boxes = Boxes(boxes)
+        instances.scores = found["scores"].float()
+        instances.pred_classes = found["classes"].long()
+        return instances
