@@ -15,7 +15,6 @@ install: $(STAMP)
 
 $(STAMP): setup.py tools/install_detectron2.py Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -c "import torch, torchvision; assert torch.__version__.startswith('2.14.1') and torchvision.__version__.startswith('0.29.1')" 2>/dev/null \
 	  || $(PY) -m pip install --quiet $(TORCH_SPEC)
 	$(PY) tools/install_detectron2.py

@@ -15,6 +15,7 @@ Run it with the interpreter of the environment to install into:
 """
 import argparse
 import hashlib
+import html
 import importlib.util
 import os
 import re
@@ -23,6 +24,8 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import urllib.parse
+import urllib.request
 from pathlib import Path
 
 ARCHIVE_NAME = "pb1-detectron2-0.6.tar.gz"
@@ -169,18 +172,38 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+def package_index_url() -> str:
+    """The simple-API index pip is configured with (PIP_INDEX_URL, pip config, or PyPI)."""
+    url = os.environ.get("PIP_INDEX_URL")
+    if not url:
+        out = subprocess.run([sys.executable, "-m", "pip", "config", "get", "global.index-url"],
+                             capture_output=True, text=True)
+        url = out.stdout.strip() if out.returncode == 0 else ""
+    return (url or "https://pypi.org/simple").rstrip("/")
+
+
 def fetch_archive(cache_dir: Path) -> Path:
-    """Download the source archive into ``cache_dir`` (kept for later runs)."""
+    """Download the source archive into ``cache_dir`` (kept for later runs) from the package index.
+
+    The simple API is read directly (not ``pip download``): recent pip versions refuse to prepare
+    the archive's metadata because its setup.py declares a direct-URL extra (panopticapi).
+    """
     target = cache_dir / ARCHIVE_NAME
     if target.exists():
         return target
     cache_dir.mkdir(parents=True, exist_ok=True)
-    log(f"downloading {ARCHIVE_NAME} from PyPI into {cache_dir}")
-    # --no-build-isolation: the archive's setup.py imports torch, present in this environment.
-    subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
-                    "--no-build-isolation", "--dest", str(cache_dir), "pb1-detectron2==0.6"], check=True)
-    if not target.exists():
-        raise SystemExit(f"pip download did not produce {target}")
+    page_url = f"{package_index_url()}/pb1-detectron2/"
+    log(f"downloading {ARCHIVE_NAME} (index {page_url}) into {cache_dir}")
+    with urllib.request.urlopen(page_url, timeout=120) as response:
+        page = response.read().decode("utf-8", "replace")
+    links = [m for m in re.findall(r'href="([^"]+)"', page) if ARCHIVE_NAME in m]
+    if not links:
+        raise SystemExit(f"{page_url} lists no {ARCHIVE_NAME}")
+    archive_url = urllib.parse.urljoin(page_url, html.unescape(links[0])).split("#")[0]
+    partial = target.with_suffix(".partial")
+    with urllib.request.urlopen(archive_url, timeout=300) as response, open(partial, "wb") as f:
+        shutil.copyfileobj(response, f)
+    os.replace(partial, target)
     return target
 
 
