@@ -26,7 +26,7 @@ test: install
 	$(PY) -m pytest -q tests
 
 demo: install
-	$(PY) tools/run_demo.py
+	$(PY) train_net.py --config-file configs/shapes/p2seg_R18_cpu.yaml
 
 clean-venv:
 	rm -rf $(VENV)

@@ -11,16 +11,29 @@ Examples::
     python train_net.py --config-file ... --eval-only MODEL.WEIGHTS output/model_final.pth
     # resume from the last checkpoint in OUTPUT_DIR
     python train_net.py --config-file ... --resume
+    # export one pseudo mask per point of the training images (resumable) + their metrics
+    python train_net.py --config-file configs/shapes/p2seg_R18_cpu.yaml --eval-only \
+        MODEL.WEIGHTS output/shapes_p2seg/model_final.pth DATASETS.TEST '("p2seg_shapes_train",)' \
+        TEST.EXPORT_PSEUDO_MASKS True          # -> OUTPUT_DIR/pseudo_masks_p2seg_shapes_train.json
+    # stage 2: Detectron2's Mask R-CNN on the exported pseudo masks
+    python train_net.py --config-file configs/MaskRCNN/mask_rcnn_R_18_FPN_shapes_cpu.yaml \
+        DATASETS.PSEUDO_LABELS.JSON output/shapes_p2seg/pseudo_masks_p2seg_shapes_train.json
 
 Multi-machine: ``--num-machines N --machine-rank R --dist-url tcp://HOST:PORT`` (Detectron2's
-``launch``). Trailing ``KEY VALUE`` pairs override the config.
+``launch``). Trailing ``KEY VALUE`` pairs override the config. The evaluation results (of
+``--eval-only``, or of the evaluation after training) are also written to
+``OUTPUT_DIR/results.json`` (main process; tools/run_pipeline.py reads them).
 """
-from detectron2.checkpoint import DetectionCheckpointer
+import os
+
 from detectron2.config import get_cfg
 from detectron2.engine import default_argument_parser, default_setup, launch
+from detectron2.utils import comm
 
 from p2seg import add_p2seg_config
+from p2seg.data.point_coco import write_json_atomic
 from p2seg.engine import Trainer
+from p2seg.engine.checkpointer import P2SegCheckpointer
 
 
 def setup(args):
@@ -34,18 +47,29 @@ def setup(args):
     return cfg
 
 
+def save_results(cfg, results):
+    """Write ``results`` (nested dicts of numbers) to ``OUTPUT_DIR/results.json`` (main process)."""
+    if results and comm.is_main_process():
+        write_json_atomic(results, os.path.join(cfg.OUTPUT_DIR, "results.json"))
+
+
 def main(args):
     """Train (optionally resuming), or with ``--eval-only`` evaluate ``MODEL.WEIGHTS``."""
     cfg = setup(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+        P2SegCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
             cfg.MODEL.WEIGHTS, resume=args.resume
         )
-        return Trainer.test(cfg, model)
+        results = Trainer.test(cfg, model)
+        save_results(cfg, results)
+        return results
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=args.resume)
-    return trainer.train()
+    trainer.train()
+    results = getattr(trainer, "_last_eval_results", None)
+    save_results(cfg, results)
+    return results
 
 
 if __name__ == "__main__":

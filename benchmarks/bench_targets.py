@@ -1,14 +1,15 @@
 """Time ``build_targets`` on the synthetic 416x416 sample with 5 instances.
 
 Usage: ``.venv/bin/python benchmarks/bench_targets.py [--size 416] [--runs 20]``.
-Prints one JSON line: median/min/max seconds over ``--runs`` runs after one warm-up.
+Prints one JSON line: median/min/max seconds (wall, and ``cpu_*`` process CPU seconds) over
+``--runs`` runs after one warm-up.
 """
 import argparse
 import time
 
 import torch
 
-from common import environment, make_sample, print_json, timing_stats
+from common import cpu_seconds, environment, make_sample, print_json, timing_stats
 
 from p2seg.data.targets import build_targets
 
@@ -36,11 +37,12 @@ def main():
         )
 
     targets = run()  # warm-up
-    times = []
+    times, cpu = [], []
     for _ in range(args.runs):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), cpu_seconds()
         run()
         times.append(time.perf_counter() - t0)
+        cpu.append(cpu_seconds() - c0)
     record = {
         "benchmark": "build_targets",
         "size": args.size,
@@ -49,6 +51,7 @@ def main():
         "runs": args.runs,
         "assigned_pixels": int(targets["offset_weights"].sum()),
         **timing_stats(times),
+        **{f"cpu_{k}": v for k, v in timing_stats(cpu).items()},
         **environment(),
     }
     print_json(record)

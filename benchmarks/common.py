@@ -93,6 +93,36 @@ def environment():
     return info
 
 
+def cpu_seconds():
+    """User + system CPU seconds of this process so far (all threads).
+
+    On a shared machine the CPU time of a step varies much less with the load than its wall time,
+    so the benchmarks report both (``cpu_*`` fields: per-step CPU seconds of all threads).
+    """
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
 def print_json(record):
     """Print one benchmark record as a single JSON line."""
     print(json.dumps(record, sort_keys=True))
+
+
+def make_rect_sample(width=500, height=375, num_classes=NUM_CLASSES, seed=0):
+    """The synthetic sample of :func:`make_sample` at ``max(width, height)`` resized to
+    ``height x width`` (image: area, sem_seg: nearest; points scaled).
+
+    Returns:
+        dict as :func:`make_sample` with ``"image"`` uint8 ``H x W x 3`` and ``"sem_seg"`` uint8
+        ``H x W``.
+    """
+    import cv2
+
+    side = max(width, height)
+    s = make_sample(side, num_classes, seed)
+    s["image"] = cv2.resize(s["image"], (width, height), interpolation=cv2.INTER_AREA)
+    s["sem_seg"] = cv2.resize(s["sem_seg"], (width, height), interpolation=cv2.INTER_NEAREST)
+    s["points"] = (s["points"] * np.array([width / side, height / side], dtype=np.float32)).astype(np.float32)
+    return s

@@ -43,6 +43,7 @@ def add_p2seg_config(cfg):
     cfg.MODEL.P2SEG.SIZE_DIVISIBILITY = 32
     # Std of the N(0, std) init of decoder/head convs (BN weight 1, bias 0).
     cfg.MODEL.P2SEG.HEAD_INIT_STD = 0.001
+    cfg.MODEL.P2SEG.CHANNELS_LAST = False  # model in torch.channels_last (CPU oneDNN convs ~10 % less CPU per step; same math, other summation order)
     # Channels of the centre head convs (Panoptic-DeepLab uses INS_EMBED_HEAD.HEAD_CHANNELS).
     cfg.MODEL.INS_EMBED_HEAD.CENTER_HEAD_CHANNELS = 128
     # Centre/offset head with one centre heatmap per class (p2seg/modeling/heads.py).
@@ -120,6 +121,14 @@ def add_p2seg_config(cfg):
     cfg.DATASETS.SHAPES.SEED = 0
     # Invalid training sample (missing/corrupt image or PNG, bad point): "error" raises, "skip" warns, counts, maps another.
     cfg.DATALOADER.BAD_SAMPLES = "error"
+    # Stage 2: a pseudo-mask JSON (PseudoMaskExporter output) registered as NAME with SOURCE's image_root/metadata.
+    cfg.DATASETS.PSEUDO_LABELS = CN()
+    cfg.DATASETS.PSEUDO_LABELS.JSON = ""  # "" = none; else path of pseudo_masks_<dataset>.json
+    cfg.DATASETS.PSEUDO_LABELS.SOURCE = ""  # registered dataset the JSON was exported from
+    cfg.DATASETS.PSEUDO_LABELS.NAME = "p2seg_pseudo_train"  # name to list in DATASETS.TRAIN
+    # Evaluation / export (p2seg/engine/trainer.py). Export: OUTPUT_DIR/pseudo_masks_<dataset>.json per test set.
+    cfg.TEST.EXPORT_PSEUDO_MASKS = False
+    cfg.TEST.VOC_IOU_THRESHOLDS = (0.25, 0.5, 0.7, 0.75)  # VOC mask mAP thresholds (mAP25 ... mAP75)
 
     # ---------------------------------------------------------------- solver
     cfg.SOLVER.OPTIMIZER = "ADAM"

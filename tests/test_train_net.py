@@ -58,14 +58,14 @@ def test_train_two_iterations_then_eval_only(tmp_path):
     eval_dir = tmp_path / "eval"
     log = _run(["--config-file", str(CONFIG), "--eval-only", "MODEL.WEIGHTS",
                 str(out_dir / "model_final.pth"), "OUTPUT_DIR", str(eval_dir), *TINY], env)
-    results = eval_dir / "inference" / "p2seg_shapes_val" / "coco_instances_results.json"
+    results = eval_dir / "inference" / "p2seg_shapes_val" / "instance_mask_results.json"
     predictions = json.loads(results.read_text())
     gt = json.loads(Path(
         next((tmp_path / "cache").glob("shapes_*")) / "annotations" / "val.json"
     ).read_text())
     # point-guided inference: exactly one prediction per annotated point
     assert len(predictions) == len(gt["annotations"]) > 0
-    assert "Evaluation results for segm" in log
+    assert "copypaste: AP,AP50,AP75" in log
 
 
 def test_adam_optimizer_and_warmup_poly_schedule():

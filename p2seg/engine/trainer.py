@@ -5,18 +5,32 @@ via ``detectron2.engine.launch``) is Detectron2's.
 """
 import logging
 import os
+from collections import OrderedDict
 
 import torch
 
-from detectron2.data import build_detection_test_loader, build_detection_train_loader
+from detectron2.data import (
+    DatasetCatalog,
+    MetadataCatalog,
+    build_detection_test_loader,
+    build_detection_train_loader,
+)
+from detectron2.data.datasets import register_coco_instances
 from detectron2.engine import DefaultTrainer
-from detectron2.evaluation import COCOEvaluator
+from detectron2.evaluation import DatasetEvaluator, DatasetEvaluators, inference_on_dataset, print_csv_format
 from detectron2.projects.deeplab import build_lr_scheduler as build_deeplab_lr_scheduler
 from detectron2.solver import get_default_optimizer_params
 from detectron2.solver.build import maybe_add_gradient_clipping
 from detectron2.utils import comm
 
-__all__ = ["Trainer", "single_process_norm", "register_builtin_datasets"]
+__all__ = [
+    "Trainer",
+    "single_process_norm",
+    "register_builtin_datasets",
+    "register_pseudo_label_dataset",
+    "is_p2seg",
+    "pseudo_masks_path",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -25,6 +39,8 @@ _NORM_KEYS = (
     ("MODEL", "RESNETS", "NORM"),
     ("MODEL", "SEM_SEG_HEAD", "NORM"),
     ("MODEL", "INS_EMBED_HEAD", "NORM"),
+    ("MODEL", "HRNET", "NORM"),
+    ("MODEL", "EFFICIENTNET", "NORM"),
 )
 
 
@@ -62,7 +78,7 @@ def register_builtin_datasets(cfg):
     Names starting with ``p2seg_shapes`` are (re-)registered with ``cfg.DATASETS.SHAPES``
     (NUM_TRAIN, NUM_VAL, SEED) via ``p2seg.data.shapes.register_shapes``.
     """
-    names = list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST)
+    names = list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST) + [cfg.DATASETS.PSEUDO_LABELS.SOURCE]
     if any(n.startswith("p2seg_shapes") for n in names):
         try:
             from p2seg.data.shapes import register_shapes
@@ -72,6 +88,59 @@ def register_builtin_datasets(cfg):
             ) from e
         s = cfg.DATASETS.SHAPES
         register_shapes(s.NUM_TRAIN, s.NUM_VAL, s.SEED)
+    register_pseudo_label_dataset(cfg)
+
+
+def register_pseudo_label_dataset(cfg):
+    """Register ``DATASETS.PSEUDO_LABELS.JSON`` (an exported pseudo-mask COCO JSON) as
+    ``DATASETS.PSEUDO_LABELS.NAME`` with Detectron2's ``register_coco_instances``.
+
+    Images are read from the ``image_root`` metadata of ``DATASETS.PSEUDO_LABELS.SOURCE`` (the
+    dataset the masks were exported from); the classes come from the JSON's categories. Nothing
+    happens when JSON is "". Returns the registered name or None.
+    """
+    p = cfg.DATASETS.PSEUDO_LABELS
+    if not p.JSON:
+        return None
+    if not os.path.isfile(p.JSON):
+        raise FileNotFoundError(f"config DATASETS.PSEUDO_LABELS.JSON: file not found: {p.JSON}")
+    if p.SOURCE not in DatasetCatalog.list():
+        raise KeyError(
+            f"config DATASETS.PSEUDO_LABELS.SOURCE: {p.SOURCE!r} is not a registered dataset "
+            f"(the dataset {p.JSON} was exported from)"
+        )
+    image_root = getattr(MetadataCatalog.get(p.SOURCE), "image_root", None)
+    if not image_root:
+        raise KeyError(f"config DATASETS.PSEUDO_LABELS.SOURCE: dataset {p.SOURCE!r} has no 'image_root' metadata")
+    if p.NAME in DatasetCatalog.list():
+        DatasetCatalog.remove(p.NAME)
+    if p.NAME in MetadataCatalog.list():
+        MetadataCatalog.remove(p.NAME)
+    register_coco_instances(p.NAME, {}, p.JSON, image_root)
+    logger.info("Registered %s: %s (images in %s)", p.NAME, p.JSON, image_root)
+    return p.NAME
+
+
+def is_p2seg(cfg):
+    """Whether ``cfg`` builds the P2Seg meta-architecture (else: a Detectron2 model, e.g. Mask R-CNN)."""
+    return cfg.MODEL.META_ARCHITECTURE == "P2Seg"
+
+
+def pseudo_masks_path(cfg, dataset_name):
+    """``OUTPUT_DIR/pseudo_masks_<dataset_name>.json``: where the export of ``dataset_name`` goes."""
+    return os.path.join(cfg.OUTPUT_DIR, f"pseudo_masks_{dataset_name}.json")
+
+
+def _find_exporter(evaluator):
+    """The ``PseudoMaskExporter`` in ``evaluator`` (itself or inside a ``DatasetEvaluators``), or None."""
+    from p2seg.evaluation import PseudoMaskExporter
+
+    if isinstance(evaluator, PseudoMaskExporter):
+        return evaluator
+    for e in getattr(evaluator, "_evaluators", []):
+        if isinstance(e, PseudoMaskExporter):
+            return e
+    return None
 
 
 def _mapper(cfg, is_train):
@@ -82,15 +151,19 @@ def _mapper(cfg, is_train):
 
 
 class Trainer(DefaultTrainer):
-    """``DefaultTrainer`` for P2Seg (Panoptic-DeepLab's train_net style).
+    """``DefaultTrainer`` for P2Seg (Panoptic-DeepLab's train_net style) and for stage 2.
 
-    * model: ``MODEL.META_ARCHITECTURE`` (P2Seg), SyncBN -> BN on one process;
-    * loaders: ``P2SegDatasetMapper`` (train: targets from points + pseudo-labels; test: points
-      and annotations passed through);
-    * optimizer: ``SOLVER.OPTIMIZER`` "ADAM" (Detectron2 param groups + gradient clipping) or
-      "SGD" (Detectron2's default);
-    * LR schedule: ``SOLVER.LR_SCHEDULER_NAME`` ("WarmupPolyLR": DeepLab's warm-up + poly decay);
-    * evaluator: :meth:`build_evaluator` (COCO mask AP).
+    Dispatch on ``MODEL.META_ARCHITECTURE``:
+
+    * "P2Seg": loaders with ``P2SegDatasetMapper`` (train: targets from points + pseudo-labels;
+      test: points and annotations passed through); SyncBN -> BN on one process;
+    * anything else (stage 2, e.g. Detectron2's "GeneralizedRCNN"): Detectron2's default
+      ``DatasetMapper`` loaders; ``DATASETS.PSEUDO_LABELS`` registers the exported pseudo masks.
+
+    Common: optimizer ``SOLVER.OPTIMIZER`` "ADAM" (Detectron2 param groups + gradient clipping)
+    or "SGD" (Detectron2's); LR schedule by ``SOLVER.LR_SCHEDULER_NAME`` (DeepLab's builder:
+    "WarmupPolyLR" or Detectron2's); evaluator :meth:`build_evaluator` (COCO mask AP + VOC mask
+    mAP, or the resumable pseudo-mask export with ``TEST.EXPORT_PSEUDO_MASKS``).
     """
 
     @classmethod
@@ -100,29 +173,98 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg):
-        """Detectron2 train loader over ``DATASETS.TRAIN`` with ``P2SegDatasetMapper(is_train=True)``."""
+        """Detectron2 train loader over ``DATASETS.TRAIN``: ``P2SegDatasetMapper(is_train=True)``
+        for P2Seg, Detectron2's default ``DatasetMapper`` otherwise."""
         register_builtin_datasets(cfg)
+        if not is_p2seg(cfg):
+            return build_detection_train_loader(cfg)
         return build_detection_train_loader(cfg, mapper=_mapper(cfg, True))
 
     @classmethod
-    def build_test_loader(cls, cfg, dataset_name):
-        """Detectron2 test loader (batch 1) with ``P2SegDatasetMapper(is_train=False)``."""
+    def build_test_loader(cls, cfg, dataset_name, dataset_dicts=None):
+        """Detectron2 test loader (batch 1) over ``dataset_name`` (or the given ``dataset_dicts``
+        of it): ``P2SegDatasetMapper(is_train=False)`` for P2Seg, the default mapper otherwise."""
         register_builtin_datasets(cfg)
-        return build_detection_test_loader(cfg, dataset_name, mapper=_mapper(cfg, False))
+        mapper = _mapper(cfg, False) if is_p2seg(cfg) else None
+        if dataset_dicts is None:
+            return build_detection_test_loader(cfg, dataset_name, mapper=mapper)
+        if mapper is None:
+            from detectron2.data import DatasetMapper
+
+            mapper = DatasetMapper(cfg, False)
+        return build_detection_test_loader(dataset=dataset_dicts, mapper=mapper, num_workers=cfg.DATALOADER.NUM_WORKERS)
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
-        """COCO mask AP of the predicted instances (``use_fast_impl=False``: no compiled ops).
+        """A ``DatasetEvaluators`` for ``dataset_name``.
 
-        Uses the dataset's ``json_file`` metadata when present, otherwise Detectron2 converts the
-        dataset dicts (which must then hold ground-truth segmentations).
+        * ``TEST.EXPORT_PSEUDO_MASKS`` (P2Seg): a resumable ``PseudoMaskExporter`` writing
+          ``OUTPUT_DIR/pseudo_masks_<dataset_name>.json``; it reports the exported masks' COCO AP
+          and VOC mAP against the ground truth over every exported image (resumed ones included),
+          so no ``InstanceMaskEvaluator`` runs beside it (both would report "segm"; the masks are
+          the same predictions);
+        * otherwise ``InstanceMaskEvaluator``: COCO mask AP / AP50 / AP75 and VOC mask mAP at
+          ``TEST.VOC_IOU_THRESHOLDS``; predictions in ``OUTPUT_DIR/inference/<dataset_name>/``.
         """
+        from p2seg.evaluation import InstanceMaskEvaluator, PseudoMaskExporter
+
+        register_builtin_datasets(cfg)
+        thresholds = tuple(cfg.TEST.VOC_IOU_THRESHOLDS)
+        max_dets = cfg.TEST.DETECTIONS_PER_IMAGE
+        if cfg.TEST.EXPORT_PSEUDO_MASKS:
+            if not is_p2seg(cfg):
+                raise ValueError(
+                    "config TEST.EXPORT_PSEUDO_MASKS needs MODEL.META_ARCHITECTURE 'P2Seg' (point-guided "
+                    f"masks), got {cfg.MODEL.META_ARCHITECTURE!r}"
+                )
+            exporter = PseudoMaskExporter(
+                dataset_name, pseudo_masks_path(cfg, dataset_name), iou_thresholds=thresholds, max_dets_per_image=max_dets
+            )
+            return DatasetEvaluators([exporter])
         if output_folder is None:
             output_folder = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
-        return COCOEvaluator(
-            dataset_name, tasks=("segm",), distributed=True, output_dir=output_folder,
-            use_fast_impl=False,
+        return DatasetEvaluators(
+            [InstanceMaskEvaluator(dataset_name, output_dir=output_folder, iou_thresholds=thresholds, max_dets_per_image=max_dets)]
         )
+
+    @classmethod
+    def test(cls, cfg, model, evaluators=None):
+        """Evaluate ``model`` on every ``DATASETS.TEST`` (Detectron2's ``DefaultTrainer.test``),
+        resuming pseudo-mask exports: images already in an exporter's sidecar are not re-run.
+
+        Returns:
+            ``OrderedDict``: ``{dataset name: results}``, or the one dataset's results alone.
+        """
+        if isinstance(evaluators, DatasetEvaluator):
+            evaluators = [evaluators]
+        if evaluators is not None and len(evaluators) != len(cfg.DATASETS.TEST):
+            raise ValueError(f"{len(evaluators)} evaluators for {len(cfg.DATASETS.TEST)} DATASETS.TEST")
+        results = OrderedDict()
+        for idx, dataset_name in enumerate(cfg.DATASETS.TEST):
+            evaluator = evaluators[idx] if evaluators is not None else cls.build_evaluator(cfg, dataset_name)
+            results[dataset_name] = cls._test_one(cfg, model, dataset_name, evaluator)
+            if comm.is_main_process() and results[dataset_name]:
+                logger.info("Evaluation results for %s in csv format:", dataset_name)
+                print_csv_format(results[dataset_name])
+        if len(results) == 1:
+            results = list(results.values())[0]
+        return results
+
+    @classmethod
+    def _test_one(cls, cfg, model, dataset_name, evaluator):
+        """Run ``model`` over the images of ``dataset_name`` not yet exported, then evaluate."""
+        from p2seg.evaluation import remaining_dataset_dicts
+
+        exporter = _find_exporter(evaluator)
+        if exporter is None:
+            return inference_on_dataset(model, cls.build_test_loader(cfg, dataset_name), evaluator)
+        dicts = DatasetCatalog.get(dataset_name)
+        todo = remaining_dataset_dicts(dicts, exporter)
+        logger.info("Pseudo-mask export of %s: %d of %d images to run", dataset_name, len(todo), len(dicts))
+        if not todo:  # everything is in the sidecars: only assemble the JSON
+            evaluator.reset()
+            return evaluator.evaluate()
+        return inference_on_dataset(model, cls.build_test_loader(cfg, dataset_name, todo), evaluator)
 
     @classmethod
     def build_optimizer(cls, cfg, model):
@@ -148,3 +290,29 @@ class Trainer(DefaultTrainer):
         """DeepLab's ``build_lr_scheduler``: ``WarmupPolyLR`` (SOLVER.WARMUP_ITERS/FACTOR/METHOD,
         POLY_LR_POWER, POLY_LR_CONSTANT_ENDING) or Detectron2's schedulers by name."""
         return build_deeplab_lr_scheduler(cfg, optimizer)
+
+    def build_hooks(self):
+        """Detectron2's hooks with checkpoints by ``P2SegCheckpointer`` (weights-only loading,
+        atomic saves) and a ``NonFiniteLossGuard`` first (p2seg/engine/hooks.py)."""
+        import weakref
+
+        from .checkpointer import P2SegCheckpointer
+        from .hooks import NonFiniteLossGuard
+
+        self.checkpointer = P2SegCheckpointer(self._trainer.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        return [NonFiniteLossGuard()] + super().build_hooks()
+
+    def state_dict(self):
+        """Detectron2 0.6's (iteration, hook states: the LR scheduler) plus the inner trainer's
+        (optimizer state), which Detectron2 0.6's ``DefaultTrainer`` does not checkpoint."""
+        ret = super().state_dict()
+        ret["_trainer"] = self._trainer.state_dict()
+        return ret
+
+    def load_state_dict(self, state_dict):
+        """Restore :meth:`state_dict` (checkpoints without optimizer state: the optimizer restarts)."""
+        super().load_state_dict(state_dict)
+        if "_trainer" in state_dict:
+            self._trainer.load_state_dict(state_dict["_trainer"])
+        else:
+            logger.warning("The checkpoint has no optimizer state ('trainer/_trainer'): the optimizer restarts")

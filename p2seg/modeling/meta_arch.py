@@ -25,7 +25,6 @@ from torch.nn import functional as F
 
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
-from detectron2.modeling.postprocessing import sem_seg_postprocess
 from detectron2.structures import BitMasks, Boxes, ImageList, Instances
 from detectron2.utils.events import get_event_storage
 
@@ -94,6 +93,7 @@ class P2Seg(nn.Module):
         fallback_box_size: int = 64,
         fallback_score: float = 0.5,
         flip_tta: bool = False,
+        channels_last: bool = False,
     ):
         """
         Args:
@@ -115,6 +115,8 @@ class P2Seg(nn.Module):
             center_threshold, nms_kernel, top_k, min_instance_area: peak grouping (no points).
             fallback_box_size, fallback_score: mask of a point that gets no pixel.
             flip_tta: average with the horizontally flipped input at inference.
+            channels_last: keep the parameters (hence the conv activations) in
+                ``torch.channels_last`` memory format (MODEL.P2SEG.CHANNELS_LAST).
         """
         super().__init__()
         self.backbone = backbone
@@ -147,6 +149,8 @@ class P2Seg(nn.Module):
         self.fallback_box_size = fallback_box_size
         self.fallback_score = fallback_score
         self.flip_tta = flip_tta
+        if channels_last:
+            self.to(memory_format=torch.channels_last)
         if i2s_enabled and affinity_head is None:
             raise ValueError(f"{_WHERE}: MODEL.P2SEG.I2S.ENABLED needs an affinity_head")
         if i2s_enabled and i2s_pool_stride != self.common_stride:
@@ -200,6 +204,7 @@ class P2Seg(nn.Module):
             "fallback_box_size": p2.INFERENCE.FALLBACK_BOX_SIZE,
             "fallback_score": p2.INFERENCE.FALLBACK_SCORE,
             "flip_tta": p2.INFERENCE.FLIP_TTA,
+            "channels_last": p2.CHANNELS_LAST,
         }
 
     @property
@@ -247,16 +252,17 @@ class P2Seg(nn.Module):
             outputs["affinity"] = self.affinity_head.layers(features)
         return outputs
 
-    def upsample(self, outputs: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    def upsample(self, outputs: Dict[str, torch.Tensor], skip=()) -> Dict[str, torch.Tensor]:
         """Bilinear upsampling by ``common_stride`` to the padded input size (Panoptic-DeepLab).
 
         Returns ``sem_seg`` (logits) / ``sem_probs`` (probabilities), ``center`` and ``offset``
-        at H'xW', offsets multiplied by ``common_stride`` (input pixels). Other keys are dropped.
+        at H'xW', offsets multiplied by ``common_stride`` (input pixels). Other keys and the keys
+        in ``skip`` (not needed by the caller) are dropped.
         """
         s = self.common_stride
         up = {}
         for key in ("sem_seg", "sem_probs", "center", "offset"):
-            if key in outputs:
+            if key in outputs and key not in skip:
                 up[key] = F.interpolate(outputs[key], scale_factor=s, mode="bilinear", align_corners=False)
         up["offset"] = up["offset"] * s
         return up
@@ -305,7 +311,10 @@ class P2Seg(nn.Module):
         [+ I2S.LOSS_WEIGHT*avg(L_aff_class, L_aff_instance)]`` where ``L_off'`` (S2I refined
         targets), the affinity losses and the random walk feeding ``L_sem`` come from the MDM hooks.
         """
-        up = self.upsample(outputs)
+        # With the training random walk, loss_sem reads the walked 1/4 probabilities
+        # (_semantic_logits), so the full-size head logits would be an unused B x (C+1) x H' x W'.
+        walk = self.i2s_enabled and self.random_walk
+        up = self.upsample(outputs, skip=("sem_seg",) if walk else ())
         s2i = self._s2i(outputs, up, targets)
         i2s = self._i2s(outputs, targets, s2i)
         terms = {}
@@ -414,7 +423,7 @@ class P2Seg(nn.Module):
             return up["sem_seg"]
         probs = F.interpolate(i2s["sem_probs"], scale_factor=self.common_stride, mode="bilinear",
                               align_corners=False)
-        return probs.clamp_min(torch.finfo(probs.dtype).tiny).log()
+        return probs.clamp_min_(torch.finfo(probs.dtype).tiny).log()  # in place: one H'xW' copy less
 
     def _refine_semantics(self, sem_probs, outputs, batched_inputs):
         """Inference random walk (I2S.RANDOM_WALK) on the 1/4-resolution probabilities of the
@@ -487,18 +496,21 @@ class P2Seg(nn.Module):
         (:func:`peak_instances`). The returned ``sem_seg`` is the cleaned probabilities.
         """
         present = self.present_classes(batched_inputs)
-        outputs = dict(outputs)
         walked = self._refine_semantics(outputs["sem_probs"], outputs, batched_inputs)
-        outputs["sem_probs"] = walked * present[:, :, None, None]
-        up = self.upsample(outputs)
+        sem_probs = walked * present[:, :, None, None]
         results = []
         for i, (x, image_size) in enumerate(zip(batched_inputs, images.image_sizes)):
             height = x.get("height", image_size[0])
             width = x.get("width", image_size[1])
-            probs = sem_seg_postprocess(up["sem_probs"][i], image_size, height, width)
-            offset = sem_seg_postprocess(up["offset"][i], image_size, height, width)
+            # Cleaned channels are 0 everywhere and stay 0 when resized: only the present ones
+            # (with the image-level labels of the points, usually 2-4 of C+1) are resized.
+            keep = torch.nonzero(present[i]).squeeze(1)
+            probs = sem_probs.new_zeros((sem_probs.shape[1], height, width))
+            probs[keep] = self._to_output_size(sem_probs[i, keep], image_size, height, width)
+            offset = self._to_output_size(outputs["offset"][i], image_size, height, width)
             scale_y, scale_x = height / image_size[0], width / image_size[1]
-            offset = offset * torch.tensor([scale_y, scale_x], device=offset.device).view(2, 1, 1)
+            offset = offset * torch.tensor([scale_y * self.common_stride, scale_x * self.common_stride],
+                                           device=offset.device).view(2, 1, 1)
             if "points" in x:
                 points = x["points"].to(self.device).reshape(-1, 2).float()
                 points = points * torch.tensor([scale_x, scale_y], device=self.device)
@@ -507,13 +519,28 @@ class P2Seg(nn.Module):
                     self.fallback_box_size, self.fallback_score,
                 )
             else:
-                center = sem_seg_postprocess(up["center"][i], image_size, height, width)
+                center = self._to_output_size(outputs["center"][i], image_size, height, width)
                 found = peak_instances(
                     probs, center, offset, self.center_threshold, self.nms_kernel, self.top_k,
                     self.min_instance_area,
                 )
             results.append({"instances": self._to_instances(found, height, width), "sem_seg": probs})
         return results
+
+    def _to_output_size(self, x: torch.Tensor, image_size, height: int, width: int) -> torch.Tensor:
+        """A 1/``common_stride`` map of the padded input to the output size, as :meth:`upsample`
+        followed by Detectron2's ``sem_seg_postprocess``: bilinear upsampling by ``common_stride``,
+        crop to the unpadded ``image_size``, then (only if the sizes differ: a same-size bilinear
+        resize is the identity) bilinear resize to ``height`` x ``width``.
+
+        Args:
+            x: float Kxhxw. Returns: float KxHxW (values not rescaled; offsets are scaled by the caller).
+        """
+        up = F.interpolate(x[None], scale_factor=self.common_stride, mode="bilinear", align_corners=False)
+        up = up[:, :, : image_size[0], : image_size[1]]
+        if (height, width) != tuple(image_size):
+            up = F.interpolate(up, size=(height, width), mode="bilinear", align_corners=False)
+        return up[0]
 
     @staticmethod
     def _to_instances(found: Dict[str, torch.Tensor], height: int, width: int) -> Instances:

@@ -1,0 +1,158 @@
+"""B3: pseudo-mask export cost of one image: model forward (eval, no_grad), post-processing, RLE.
+
+Usage: ``.venv/bin/python benchmarks/bench_export.py [--width 500] [--height 375] [--i2s on|off]
+[--runs 5] [--threads 2] [--device cpu] [--part all|forward|post] [--opts KEY VALUE ...]``.
+
+P2Seg from configs/Base-P2Seg.yaml (R-50 random init, BN, 20 classes) in eval mode under
+``torch.no_grad``; ONE synthetic ``width x height`` sample (benchmarks/common.py
+``make_rect_sample``, 5 points) fed as ``P2SegDatasetMapper(is_train=False)`` does (no resize,
+padded to SIZE_DIVISIBILITY: 512 x 384 for 500 x 375). Timed parts (medians of ``--runs`` after one
+warm-up):
+
+* ``forward``: backbone + heads + softmax (``predict_for_inference``) and, with I2S, the random walk
+  at 1/4 resolution (``_refine_semantics``);
+* ``post``: the rest of ``P2Seg.inference``: clean, upsample, crop/resize to 375 x 500,
+  ``point_guided_instances`` (one mask per point) and the Instances;
+* ``rle``: ``pycocotools.mask.encode`` of the 5 masks.
+
+Peak memory = process max RSS. ``--part forward`` runs only the forward (peak of the forward
+alone; ``run_all.py`` uses it for the memory figure). Prints one JSON line.
+"""
+import argparse
+import os
+import resource
+import time
+
+import numpy as np
+import torch
+
+from common import NUM_CLASSES, cpu_seconds, environment, make_rect_sample, print_json, timing_stats
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(ROOT, "configs", "Base-P2Seg.yaml")
+
+
+def build_model(args):
+    """The eval-mode P2Seg of the benchmark."""
+    from detectron2.config import get_cfg
+    from detectron2.modeling import build_model as d2_build
+
+    from p2seg import add_p2seg_config
+
+    cfg = get_cfg()
+    add_p2seg_config(cfg)
+    cfg.merge_from_file(args.config)
+    cfg.merge_from_list([
+        "MODEL.WEIGHTS", "", "MODEL.DEVICE", args.device, "MODEL.P2SEG.NUM_CLASSES", NUM_CLASSES,
+        "MODEL.RESNETS.NORM", "BN", "MODEL.SEM_SEG_HEAD.NORM", "BN", "MODEL.INS_EMBED_HEAD.NORM", "BN",
+        "MODEL.P2SEG.I2S.ENABLED", args.i2s == "on",
+        "MODEL.P2SEG.CHANNELS_LAST", bool(getattr(args, "channels_last", False)),
+    ] + list(args.opts))
+    cfg.freeze()
+    model = d2_build(cfg)
+    model.eval()
+    return model
+
+
+def _max_rss_gib():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=CONFIG)
+    parser.add_argument("--width", type=int, default=500)
+    parser.add_argument("--height", type=int, default=375)
+    parser.add_argument("--i2s", choices=("on", "off"), default="on")
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--part", choices=("all", "forward", "post"), default="all")
+    parser.add_argument("--channels-last", action="store_true", help="MODEL.P2SEG.CHANNELS_LAST True")
+    parser.add_argument("--opts", nargs="*", default=[])
+    args = parser.parse_args()
+    load_start = round(os.getloadavg()[0], 2)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    from pycocotools import mask as mask_util
+
+    model = build_model(args)
+    s = make_rect_sample(args.width, args.height)
+    inputs = [{
+        "image": torch.from_numpy(s["image"]).permute(2, 0, 1).contiguous(),
+        "points": torch.from_numpy(s["points"]),
+        "point_classes": torch.from_numpy(s["point_classes"]).long(),
+        "height": args.height, "width": args.width,
+    }]
+    device = torch.device(args.device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    rss_build = _max_rss_gib()
+
+    def forward():
+        images = model.preprocess_image(inputs)
+        outputs = model.predict_for_inference(images)
+        outputs["sem_probs"] = model._refine_semantics(outputs["sem_probs"], outputs, inputs)
+        return images, outputs
+
+    cpu = {"forward": [], "post": []}
+
+    def timed(fn, key=None):
+        sync()
+        t0, c0 = time.perf_counter(), cpu_seconds()
+        out = fn()
+        sync()
+        if key:
+            cpu[key].append(cpu_seconds() - c0)
+        return time.perf_counter() - t0, out
+
+    times = {"forward": [], "post": [], "rle": []}
+    with torch.no_grad():
+        for i in range(args.runs + 1):  # the first is the warm-up
+            t_fwd, (images, outputs) = timed(forward, "forward")
+            rss_forward = _max_rss_gib()
+            if args.part == "forward":
+                if i:
+                    times["forward"].append(t_fwd)
+                continue
+            # _refine_semantics already ran; inference must not walk again
+            t_post, results = timed(lambda: _inference_no_walk(model, outputs, inputs, images), "post")
+            masks = results[0]["instances"].pred_masks.cpu().numpy()
+            t_rle, rles = timed(lambda: mask_util.encode(np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8))))
+            if i:
+                times["forward"].append(t_fwd)
+                times["post"].append(t_post)
+                times["rle"].append(t_rle)
+    record = {
+        "benchmark": "export", "width": args.width, "height": args.height, "i2s": args.i2s,
+        "part": args.part, "channels_last": args.channels_last, "opts": list(args.opts), "runs": args.runs, "warmup": 1,
+        "device": str(device), "loadavg_start": load_start,
+        **{f"forward_{k}": v for k, v in timing_stats(times["forward"]).items()},
+        "forward_cpu_median_s": timing_stats(cpu["forward"][1:])["median_s"],
+        "rss_after_build_gib": round(rss_build, 3), "peak_rss_forward_gib": round(rss_forward, 3),
+        "peak_rss_gib": round(_max_rss_gib(), 3),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        **environment(),
+    }
+    if args.part != "forward":
+        record.update({f"post_{k}": v for k, v in timing_stats(times["post"]).items()})
+        record["post_cpu_median_s"] = timing_stats(cpu["post"][1:])["median_s"]
+        record.update({f"rle_{k}": v for k, v in timing_stats(times["rle"]).items()})
+        record["num_masks"] = int(masks.shape[0])
+        record["mask_pixels"] = [int(m.sum()) for m in masks]
+    if device.type == "cuda":
+        record["peak_cuda_gib"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 3)
+    print_json(record)
+
+
+def _inference_no_walk(model, outputs, inputs, images):
+    """``model.inference`` with the random walk switched off (it already ran in ``forward``)."""
+    saved = model.random_walk
+    model.random_walk = False
+    try:
+        return model.inference(outputs, inputs, images)
+    finally:
+        model.random_walk = saved
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+"""Run every benchmark workload, each in a FRESH subprocess, and print one JSON line per workload.
+
+Usage: ``.venv/bin/python benchmarks/run_all.py [--only B1 B2 B3] [--crops 320 416 512 640]
+[--runs 5] [--threads 2] [--device cpu] [--malloc-env] [--channels-last] [--no-i2s-off]``.
+
+Workloads (the authors' set, docs in each script):
+
+* B1 ``bench_train_step.py``: one training step, batch 2, R-50, S2I+I2S on at every ``--crops``,
+  and I2S off at 416;
+* B2 ``bench_targets.py``: ``build_targets`` of one 416 sample;
+* B3 ``bench_export.py``: forward at 512 x 384 with I2S (random walk) + post-processing + RLE,
+  and ``--part forward`` alone for the forward's peak memory.
+
+Children get ``OMP_WAIT_POLICY=PASSIVE`` (idle OpenMP threads sleep instead of spinning, which
+matters on a shared 2-core machine). ``--malloc-env`` also sets ``MALLOC_MMAP_THRESHOLD_=65536`` and
+``MALLOC_TRIM_THRESHOLD_=0`` (glibc: large buffers via mmap, returned at free; a documented option
+that lowers peak RSS of the fragmenting allocator, not a default). A failed workload prints a JSON
+line with ``error``. With ``--device cuda`` the B1/B3 workloads run on the GPU (B2 is CPU-only).
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def workloads(args):
+    """List of ``(name, argv)``, one per fresh process."""
+    out = []
+    common = ["--threads", str(args.threads)]
+    dev = ["--device", args.device] + (["--channels-last"] if args.channels_last else [])
+    if "B1" in args.only:
+        for crop in args.crops:
+            out.append((f"B1_train_step_crop{crop}_s2i_i2s",
+                        ["bench_train_step.py", "--crop", str(crop), "--runs", str(args.runs)] + common + dev))
+        if not args.no_i2s_off:
+            out.append(("B1_train_step_crop416_i2s_off",
+                        ["bench_train_step.py", "--crop", "416", "--i2s", "off", "--runs", str(args.runs)]
+                        + common + dev))
+    if "B2" in args.only:
+        out.append(("B2_targets_416", ["bench_targets.py", "--size", "416", "--runs", "20", "--threads", "1"]))
+    if "B3" in args.only:
+        out.append(("B3_export_forward_only",
+                    ["bench_export.py", "--part", "forward", "--runs", str(args.runs)] + common + dev))
+        out.append(("B3_export_all", ["bench_export.py", "--runs", str(args.runs)] + common + dev))
+    return out
+
+
+def child_env(malloc_env):
+    """Environment of the children (see the module docstring)."""
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
+    if malloc_env:
+        env.update(MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+    return env
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="+", default=["B1", "B2", "B3"])
+    parser.add_argument("--crops", type=int, nargs="+", default=[320, 416, 512, 640])
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--malloc-env", action="store_true")
+    parser.add_argument("--channels-last", action="store_true", help="MODEL.P2SEG.CHANNELS_LAST for B1/B3")
+    parser.add_argument("--no-i2s-off", action="store_true", help="skip the B1 I2S-off workload")
+    args = parser.parse_args()
+    env = child_env(args.malloc_env)
+    for name, argv in workloads(args):
+        proc = subprocess.run([sys.executable] + argv, cwd=HERE, capture_output=True, text=True, env=env)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+        if proc.returncode != 0 or not lines:
+            record = {"workload": name, "error": (proc.stderr.strip().splitlines() or ["?"])[-1],
+                      "returncode": proc.returncode}
+        else:
+            record = dict(json.loads(lines[-1]), workload=name)
+        record["malloc_env"] = args.malloc_env
+        print(json.dumps(record, sort_keys=True), flush=True)
+
+
+if __name__ == "__main__":
+    main()

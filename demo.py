@@ -1,0 +1,317 @@
+#!/usr/bin/env python
+"""Visualise P2Seg or stage-2 Mask R-CNN predictions on image files (like detectron2/demo/demo.py).
+
+Examples::
+
+    # P2Seg, peak grouping (no points)
+    python demo.py --config-file configs/shapes/p2seg_R18_cpu.yaml --input img.png dir/ "imgs/*.png" \\
+        --output vis/ --opts MODEL.WEIGHTS output/shapes_p2seg/model_final.pth
+    # P2Seg, point-guided: one mask per given point
+    python demo.py --config-file configs/shapes/p2seg_R18_cpu.yaml --input imgs/ --points points.json \\
+        --output vis/ --opts MODEL.WEIGHTS output/shapes_p2seg/model_final.pth
+    # the authors' per-image "x y cls [conf]" text files (<image stem>.txt)
+    python demo.py ... --points-dir Center_points/ --class-offset 0
+    # stage-2 Mask R-CNN
+    python demo.py --config-file configs/MaskRCNN/mask_rcnn_R_18_FPN_shapes_cpu.yaml --input imgs/ \\
+        --output vis/ --opts MODEL.WEIGHTS output/pipeline/stage2/model_final.pth
+
+Overrides: ``--opts KEY VALUE ...`` (last on the line), or after ``--`` at the end.
+
+Points (``--points FILE``), either format, matched to images by file name (base name):
+
+* a COCO point JSON (``images`` + ``annotations`` with ``"point": [x, y]``; classes = the
+  category's index among the sorted category ids), e.g. a shapes / p2seg-make-points file;
+* a simple JSON ``{"file_name": [[x, y, cls], ...], ...}`` with contiguous classes 0..C-1.
+
+Points are in original image pixels; the predictor's resize is applied to them before the model
+sees them (:class:`PointPredictor`). With points, P2Seg returns one instance per point; other
+models ignore them (they are only drawn). Each overlay is ``<output>/<image stem>.png`` (masks,
+classes, scores and the points as markers).
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import cv2
+import numpy as np
+import torch
+
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import get_cfg
+from detectron2.data import MetadataCatalog
+from detectron2.data import transforms as T
+from detectron2.engine import DefaultPredictor
+from detectron2.utils.logger import setup_logger
+from detectron2.utils.visualizer import ColorMode, Visualizer
+
+from p2seg import add_p2seg_config
+
+logger = logging.getLogger("p2seg.demo")
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+Points = Tuple[np.ndarray, np.ndarray]  # float64 (P, 2) x, y; int64 (P,) contiguous classes
+
+
+# ------------------------------------------------------------------------------ config / model
+def setup_cfg(config_file: str, opts: List[str]):
+    """Frozen config: Detectron2 defaults + P2Seg keys + ``config_file`` + ``opts``."""
+    cfg = get_cfg()
+    add_p2seg_config(cfg)
+    cfg.merge_from_file(config_file)
+    cfg.merge_from_list(list(opts))
+    cfg.freeze()
+    return cfg
+
+
+def num_classes(cfg) -> int:
+    """Number of object classes of the configured model (P2Seg or a Detectron2 R-CNN)."""
+    return cfg.MODEL.P2SEG.NUM_CLASSES if cfg.MODEL.META_ARCHITECTURE == "P2Seg" else cfg.MODEL.ROI_HEADS.NUM_CLASSES
+
+
+def test_augmentations(cfg) -> List[T.Augmentation]:
+    """The test-time resize of the project's loaders: P2Seg's mapper (``INPUT.MIN_SIZE_TEST`` 0 =
+    original size) or Detectron2's ``ResizeShortestEdge`` (DefaultPredictor's)."""
+    if cfg.MODEL.META_ARCHITECTURE == "P2Seg":
+        from p2seg.data.dataset_mapper import build_p2seg_augmentations
+
+        return list(build_p2seg_augmentations(cfg, is_train=False))
+    return [T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MIN_SIZE_TEST], cfg.INPUT.MAX_SIZE_TEST)]
+
+
+class PointPredictor(DefaultPredictor):
+    """Detectron2's ``DefaultPredictor`` that can also pass points to the model.
+
+    Differences: the model comes from :class:`p2seg.engine.Trainer` (SyncBN -> BN on one
+    process), the resize is :func:`test_augmentations`, and ``__call__`` takes optional points
+    that go through the same resize (``"points"`` / ``"point_classes"`` in the input dict,
+    docs/INTERNALS.md).
+    """
+
+    def __init__(self, cfg):
+        from p2seg.engine import Trainer
+        from p2seg.engine.trainer import register_builtin_datasets
+
+        self.cfg = cfg.clone()
+        self.model = Trainer.build_model(self.cfg)
+        self.model.eval()
+        register_builtin_datasets(self.cfg)
+        name = cfg.DATASETS.TEST[0] if len(cfg.DATASETS.TEST) else "__p2seg_demo"
+        self.metadata = MetadataCatalog.get(name)
+        if not getattr(self.metadata, "thing_classes", None):
+            self.metadata = MetadataCatalog.get("__p2seg_demo_classes")
+            self.metadata.set(thing_classes=[f"class {k}" for k in range(num_classes(cfg))])
+        DetectionCheckpointer(self.model).load(cfg.MODEL.WEIGHTS)
+        self.aug = T.AugmentationList(test_augmentations(cfg))
+        self.input_format = cfg.INPUT.FORMAT
+        assert self.input_format in ("RGB", "BGR"), self.input_format
+
+    def __call__(self, original_image: np.ndarray, points: Optional[Points] = None) -> dict:
+        """
+        Args:
+            original_image: uint8 ``(H, W, 3)`` BGR (OpenCV's ``imread``).
+            points: optional ``(xy float (P, 2), classes int (P,))`` in original image pixels.
+        Returns:
+            the model's output for the image (``{"instances", ...}``, original size).
+        """
+        from p2seg.data.dataset_mapper import transform_points
+
+        with torch.no_grad():
+            image = original_image[:, :, ::-1] if self.input_format == "RGB" else original_image
+            height, width = image.shape[:2]
+            aug_input = T.AugInput(np.ascontiguousarray(image))
+            transforms = self.aug(aug_input)
+            tensor = torch.as_tensor(aug_input.image.astype("float32").transpose(2, 0, 1))
+            inputs = {"image": tensor, "height": height, "width": width}
+            if points is not None and len(points[0]):
+                xy = transform_points(transforms, points[0])
+                inputs["points"] = torch.as_tensor(xy, dtype=torch.float32).reshape(-1, 2)
+                inputs["point_classes"] = torch.as_tensor(points[1], dtype=torch.int64)
+            return self.model([inputs])[0]
+
+
+# ------------------------------------------------------------------------------ inputs / points
+def expand_inputs(patterns: List[str]) -> List[str]:
+    """Image paths of files, folders (their image files, sorted) and glob patterns, in order.
+
+    Raises FileNotFoundError naming an argument that matches nothing.
+    """
+    paths: List[str] = []
+    for pattern in patterns:
+        if os.path.isdir(pattern):
+            found = sorted(str(p) for p in Path(pattern).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+        elif glob.has_magic(pattern):
+            found = sorted(glob.glob(pattern))
+        else:
+            found = [pattern] if os.path.isfile(pattern) else []
+        if not found:
+            raise FileNotFoundError(f"--input {pattern!r}: no image file found")
+        paths.extend(found)
+    return paths
+
+
+def _points_array(path: str, key: str, rows, n_classes: int) -> Points:
+    """Validate ``rows`` (``[[x, y, cls], ...]``) of ``key`` in the points file ``path``."""
+    if not isinstance(rows, list):
+        raise ValueError(f"{path}: entry {key!r}: expected a list of [x, y, cls], got {type(rows).__name__}")
+    xy, classes = [], []
+    for i, row in enumerate(rows):
+        ok = isinstance(row, (list, tuple)) and len(row) == 3 and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in row)
+        if not ok or not np.isfinite(row[:2]).all():
+            raise ValueError(f"{path}: entry {key!r} item {i}: expected [x, y, cls] numbers, got {row!r}")
+        if int(row[2]) != row[2] or not 0 <= int(row[2]) < n_classes:
+            raise ValueError(f"{path}: entry {key!r} item {i}: cls {row[2]!r} is not an integer in 0..{n_classes - 1}")
+        xy.append(row[:2])
+        classes.append(int(row[2]))
+    return np.array(xy, np.float64).reshape(-1, 2), np.array(classes, np.int64)
+
+
+def read_points_json(path: str, n_classes: int) -> Dict[str, Points]:
+    """Points per image base name from a COCO point JSON or a ``{file_name: [[x, y, cls]]}`` JSON.
+
+    Raises ValueError naming the file (and line, for JSON syntax errors) when it does not parse.
+    """
+    with open(path) as f:
+        text = f.read()
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: line {e.lineno} column {e.colno}: not valid JSON ({e.msg})") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    if "images" in data and "annotations" in data:
+        return _coco_points(path, data, n_classes)
+    return {os.path.basename(k): _points_array(path, k, v, n_classes) for k, v in data.items()}
+
+
+def _coco_points(path: str, data: dict, n_classes: int) -> Dict[str, Points]:
+    """Points of a COCO point JSON (classes = index of the category among the sorted ids)."""
+    try:
+        cat_ids = sorted(int(c["id"]) for c in data.get("categories", []))
+        names = {im["id"]: os.path.basename(im["file_name"]) for im in data["images"]}
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path}: 'images' / 'categories' entries need 'id' and 'file_name' ({e!r})") from e
+    contiguous = {c: k for k, c in enumerate(cat_ids)}
+    rows: Dict[str, list] = {n: [] for n in names.values()}
+    for i, ann in enumerate(data["annotations"]):
+        if ann.get("iscrowd", 0) or "point" not in ann:
+            continue
+        if ann.get("image_id") not in names or ann.get("category_id") not in contiguous:
+            raise ValueError(f"{path}: annotations[{i}]: unknown 'image_id' or 'category_id' in {ann.get('id')!r}")
+        pt = ann["point"]
+        if not (isinstance(pt, list) and len(pt) == 2):
+            raise ValueError(f"{path}: annotations[{i}]: field 'point' must be [x, y], got {pt!r}")
+        rows[names[ann["image_id"]]].append([pt[0], pt[1], contiguous[ann["category_id"]]])
+    return {n: _points_array(path, f"{n} (annotations)", r, n_classes) for n, r in rows.items()}
+
+
+def read_points_dir(folder: str, image_path: str, class_offset: int, n_classes: int) -> Optional[Points]:
+    """Points of ``<folder>/<image stem>.txt`` (the authors' ``x y cls [conf]`` lines); None if absent.
+
+    Raises ValueError naming the file and line of a line that does not parse.
+    """
+    from p2seg.tools.convert_voc import read_points
+
+    path = os.path.join(folder, Path(image_path).stem + ".txt")
+    if not os.path.isfile(path):
+        return None
+    rows = read_points(path, class_offset, n_classes)
+    return rows[:, :2].copy(), rows[:, 2].astype(np.int64)
+
+
+# ------------------------------------------------------------------------------ drawing
+def draw_overlay(image_bgr: np.ndarray, output: dict, metadata, points: Optional[Points] = None,
+                 confidence_threshold: float = 0.0, point_radius: float = 3.0) -> np.ndarray:
+    """RGB uint8 ``(H, W, 3)`` overlay: Detectron2's ``Visualizer`` instances (masks, boxes,
+    classes, scores; those below ``confidence_threshold`` dropped unless points are given) and the
+    points as white-edged markers of radius ``point_radius`` (px)."""
+    visualizer = Visualizer(image_bgr[:, :, ::-1], metadata, instance_mode=ColorMode.IMAGE)
+    instances = output["instances"].to("cpu")
+    if points is None and instances.has("scores"):
+        instances = instances[instances.scores >= confidence_threshold]
+    vis = visualizer.draw_instance_predictions(instances)
+    if points is not None:
+        for (x, y), _ in zip(points[0], points[1]):
+            visualizer.draw_circle((float(x), float(y)), color="w", radius=point_radius + 1)
+            visualizer.draw_circle((float(x), float(y)), color="r", radius=point_radius)
+        vis = visualizer.output
+    return vis.get_image()
+
+
+def write_png_atomic(path: str, image_rgb: np.ndarray) -> None:
+    """Write an RGB uint8 image as PNG via a temporary file + ``os.replace``."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}.png"
+    if not cv2.imwrite(tmp, np.ascontiguousarray(image_rgb[:, :, ::-1])):
+        raise OSError(f"could not write {tmp}")
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------ main
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="P2Seg / Mask R-CNN demo: PNG overlays of the predictions.",
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--config-file", required=True, help="config file (P2Seg or stage-2 Mask R-CNN)")
+    p.add_argument("--input", nargs="+", required=True, help="image files, folders or glob patterns")
+    p.add_argument("--output", required=True, help="folder of the overlays (<image stem>.png)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--points", help="points JSON (COCO point JSON or {file_name: [[x, y, cls], ...]})")
+    src.add_argument("--points-dir", help="folder of <image stem>.txt files with 'x y cls [conf]' lines")
+    p.add_argument("--class-offset", type=int, default=0, help="--points-dir: cls - offset = contiguous class")
+    p.add_argument("--confidence-threshold", type=float, default=0.5,
+                   help="minimum score of drawn instances when no points are given")
+    p.add_argument("--point-radius", type=float, default=3.0, help="marker radius (px)")
+    p.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="KEY VALUE config overrides (last)")
+    p.add_argument("overrides", nargs="*", help="KEY VALUE config overrides after '--'")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logger(name="p2seg")
+    setup_logger(name="detectron2")
+    try:
+        cfg = setup_cfg(args.config_file, list(args.overrides) + list(args.opts or []))
+        paths = expand_inputs(args.input)
+        n_classes = num_classes(cfg)
+        table = read_points_json(args.points, n_classes) if args.points else None
+        if args.points_dir and not os.path.isdir(args.points_dir):
+            raise FileNotFoundError(f"--points-dir {args.points_dir}: not a folder")
+        predictor = PointPredictor(cfg)
+        if (table is not None or args.points_dir) and cfg.MODEL.META_ARCHITECTURE != "P2Seg":
+            logger.warning("%s ignores points: they are only drawn", cfg.MODEL.META_ARCHITECTURE)
+        for path in paths:
+            image = cv2.imread(path, cv2.IMREAD_COLOR)
+            if image is None:
+                raise OSError(f"{path}: not a readable image")
+            if table is not None:
+                points = table.get(os.path.basename(path))
+            elif args.points_dir:
+                points = read_points_dir(args.points_dir, path, args.class_offset, n_classes)
+            else:
+                points = None
+            start = time.perf_counter()
+            output = predictor(image, points)
+            overlay = draw_overlay(image, output, predictor.metadata, points, args.confidence_threshold,
+                                   args.point_radius)
+            out_path = os.path.join(args.output, Path(path).stem + ".png")
+            write_png_atomic(out_path, overlay)
+            n_points = "no points" if points is None else f"{len(points[0])} points"
+            logger.info("%s: %d instances (%s) in %.2fs -> %s", path, len(output["instances"]), n_points,
+                        time.perf_counter() - start, out_path)
+    except (ValueError, OSError, KeyError) as e:
+        print(f"demo.py: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

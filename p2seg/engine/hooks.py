@@ -1,0 +1,114 @@
+"""Training hooks of P2Seg.
+
+:class:`NonFiniteLossGuard` stops training at the first non-finite loss or parameter, before any
+checkpoint is written from the bad state:
+
+* losses: Detectron2's ``SimpleTrainer.run_step`` computes the losses, back-propagates, calls
+  ``_write_metrics(loss_dict, ...)`` and only then ``optimizer.step()``. The guard wraps the
+  trainer's ``_write_metrics`` and raises :class:`NonFiniteLossError` (a ``FloatingPointError``)
+  naming the iteration, the non-finite loss terms and the last checkpoint when any term is NaN or
+  infinite (on any process: the per-process flags are all-gathered so every process stops). The
+  optimizer has not stepped, and the hooks' ``after_step`` (``PeriodicCheckpointer``) has not run.
+* parameters: a finite loss can still give infinite gradients and NaN weights after the step.
+  ``after_step`` of the guard (registered before ``PeriodicCheckpointer``) checks every parameter
+  and raises, naming the first non-finite ones, before the checkpointer can save them.
+"""
+import logging
+from typing import Dict, List, Mapping
+
+import torch
+
+from detectron2.engine import HookBase
+from detectron2.utils import comm
+
+__all__ = ["NonFiniteLossError", "NonFiniteLossGuard", "nonfinite_terms", "nonfinite_parameters"]
+
+logger = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training stopped at a NaN / infinite loss term or parameter."""
+
+
+def nonfinite_terms(loss_dict: Mapping[str, torch.Tensor]) -> Dict[str, float]:
+    """The loss terms that are not finite: ``{name: value}`` (values of scalar or any-shape tensors;
+    a tensor counts as non-finite when any of its elements is)."""
+    if not loss_dict:
+        return {}
+    names = list(loss_dict)
+    flags = torch.stack([torch.isfinite(loss_dict[k].detach()).all() for k in names]).tolist()
+    return {k: float(loss_dict[k].detach().float().sum()) for k, ok in zip(names, flags) if not ok}
+
+
+def nonfinite_parameters(model: torch.nn.Module, max_names: int) -> List[str]:
+    """Names of (at most ``max_names``) parameters holding a NaN or infinite value."""
+    named = [(n, p) for n, p in model.named_parameters()]
+    if not named:
+        return []
+    flags = torch.stack([torch.isfinite(p.detach()).all() for _, p in named]).tolist()
+    return [n for (n, _), ok in zip(named, flags) if not ok][:max_names]
+
+
+class NonFiniteLossGuard(HookBase):
+    """Stop training at the first non-finite loss term or parameter (module docstring).
+
+    Register it before ``PeriodicCheckpointer`` (first in the hook list).
+    """
+
+    def __init__(self, check_parameters: bool = True, max_names: int = 10):
+        """
+        Args:
+            check_parameters: also check the parameters after every step (one pass over them).
+            max_names: at most this many parameter names in the error message.
+        """
+        self._check_parameters = check_parameters
+        self._max_names = max_names
+        self._original_write_metrics = None
+
+    def _last_checkpoint(self) -> str:
+        """Path of the last checkpoint written in OUTPUT_DIR, or a sentence saying there is none."""
+        checkpointer = getattr(self.trainer, "checkpointer", None)
+        if checkpointer is not None and checkpointer.has_checkpoint():
+            return checkpointer.get_checkpoint_file()
+        where = getattr(checkpointer, "save_dir", "") or "OUTPUT_DIR"
+        return f"none yet in {where}"
+
+    def _fail(self, what: str) -> None:
+        """Raise :class:`NonFiniteLossError` for the current iteration with ``what`` went wrong."""
+        msg = (
+            f"Training stopped at iteration {self.trainer.iter}: {what}. No checkpoint was written "
+            f"from this state; the last checkpoint is {self._last_checkpoint()}. Lower SOLVER.BASE_LR, "
+            "enable SOLVER.CLIP_GRADIENTS or check the data, then resume with --resume."
+        )
+        logger.error(msg)
+        raise NonFiniteLossError(msg)
+
+    def _checked_write_metrics(self, loss_dict, *args, **kwargs):
+        """Check ``loss_dict`` on every process, then call the trainer's ``_write_metrics``."""
+        bad = nonfinite_terms(loss_dict)
+        everywhere = comm.all_gather(bad) if comm.get_world_size() > 1 else [bad]
+        if any(everywhere):
+            terms = {k: v for part in everywhere for k, v in part.items()}
+            self._fail(f"non-finite loss terms {terms}")
+        return self._original_write_metrics(loss_dict, *args, **kwargs)
+
+    def before_train(self):
+        """Wrap the inner trainer's ``_write_metrics`` (called between backward and the step)."""
+        inner = getattr(self.trainer, "_trainer", self.trainer)
+        self._original_write_metrics = inner._write_metrics
+        inner._write_metrics = self._checked_write_metrics
+
+    def after_step(self):
+        """Raise when a parameter became non-finite at this step (before the checkpointer runs)."""
+        if not self._check_parameters:
+            return
+        bad = nonfinite_parameters(self.trainer.model, self._max_names)
+        if bad:
+            self._fail(f"non-finite values in parameters {bad} after the optimizer step")
+
+    def after_train(self):
+        """Restore the inner trainer's ``_write_metrics``."""
+        if self._original_write_metrics is not None:
+            inner = getattr(self.trainer, "_trainer", self.trainer)
+            inner._write_metrics = self._original_write_metrics
+            self._original_write_metrics = None

@@ -1,0 +1,244 @@
+"""The whole point-supervised pipeline, one command (``tools/run_pipeline.py``).
+
+Stages (each a ``train_net.py`` subprocess, output in ``<output_dir>/<stage>/`` with its log in
+``<output_dir>/<stage>.log``; a stage whose outputs exist is skipped, so a rerun resumes):
+
+1. ``stage1``   train P2Seg (stage-1 config) on its ``DATASETS.TRAIN[0]`` (points + semantic
+   pseudo-labels);
+2. ``export``   ``--eval-only TEST.EXPORT_PSEUDO_MASKS True`` on that training set: one pseudo
+   mask per point -> ``export/pseudo_masks_<train>.json`` and their metrics vs the ground truth
+   (resumable inside the stage too: the exporter's sidecar);
+3. ``stage2``   train the stage-2 config (Detectron2's Mask R-CNN) on the exported JSON
+   (``DATASETS.PSEUDO_LABELS``);
+4. ``eval``     ``--eval-only`` of the stage-2 model on its ``DATASETS.TEST``;
+5. ``baseline`` (in this process) the nearest-point baseline (pseudo-label pixels -> nearest
+   point of their class, :mod:`p2seg.data.shapes`) on the training and test sets.
+
+The final table (COCO mask AP/AP50/AP75, VOC mAP50, wall time per stage) is printed and written
+to ``<output_dir>/pipeline_results.json``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shlex
+import subprocess
+import sys
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+__all__ = ["PipelineConfig", "run_pipeline", "results_table", "QUICK_STAGE1", "QUICK_STAGE2", "QUICK_COMMON"]
+
+logger = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parents[2]
+DEFAULT_STAGE1 = REPO / "configs" / "shapes" / "p2seg_R18_cpu.yaml"
+DEFAULT_STAGE2 = REPO / "configs" / "MaskRCNN" / "mask_rcnn_R_18_FPN_shapes_cpu.yaml"
+RESULTS_FILE = "pipeline_results.json"
+
+# --quick: a few iterations on a handful of tiny images (tests, smoke runs).
+QUICK_COMMON = ["DATASETS.SHAPES.NUM_TRAIN", "4", "DATASETS.SHAPES.NUM_VAL", "2", "SOLVER.MAX_ITER", "2",
+                "SOLVER.IMS_PER_BATCH", "2", "SOLVER.WARMUP_ITERS", "1"]
+QUICK_STAGE1 = [
+    "INPUT.CROP.SIZE", "(64,64)", "INPUT.RESIZE_TARGET", "96",
+    "MODEL.SEM_SEG_HEAD.CONVS_DIM", "16", "MODEL.SEM_SEG_HEAD.ASPP_CHANNELS", "16",
+    "MODEL.SEM_SEG_HEAD.HEAD_CHANNELS", "16", "MODEL.INS_EMBED_HEAD.CONVS_DIM", "8",
+    "MODEL.INS_EMBED_HEAD.ASPP_CHANNELS", "8", "MODEL.INS_EMBED_HEAD.HEAD_CHANNELS", "8",
+    "MODEL.INS_EMBED_HEAD.CENTER_HEAD_CHANNELS", "8",
+]
+QUICK_STAGE2 = ["INPUT.MIN_SIZE_TRAIN", "(128,)", "INPUT.MIN_SIZE_TEST", "128", "MODEL.FPN.OUT_CHANNELS", "32"]
+
+# Log lines shown on the console while a stage runs (iteration progress and metrics).
+_PROGRESS_MARKERS = ("d2.utils.events", "copypaste", "Error", "error:", "Traceback")
+
+
+class PipelineConfig:
+    """Options of :func:`run_pipeline` (the command-line flags of tools/run_pipeline.py)."""
+
+    def __init__(self, output_dir: str, stage1_config: str = str(DEFAULT_STAGE1),
+                 stage2_config: str = str(DEFAULT_STAGE2), quick: bool = False,
+                 opts: Sequence[str] = (), stage1_opts: Sequence[str] = (), stage2_opts: Sequence[str] = (),
+                 python: str = sys.executable, train_net: str = str(REPO / "train_net.py")):
+        """
+        Args:
+            output_dir: folder of every stage's outputs and of the results JSON.
+            stage1_config / stage2_config: P2Seg / stage-2 (Mask R-CNN) config files.
+            quick: append the ``QUICK_*`` overrides (a few iterations on 4 + 2 tiny images).
+            opts: ``KEY VALUE`` overrides for both stages; stage1_opts / stage2_opts: for one.
+            python, train_net: interpreter and script that run the stages.
+        """
+        self.output_dir = Path(output_dir).resolve()
+        self.stage1_config = str(Path(stage1_config).resolve())
+        self.stage2_config = str(Path(stage2_config).resolve())
+        self.quick = quick
+        if len(opts) % 2 or len(stage1_opts) % 2 or len(stage2_opts) % 2:
+            raise ValueError(f"overrides must be KEY VALUE pairs, got {list(opts)} {list(stage1_opts)} {list(stage2_opts)}")
+        self.opts, self.stage1_opts, self.stage2_opts = list(opts), list(stage1_opts), list(stage2_opts)
+        self.python, self.train_net = python, train_net
+
+    def stage_opts(self, stage: int) -> List[str]:
+        """Overrides of stage 1 or 2: quick ones first, then the common, then the stage's own."""
+        quick = (QUICK_COMMON + (QUICK_STAGE1 if stage == 1 else QUICK_STAGE2)) if self.quick else []
+        return quick + self.opts + (self.stage1_opts if stage == 1 else self.stage2_opts)
+
+    def load_cfg(self, stage: int):
+        """The merged config of stage 1 or 2 (as train_net.py builds it, not frozen)."""
+        from detectron2.config import get_cfg
+
+        from p2seg import add_p2seg_config
+
+        cfg = get_cfg()
+        add_p2seg_config(cfg)
+        cfg.merge_from_file(self.stage1_config if stage == 1 else self.stage2_config)
+        cfg.merge_from_list(self.stage_opts(stage))
+        return cfg
+
+
+def _run_train_net(pc: PipelineConfig, name: str, args: List[str]) -> None:
+    """Run ``train_net.py args`` to ``<output_dir>/<name>.log``, echoing progress lines.
+
+    Raises RuntimeError naming the log file when the command fails.
+    """
+    log_path = pc.output_dir / f"{name}.log"
+    cmd = [pc.python, pc.train_net] + args
+    print(f"[{name}] $ {' '.join(shlex.quote(c) for c in cmd)}", flush=True)
+    with open(log_path, "w") as log:
+        env = dict(os.environ, PYTHONUNBUFFERED="1")  # progress lines as they happen
+        proc = subprocess.Popen(cmd, cwd=str(REPO), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)
+        for line in proc.stdout:
+            log.write(line)
+            log.flush()
+            if any(m in line for m in _PROGRESS_MARKERS):
+                print(f"[{name}] {line.rstrip()}", flush=True)
+        rc = proc.wait()
+    if rc != 0:
+        raise RuntimeError(f"pipeline stage '{name}' failed (exit code {rc}); see {log_path}")
+
+
+def _read_json(path: Path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def _metrics(results: Optional[dict]) -> Dict[str, float]:
+    """``{"AP", "AP50", "AP75", "mAP50"}`` (percent) from an evaluator's results dict."""
+    results = results or {}
+    segm, voc = results.get("segm", {}), results.get("voc_mask", {})
+    return {"AP": segm.get("AP"), "AP50": segm.get("AP50"), "AP75": segm.get("AP75"), "mAP50": voc.get("mAP50")}
+
+
+def nearest_point_metrics(cfg, dataset_name: str) -> Dict[str, float]:
+    """Metrics (:func:`_metrics`) of the nearest-point baseline on ``dataset_name`` (registered
+    with ``cfg``'s counts), with the same evaluator as the models."""
+    from detectron2.data import DatasetCatalog
+
+    from p2seg.data.shapes import nearest_point_prediction
+    from p2seg.engine.trainer import register_builtin_datasets
+    from p2seg.evaluation import InstanceMaskEvaluator
+
+    register_builtin_datasets(cfg)
+    evaluator = InstanceMaskEvaluator(dataset_name, distributed=False,
+                                      iou_thresholds=tuple(cfg.TEST.VOC_IOU_THRESHOLDS))
+    evaluator.reset()
+    for d in DatasetCatalog.get(dataset_name):
+        evaluator.process([{"image_id": d["image_id"]}], [nearest_point_prediction(d)])
+    return _metrics(evaluator.evaluate())
+
+
+def _stage(pc: PipelineConfig, name: str, done: bool, run, timings: Dict[str, dict]) -> None:
+    """Run one stage unless ``done``; record its wall time (or "skipped")."""
+    if done:
+        print(f"[{name}] outputs exist: skipped", flush=True)
+        timings[name] = {"seconds": None, "skipped": True}
+        return
+    print(f"[{name}] started", flush=True)
+    start = time.perf_counter()
+    run()
+    seconds = round(time.perf_counter() - start, 1)
+    timings[name] = {"seconds": seconds, "skipped": False}
+    print(f"[{name}] done in {seconds:.1f} s", flush=True)
+
+
+def run_pipeline(pc: PipelineConfig) -> dict:
+    """Run the stages (module docstring), write and return the results dict::
+
+        {"rows": {row name: {"dataset", "AP", "AP50", "AP75", "mAP50"}}, "stages": {stage: {"seconds",
+         "skipped"}}, "files": {...}, "quick": bool}
+    """
+    from p2seg.data.point_coco import write_json_atomic
+
+    pc.output_dir.mkdir(parents=True, exist_ok=True)
+    cfg1, cfg2 = pc.load_cfg(1), pc.load_cfg(2)
+    if not len(cfg1.DATASETS.TRAIN):
+        raise ValueError(f"{pc.stage1_config}: DATASETS.TRAIN is empty")
+    train_set = cfg1.DATASETS.TRAIN[0]
+    test_sets = list(cfg2.DATASETS.TEST)
+    d1, dx, d2, de = (pc.output_dir / n for n in ("stage1", "export", "stage2", "eval"))
+    pseudo_json = dx / f"pseudo_masks_{train_set}.json"
+    o1, o2 = pc.stage_opts(1), pc.stage_opts(2)
+    timings: Dict[str, dict] = OrderedDict()
+
+    _stage(pc, "stage1", (d1 / "model_final.pth").is_file(), lambda: _run_train_net(
+        pc, "stage1", ["--config-file", pc.stage1_config, *o1, "OUTPUT_DIR", str(d1), "DATASETS.TEST", "()"]), timings)
+    _stage(pc, "export", pseudo_json.is_file() and (dx / "results.json").is_file(), lambda: _run_train_net(
+        pc, "export", ["--config-file", pc.stage1_config, "--eval-only", *o1, "OUTPUT_DIR", str(dx),
+                       "MODEL.WEIGHTS", str(d1 / "model_final.pth"), "DATASETS.TEST", f'("{train_set}",)',
+                       "TEST.EXPORT_PSEUDO_MASKS", "True"]), timings)
+    pseudo_opts = ["DATASETS.PSEUDO_LABELS.JSON", str(pseudo_json), "DATASETS.PSEUDO_LABELS.SOURCE", train_set]
+    _stage(pc, "stage2", (d2 / "model_final.pth").is_file(), lambda: _run_train_net(
+        pc, "stage2", ["--config-file", pc.stage2_config, *o2, *pseudo_opts, "OUTPUT_DIR", str(d2),
+                       "DATASETS.TEST", "()"]), timings)
+    _stage(pc, "eval", (de / "results.json").is_file(), lambda: _run_train_net(
+        pc, "eval", ["--config-file", pc.stage2_config, "--eval-only", *o2, *pseudo_opts, "OUTPUT_DIR", str(de),
+                     "MODEL.WEIGHTS", str(d2 / "model_final.pth")]), timings)
+    baseline_file = pc.output_dir / "baseline.json"
+
+    def run_baseline():
+        write_json_atomic({n: nearest_point_metrics(cfg1, n) for n in [train_set] + test_sets}, str(baseline_file))
+
+    _stage(pc, "baseline", baseline_file.is_file(), run_baseline, timings)
+
+    export_results = _read_json(dx / "results.json")
+    eval_results = _read_json(de / "results.json")
+    if len(test_sets) > 1:  # Trainer.test nests per dataset when there are several
+        eval_results = eval_results[test_sets[0]]
+    baseline = _read_json(baseline_file)
+    rows = OrderedDict()
+    rows["P2Seg pseudo masks (points given)"] = dict(dataset=train_set, **_metrics(export_results))
+    rows["Mask R-CNN on pseudo masks"] = dict(dataset=test_sets[0], **_metrics(eval_results))
+    for name in [train_set] + test_sets:
+        rows[f"nearest-point baseline ({name})"] = dict(dataset=name, **baseline[name])
+    out = {
+        "rows": rows,
+        "stages": timings,
+        "total_seconds": round(sum(t["seconds"] or 0.0 for t in timings.values()), 1),
+        "files": {"pseudo_masks": str(pseudo_json), "stage1_model": str(d1 / "model_final.pth"),
+                  "stage2_model": str(d2 / "model_final.pth")},
+        "num_pseudo_masks": export_results.get("pseudo_masks", {}).get("num_masks"),
+        "quick": pc.quick,
+    }
+    write_json_atomic(out, str(pc.output_dir / RESULTS_FILE))
+    print(results_table(out), flush=True)
+    print(f"results: {pc.output_dir / RESULTS_FILE}", flush=True)
+    return out
+
+
+def _fmt(v) -> str:
+    return "n/a" if v is None or v != v else f"{v:.1f}"
+
+
+def results_table(out: dict) -> str:
+    """Markdown tables of :func:`run_pipeline`'s results: metrics per row, then wall time per stage."""
+    lines = ["| result | dataset | AP | AP50 | AP75 | VOC mAP50 |", "|---|---|---:|---:|---:|---:|"]
+    for name, r in out["rows"].items():
+        lines.append(f"| {name} | {r['dataset']} | {_fmt(r['AP'])} | {_fmt(r['AP50'])} | {_fmt(r['AP75'])} "
+                     f"| {_fmt(r['mAP50'])} |")
+    lines += ["", "| stage | wall time (s) |", "|---|---:|"]
+    for name, t in out["stages"].items():
+        lines.append(f"| {name} | {'skipped (done)' if t['skipped'] else _fmt(t['seconds'])} |")
+    lines.append(f"| total | {_fmt(out['total_seconds'])} |")
+    return "\n".join(lines)

@@ -1,0 +1,137 @@
+"""demo.py: overlays of P2Seg (with / without points) and Mask R-CNN, points files, errors."""
+import json
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from p2seg.data.shapes import ensure_shapes_dataset, split_paths
+from p2seg.engine.pipeline import QUICK_STAGE1
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+import demo  # noqa: E402  (demo.py at the repository root)
+
+P2SEG = REPO / "configs" / "shapes" / "p2seg_R18_cpu.yaml"
+MASK_RCNN = REPO / "configs" / "MaskRCNN" / "mask_rcnn_R_18_FPN_shapes_cpu.yaml"
+SHAPES = ["DATASETS.SHAPES.NUM_TRAIN", "4", "DATASETS.SHAPES.NUM_VAL", "2"]
+P2SEG_OPTS = SHAPES + QUICK_STAGE1 + ["MODEL.WEIGHTS", ""]  # random initialisation
+RCNN_OPTS = SHAPES + ["MODEL.WEIGHTS", "", "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0", "INPUT.MIN_SIZE_TEST", "128",
+                      "MODEL.FPN.OUT_CHANNELS", "32"]
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    """Tiny shapes dataset: (val image folder, val COCO point JSON)."""
+    root = tmp_path_factory.mktemp("demo_cache")
+    d = ensure_shapes_dataset(4, 2, 0, root=root)
+    json_file, image_root, _ = split_paths(d, "val")
+    return image_root, json_file
+
+
+@pytest.fixture(autouse=True)
+def _cache(shapes, monkeypatch):
+    monkeypatch.setenv("P2SEG_CACHE", str(Path(shapes[0]).parents[2]))
+
+
+def _mask_region_changed(image_bgr, overlay_rgb, masks):
+    """Mean absolute change inside the union of ``masks`` (bool N x H x W) and outside it."""
+    diff = np.abs(overlay_rgb[:, :, ::-1].astype(np.int32) - image_bgr.astype(np.int32)).sum(-1)
+    union = masks.any(0)
+    return diff[union].mean(), union.sum()
+
+
+def test_p2seg_with_points_one_mask_per_point_and_overlay(shapes, tmp_path):
+    image_root, json_file = shapes
+    cfg = demo.setup_cfg(str(P2SEG), P2SEG_OPTS)
+    predictor = demo.PointPredictor(cfg)
+    table = demo.read_points_json(str(json_file), demo.num_classes(cfg))
+    path = str(image_root / "000001.png")
+    image = cv2.imread(path)
+    points = table["000001.png"]
+    out = predictor(image, points)
+    assert len(out["instances"]) == len(points[0]) > 0
+    assert out["instances"].pred_masks.shape[1:] == image.shape[:2]
+    overlay = demo.draw_overlay(image, out, predictor.metadata, points)
+    changed, area = _mask_region_changed(image, overlay, out["instances"].pred_masks.numpy())
+    assert area > 0 and changed > 10
+
+    # the command: folder input, COCO point JSON, PNG per image
+    rc = demo.main(["--config-file", str(P2SEG), "--input", str(image_root), "--output", str(tmp_path),
+                    "--points", str(json_file), "--opts", *P2SEG_OPTS])
+    assert rc == 0
+    written = cv2.imread(str(tmp_path / "000001.png"))
+    assert written.shape == image.shape
+    assert np.abs(written.astype(int) - image.astype(int)).sum(-1)[out["instances"].pred_masks.numpy().any(0)].mean() > 10
+
+
+def test_simple_points_json_and_points_dir_give_same_masks(shapes, tmp_path):
+    image_root, json_file = shapes
+    cfg = demo.setup_cfg(str(P2SEG), P2SEG_OPTS)
+    coco = demo.read_points_json(str(json_file), 3)["000000.png"]
+    simple = tmp_path / "points.json"
+    simple.write_text(json.dumps({"000000.png": [[x, y, int(k)] for (x, y), k in zip(coco[0].tolist(), coco[1])]}))
+    from_simple = demo.read_points_json(str(simple), 3)["000000.png"]
+    np.testing.assert_allclose(from_simple[0], coco[0])
+    np.testing.assert_array_equal(from_simple[1], coco[1])
+    txt_dir = tmp_path / "txt"
+    txt_dir.mkdir()
+    (txt_dir / "000000.txt").write_text("".join(f"{x} {y} {k + 1} 0.9\n" for (x, y), k in zip(coco[0], coco[1])))
+    from_txt = demo.read_points_dir(str(txt_dir), str(image_root / "000000.png"), 1, 3)
+    np.testing.assert_allclose(from_txt[0], coco[0])
+    np.testing.assert_array_equal(from_txt[1], coco[1])
+    assert demo.read_points_dir(str(txt_dir), str(image_root / "000001.png"), 1, 3) is None
+    predictor = demo.PointPredictor(cfg)
+    image = cv2.imread(str(image_root / "000000.png"))
+    a, b = predictor(image, from_simple), predictor(image, from_txt)
+    assert (a["instances"].pred_masks == b["instances"].pred_masks).all()
+
+
+def test_without_points_p2seg_and_mask_rcnn(shapes, tmp_path):
+    image_root, _ = shapes
+    # P2Seg without points: peak grouping; the command writes one PNG per image
+    rc = demo.main(["--config-file", str(P2SEG), "--input", str(image_root / "*.png"), "--output",
+                    str(tmp_path / "p2seg"), "--opts", *P2SEG_OPTS])
+    assert rc == 0 and sorted(p.name for p in (tmp_path / "p2seg").iterdir()) == ["000000.png", "000001.png"]
+    # stage-2 Mask R-CNN (random weights, score threshold 0: it returns instances)
+    cfg = demo.setup_cfg(str(MASK_RCNN), RCNN_OPTS)
+    predictor = demo.PointPredictor(cfg)
+    image = cv2.imread(str(image_root / "000000.png"))
+    out = predictor(image)
+    assert len(out["instances"]) > 0 and out["instances"].pred_masks.shape[1:] == image.shape[:2]
+    overlay = demo.draw_overlay(image, out, predictor.metadata, confidence_threshold=0.0)
+    masks = out["instances"].pred_masks.numpy()
+    if masks.any():
+        changed, _ = _mask_region_changed(image, overlay, masks)
+        assert changed > 5
+    else:  # only boxes / labels drawn
+        assert (overlay[:, :, ::-1] != image).any()
+    rc = demo.main(["--config-file", str(MASK_RCNN), "--input", str(image_root / "000000.png"), "--output",
+                    str(tmp_path / "rcnn"), "--confidence-threshold", "0", "--", *RCNN_OPTS])
+    assert rc == 0 and (tmp_path / "rcnn" / "000000.png").is_file()
+
+
+def test_bad_points_files_name_file_and_line(shapes, tmp_path, capsys):
+    image_root, _ = shapes
+    bad_json = tmp_path / "bad.json"
+    bad_json.write_text('{"000000.png": [[10, 20, 0],\n  [30, 40 1]]}\n')
+    with pytest.raises(ValueError, match=r"bad\.json: line 2"):
+        demo.read_points_json(str(bad_json), 3)
+    wrong = tmp_path / "wrong.json"
+    wrong.write_text(json.dumps({"000000.png": [[10, 20, 7]]}))
+    with pytest.raises(ValueError, match=r"wrong\.json: entry '000000.png' item 0: cls 7"):
+        demo.read_points_json(str(wrong), 3)
+    rc = demo.main(["--config-file", str(P2SEG), "--input", str(image_root), "--output", str(tmp_path / "o"),
+                    "--points", str(bad_json), "--opts", *P2SEG_OPTS])
+    assert rc == 1 and "bad.json: line 2" in capsys.readouterr().err
+    txt_dir = tmp_path / "txt"
+    txt_dir.mkdir()
+    (txt_dir / "000000.txt").write_text("10 20 1\n30 forty 1\n")
+    rc = demo.main(["--config-file", str(P2SEG), "--input", str(image_root), "--output", str(tmp_path / "o"),
+                    "--points-dir", str(txt_dir), "--class-offset", "1", "--opts", *P2SEG_OPTS])
+    err = capsys.readouterr().err
+    assert rc == 1 and "000000.txt:2" in err
+    with pytest.raises(FileNotFoundError, match="nothing_here"):
+        demo.expand_inputs([str(tmp_path / "nothing_here" / "*.png")])

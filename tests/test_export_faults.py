@@ -1,0 +1,121 @@
+"""Export faults: ``train_net.py --eval-only`` with ``TEST.EXPORT_PSEUDO_MASKS`` SIGKILL-ed after
+some images (and a half-written sidecar line) resumes without recomputing finished images, without
+duplicates, and never leaves a partial JSON under the final name."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "configs" / "shapes" / "p2seg_R18_cpu.yaml"
+NUM_TRAIN = 6
+PAUSE_AFTER = 3
+
+TINY = [
+    "DATASETS.SHAPES.NUM_TRAIN", str(NUM_TRAIN), "DATASETS.SHAPES.NUM_VAL", "2",
+    "DATASETS.TEST", '("p2seg_shapes_train",)', "TEST.EXPORT_PSEUDO_MASKS", "True",
+    "INPUT.MIN_SIZE_TEST", "96", "INPUT.MAX_SIZE_TEST", "96", "DATALOADER.NUM_WORKERS", "0",
+    "MODEL.WEIGHTS", "",
+    "MODEL.SEM_SEG_HEAD.CONVS_DIM", "16", "MODEL.SEM_SEG_HEAD.ASPP_CHANNELS", "16",
+    "MODEL.SEM_SEG_HEAD.HEAD_CHANNELS", "16", "MODEL.INS_EMBED_HEAD.CONVS_DIM", "8",
+    "MODEL.INS_EMBED_HEAD.ASPP_CHANNELS", "8", "MODEL.INS_EMBED_HEAD.HEAD_CHANNELS", "8",
+    "MODEL.INS_EMBED_HEAD.CENTER_HEAD_CHANNELS", "8",
+]
+
+# Runs train_net.py as __main__; records the image ids given to the exporter (PROCESSED_LOG) and,
+# with PAUSE_AFTER > 0, writes PAUSE_MARKER and sleeps after that many images (to be killed).
+WRAPPER = '''
+import os, runpy, sys, time
+from p2seg.evaluation import pseudo_mask_exporter as pme
+
+pause_after = int(os.environ.get("PAUSE_AFTER", "0"))
+seen = []
+original = pme.PseudoMaskExporter.process
+
+
+def process(self, inputs, outputs):
+    original(self, inputs, outputs)
+    with open(os.environ["PROCESSED_LOG"], "a") as f:
+        f.writelines(f"{inp['image_id']}\\n" for inp in inputs)
+    seen.extend(inp["image_id"] for inp in inputs)
+    if pause_after and len(seen) >= pause_after:
+        with open(os.environ["PAUSE_MARKER"], "w") as f:
+            f.write("paused")
+        time.sleep(600)
+
+
+pme.PseudoMaskExporter.process = process
+sys.argv = ["train_net.py"] + sys.argv[1:]
+runpy.run_path(os.environ["TRAIN_NET"], run_name="__main__")
+'''
+
+
+def _setup(tmp_path):
+    wrapper = tmp_path / "export_wrapper.py"
+    wrapper.write_text(WRAPPER)
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(wrapper), "--config-file", str(CONFIG), "--eval-only", *TINY, "OUTPUT_DIR", str(out)]
+    env = dict(os.environ, P2SEG_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1",
+               TRAIN_NET=str(REPO / "train_net.py"), PAUSE_MARKER=str(tmp_path / "paused"))
+    return cmd, env, out
+
+
+def _ids(path):
+    return [line for line in path.read_text().splitlines() if line] if path.exists() else []
+
+
+def test_export_killed_then_resumed(tmp_path):
+    cmd, env, out = _setup(tmp_path)
+    final = out / "pseudo_masks_p2seg_shapes_train.json"
+    sidecar = Path(str(final) + ".partial.jsonl")
+    log1, log2 = tmp_path / "processed1.txt", tmp_path / "processed2.txt"
+
+    # 1) run until PAUSE_AFTER images are exported, checking the final name never appears; SIGKILL
+    proc = subprocess.Popen(cmd, cwd=str(REPO), env=dict(env, PAUSE_AFTER=str(PAUSE_AFTER), PROCESSED_LOG=str(log1)),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (tmp_path / "paused").exists():
+            assert proc.poll() is None, f"export exited early: {proc.stderr.read()[-3000:]}"
+            assert time.monotonic() < deadline, "export did not reach the pause"
+            assert not final.exists(), "the final JSON exists before the export finished"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert not final.exists() and not list(out.glob("*.json"))
+    done = [json.loads(line) for line in sidecar.read_text().splitlines()]
+    assert len(done) == len(_ids(log1)) == PAUSE_AFTER
+    # a crash in the middle of writing the next line leaves it half-written
+    with open(sidecar, "a") as f:
+        f.write('{"image_id": "half-written", "annotations": [{"segm')
+
+    # 2) resume: only the remaining images run, the JSON is complete, each image once
+    proc = subprocess.run(cmd, cwd=str(REPO), env=dict(env, PROCESSED_LOG=str(log2)),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    first = {str(r["image_id"]) for r in done}
+    second = _ids(log2)
+    assert not first & set(second), "finished images were recomputed"
+    assert len(second) == NUM_TRAIN - PAUSE_AFTER
+
+    coco = json.loads(final.read_text())
+    image_ids = [im["id"] for im in coco["images"]]
+    assert len(image_ids) == len(set(image_ids)) == NUM_TRAIN
+    assert [a["id"] for a in coco["annotations"]] == list(range(1, len(coco["annotations"]) + 1))
+    gt = json.loads(next((tmp_path / "cache").glob("shapes_*/annotations/train.json")).read_text())
+    points = [a for a in gt["annotations"] if not a.get("iscrowd", 0)]
+    assert len(coco["annotations"]) == len(points)  # one mask per point, none twice
+    # the first run's masks are kept as they were (not recomputed by the second, other model)
+    for record in done:
+        kept = [{k: v for k, v in a.items() if k not in ("id", "image_id")}
+                for a in coco["annotations"] if a["image_id"] == record["image_id"]]
+        assert kept == record["annotations"]
+    assert not sidecar.exists() and not list(out.glob("*.partial*"))
+    assert not [p for p in out.iterdir() if p.name.startswith(".tmp") or p.suffix == ".tmp"]

@@ -1,0 +1,157 @@
+"""Pseudo-mask export via train_net.py --eval-only, stage-2 Mask R-CNN on it, the pipeline command.
+
+Stage 1 is trained once (2 iterations, 4 + 2 tiny shapes images, the pipeline's --quick
+overrides) and exported with ``--eval-only TEST.EXPORT_PSEUDO_MASKS True``; the pipeline test
+reuses those outputs (its skip-if-done) and runs stage 2, the evaluation and the baseline.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pycocotools.coco import COCO
+
+from detectron2.config import get_cfg
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.datasets import register_coco_instances
+
+from p2seg import add_p2seg_config
+from p2seg.engine.pipeline import QUICK_COMMON, QUICK_STAGE1
+
+REPO = Path(__file__).resolve().parents[1]
+STAGE1 = REPO / "configs" / "shapes" / "p2seg_R18_cpu.yaml"
+STAGE2 = REPO / "configs" / "MaskRCNN" / "mask_rcnn_R_18_FPN_shapes_cpu.yaml"
+TINY = QUICK_COMMON + QUICK_STAGE1
+TRAIN = "p2seg_shapes_train"
+
+
+def _run(args, env, script="train_net.py"):
+    proc = subprocess.run([sys.executable, str(REPO / script), *args], cwd=str(REPO), env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout + proc.stderr
+
+
+@pytest.fixture(scope="module")
+def stage1(tmp_path_factory):
+    """Stage 1 trained 2 iterations, then exported with --eval-only: paths and env."""
+    root = tmp_path_factory.mktemp("pipeline")
+    env = dict(os.environ, P2SEG_CACHE=str(root / "cache"), OMP_NUM_THREADS="1")
+    _run(["--config-file", str(STAGE1), *TINY, "OUTPUT_DIR", str(root / "stage1"), "DATASETS.TEST", "()"], env)
+    weights = root / "stage1" / "model_final.pth"
+    log = _run(["--config-file", str(STAGE1), "--eval-only", *TINY, "MODEL.WEIGHTS", str(weights),
+                "OUTPUT_DIR", str(root / "export"), "DATASETS.TEST", f'("{TRAIN}",)',
+                "TEST.EXPORT_PSEUDO_MASKS", "True"], env)
+    gt_json = next((root / "cache").glob("shapes_*")) / "annotations" / "train.json"
+    return {"root": root, "env": env, "weights": weights, "log": log, "gt_json": gt_json,
+            "json": root / "export" / f"pseudo_masks_{TRAIN}.json"}
+
+
+def test_eval_only_exports_one_mask_per_point(stage1):
+    assert stage1["json"].is_file()
+    assert not list(stage1["json"].parent.glob("*.partial*"))  # sidecar removed after assembly
+    coco = COCO(str(stage1["json"]))
+    gt = json.loads(stage1["gt_json"].read_text())
+    assert sorted(coco.getImgIds()) == sorted(im["id"] for im in gt["images"])
+    for image_id in coco.getImgIds():
+        anns = coco.loadAnns(coco.getAnnIds(imgIds=[image_id]))
+        gt_anns = [a for a in gt["annotations"] if a["image_id"] == image_id]
+        assert len(anns) == len(gt_anns) > 0  # one pseudo mask per input point
+        np.testing.assert_allclose([a["point"] for a in anns], [a["point"] for a in gt_anns])
+        assert [a["category_id"] for a in anns] == [a["category_id"] for a in gt_anns]
+        assert all(coco.annToMask(a).shape == (coco.imgs[image_id]["height"], coco.imgs[image_id]["width"])
+                   for a in anns)
+    name = "test_pipeline_pseudo"
+    try:
+        register_coco_instances(name, {}, str(stage1["json"]), str(stage1["gt_json"].parents[1] / "train" / "images"))
+        dicts = DatasetCatalog.get(name)
+        assert sum(len(d["annotations"]) for d in dicts) == len(gt["annotations"])
+        assert all(os.path.isfile(d["file_name"]) for d in dicts)
+    finally:
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+    # the metrics table: COCO AP and VOC mAP of the pseudo masks vs GT, and results.json
+    assert "copypaste: AP,AP50,AP75" in stage1["log"] and "mAP25,mAP50,mAP70,mAP75" in stage1["log"]
+    results = json.loads((stage1["json"].parent / "results.json").read_text())
+    assert set(results) >= {"segm", "voc_mask", "pseudo_masks"}
+    assert results["pseudo_masks"]["num_masks"] == results["pseudo_masks"]["num_points"] == len(gt["annotations"])
+
+
+class _CountingModel:
+    """Wraps a model and records the image ids it is called on."""
+
+    def __init__(self, model):
+        self.model, self.seen = model, []
+
+    def __call__(self, inputs):
+        self.seen += [x["image_id"] for x in inputs]
+        return self.model(inputs)
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+
+def test_export_resumes_from_sidecar(stage1, tmp_path, monkeypatch):
+    from detectron2.checkpoint import DetectionCheckpointer
+
+    from p2seg.engine import Trainer
+    from p2seg.evaluation.pseudo_mask_exporter import sidecar_path
+
+    monkeypatch.setenv("P2SEG_CACHE", stage1["env"]["P2SEG_CACHE"])
+    cfg = get_cfg()
+    add_p2seg_config(cfg)
+    cfg.merge_from_file(str(STAGE1))
+    cfg.merge_from_list(TINY + ["OUTPUT_DIR", str(tmp_path), "DATASETS.TEST", f'("{TRAIN}",)',
+                                "TEST.EXPORT_PSEUDO_MASKS", True])
+    cfg.freeze()
+    model = Trainer.build_model(cfg)
+    DetectionCheckpointer(model).load(str(stage1["weights"]))
+    model.eval()
+    # an interrupted earlier export: image 0 already in the sidecar
+    done = json.loads(stage1["json"].read_text())
+    anns = [{k: v for k, v in a.items() if k not in ("id", "image_id")} for a in done["annotations"] if a["image_id"] == 0]
+    out = tmp_path / f"pseudo_masks_{TRAIN}.json"
+    Path(sidecar_path(str(out))).write_text(json.dumps({"image_id": 0, "num_points": len(anns), "annotations": anns}) + "\n")
+    counting = _CountingModel(model)
+    import torch
+
+    with torch.no_grad():
+        results = Trainer.test(cfg, counting)
+    assert sorted(counting.seen) == [1, 2, 3]  # image 0 was not run again
+    exported = json.loads(out.read_text())
+    assert len(exported["images"]) == 4 and len(exported["annotations"]) == len(done["annotations"])
+    assert results["pseudo_masks"]["num_images"] == 4
+
+
+def test_pipeline_quick_runs_stage2_and_resumes(stage1):
+    """tools/run_pipeline.py --quick; stages 1 and export are taken from the fixture (skip-if-done)."""
+    out = stage1["root"] / "run"
+    (out / "stage1").mkdir(parents=True)
+    shutil.copy(stage1["weights"], out / "stage1" / "model_final.pth")
+    shutil.copytree(stage1["json"].parent, out / "export")
+    log = _run(["--quick", "--output-dir", str(out)], stage1["env"], script="tools/run_pipeline.py")
+    assert "[stage1] outputs exist: skipped" in log and "[export] outputs exist: skipped" in log
+    assert "[stage2] done in" in log and "[eval] done in" in log
+    # stage 2 = Detectron2's Mask R-CNN trained on the exported JSON (2 iterations)
+    metrics = [json.loads(line) for line in (out / "stage2" / "metrics.json").read_text().splitlines()]
+    assert any("loss_mask" in m and "loss_rpn_cls" in m for m in metrics)
+    config = (out / "stage2" / "config.yaml").read_text()
+    assert "GeneralizedRCNN" in config and str(stage1["json"].name) in config
+    results = json.loads((out / "pipeline_results.json").read_text())
+    rows = results["rows"]
+    assert rows["P2Seg pseudo masks (points given)"]["dataset"] == TRAIN
+    assert rows["Mask R-CNN on pseudo masks"]["dataset"] == "p2seg_shapes_val"
+    baseline = rows["nearest-point baseline (p2seg_shapes_val)"]
+    assert 0 < baseline["AP50"] <= 100
+    assert set(results["stages"]) == {"stage1", "export", "stage2", "eval", "baseline"}
+    assert results["stages"]["stage2"]["seconds"] > 0
+    assert "| Mask R-CNN on pseudo masks |" in log
+    # a rerun skips every stage and prints the same table
+    log2 = _run(["--quick", "--output-dir", str(out)], stage1["env"], script="tools/run_pipeline.py")
+    assert all(f"[{s}] outputs exist: skipped" in log2 for s in results["stages"])
+    rerun = json.loads((out / "pipeline_results.json").read_text())["rows"]
+    assert json.dumps(rerun) == json.dumps(rows)  # (NaN-safe comparison)

@@ -1,0 +1,263 @@
+"""Training faults: non-finite loss / parameters stop training before a bad checkpoint is written,
+a SIGKILL-ed run resumes with --resume on the same schedule, checkpoints load weights-only, and
+nothing is fetched from the network."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from detectron2.config import get_cfg
+
+from p2seg import add_p2seg_config
+from p2seg.engine import Trainer
+from p2seg.engine.checkpointer import P2SegCheckpointer
+from p2seg.engine.hooks import NonFiniteLossError, NonFiniteLossGuard, nonfinite_terms
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "configs" / "shapes" / "p2seg_R18_cpu.yaml"
+
+# Tiny overrides of the CPU demo config: 4 training / 2 validation images, 64 px crops, thin heads.
+TINY = [
+    "SOLVER.IMS_PER_BATCH", "2", "SOLVER.WARMUP_ITERS", "2",
+    "DATASETS.SHAPES.NUM_TRAIN", "4", "DATASETS.SHAPES.NUM_VAL", "2",
+    "INPUT.CROP.SIZE", "(64,64)", "INPUT.RESIZE_TARGET", "96", "DATALOADER.NUM_WORKERS", "0",
+    "MODEL.SEM_SEG_HEAD.CONVS_DIM", "16", "MODEL.SEM_SEG_HEAD.ASPP_CHANNELS", "16",
+    "MODEL.SEM_SEG_HEAD.HEAD_CHANNELS", "16", "MODEL.INS_EMBED_HEAD.CONVS_DIM", "8",
+    "MODEL.INS_EMBED_HEAD.ASPP_CHANNELS", "8", "MODEL.INS_EMBED_HEAD.HEAD_CHANNELS", "8",
+    "MODEL.INS_EMBED_HEAD.CENTER_HEAD_CHANNELS", "8",
+]
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    """One shapes-dataset cache for the whole module (rendered once)."""
+    return tmp_path_factory.mktemp("p2seg_cache")
+
+
+def tiny_cfg(out_dir, *opts):
+    cfg = get_cfg()
+    add_p2seg_config(cfg)
+    cfg.merge_from_file(str(CONFIG))
+    cfg.merge_from_list(TINY + ["OUTPUT_DIR", str(out_dir), *opts])
+    cfg.freeze()
+    return cfg
+
+
+def _load_checkpoint(cfg, path):
+    """(model, extra checkpoint data) of ``path`` loaded weights-only into a fresh model."""
+    model = Trainer.build_model(cfg)
+    extra = P2SegCheckpointer(model).load(str(path), checkpointables=[])
+    return model, extra
+
+
+def _all_finite(model):
+    return all(torch.isfinite(p).all() for p in model.state_dict().values() if p.is_floating_point())
+
+
+def test_nonfinite_terms():
+    losses = {"a": torch.tensor(1.0), "b": torch.tensor(float("nan")), "c": torch.tensor([1.0, float("inf")])}
+    bad = nonfinite_terms(losses)
+    assert set(bad) == {"b", "c"}
+    assert nonfinite_terms({"a": torch.tensor(2.0)}) == {}
+
+
+def test_nan_loss_stops_before_checkpoint(tmp_path, cache_dir, monkeypatch):
+    """loss_sem becomes NaN at iteration 3: training stops with the iteration, the term and the
+    last checkpoint (iteration 1) in the message; no checkpoint of iteration 3 or final exists."""
+    monkeypatch.setenv("P2SEG_CACHE", str(cache_dir))
+    torch.manual_seed(0)
+    out = tmp_path / "out"
+    cfg = tiny_cfg(out, "SOLVER.MAX_ITER", "5", "SOLVER.CHECKPOINT_PERIOD", "2")
+    trainer = Trainer(cfg)
+    assert isinstance(trainer._hooks[0], NonFiniteLossGuard)
+    model = trainer._trainer.model
+    forward = model.forward
+
+    def nan_at_3(batched_inputs):
+        losses = forward(batched_inputs)
+        if trainer.iter == 3:
+            losses["loss_sem"] = losses["loss_sem"] * float("nan")
+        return losses
+
+    model.forward = nan_at_3
+    with pytest.raises(NonFiniteLossError) as info:
+        trainer.train()
+    msg = str(info.value)
+    assert "iteration 3" in msg and "loss_sem" in msg, msg
+    assert "loss_center" not in msg.split("non-finite loss terms")[1].split("}")[0], msg
+    assert str(out / "model_0000001.pth") in msg, msg
+    assert not (out / "model_0000003.pth").exists() and not (out / "model_final.pth").exists()
+    assert (out / "last_checkpoint").read_text().strip() == "model_0000001.pth"
+    restored, extra = _load_checkpoint(cfg, out / "model_0000001.pth")
+    assert extra["iteration"] == 1 and _all_finite(restored)
+
+
+def test_nan_parameter_stops_before_checkpoint(tmp_path, cache_dir, monkeypatch):
+    """A parameter becomes infinite in the optimizer step of iteration 3 (a checkpoint iteration)
+    while the loss was finite: the guard names it and no checkpoint of iteration 3 is written; model_0000001 stays the last."""
+    monkeypatch.setenv("P2SEG_CACHE", str(cache_dir))
+    torch.manual_seed(0)
+    out = tmp_path / "out"
+    cfg = tiny_cfg(out, "SOLVER.MAX_ITER", "5", "SOLVER.CHECKPOINT_PERIOD", "2")
+    trainer = Trainer(cfg)
+    name, param = next(iter(trainer._trainer.model.named_parameters()))
+
+    def poison_at_3(optimizer, args, kwargs):  # torch optimizer step post-hook
+        if trainer.iter == 3:
+            with torch.no_grad():
+                param.view(-1)[0] = float("inf")
+
+    trainer._trainer.optimizer.register_step_post_hook(poison_at_3)
+    with pytest.raises(NonFiniteLossError) as info:
+        trainer.train()
+    msg = str(info.value)
+    assert "iteration 3" in msg and name in msg and "model_0000001.pth" in msg, msg
+    assert not (out / "model_0000003.pth").exists()
+    assert (out / "last_checkpoint").read_text().strip() == "model_0000001.pth"
+    restored, _ = _load_checkpoint(cfg, out / "model_0000001.pth")
+    assert _all_finite(restored)
+
+
+class _Payload:
+    """An arbitrary class: unpickling it could run code, weights_only refuses it."""
+
+
+def test_checkpointer_refuses_pickled_objects(tmp_path):
+    """A .pth holding arbitrary Python objects is refused (weights_only), naming the file."""
+    path = tmp_path / "evil.pth"
+    torch.save({"model": {}, "payload": _Payload()}, path)  # not a weights-only type
+    with pytest.raises(ValueError, match="evil.pth.*weights_only=True"):
+        P2SegCheckpointer(torch.nn.Linear(2, 2))._load_file(str(path))
+
+
+def test_checkpoint_save_interrupted_keeps_the_previous_one(tmp_path, monkeypatch):
+    """torch.save dies half-way through the second checkpoint: model_a.pth and last_checkpoint
+    are untouched and no file exists under the new name."""
+    checkpointer = P2SegCheckpointer(torch.nn.Linear(2, 2), save_dir=str(tmp_path))
+    checkpointer.save("model_a", iteration=1)
+    real_save = torch.save
+
+    def dying_save(obj, f, *args, **kwargs):
+        with open(f, "wb") as out:
+            out.write(b"PK\x03\x04 half a file")
+        raise KeyboardInterrupt("killed while saving")
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        checkpointer.save("model_b", iteration=2)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert not (tmp_path / "model_b.pth").exists()
+    assert (tmp_path / "last_checkpoint").read_text() == "model_a.pth"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last_checkpoint", "model_a.pth"]
+    assert checkpointer.resume_or_load("", resume=True)["iteration"] == 1
+
+
+class _NoNetwork(socket.socket):
+    def __init__(self, *args, **kwargs):
+        raise AssertionError("network access attempted (socket.socket)")
+
+
+def _refuse(*args, **kwargs):
+    raise AssertionError(f"network access attempted: {args[:2]}")
+
+
+def test_no_network_during_training_and_inference(tmp_path, cache_dir, monkeypatch):
+    """2 iterations + the final evaluation, in-process, with sockets disabled."""
+    monkeypatch.setenv("P2SEG_CACHE", str(tmp_path / "cache"))  # dataset rendered offline too
+    monkeypatch.setattr(socket, "socket", _NoNetwork)
+    monkeypatch.setattr(socket, "create_connection", _refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", _refuse)
+    out = tmp_path / "out"
+    cfg = tiny_cfg(out, "SOLVER.MAX_ITER", "2")
+    trainer = Trainer(cfg)
+    trainer.train()
+    assert (out / "model_final.pth").is_file()
+    assert trainer._last_eval_results  # the evaluation after training ran
+
+
+# ---------------------------------------------------------------------------------------------
+# SIGKILL + --resume (subprocesses)
+
+RESUME_OPTS = ["SOLVER.MAX_ITER", "12", "SOLVER.CHECKPOINT_PERIOD", "4", "TEST.EVAL_PERIOD", "0",
+               "DATASETS.TEST", "()"]
+
+
+def _cmd(out_dir, *extra):
+    return [sys.executable, str(REPO / "train_net.py"), "--config-file", str(CONFIG), *extra,
+            *TINY, *RESUME_OPTS, "OUTPUT_DIR", str(out_dir)]
+
+
+def _env(cache_dir):
+    return dict(os.environ, P2SEG_CACHE=str(cache_dir), OMP_NUM_THREADS="1")
+
+
+def _run(cmd, env):
+    proc = subprocess.run(cmd, cwd=str(REPO), env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout + proc.stderr
+
+
+def _kill_after_checkpoint(cmd, env, out_dir, min_iter, timeout):
+    """Start ``cmd``, SIGKILL it once ``last_checkpoint`` names a checkpoint of iteration >= min_iter.
+    Returns that checkpoint's iteration."""
+    proc = subprocess.Popen(cmd, cwd=str(REPO), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    tag = out_dir / "last_checkpoint"
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            name = tag.read_text().strip() if tag.exists() else ""
+            if name.startswith("model_0") and int(name[6:13]) >= min_iter:
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+                return int(name[6:13])
+            time.sleep(0.02)
+        raise AssertionError(f"no checkpoint >= {min_iter} before exit/timeout (rc {proc.poll()})")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _final_state(path):
+    """(iteration, LR scheduler last_epoch, optimizer lr, Adam step counts) of a checkpoint."""
+    state = torch.load(path, map_location="cpu", weights_only=True)["trainer"]
+    opt = state["_trainer"]["optimizer"]
+    steps = {float(s["step"]) for s in opt["state"].values()}
+    return state["iteration"], state["hooks"]["LRScheduler"]["last_epoch"], opt["param_groups"][0]["lr"], steps
+
+
+def _metrics(out_dir):
+    return [json.loads(line) for line in (out_dir / "metrics.json").read_text().splitlines()]
+
+
+def test_sigkill_then_resume_follows_the_schedule(tmp_path, cache_dir):
+    env = _env(cache_dir)
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    _run(_cmd(ref), env)
+    killed_at = _kill_after_checkpoint(_cmd(run), env, run, min_iter=3, timeout=240)
+    print(f"SIGKILL after the checkpoint of iteration {killed_at}")
+    assert killed_at < 11 and not (run / "model_final.pth").exists()
+    ckpt = torch.load(run / f"model_{killed_at:07d}.pth", map_location="cpu", weights_only=True)
+    state = ckpt["trainer"]  # the Trainer's checkpointable: iteration, LR scheduler, optimizer
+    assert ckpt["iteration"] == state["iteration"] == killed_at
+    assert state["hooks"]["LRScheduler"]["last_epoch"] == killed_at + 1 and state["_trainer"]["optimizer"]["state"]
+
+    log = _run(_cmd(run, "--resume"), env)
+    assert f"Starting training from iteration {killed_at + 1}" in log, log[-3000:]
+    it, last_epoch, lr, steps = _final_state(run / "model_final.pth")
+    ref_it, ref_last_epoch, ref_lr, ref_steps = _final_state(ref / "model_final.pth")
+    assert it == ref_it == 11 and last_epoch == ref_last_epoch == 12
+    assert lr == pytest.approx(ref_lr, rel=1e-9)
+    # Adam's step count continues from the checkpoint: 12 steps in all, as without the kill
+    assert steps == ref_steps == {12.0}
+    # the lr logged at the last iteration is the reference run's
+    last = [m for m in _metrics(run) if m.get("iteration") == 11]
+    ref_last = [m for m in _metrics(ref) if m.get("iteration") == 11]
+    assert last and ref_last and last[-1]["lr"] == pytest.approx(ref_last[-1]["lr"], rel=1e-9)
