@@ -26,7 +26,7 @@ test: install
 	$(PY) -m pytest -q tests
 
 demo: install
-	$(PY) train_net.py --config-file configs/shapes/p2seg_R18_cpu.yaml
+	$(PY) tools/run_pipeline.py --output-dir output/pipeline
 
 clean-venv:
 	rm -rf $(VENV)
