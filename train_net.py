@@ -31,7 +31,7 @@ from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.utils import comm
 
 from p2seg import add_p2seg_config
-from p2seg.data.point_coco import write_json_atomic
+from p2seg.utils.atomic import write_json_atomic
 from p2seg.engine import Trainer
 from p2seg.engine.checkpointer import P2SegCheckpointer
 

@@ -198,7 +198,7 @@ def main(argv: List[str] = None) -> int:
     if unknown:
         raise SystemExit(f"--variants: unknown {unknown}; choose from {sorted(VARIANTS)}")
     logging.basicConfig(level=logging.WARNING)
-    from p2seg.data.point_coco import write_json_atomic
+    from p2seg.utils.atomic import write_json_atomic
 
     table = {"iters": args.iters, "eval_only": args.eval_only, "config": os.path.relpath(args.config_file, _REPO), "dataset": args.dataset,
              "opts": list(args.opts), "results": {}}

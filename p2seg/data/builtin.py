@@ -152,12 +152,9 @@ def build_coco_mini_train_cache(
     Returns:
         the cache folder (str).
     """
-    import shutil
-    import tempfile
-
     from p2seg.tools.make_points import make_points
+    from p2seg.utils.atomic import atomic_directory, write_json_atomic
 
-    from .point_coco import write_json_atomic
     from .semantic_sources import Degradation, category_labels, default_cache_root, mean_iou, read_coco_json, render_mask_json
 
     degradation = dict(COCO_MINI_DEGRADATION if degradation is None else degradation)
@@ -167,9 +164,8 @@ def build_coco_mini_train_cache(
     final = _coco_mini_cache_dir(json_file, cache_root or default_cache_root(), degradation, seed, rule)
     if os.path.isdir(final):
         return final
-    os.makedirs(os.path.dirname(final), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=os.path.basename(final) + ".tmp", dir=os.path.dirname(final))
-    try:
+    with atomic_directory(final) as tmp:
+        tmp = str(tmp)
         data = read_coco_json(json_file)
         points, counts = make_points(data, rule, seed=seed, source=json_file)
         write_json_atomic(points, os.path.join(tmp, "points_train2017.json"))
@@ -179,14 +175,6 @@ def build_coco_mini_train_cache(
         miou = 1.0 if conf is None else mean_iou(conf)[0]
         write_json_atomic({"json_file": json_file, "rule": rule, "seed": seed, "degradation": degradation,
                            "miou_vs_undegraded": miou, "points": counts}, os.path.join(tmp, "info.json"))
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not os.path.isdir(final):
-                raise
-    finally:
-        if os.path.isdir(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
     return final
 
 

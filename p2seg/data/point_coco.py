@@ -44,39 +44,23 @@ how many it removed.
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import numbers
 import os
-import tempfile
 from typing import Dict, List, Optional, Sequence, Union
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BoxMode
 
+
 from .semantic_sources import category_labels, ensure_semantic_png_dir, read_coco_json
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["load_point_coco_json", "register_point_coco_instances", "write_json_atomic"]
+__all__ = ["load_point_coco_json", "register_point_coco_instances"]
 
 SemSegRoot = Union[None, str, Sequence[str]]
-
-
-def write_json_atomic(obj, path: str) -> None:
-    """Write ``obj`` as JSON to ``path`` via a temporary file in the same folder + ``os.replace``."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".json.tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def _is_int(value) -> bool:

@@ -24,7 +24,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import tempfile
 import zlib
 from dataclasses import dataclass
@@ -33,6 +32,8 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 import cv2
 import numpy as np
 import pycocotools.mask as mask_util
+
+from p2seg.utils.atomic import atomic_directory
 
 logger = logging.getLogger(__name__)
 
@@ -457,18 +458,8 @@ def ensure_semantic_png_dir(
     final = os.path.join(cache_root, "semseg", f"{stem}-{key}")
     if os.path.isdir(final):
         return final
-    os.makedirs(os.path.dirname(final), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{stem}-{key}.tmp", dir=os.path.dirname(final))
-    try:
+    with atomic_directory(final) as tmp:
         logger.info("Rendering semantic pseudo-labels of %s into %s", mask_json, final)
-        render_mask_json(read_coco_json(mask_json), tmp, cat_id_to_label, ignore_label=ignore_label,
+        render_mask_json(read_coco_json(mask_json), str(tmp), cat_id_to_label, ignore_label=ignore_label,
                          source=mask_json)
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not os.path.isdir(final):
-                raise
-    finally:
-        if os.path.isdir(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
     return final

@@ -22,8 +22,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +29,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 from pycocotools import mask as mask_util
+
+from p2seg.utils.atomic import atomic_directory
 
 GENERATOR_VERSION = 1
 SHAPES_CLASSES = ("disc", "box", "triangle")
@@ -461,16 +461,13 @@ def ensure_shapes_dataset(num_train, num_val, seed, root=None, params=None):
     """Return the dataset folder, generating it first if absent.
 
     Generation writes into a temporary folder next to the target and renames it with
-    ``os.replace``, so a crash never leaves a partial dataset; if another process finished first,
-    its copy is kept.
+    ``os.replace`` (``atomic_directory``), so a crash never leaves a partial dataset; if another
+    process finished first, its copy is kept.
     """
     final = shapes_dir(num_train, num_val, seed, root, params)
     if (final / "stats.json").is_file():
         return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=final.name + ".tmp-", dir=final.parent))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the dataset is shared
-    try:
+    with atomic_directory(final) as tmp:
         start = time.perf_counter()
         counts = {s: write_split(tmp, s, n, seed, params) for s, n in zip(SPLITS, (num_train, num_val))}
         stats = {"generator_version": GENERATOR_VERSION, "seed": seed, "num_train": num_train,
@@ -479,13 +476,6 @@ def ensure_shapes_dataset(num_train, num_val, seed, root=None, params=None):
                  "generation_seconds": round(time.perf_counter() - start, 3)}
         with open(tmp / "stats.json", "w") as f:
             json.dump(stats, f, indent=1)
-        try:
-            os.replace(tmp, final)
-        except OSError:
-            if not (final / "stats.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return final
 
 

@@ -12,31 +12,15 @@
   saving leaves the previous checkpoint and a ``last_checkpoint`` naming a complete file.
 """
 import os
-import tempfile
 
 import torch
 
 from detectron2.checkpoint import DetectionCheckpointer
 
 from p2seg.checkpoint import save_checkpoint
+from p2seg.utils.atomic import write_text_atomic
 
 __all__ = ["P2SegCheckpointer", "write_text_atomic"]
-
-
-def write_text_atomic(text: str, path: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder + ``os.replace``."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
 
 class P2SegCheckpointer(DetectionCheckpointer):
     """``DetectionCheckpointer`` with weights-only loading of ``.pth`` files and atomic saves."""

@@ -169,7 +169,7 @@ def run_pipeline(pc: PipelineConfig) -> dict:
         {"rows": {row name: {"dataset", "AP", "AP50", "AP75", "mAP50"}}, "stages": {stage: {"seconds",
          "skipped"}}, "files": {...}, "quick": bool}
     """
-    from p2seg.data.point_coco import write_json_atomic
+    from p2seg.utils.atomic import write_json_atomic
 
     pc.output_dir.mkdir(parents=True, exist_ok=True)
     cfg1, cfg2 = pc.load_cfg(1), pc.load_cfg(2)

@@ -43,7 +43,7 @@ from detectron2.evaluation.coco_evaluation import _evaluate_predictions_on_coco
 from detectron2.utils import comm
 from detectron2.utils.logger import create_small_table
 
-from p2seg.data.point_coco import write_json_atomic
+from p2seg.utils.atomic import write_json_atomic
 from p2seg.data.semantic_sources import read_coco_json
 
 from .voc_mask_ap import encode_masks, eval_instance_segmentation_voc_multi, threshold_key

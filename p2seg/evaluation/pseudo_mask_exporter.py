@@ -56,7 +56,7 @@ from detectron2.data import MetadataCatalog
 from detectron2.evaluation import DatasetEvaluator
 from detectron2.utils import comm
 
-from p2seg.data.point_coco import write_json_atomic
+from p2seg.utils.atomic import write_json_atomic
 
 from .instance_evaluator import (
     DEFAULT_IOU_THRESHOLDS,

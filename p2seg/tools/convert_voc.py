@@ -40,7 +40,7 @@ import pycocotools.mask as mask_util
 from PIL import Image
 
 from p2seg.data.builtin import VOC_CLASSES
-from p2seg.data.point_coco import write_json_atomic
+from p2seg.utils.atomic import write_json_atomic
 from p2seg.tools.make_points import mask_interior_point
 
 

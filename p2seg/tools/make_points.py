@@ -26,7 +26,7 @@ from typing import Dict, Optional, Sequence, Tuple
 import cv2
 import numpy as np
 
-from p2seg.data.point_coco import write_json_atomic
+from p2seg.utils.atomic import write_json_atomic
 from p2seg.data.semantic_sources import decode_annotation_masks, read_coco_json
 
 RULES = ("box-center", "mask-interior", "random-in-mask")
