@@ -26,7 +26,7 @@ import time
 import numpy as np
 import torch
 
-from common import NUM_CLASSES, cpu_seconds, environment, make_rect_sample, print_json, timing_stats
+from common import benchmark_cfg, cpu_seconds, environment, make_rect_sample, print_json, timing_stats
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "Base-P2Seg.yaml")
@@ -34,21 +34,10 @@ CONFIG = os.path.join(ROOT, "configs", "Base-P2Seg.yaml")
 
 def build_model(args):
     """The eval-mode P2Seg of the benchmark."""
-    from detectron2.config import get_cfg
     from detectron2.modeling import build_model as d2_build
 
-    from p2seg import add_p2seg_config
-
-    cfg = get_cfg()
-    add_p2seg_config(cfg)
-    cfg.merge_from_file(args.config)
-    cfg.merge_from_list([
-        "MODEL.WEIGHTS", "", "MODEL.DEVICE", args.device, "MODEL.P2SEG.NUM_CLASSES", NUM_CLASSES,
-        "MODEL.RESNETS.NORM", "BN", "MODEL.SEM_SEG_HEAD.NORM", "BN", "MODEL.INS_EMBED_HEAD.NORM", "BN",
-        "MODEL.P2SEG.I2S.ENABLED", args.i2s == "on",
-        "MODEL.P2SEG.CHANNELS_LAST", bool(getattr(args, "channels_last", False)),
-    ] + list(args.opts))
-    cfg.freeze()
+    cfg = benchmark_cfg(args.config, args.device, getattr(args, "channels_last", False),
+                        ["MODEL.P2SEG.I2S.ENABLED", args.i2s == "on", *args.opts])
     model = d2_build(cfg)
     model.eval()
     return model

@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from common import NUM_CLASSES, cpu_seconds, environment, make_sample, print_json, timing_stats
+from common import benchmark_cfg, cpu_seconds, environment, make_sample, print_json, timing_stats
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "Base-P2Seg.yaml")
@@ -27,21 +27,9 @@ CONFIG = os.path.join(ROOT, "configs", "Base-P2Seg.yaml")
 
 def build_cfg(args):
     """Detectron2 config of the benchmark (Base-P2Seg, R-50 random init, BN, MDM switches)."""
-    from detectron2.config import get_cfg
-
-    from p2seg import add_p2seg_config
-
-    cfg = get_cfg()
-    add_p2seg_config(cfg)
-    cfg.merge_from_file(args.config)
-    cfg.merge_from_list([
-        "MODEL.WEIGHTS", "", "MODEL.DEVICE", args.device, "MODEL.P2SEG.NUM_CLASSES", NUM_CLASSES,
-        "MODEL.RESNETS.NORM", "BN", "MODEL.SEM_SEG_HEAD.NORM", "BN", "MODEL.INS_EMBED_HEAD.NORM", "BN",
+    return benchmark_cfg(args.config, args.device, args.channels_last, [
         "MODEL.P2SEG.S2I.ENABLED", args.s2i == "on", "MODEL.P2SEG.I2S.ENABLED", args.i2s == "on",
-        "MODEL.P2SEG.CHANNELS_LAST", bool(args.channels_last),
-    ] + list(args.opts))
-    cfg.freeze()
-    return cfg
+        *args.opts])
 
 
 def make_batch(cfg, crop, batch):

@@ -126,3 +126,22 @@ def make_rect_sample(width=500, height=375, num_classes=NUM_CLASSES, seed=0):
     s["sem_seg"] = cv2.resize(s["sem_seg"], (width, height), interpolation=cv2.INTER_NEAREST)
     s["points"] = (s["points"] * np.array([width / side, height / side], dtype=np.float32)).astype(np.float32)
     return s
+
+
+def benchmark_cfg(config_file, device, channels_last=False, overrides=()):
+    """Frozen Detectron2 config of the benchmarks: ``config_file`` with random init, BN (one
+    process), NUM_CLASSES classes, ``device``, MODEL.P2SEG.CHANNELS_LAST, then ``overrides``."""
+    from detectron2.config import get_cfg
+
+    from p2seg import add_p2seg_config
+
+    cfg = get_cfg()
+    add_p2seg_config(cfg)
+    cfg.merge_from_file(config_file)
+    cfg.merge_from_list([
+        "MODEL.WEIGHTS", "", "MODEL.DEVICE", device, "MODEL.P2SEG.NUM_CLASSES", NUM_CLASSES,
+        "MODEL.RESNETS.NORM", "BN", "MODEL.SEM_SEG_HEAD.NORM", "BN", "MODEL.INS_EMBED_HEAD.NORM", "BN",
+        "MODEL.P2SEG.CHANNELS_LAST", bool(channels_last),
+    ] + list(overrides))
+    cfg.freeze()
+    return cfg
