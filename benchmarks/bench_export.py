@@ -1,7 +1,8 @@
 """B3: pseudo-mask export cost of one image: model forward (eval, no_grad), post-processing, RLE.
 
 Usage: ``.venv/bin/python benchmarks/bench_export.py [--width 500] [--height 375] [--i2s on|off]
-[--runs 5] [--threads 2] [--device cpu] [--part all|forward|post] [--opts KEY VALUE ...]``.
+[--runs 5] [--threads 2] [--device cpu] [--part all|forward|post]
+[--memory-format config|channels_last|contiguous] [--opts KEY VALUE ...]``.
 
 P2Seg from configs/Base-P2Seg.yaml (R-50 random init, BN, 20 classes) in eval mode under
 ``torch.no_grad``; ONE synthetic ``width x height`` sample (benchmarks/common.py
@@ -26,7 +27,7 @@ import time
 import numpy as np
 import torch
 
-from common import benchmark_cfg, cpu_seconds, environment, make_rect_sample, print_json, timing_stats
+from common import add_memory_format_arg, benchmark_cfg, cpu_seconds, environment, make_rect_sample, print_json, timing_stats
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "Base-P2Seg.yaml")
@@ -36,11 +37,11 @@ def build_model(args):
     """The eval-mode P2Seg of the benchmark."""
     from detectron2.modeling import build_model as d2_build
 
-    cfg = benchmark_cfg(args.config, args.device, getattr(args, "channels_last", False),
+    cfg = benchmark_cfg(args.config, args.device, args.memory_format,
                         ["MODEL.P2SEG.I2S.ENABLED", args.i2s == "on", *args.opts])
     model = d2_build(cfg)
     model.eval()
-    return model
+    return cfg, model
 
 
 def _max_rss_gib():
@@ -57,7 +58,7 @@ def main():
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--part", choices=("all", "forward", "post"), default="all")
-    parser.add_argument("--channels-last", action="store_true", help="MODEL.P2SEG.CHANNELS_LAST True")
+    add_memory_format_arg(parser)
     parser.add_argument("--opts", nargs="*", default=[])
     args = parser.parse_args()
     load_start = round(os.getloadavg()[0], 2)
@@ -65,7 +66,7 @@ def main():
     torch.manual_seed(0)
     from pycocotools import mask as mask_util
 
-    model = build_model(args)
+    cfg, model = build_model(args)
     s = make_rect_sample(args.width, args.height)
     inputs = [{
         "image": torch.from_numpy(s["image"]).permute(2, 0, 1).contiguous(),
@@ -113,7 +114,7 @@ def main():
                 times["rle"].append(t_rle)
     record = {
         "benchmark": "export", "width": args.width, "height": args.height, "i2s": args.i2s,
-        "part": args.part, "channels_last": args.channels_last, "opts": list(args.opts), "runs": args.runs, "warmup": 1,
+        "part": args.part, "channels_last": cfg.MODEL.P2SEG.CHANNELS_LAST, "opts": list(args.opts), "runs": args.runs, "warmup": 1,
         "device": str(device), "loadavg_start": load_start,
         **{f"forward_{k}": v for k, v in timing_stats(times["forward"]).items()},
         "forward_cpu_median_s": timing_stats(cpu["forward"][1:])["median_s"],

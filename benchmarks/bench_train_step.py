@@ -1,7 +1,8 @@
 """B1: time and peak memory of one P2Seg training step (forward + backward + Adam) on CPU/GPU.
 
 Usage: ``.venv/bin/python benchmarks/bench_train_step.py [--crop 416] [--batch 2] [--i2s on|off]
-[--s2i on|off] [--runs 5] [--threads 2] [--device cpu] [--profile FILE] [--opts KEY VALUE ...]``.
+[--s2i on|off] [--runs 5] [--threads 2] [--device cpu] [--memory-format config|channels_last|contiguous]
+[--profile FILE] [--opts KEY VALUE ...]``.
 
 ONE workload per process (run it through benchmarks/run_all.py for a fresh process per workload):
 P2Seg from configs/Base-P2Seg.yaml, ResNet-50 random init (``MODEL.WEIGHTS ""``), SyncBN -> BN,
@@ -19,7 +20,7 @@ import time
 
 import torch
 
-from common import benchmark_cfg, cpu_seconds, environment, make_sample, print_json, timing_stats
+from common import add_memory_format_arg, benchmark_cfg, cpu_seconds, environment, make_sample, print_json, timing_stats
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "Base-P2Seg.yaml")
@@ -27,7 +28,7 @@ CONFIG = os.path.join(ROOT, "configs", "Base-P2Seg.yaml")
 
 def build_cfg(args):
     """Detectron2 config of the benchmark (Base-P2Seg, R-50 random init, BN, MDM switches)."""
-    return benchmark_cfg(args.config, args.device, args.channels_last, [
+    return benchmark_cfg(args.config, args.device, args.memory_format, [
         "MODEL.P2SEG.S2I.ENABLED", args.s2i == "on", "MODEL.P2SEG.I2S.ENABLED", args.i2s == "on",
         *args.opts])
 
@@ -76,8 +77,7 @@ def main():
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--profile", default="", help="write a torch.profiler table here")
-    parser.add_argument("--channels-last", action="store_true",
-                        help="MODEL.P2SEG.CHANNELS_LAST True (CPU oneDNN convs in channels_last)")
+    add_memory_format_arg(parser)
     parser.add_argument("--opts", nargs="*", default=[], help="extra config KEY VALUE pairs")
     args = parser.parse_args()
     load_start = round(os.getloadavg()[0], 2)
@@ -101,7 +101,7 @@ def main():
         optimizer.zero_grad(set_to_none=True)
         total.backward()
         optimizer.step()
-        return float(total)
+        return float(total.detach())
 
     step()  # warm-up
     times, cpu = [], []
@@ -117,7 +117,7 @@ def main():
         "s2i": args.s2i, "i2s": args.i2s, "opts": list(args.opts), "runs": args.runs,
         "warmup": 1, "loss": round(loss, 4), "device": str(device), "loadavg_start": load_start,
         **timing_stats(times), **{f"cpu_{k}": v for k, v in timing_stats(cpu).items()},
-        "channels_last": args.channels_last,
+        "channels_last": cfg.MODEL.P2SEG.CHANNELS_LAST,
         "rss_after_build_gib": round(rss_model, 3), "peak_rss_gib": round(_max_rss_gib(), 3),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         **environment(),

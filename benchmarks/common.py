@@ -128,20 +128,33 @@ def make_rect_sample(width=500, height=375, num_classes=NUM_CLASSES, seed=0):
     return s
 
 
-def benchmark_cfg(config_file, device, channels_last=False, overrides=()):
+MEMORY_FORMATS = ("config", "channels_last", "contiguous")
+
+
+def add_memory_format_arg(parser):
+    """``--memory-format``: keep the config's MODEL.P2SEG.CHANNELS_LAST (``config``, default) or
+    force it (``channels_last`` / ``contiguous``)."""
+    parser.add_argument("--memory-format", choices=MEMORY_FORMATS, default="config",
+                        help="MODEL.P2SEG.CHANNELS_LAST: the config's value or forced")
+
+
+def benchmark_cfg(config_file, device, memory_format="config", overrides=()):
     """Frozen Detectron2 config of the benchmarks: ``config_file`` with random init, BN (one
-    process), NUM_CLASSES classes, ``device``, MODEL.P2SEG.CHANNELS_LAST, then ``overrides``."""
+    process), NUM_CLASSES classes, ``device``, MODEL.P2SEG.CHANNELS_LAST per ``memory_format``
+    (one of MEMORY_FORMATS), then ``overrides``."""
     from detectron2.config import get_cfg
 
     from p2seg import add_p2seg_config
 
+    if memory_format not in MEMORY_FORMATS:
+        raise ValueError(f"memory_format must be one of {MEMORY_FORMATS}, got {memory_format!r}")
     cfg = get_cfg()
     add_p2seg_config(cfg)
     cfg.merge_from_file(config_file)
+    forced = [] if memory_format == "config" else ["MODEL.P2SEG.CHANNELS_LAST", memory_format == "channels_last"]
     cfg.merge_from_list([
         "MODEL.WEIGHTS", "", "MODEL.DEVICE", device, "MODEL.P2SEG.NUM_CLASSES", NUM_CLASSES,
         "MODEL.RESNETS.NORM", "BN", "MODEL.SEM_SEG_HEAD.NORM", "BN", "MODEL.INS_EMBED_HEAD.NORM", "BN",
-        "MODEL.P2SEG.CHANNELS_LAST", bool(channels_last),
-    ] + list(overrides))
+    ] + forced + list(overrides))
     cfg.freeze()
     return cfg

@@ -1,7 +1,8 @@
 """Run every benchmark workload, each in a FRESH subprocess, and print one JSON line per workload.
 
 Usage: ``.venv/bin/python benchmarks/run_all.py [--only B1 B2 B3] [--crops 320 416 512 640]
-[--runs 5] [--threads 2] [--device cpu] [--malloc-env] [--channels-last] [--no-i2s-off]``.
+[--runs 5] [--threads 2] [--device cpu] [--malloc-env]
+[--memory-format config|channels_last|contiguous] [--no-i2s-off]``.
 
 Workloads (the authors' set, docs in each script):
 
@@ -23,6 +24,8 @@ import os
 import subprocess
 import sys
 
+from common import add_memory_format_arg
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -30,7 +33,7 @@ def workloads(args):
     """List of ``(name, argv)``, one per fresh process."""
     out = []
     common = ["--threads", str(args.threads)]
-    dev = ["--device", args.device] + (["--channels-last"] if args.channels_last else [])
+    dev = ["--device", args.device, "--memory-format", args.memory_format]
     if "B1" in args.only:
         for crop in args.crops:
             out.append((f"B1_train_step_crop{crop}_s2i_i2s",
@@ -64,7 +67,7 @@ def main():
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--malloc-env", action="store_true")
-    parser.add_argument("--channels-last", action="store_true", help="MODEL.P2SEG.CHANNELS_LAST for B1/B3")
+    add_memory_format_arg(parser)
     parser.add_argument("--no-i2s-off", action="store_true", help="skip the B1 I2S-off workload")
     args = parser.parse_args()
     env = child_env(args.malloc_env)

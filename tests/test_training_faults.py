@@ -112,7 +112,7 @@ def test_nan_parameter_stops_before_checkpoint(tmp_path, cache_dir, monkeypatch)
     def poison_at_3(optimizer, args, kwargs):  # torch optimizer step post-hook
         if trainer.iter == 3:
             with torch.no_grad():
-                param.view(-1)[0] = float("inf")
+                param[(0,) * param.dim()] = float("inf")  # any memory format (channels_last)
 
     trainer._trainer.optimizer.register_step_post_hook(poison_at_3)
     with pytest.raises(NonFiniteLossError) as info:
