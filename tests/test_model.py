@@ -407,3 +407,38 @@ def test_base_config_with_the_deeplab_resnet50_and_the_mdm():
     with torch.no_grad():
         out = model(_eval_inputs())
     assert len(out[0]["instances"]) == 2 and out[0]["sem_seg"].shape == (NUM_CLASSES + 1, 80, 120)
+
+
+@pytest.mark.parametrize("mdm", [False, True])
+def test_channels_last_is_the_same_model_up_to_summation_order(mdm):
+    """MODEL.P2SEG.CHANNELS_LAST only changes the memory format: the same weights give the same
+    losses, gradients and inference (float32 tolerance), and the parameters are channels_last."""
+    opts = ("MODEL.P2SEG.S2I.ENABLED", mdm, "MODEL.P2SEG.I2S.ENABLED", mdm)
+    models = {fmt: tiny_model(*opts, "MODEL.P2SEG.CHANNELS_LAST", fmt) for fmt in (False, True)}
+    conv = models[True].backbone.stem.conv1.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    models[True].load_state_dict(models[False].state_dict())  # same seed anyway; make it explicit
+    losses, grads, outputs = {}, {}, {}
+    for fmt, model in models.items():
+        model.train()
+        with EventStorage():
+            losses[fmt] = model([synthetic_input(seed=0), synthetic_input(seed=1)])
+        total(losses[fmt]).backward()
+        grads[fmt] = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        model.eval()
+        with torch.no_grad():
+            outputs[fmt] = model(_eval_inputs())
+    for name, value in losses[False].items():
+        assert losses[True][name].item() == pytest.approx(value.item(), rel=1e-4, abs=1e-6), name
+    # Gradients: float32 summation order only. Tensors whose gradient nearly cancels (BN biases
+    # ~1e-5, depthwise weights) differ by up to ~3 % of their own norm, the whole vector by < 1e-3.
+    names = sorted(grads[False])
+    assert names == sorted(grads[True])
+    for name in names:
+        diff = (grads[True][name] - grads[False][name]).norm()
+        assert diff <= 0.05 * grads[False][name].norm() + 1e-6, name
+    flat = {fmt: torch.cat([grads[fmt][n].flatten() for n in names]) for fmt in grads}
+    assert (flat[True] - flat[False]).norm() <= 1e-3 * flat[False].norm()
+    for a, b in zip(outputs[False], outputs[True]):
+        torch.testing.assert_close(b["sem_seg"], a["sem_seg"], rtol=1e-4, atol=1e-5)
+        assert torch.equal(a["instances"].pred_masks, b["instances"].pred_masks)

@@ -1,0 +1,106 @@
+"""The benchmark scripts (issue 7): the synthetic sample follows its spec, the config builder
+honours --memory-format, run_all plans one fresh process per workload, and the B1 / B2 / B3
+scripts run end to end on tiny sizes and print one JSON record each."""
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import common  # noqa: E402  (benchmarks/common.py)
+import run_all  # noqa: E402
+
+
+@pytest.mark.parametrize("size", [64, 416])
+def test_sample_matches_the_issue_spec(size):
+    """Discs of radius round(0.09 S) at the specified centres, class k stored as k + 1, one point
+    per disc centre; the two left class-14 discs touch (one connected component)."""
+    s = common.make_sample(size)
+    r = int(round(0.09 * size))
+    x0, y0 = int(round(0.22 * size)), int(round(0.30 * size))
+    expected_centres = [(x0, y0), (x0 + 2 * r - 1, y0), (round(0.76 * size), round(0.25 * size)),
+                        (round(0.30 * size), round(0.75 * size)), (round(0.72 * size), round(0.72 * size))]
+    np.testing.assert_array_equal(s["points"], np.array(expected_centres, dtype=np.float32))
+    assert s["point_classes"].tolist() == [14, 14, 14, 11, 11]
+    assert s["image"].shape == (size, size, 3) and s["image"].dtype == np.uint8
+    assert set(np.unique(s["sem_seg"]).tolist()) == {0, 12, 15}
+    yy, xx = np.mgrid[:size, :size]
+    union = np.zeros((size, size), dtype=bool)
+    for (cx, cy), k in zip(expected_centres, s["point_classes"].tolist()):
+        disc = (xx - cx) ** 2 + (yy - cy) ** 2 <= r * r
+        assert (s["sem_seg"][disc] == k + 1).all()
+        union |= disc
+    assert not s["sem_seg"][~union].any(), "semantic map must be exactly the discs"
+    count, labels = cv2.connectedComponents((s["sem_seg"] == 15).astype(np.uint8), connectivity=4)
+    left = {labels[y0, x0], labels[y0, x0 + 2 * r - 1]}
+    assert len(left) == 1 and count - 1 == 2, "left discs merge, the right class-14 disc is apart"
+
+
+def test_rect_sample_scales_points():
+    s = common.make_rect_sample(100, 75)
+    assert s["image"].shape == (75, 100, 3) and s["sem_seg"].shape == (75, 100)
+    xs, ys = s["points"][:, 0].round().astype(int), s["points"][:, 1].round().astype(int)
+    assert (s["sem_seg"][ys, xs] == s["point_classes"] + 1).all()
+
+
+def test_benchmark_cfg_memory_format():
+    config = str(REPO / "configs" / "Base-P2Seg.yaml")
+    from detectron2.config import get_cfg
+
+    from p2seg import add_p2seg_config
+
+    default = get_cfg()
+    add_p2seg_config(default)
+    default.merge_from_file(config)
+    assert common.benchmark_cfg(config, "cpu").MODEL.P2SEG.CHANNELS_LAST == default.MODEL.P2SEG.CHANNELS_LAST
+    assert common.benchmark_cfg(config, "cpu", "channels_last").MODEL.P2SEG.CHANNELS_LAST is True
+    cfg = common.benchmark_cfg(config, "cpu", "contiguous", ["MODEL.P2SEG.I2S.ENABLED", False])
+    assert cfg.MODEL.P2SEG.CHANNELS_LAST is False and cfg.MODEL.P2SEG.I2S.ENABLED is False
+    assert cfg.MODEL.P2SEG.NUM_CLASSES == common.NUM_CLASSES and cfg.MODEL.WEIGHTS == ""
+    with pytest.raises(ValueError, match="memory_format"):
+        common.benchmark_cfg(config, "cpu", "nchw")
+
+
+def test_run_all_plans_every_workload():
+    args = argparse.Namespace(only=["B1", "B2", "B3"], crops=[320, 416, 512, 640], runs=5, threads=2,
+                              device="cpu", memory_format="config", no_i2s_off=False)
+    plan = run_all.workloads(args)
+    names = [name for name, _ in plan]
+    assert names == [f"B1_train_step_crop{c}_s2i_i2s" for c in (320, 416, 512, 640)] + [
+        "B1_train_step_crop416_i2s_off", "B2_targets_416", "B3_export_forward_only", "B3_export_all"]
+    i2s_off = dict(plan)["B1_train_step_crop416_i2s_off"]
+    assert i2s_off[i2s_off.index("--i2s") + 1] == "off" and i2s_off[i2s_off.index("--crop") + 1] == "416"
+    assert all(argv[argv.index("--runs") + 1] == "5" for name, argv in plan if name.startswith(("B1", "B3")))
+
+
+def _run_json(*argv):
+    """Run a benchmark script in a fresh process; its last stdout line parsed as JSON."""
+    proc = subprocess.run([sys.executable, *argv], cwd=BENCH, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_train_step_benchmark_runs_tiny():
+    rec = _run_json("bench_train_step.py", "--crop", "64", "--runs", "2", "--threads", "1",
+                    "--memory-format", "contiguous")
+    assert rec["benchmark"] == "train_step" and rec["crop"] == 64 and rec["runs"] == 2
+    assert rec["i2s"] == "on" and rec["channels_last"] is False and rec["torch_threads"] == 1
+    assert np.isfinite(rec["loss"]) and 0 < rec["min_s"] <= rec["median_s"] <= rec["max_s"]
+    assert rec["peak_rss_gib"] >= rec["rss_after_build_gib"] > 0
+
+
+def test_export_and_targets_benchmarks_run_tiny():
+    rec = _run_json("bench_export.py", "--width", "96", "--height", "64", "--runs", "2", "--threads", "1")
+    assert rec["benchmark"] == "export" and rec["num_masks"] == 5 and rec["i2s"] == "on"
+    assert all(p > 0 for p in rec["mask_pixels"]) and rec["forward_median_s"] > 0
+    assert rec["post_median_s"] > 0 and rec["rle_median_s"] > 0
+    rec = _run_json("bench_targets.py", "--size", "64", "--runs", "3")
+    assert rec["benchmark"] == "build_targets" and rec["instances"] == 5 and rec["assigned_pixels"] > 0
