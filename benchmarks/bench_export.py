@@ -2,7 +2,7 @@
 
 Usage: ``.venv/bin/python benchmarks/bench_export.py [--width 500] [--height 375] [--i2s on|off]
 [--runs 5] [--threads 2] [--device cpu] [--part all|forward|post]
-[--memory-format config|channels_last|contiguous] [--opts KEY VALUE ...]``.
+[--semantics sample|model] [--memory-format config|channels_last|contiguous] [--opts KEY VALUE ...]``.
 
 P2Seg from configs/Base-P2Seg.yaml (R-50 random init, BN, 20 classes) in eval mode under
 ``torch.no_grad``; ONE synthetic ``width x height`` sample (benchmarks/common.py
@@ -13,7 +13,11 @@ warm-up):
 * ``forward``: backbone + heads + softmax (``predict_for_inference``) and, with I2S, the random walk
   at 1/4 resolution (``_refine_semantics``);
 * ``post``: the rest of ``P2Seg.inference``: clean, upsample, crop/resize to 375 x 500,
-  ``point_guided_instances`` (one mask per point) and the Instances;
+  ``point_guided_instances`` (one mask per point) and the Instances. A random-init model predicts
+  background under every point (each mask would be the 64 x 64 fallback box), so by default
+  (``--semantics sample``) the post-processing gets the probabilities a trained model would give,
+  made from the sample's semantic map (:func:`sample_semantics`, untimed): every point lies on its
+  object and the two touching discs are split;
 * ``rle``: ``pycocotools.mask.encode`` of the 5 masks.
 
 Peak memory = process max RSS. ``--part forward`` runs only the forward (peak of the forward
@@ -27,7 +31,7 @@ import time
 import numpy as np
 import torch
 
-from common import add_memory_format_arg, benchmark_cfg, cpu_seconds, environment, make_rect_sample, print_json, timing_stats
+from common import NUM_CLASSES, add_memory_format_arg, benchmark_cfg, cpu_seconds, environment, make_rect_sample, print_json, timing_stats
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "Base-P2Seg.yaml")
@@ -58,6 +62,9 @@ def main():
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--part", choices=("all", "forward", "post"), default="all")
+    parser.add_argument("--semantics", choices=("sample", "model"), default="sample",
+                        help="post-processing input: the sample's semantic map (every point on its "
+                             "object, the path of a trained model) or the random-init model's output")
     add_memory_format_arg(parser)
     parser.add_argument("--opts", nargs="*", default=[])
     args = parser.parse_args()
@@ -104,6 +111,9 @@ def main():
                 if i:
                     times["forward"].append(t_fwd)
                 continue
+            if args.semantics == "sample":  # untimed: the post-processing input of a trained model
+                outputs["sem_probs"] = sample_semantics(s["sem_seg"], images.tensor.shape[-2:],
+                                                        NUM_CLASSES, model.common_stride).to(device)
             # _refine_semantics already ran; inference must not walk again
             t_post, results = timed(lambda: _inference_no_walk(model, outputs, inputs, images), "post")
             masks = results[0]["instances"].pred_masks.cpu().numpy()
@@ -114,7 +124,7 @@ def main():
                 times["rle"].append(t_rle)
     record = {
         "benchmark": "export", "width": args.width, "height": args.height, "i2s": args.i2s,
-        "part": args.part, "channels_last": cfg.MODEL.P2SEG.CHANNELS_LAST, "opts": list(args.opts), "runs": args.runs, "warmup": 1,
+        "part": args.part, "semantics": args.semantics, "channels_last": cfg.MODEL.P2SEG.CHANNELS_LAST, "opts": list(args.opts), "runs": args.runs, "warmup": 1,
         "device": str(device), "loadavg_start": load_start,
         **{f"forward_{k}": v for k, v in timing_stats(times["forward"]).items()},
         "forward_cpu_median_s": timing_stats(cpu["forward"][1:])["median_s"],
@@ -132,6 +142,25 @@ def main():
     if device.type == "cuda":
         record["peak_cuda_gib"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 3)
     print_json(record)
+
+
+def sample_semantics(sem_seg, padded_size, num_classes, stride, confidence=0.9):
+    """Semantic probabilities of a trained model, made from the sample's semantic map.
+
+    Args:
+        sem_seg: uint8 ``H x W`` (class k stored as k + 1, 0 background).
+        padded_size: ``(Hp, Wp)`` of the padded input (``H <= Hp``, ``W <= Wp``; padding is background).
+        num_classes: C. stride: output stride of the heads.
+        confidence: probability mass on the map's class (the rest spread evenly).
+    Returns:
+        float ``1 x (C+1) x Hp/stride x Wp/stride`` (each pixel sums to 1).
+    """
+    import torch.nn.functional as F
+
+    labels = torch.zeros(tuple(padded_size), dtype=torch.int64)
+    labels[: sem_seg.shape[0], : sem_seg.shape[1]] = torch.from_numpy(sem_seg.astype(np.int64))
+    onehot = F.one_hot(labels, num_classes + 1).permute(2, 0, 1).float()[None]
+    return confidence * F.avg_pool2d(onehot, stride) + (1.0 - confidence) / (num_classes + 1)
 
 
 def _inference_no_walk(model, outputs, inputs, images):

@@ -51,6 +51,18 @@ def test_rect_sample_scales_points():
     assert (s["sem_seg"][ys, xs] == s["point_classes"] + 1).all()
 
 
+def test_sample_semantics_are_probabilities_peaked_on_the_map():
+    import bench_export
+
+    s = common.make_rect_sample(100, 75)
+    probs = bench_export.sample_semantics(s["sem_seg"], (96, 128), common.NUM_CLASSES, 4)
+    assert probs.shape == (1, common.NUM_CLASSES + 1, 24, 32)
+    np.testing.assert_allclose(probs.sum(1).numpy(), 1.0, rtol=1e-5)
+    at_points = probs[0, :, (s["points"][:, 1] // 4).astype(int), (s["points"][:, 0] // 4).astype(int)]
+    assert at_points.argmax(0).tolist() == (s["point_classes"] + 1).tolist()
+    assert (probs[0, 0, 20:, :] > 0.9).all(), "padding is background"
+
+
 def test_benchmark_cfg_memory_format():
     config = str(REPO / "configs" / "Base-P2Seg.yaml")
     from detectron2.config import get_cfg
@@ -100,7 +112,9 @@ def test_train_step_benchmark_runs_tiny():
 def test_export_and_targets_benchmarks_run_tiny():
     rec = _run_json("bench_export.py", "--width", "96", "--height", "64", "--runs", "2", "--threads", "1")
     assert rec["benchmark"] == "export" and rec["num_masks"] == 5 and rec["i2s"] == "on"
-    assert all(p > 0 for p in rec["mask_pixels"]) and rec["forward_median_s"] > 0
+    assert rec["semantics"] == "sample" and rec["forward_median_s"] > 0
+    # the point-guided path, not the 64 x 64 fallback boxes: masks are the discs (~pi 9 x 6.75 px)
+    assert all(100 < p < 400 for p in rec["mask_pixels"]), rec["mask_pixels"]
     assert rec["post_median_s"] > 0 and rec["rle_median_s"] > 0
     rec = _run_json("bench_targets.py", "--size", "64", "--runs", "3")
     assert rec["benchmark"] == "build_targets" and rec["instances"] == 5 and rec["assigned_pixels"] > 0
