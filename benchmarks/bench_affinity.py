@@ -25,14 +25,13 @@ estimated memory (``DENSE_BYTES_PER_PAIR * N^2``) exceeds ``--dense-max-gb`` are
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
 
 import torch
 
-from common import environment, make_sample, print_json, timing_stats
+from common import environment, make_sample, max_rss_gib, print_json, timing_stats
 
 POOL_STRIDE = 4
 DENSE_BYTES_PER_PAIR = 40  # dense reference, fwd + bwd, fp32: measured ~35 B per pair at N = 6400
@@ -90,7 +89,7 @@ def worker(args):
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     feats, probs, labels = _inputs(args.crop, args.dim, device, seed=0)
-    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    base_rss = max_rss_gib() * 1024
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     runs = []
@@ -116,7 +115,7 @@ def worker(args):
         "backward_s": timing_stats([r[1] for r in runs])["median_s"],
         **{f"total_{k}": v for k, v in timing_stats([sum(r) for r in runs]).items()},
         "rss_before_mb": round(base_rss, 1),
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_rss_mb": round(max_rss_gib() * 1024, 1),
         **environment(),
     }
     if device.type == "cuda":

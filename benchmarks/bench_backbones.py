@@ -18,7 +18,6 @@ on a 2-core machine shared with other processes made HRNet forwards 20x slower (
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -59,13 +58,13 @@ def child(args):
     import numpy as np
     import torch
 
-    from common import environment, timing_stats
+    from common import environment, max_rss_gib, timing_stats
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = build(args.child)
     params = sum(p.numel() for p in model.parameters())
-    rss_build = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rss_build = max_rss_gib() * 1024
     x = torch.randn(args.batch, 3, args.size, args.size)
     times = []
     with torch.no_grad():
@@ -83,7 +82,7 @@ def child(args):
         "warmup": 1,
         **{k: round(v, 3) for k, v in timing_stats(times).items()},
         "rss_after_build_mb": round(rss_build, 1),
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_rss_mb": round(max_rss_gib() * 1024, 1),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
         **environment(),
     }

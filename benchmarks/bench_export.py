@@ -25,13 +25,14 @@ alone; ``run_all.py`` uses it for the memory figure). Prints one JSON line.
 """
 import argparse
 import os
-import resource
 import time
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-from common import NUM_CLASSES, add_memory_format_arg, benchmark_cfg, cpu_seconds, environment, make_rect_sample, print_json, timing_stats
+from common import (NUM_CLASSES, add_memory_format_arg, benchmark_cfg, cpu_seconds, environment, make_rect_sample,
+                    max_rss_gib, print_json, timing_stats)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "Base-P2Seg.yaml")
@@ -47,9 +48,6 @@ def build_model(args):
     model.eval()
     return cfg, model
 
-
-def _max_rss_gib():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
 
 
 def main():
@@ -83,7 +81,7 @@ def main():
     }]
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    rss_build = _max_rss_gib()
+    rss_build = max_rss_gib()
 
     def forward():
         images = model.preprocess_image(inputs)
@@ -106,7 +104,7 @@ def main():
     with torch.no_grad():
         for i in range(args.runs + 1):  # the first is the warm-up
             t_fwd, (images, outputs) = timed(forward, "forward")
-            rss_forward = _max_rss_gib()
+            rss_forward = max_rss_gib()
             if args.part == "forward":
                 if i:
                     times["forward"].append(t_fwd)
@@ -129,7 +127,7 @@ def main():
         **{f"forward_{k}": v for k, v in timing_stats(times["forward"]).items()},
         "forward_cpu_median_s": timing_stats(cpu["forward"][1:])["median_s"],
         "rss_after_build_gib": round(rss_build, 3), "peak_rss_forward_gib": round(rss_forward, 3),
-        "peak_rss_gib": round(_max_rss_gib(), 3),
+        "peak_rss_gib": round(max_rss_gib(), 3),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         **environment(),
     }
@@ -155,8 +153,6 @@ def sample_semantics(sem_seg, padded_size, num_classes, stride, confidence=0.9):
     Returns:
         float ``1 x (C+1) x Hp/stride x Wp/stride`` (each pixel sums to 1).
     """
-    import torch.nn.functional as F
-
     labels = torch.zeros(tuple(padded_size), dtype=torch.int64)
     labels[: sem_seg.shape[0], : sem_seg.shape[1]] = torch.from_numpy(sem_seg.astype(np.int64))
     onehot = F.one_hot(labels, num_classes + 1).permute(2, 0, 1).float()[None]

@@ -15,12 +15,12 @@ Prints one JSON line.
 """
 import argparse
 import os
-import resource
 import time
 
 import torch
 
-from common import add_memory_format_arg, benchmark_cfg, cpu_seconds, environment, make_sample, print_json, timing_stats
+from common import (add_memory_format_arg, benchmark_cfg, cpu_seconds, environment, make_sample, max_rss_gib,
+                    print_json, timing_stats)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "Base-P2Seg.yaml")
@@ -62,9 +62,6 @@ def make_batch(cfg, crop, batch):
     return out
 
 
-def _max_rss_gib():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
-
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -93,7 +90,7 @@ def main():
     batch = make_batch(cfg, args.crop, args.batch)
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    rss_model = _max_rss_gib()
+    rss_model = max_rss_gib()
 
     def step():
         losses = model(batch)
@@ -118,7 +115,7 @@ def main():
         "warmup": 1, "loss": round(loss, 4), "device": str(device), "loadavg_start": load_start,
         **timing_stats(times), **{f"cpu_{k}": v for k, v in timing_stats(cpu).items()},
         "channels_last": cfg.MODEL.P2SEG.CHANNELS_LAST,
-        "rss_after_build_gib": round(rss_model, 3), "peak_rss_gib": round(_max_rss_gib(), 3),
+        "rss_after_build_gib": round(rss_model, 3), "peak_rss_gib": round(max_rss_gib(), 3),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         **environment(),
     }

@@ -93,6 +93,13 @@ def environment():
     return info
 
 
+def max_rss_gib():
+    """Peak resident memory of this process so far (``ru_maxrss``), GiB."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+
+
 def cpu_seconds():
     """User + system CPU seconds of this process so far (all threads).
 

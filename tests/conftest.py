@@ -13,6 +13,16 @@ def pytest_configure(config):
 
 
 @pytest.fixture
+def one_thread():
+    """One intra-op thread for the test (restored after): tiny models are dominated by per-op
+    overheads, and on the shared 2-core machine several threads mostly wait for each other."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture
 def coco_mini():
     """Path of ../shared/data/coco_mini, or skip with a message when it is absent."""
     root = SHARED_DATA / "coco_mini"

@@ -24,14 +24,7 @@ from p2seg.tools.import_weights import infer_hrnet_arch, main, resnet_cfg
 SMALL = dict(num_modules=(1, 1, 2, 1), num_blocks=(2, 1, 2, 1))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: these many small convolutions get much slower with 2 threads on a
-    busy 2-core machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def randomize(module: nn.Module, seed: int) -> nn.Module:

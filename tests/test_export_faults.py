@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+from p2seg.engine.pipeline import QUICK_STAGE1
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "shapes" / "p2seg_R18_cpu.yaml"
 NUM_TRAIN = 6
@@ -19,11 +21,7 @@ TINY = [
     "DATASETS.TEST", '("p2seg_shapes_train",)', "TEST.EXPORT_PSEUDO_MASKS", "True",
     "INPUT.MIN_SIZE_TEST", "96", "INPUT.MAX_SIZE_TEST", "96", "DATALOADER.NUM_WORKERS", "0",
     "MODEL.WEIGHTS", "",
-    "MODEL.SEM_SEG_HEAD.CONVS_DIM", "16", "MODEL.SEM_SEG_HEAD.ASPP_CHANNELS", "16",
-    "MODEL.SEM_SEG_HEAD.HEAD_CHANNELS", "16", "MODEL.INS_EMBED_HEAD.CONVS_DIM", "8",
-    "MODEL.INS_EMBED_HEAD.ASPP_CHANNELS", "8", "MODEL.INS_EMBED_HEAD.HEAD_CHANNELS", "8",
-    "MODEL.INS_EMBED_HEAD.CENTER_HEAD_CHANNELS", "8",
-]
+] + QUICK_STAGE1  # thin heads (its crop keys only affect training)
 
 # Runs train_net.py as __main__; records the image ids given to the exporter (PROCESSED_LOG) and,
 # with PAUSE_AFTER > 0, writes PAUSE_MARKER and sleeps after that many images (to be killed).

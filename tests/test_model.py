@@ -18,14 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 NUM_CLASSES = 3
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: these tiny models are dominated by per-op overheads, and the test
-    machine's cores are shared (several threads would mostly wait for each other)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def tiny_cfg(*opts):

@@ -13,20 +13,14 @@ from detectron2.projects.deeplab.lr_scheduler import WarmupPolyLR
 
 from p2seg import add_p2seg_config
 from p2seg.engine import Trainer, single_process_norm
+from p2seg.engine.pipeline import QUICK_COMMON, QUICK_STAGE1
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "shapes" / "p2seg_R18_cpu.yaml"
 
-# Tiny overrides of the CPU demo config: 4 training / 2 validation images, 64 px crops.
-TINY = [
-    "SOLVER.MAX_ITER", "2", "SOLVER.IMS_PER_BATCH", "2", "SOLVER.WARMUP_ITERS", "1",
-    "DATASETS.SHAPES.NUM_TRAIN", "4", "DATASETS.SHAPES.NUM_VAL", "2",
-    "INPUT.CROP.SIZE", "(64,64)", "INPUT.RESIZE_TARGET", "96", "DATALOADER.NUM_WORKERS", "0",
-    "MODEL.SEM_SEG_HEAD.CONVS_DIM", "16", "MODEL.SEM_SEG_HEAD.ASPP_CHANNELS", "16",
-    "MODEL.SEM_SEG_HEAD.HEAD_CHANNELS", "16", "MODEL.INS_EMBED_HEAD.CONVS_DIM", "8",
-    "MODEL.INS_EMBED_HEAD.ASPP_CHANNELS", "8", "MODEL.INS_EMBED_HEAD.HEAD_CHANNELS", "8",
-    "MODEL.INS_EMBED_HEAD.CENTER_HEAD_CHANNELS", "8",
-]
+# Tiny overrides of the CPU demo config (the pipeline's --quick ones): 4 training / 2 validation
+# images, 2 iterations, 64 px crops, thin heads.
+TINY = QUICK_COMMON + QUICK_STAGE1 + ["DATALOADER.NUM_WORKERS", "0"]
 
 
 def demo_cfg(*opts):

@@ -19,20 +19,14 @@ from p2seg import add_p2seg_config
 from p2seg.engine import Trainer
 from p2seg.engine.checkpointer import P2SegCheckpointer
 from p2seg.engine.hooks import NonFiniteLossError, NonFiniteLossGuard, nonfinite_terms
+from p2seg.engine.pipeline import QUICK_COMMON, QUICK_STAGE1
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "shapes" / "p2seg_R18_cpu.yaml"
 
-# Tiny overrides of the CPU demo config: 4 training / 2 validation images, 64 px crops, thin heads.
-TINY = [
-    "SOLVER.IMS_PER_BATCH", "2", "SOLVER.WARMUP_ITERS", "2",
-    "DATASETS.SHAPES.NUM_TRAIN", "4", "DATASETS.SHAPES.NUM_VAL", "2",
-    "INPUT.CROP.SIZE", "(64,64)", "INPUT.RESIZE_TARGET", "96", "DATALOADER.NUM_WORKERS", "0",
-    "MODEL.SEM_SEG_HEAD.CONVS_DIM", "16", "MODEL.SEM_SEG_HEAD.ASPP_CHANNELS", "16",
-    "MODEL.SEM_SEG_HEAD.HEAD_CHANNELS", "16", "MODEL.INS_EMBED_HEAD.CONVS_DIM", "8",
-    "MODEL.INS_EMBED_HEAD.ASPP_CHANNELS", "8", "MODEL.INS_EMBED_HEAD.HEAD_CHANNELS", "8",
-    "MODEL.INS_EMBED_HEAD.CENTER_HEAD_CHANNELS", "8",
-]
+# Tiny overrides of the CPU demo config (the pipeline's --quick ones): 4 training / 2 validation
+# images, 64 px crops, thin heads; every test sets its own SOLVER.MAX_ITER.
+TINY = QUICK_COMMON + QUICK_STAGE1 + ["SOLVER.WARMUP_ITERS", "2", "DATALOADER.NUM_WORKERS", "0"]
 
 
 @pytest.fixture(scope="module")
