@@ -27,6 +27,8 @@ setup(
             "p2seg-make-points=p2seg.tools.make_points:main",
             "p2seg-convert-voc=p2seg.tools.convert_voc:main",
             "p2seg-render-semseg=p2seg.tools.render_semseg:main",
+            "p2seg-threshold-semseg=p2seg.tools.threshold_semseg:main",
+            "p2seg-baseline=p2seg.tools.baseline:main",
             "p2seg-shapes=p2seg.tools.shapes:main",
             "p2seg-import-weights=p2seg.tools.import_weights:main",
         ]

@@ -60,6 +60,9 @@ def add_p2seg_config(cfg):
     cfg.MODEL.P2SEG.LOSS = CN()
     cfg.MODEL.P2SEG.LOSS.SEM_WEIGHT = 1.0
     cfg.MODEL.P2SEG.LOSS.SEM_TOP_K = 0.2  # hard-pixel mining: mean of the top 20 % pixel losses
+    # The mined fraction goes linearly from 1 (all pixels) to SEM_TOP_K over these iterations:
+    # mining from step 0 can leave the semantic head at p = 0.5 (one class, small foreground).
+    cfg.MODEL.P2SEG.LOSS.SEM_TOP_K_WARMUP_ITERS = 1000
     cfg.MODEL.P2SEG.LOSS.CENTER_WEIGHT = 200.0
     cfg.MODEL.P2SEG.LOSS.OFFSET_WEIGHT = 0.01
     # Optional point-annotation loss: CE of the semantic logits at the annotated points (0 = off).
@@ -115,6 +118,10 @@ def add_p2seg_config(cfg):
     cfg.MODEL.P2SEG.I2S.HEAD_NAME = "AffinityHead"
 
     # ---------------------------------------------------------------- datasets
+    # Point datasets declared here, registered before use (p2seg/data/config_datasets.py): a tuple of
+    # (name, json_file, image_root, semantic_source) 4-tuples; semantic_source a PNG folder, a COCO
+    # JSON of masks, or "" (none). Relative paths resolve against the working directory.
+    cfg.DATASETS.POINT_COCO = ()
     cfg.DATASETS.SHAPES = CN()
     cfg.DATASETS.SHAPES.NUM_TRAIN = 200
     cfg.DATASETS.SHAPES.NUM_VAL = 50

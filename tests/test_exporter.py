@@ -283,3 +283,27 @@ def test_two_processes_write_one_file(tmp_path):
     )
     assert out.read_bytes() == reference.read_bytes()
     assert sorted(os.listdir(out.parent)) == ["masks.json"]
+
+
+def test_crowded_image_exports_and_counts_every_point(tmp_path):
+    """300 points on one image: pycocotools' list area() overflows past 255 RLEs; the metrics
+    must count at least one detection per point (COCO maxDets is 100 by default)."""
+    side, step = 4, 6  # 300 disjoint 4x4 squares on a 20 x 15 grid
+    anns = []
+    for r in range(15):
+        for c in range(20):
+            x0, y0 = c * step, r * step
+            poly = [[x0, y0, x0 + side, y0, x0 + side, y0 + side, x0, y0 + side]]
+            anns.append({"category_id": 0, "iscrowd": 0, "segmentation": poly, "point": [x0 + 1.5, y0 + 1.5]})
+    dicts = [{"file_name": "/data/crowd.jpg", "image_id": 1, "height": 15 * step, "width": 20 * step,
+              "annotations": anns}]
+    name = register(dicts)
+    out = tmp_path / "crowd.json"
+    _, res = run_export(name, dicts, out)
+    data = json.loads(out.read_text())
+    assert len(data["annotations"]) == 300
+    assert [a["area"] for a in data["annotations"]] == [16.0] * 300
+    assert res["pseudo_masks"]["num_masks"] == 300
+    # perfect masks: AP 100 only if all 300 detections of the image are counted
+    assert res["segm"]["AP"] == pytest.approx(100.0)
+    assert res["voc_mask"]["mAP50"] == pytest.approx(100.0)

@@ -10,6 +10,7 @@ from pycocotools import mask as mask_util
 
 from p2seg.data import shapes
 from p2seg.data.point_coco import load_point_coco_json
+from p2seg.evaluation.baseline import evaluate_baseline, nearest_point_instances
 
 NUM_TRAIN, NUM_VAL, SEED = 2, 6, 0
 PREFIX = "test_shapes_tmp"
@@ -172,17 +173,26 @@ def test_crash_leaves_no_partial_dataset(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_nearest_point_masks_split_by_distance():
+def test_nearest_point_instances_split_by_distance():
     sem = np.zeros((6, 10), np.uint8)
     sem[1:5, 1:9] = 1  # one class-0 region holding two class-0 points
     sem[0, :] = 2  # a class-1 row without points of class 1
-    masks = shapes.nearest_point_masks(sem, [[2.0, 2.0], [7.0, 3.0], [5.0, 0.0]], [0, 0, 2])
+    inst = nearest_point_instances(sem, [[2.0, 2.0], [7.0, 3.0], [5.0, 0.0]], [0, 0, 2])
+    masks = inst.pred_masks.numpy()
     assert masks.shape == (3, 6, 10) and masks.dtype == bool
     assert masks[0, 1:5, 1:4].all() and not masks[0, :, 6:].any()
     assert masks[1, 1:5, 6:9].all() and not masks[1, :, :4].any()
     np.testing.assert_array_equal(masks[0] | masks[1], sem == 1)
     assert not (masks[0] & masks[1]).any()
-    assert not masks[2].any()  # no pixel of class 2
+    assert not masks[2].any()  # no pixel of class 2: empty fallback (size 0)
+    assert inst.scores.tolist() == [1.0, 1.0, 0.0]
+    assert inst.pred_classes.tolist() == [0, 0, 2]
+
+
+def test_nearest_point_instances_fallback_box():
+    sem = np.zeros((20, 20), np.uint8)
+    inst = nearest_point_instances(sem, [[10.0, 10.0]], [4], fallback_box_size=4, fallback_score=0.5)
+    assert inst.pred_masks[0].sum() == 16 and inst.scores.tolist() == [0.5]
 
 
 def _write_separated_dataset(root):
@@ -217,15 +227,20 @@ def test_baseline_is_perfect_on_gt_semantics_of_separated_shapes(tmp_path):
     dicts = load_point_coco_json(str(json_file), str(tmp_path / "img"), str(tmp_path / "sem"), name)
     MetadataCatalog.get(name).set(json_file=str(json_file), evaluator_type="coco")
     try:
-        preds = shapes.nearest_point_baseline(dicts)
-        for d, p in zip(dicts, preds):
-            inst = p["instances"]
-            assert p["image_id"] == d["image_id"] and len(inst) == len(d["annotations"])
+        seen = []
+
+        def check(d, out):
+            inst = out["instances"]
+            assert len(inst) == len(d["annotations"])
             masks, classes = _gt_masks(d)
             np.testing.assert_array_equal(inst.pred_masks.numpy(), masks)
             np.testing.assert_array_equal(inst.pred_classes.numpy(), classes)
-        ap = shapes.evaluate_instance_predictions(name, dicts, preds)
-        assert ap == {"AP": 1.0, "AP50": 1.0, "AP75": 1.0}
+            seen.append(d["image_id"])
+
+        results = evaluate_baseline(name, dicts, on_prediction=check)
+        assert seen == [d["image_id"] for d in dicts]
+        assert {k: results["segm"][k] for k in ("AP", "AP50", "AP75")} == {"AP": 100.0, "AP50": 100.0, "AP75": 100.0}
+        assert results["voc_mask"]["mAP50"] == 100.0
     finally:
         MetadataCatalog.remove(name)
 
@@ -237,12 +252,11 @@ def test_baseline_on_degraded_shapes_is_not_trivial(dataset_dir, val_dicts):
                                   thing_classes=list(shapes.SHAPES_CLASSES),
                                   thing_dataset_id_to_contiguous_id={1: 0, 2: 1, 3: 2})
     try:
-        preds = shapes.nearest_point_baseline(val_dicts)
-        assert [len(p["instances"]) for p in preds] == [len(d["annotations"]) for d in val_dicts]
-        assert all(p["instances"].pred_masks.shape[1:] == (d["height"], d["width"])
-                   for p, d in zip(preds, val_dicts))
-        ap = shapes.evaluate_instance_predictions(name, val_dicts, preds)
-        assert 0.05 < ap["AP50"] < 0.95, ap
+        outs = []
+        ap = evaluate_baseline(name, val_dicts, on_prediction=lambda d, out: outs.append((d, out)))["segm"]
+        assert [len(o["instances"]) for _, o in outs] == [len(d["annotations"]) for d in val_dicts]
+        assert all(o["instances"].pred_masks.shape[1:] == (d["height"], d["width"]) for d, o in outs)
+        assert 5 < ap["AP50"] < 95, ap
     finally:
         MetadataCatalog.remove(name)
 

@@ -479,105 +479,7 @@ def ensure_shapes_dataset(num_train, num_val, seed, root=None, params=None):
     return final
 
 
-# ------------------------------------------------------------------------------------ baseline
-def nearest_point_masks(sem, points, classes):
-    """Baseline grouping: every pixel of class k in ``sem`` goes to the nearest point of class k.
-
-    Args:
-        sem: uint8 / int ``(H, W)`` semantic map (0 bg, k+1 class k, other values ignored).
-        points: float ``(P, 2)`` (x, y); the point pixel is (round(y), round(x)) clipped.
-        classes: int ``(P,)`` class of each point (0..C-1).
-    Returns:
-        bool ``(P, H, W)``: mask i holds the class-``classes[i]`` pixels nearest (Euclidean) to
-        point i among the points of that class (a point sharing its pixel with a later one of the
-        same class gets an empty mask).
-    """
-    from scipy.ndimage import distance_transform_edt
-
-    h, w = sem.shape
-    points = np.asarray(points, np.float64).reshape(-1, 2)
-    classes = np.asarray(classes, np.int64).reshape(-1)
-    masks = np.zeros((len(points), h, w), bool)
-    px = np.clip(np.round(points[:, 0]).astype(np.int64), 0, w - 1)
-    py = np.clip(np.round(points[:, 1]).astype(np.int64), 0, h - 1)
-    for k in np.unique(classes):  # one distance transform per present class
-        idx = np.nonzero(classes == k)[0]
-        seeds = np.ones((h, w), bool)
-        seeds[py[idx], px[idx]] = False
-        nearest = distance_transform_edt(seeds, return_distances=False, return_indices=True)
-        owner_at_seed = np.full((h, w), -1, np.int64)
-        owner_at_seed[py[idx], px[idx]] = idx
-        owner = owner_at_seed[nearest[0], nearest[1]]
-        masks[idx] = (owner[None] == idx[:, None, None]) & (sem == k + 1)[None]
-    return masks
-
-
-def _read_sem(file_name):
-    """Read a semantic PNG as uint8 (H, W); raises naming the file when it cannot be read."""
-    sem = cv2.imread(str(file_name), cv2.IMREAD_UNCHANGED)
-    if sem is None or sem.ndim != 2:
-        raise OSError(f"sem_seg_file_name {file_name}: not a single-channel PNG")
-    return sem
-
-
-def nearest_point_prediction(record):
-    """Baseline prediction of one dataset dict (needs "sem_seg_file_name" and points).
-
-    Returns ``{"image_id", "instances": Instances}`` with one mask per point (same order as
-    ``record["annotations"]``): ``pred_masks`` bool (P, H, W), ``pred_boxes`` (from the masks),
-    ``pred_classes`` int64 (P,), ``scores`` float32 (P,) all 1 — the model output contract.
-    """
-    import torch
-    from detectron2.structures import BitMasks, Instances
-
-    if "sem_seg_file_name" not in record:
-        raise KeyError(f"{record.get('file_name')}: dataset dict lacks field 'sem_seg_file_name'")
-    sem = _read_sem(record["sem_seg_file_name"])
-    anns = record["annotations"]
-    points = np.array([a["point"] for a in anns], np.float64).reshape(-1, 2)
-    classes = np.array([a["category_id"] for a in anns], np.int64)
-    masks = torch.from_numpy(nearest_point_masks(sem, points, classes))
-    inst = Instances(sem.shape)
-    inst.pred_masks = masks
-    inst.pred_boxes = BitMasks(masks).get_bounding_boxes()
-    inst.pred_classes = torch.from_numpy(classes)
-    inst.scores = torch.ones(len(anns), dtype=torch.float32)
-    return {"image_id": record["image_id"], "instances": inst}
-
-
-def nearest_point_baseline(dataset_dicts):
-    """The "pseudo-label foreground -> nearest point of its class" baseline on a dataset.
-
-    Returns a list (one per dict) of ``{"image_id", "instances": Instances}`` (see
-    :func:`nearest_point_prediction`).
-    """
-    return [nearest_point_prediction(d) for d in dataset_dicts]
-
-
-def evaluate_instance_predictions(dataset_name, dataset_dicts, predictions):
-    """COCO mask AP of ``predictions`` against the GT of ``dataset_name`` (``metadata.json_file``).
-
-    Uses Detectron2's ``COCOEvaluator`` (segm only, pure-Python COCOeval). Returns
-    ``{"AP", "AP50", "AP75"}`` as fractions in [0, 1].
-    """
-    from detectron2.evaluation import COCOEvaluator
-
-    evaluator = COCOEvaluator(dataset_name, tasks=("segm",), distributed=False, use_fast_impl=False)
-    evaluator.reset()
-    for d, p in zip(dataset_dicts, predictions):
-        evaluator.process([{"image_id": d["image_id"]}], [p])
-    segm = evaluator.evaluate()["segm"]
-    return {k: round(segm[k] / 100.0, 4) for k in ("AP", "AP50", "AP75")}
-
-
-def evaluate_nearest_point_baseline(dataset_name):
-    """Run the baseline on the registered ``dataset_name`` and return its COCO mask AP dict."""
-    from detectron2.data import DatasetCatalog
-
-    dicts = DatasetCatalog.get(dataset_name)
-    return evaluate_instance_predictions(dataset_name, dicts, (nearest_point_prediction(d) for d in dicts))
-
-
+# ------------------------------------------------------------------------------------ statistics
 def semantic_miou(dataset_dicts, num_classes, ignore_label=IGNORE_LABEL):
     """mIoU (background + ``num_classes`` classes) of the semantic PNGs vs the GT instance masks.
 
@@ -587,12 +489,14 @@ def semantic_miou(dataset_dicts, num_classes, ignore_label=IGNORE_LABEL):
     project's one mIoU implementation (:func:`p2seg.data.semantic_sources.confusion_matrix` /
     :func:`~p2seg.data.semantic_sources.mean_iou`).
     """
+    from p2seg.evaluation.baseline import read_semantic_png
+
     from .semantic_sources import confusion_matrix, mean_iou
 
     n = num_classes + 1
     conf = np.zeros((n, n + 1), np.int64)  # rows GT, columns pseudo-label (last: ignore / other)
     for d in dataset_dicts:
-        sem = _read_sem(d["sem_seg_file_name"]).astype(np.int64)
+        sem = read_semantic_png(d["sem_seg_file_name"]).astype(np.int64)
         gt = np.zeros_like(sem)
         for a in d["annotations"]:
             if "segmentation" not in a:

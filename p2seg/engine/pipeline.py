@@ -12,7 +12,7 @@ Stages (each a ``train_net.py`` subprocess, output in ``<output_dir>/<stage>/`` 
    (``DATASETS.PSEUDO_LABELS``);
 4. ``eval``     ``--eval-only`` of the stage-2 model on its ``DATASETS.TEST``;
 5. ``baseline`` (in this process) the nearest-point baseline (pseudo-label pixels -> nearest
-   point of their class, :mod:`p2seg.data.shapes`) on the training and test sets.
+   point of their class, :mod:`p2seg.evaluation.baseline`) on the training and test sets.
 
 The final table (COCO mask AP/AP50/AP75, VOC mAP50, wall time per stage) is printed and written
 to ``<output_dir>/pipeline_results.json``.
@@ -133,20 +133,14 @@ def _metrics(results: Optional[dict]) -> Dict[str, float]:
 
 def nearest_point_metrics(cfg, dataset_name: str) -> Dict[str, float]:
     """Metrics (:func:`_metrics`) of the nearest-point baseline on ``dataset_name`` (registered
-    with ``cfg``'s counts), with the same evaluator as the models."""
-    from detectron2.data import DatasetCatalog
-
-    from p2seg.data.shapes import nearest_point_prediction
+    with ``cfg``'s counts), with the same evaluator and grouping as the models
+    (:func:`p2seg.evaluation.baseline.evaluate_baseline`)."""
     from p2seg.engine.trainer import register_builtin_datasets
-    from p2seg.evaluation import InstanceMaskEvaluator
+    from p2seg.evaluation.baseline import evaluate_baseline
 
     register_builtin_datasets(cfg)
-    evaluator = InstanceMaskEvaluator(dataset_name, distributed=False,
-                                      iou_thresholds=tuple(cfg.TEST.VOC_IOU_THRESHOLDS))
-    evaluator.reset()
-    for d in DatasetCatalog.get(dataset_name):
-        evaluator.process([{"image_id": d["image_id"]}], [nearest_point_prediction(d)])
-    return _metrics(evaluator.evaluate())
+    return _metrics(evaluate_baseline(dataset_name, iou_thresholds=tuple(cfg.TEST.VOC_IOU_THRESHOLDS),
+                                      max_dets_per_image=cfg.TEST.DETECTIONS_PER_IMAGE))
 
 
 def _stage(pc: PipelineConfig, name: str, done: bool, run, timings: Dict[str, dict]) -> None:

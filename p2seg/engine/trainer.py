@@ -76,8 +76,12 @@ def register_builtin_datasets(cfg):
     """(Re-)register the built-in datasets named in ``cfg.DATASETS`` with the config's settings.
 
     Names starting with ``p2seg_shapes`` are (re-)registered with ``cfg.DATASETS.SHAPES``
-    (NUM_TRAIN, NUM_VAL, SEED) via ``p2seg.data.shapes.register_shapes``.
+    (NUM_TRAIN, NUM_VAL, SEED) via ``p2seg.data.shapes.register_shapes``; the entries of
+    ``cfg.DATASETS.POINT_COCO`` are registered (``p2seg.data.config_datasets``).
     """
+    from p2seg.data.config_datasets import register_config_datasets
+
+    register_config_datasets(cfg)
     names = list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST) + [cfg.DATASETS.PSEUDO_LABELS.SOURCE]
     if any(n.startswith("p2seg_shapes") for n in names):
         try:

@@ -358,7 +358,8 @@ class InstanceMaskEvaluator(DatasetEvaluator):
             output_dir: if set, the COCO results are written to
                 ``<output_dir>/instance_mask_results.json`` (atomically).
             iou_thresholds: thresholds of the VOC mAPs ("mAP25" ... in the report).
-            max_dets_per_image: COCOeval's maxDets for AP.
+            max_dets_per_image: COCOeval's maxDets for AP; raised to the largest number of
+                points of an evaluated image (point-guided outputs: one mask per point).
         """
         self._dataset_name = dataset_name
         self._distributed = distributed
@@ -383,7 +384,8 @@ class InstanceMaskEvaluator(DatasetEvaluator):
             if "instances" not in out:
                 continue
             results = instances_to_coco_results(out["instances"], inp["image_id"])
-            self._predictions.append({"image_id": inp["image_id"], "results": results})
+            num_points = len(inp["points"]) if "points" in inp else 0
+            self._predictions.append({"image_id": inp["image_id"], "results": results, "num_points": num_points})
 
     def evaluate(self, img_ids=None):
         """Gather, then (main process) compute the metrics; other processes return ``{}``.
@@ -413,4 +415,6 @@ class InstanceMaskEvaluator(DatasetEvaluator):
         if not has_mask_gt(coco_gt):
             logger.warning("dataset '%s' has no mask ground truth: nothing to evaluate", self._dataset_name)
             return {}
-        return evaluate_instance_masks(coco_gt, results, img_ids, self._iou_thresholds, self._max_dets)
+        # Point-guided outputs have one mask per point: count at least that many per image.
+        max_dets = max([self._max_dets] + [p.get("num_points", 0) for p in predictions])
+        return evaluate_instance_masks(coco_gt, results, img_ids, self._iou_thresholds, max_dets)

@@ -78,6 +78,7 @@ __all__ = [
     "read_sidecar",
     "original_points",
     "pseudo_annotations",
+    "max_points_per_image",
 ]
 
 
@@ -176,11 +177,13 @@ def pseudo_annotations(instances, points: np.ndarray, classes: Sequence[int], da
         P dicts ``{"category_id", "segmentation", "bbox", "area", "iscrowd", "score", "point"}``.
     """
     instances = instances.to("cpu")
-    rles = encode_masks(instances.pred_masks.numpy().astype(bool))
+    masks = instances.pred_masks.numpy().astype(bool)
+    rles = encode_masks(masks)
     if not rles:
         return []
     boxes = mask_util.toBbox(rles).tolist()
-    areas = mask_util.area(rles).tolist()
+    # Pixel counts from the dense masks: pycocotools' area() of a list overflows past 255 RLEs.
+    areas = masks.reshape(len(masks), -1).sum(axis=1).tolist()
     scores = instances.scores.tolist()
     return [
         {
@@ -357,13 +360,20 @@ class PseudoMaskExporter(DatasetEvaluator):
                 {k: a[k] for k in ("image_id", "category_id", "segmentation", "score")} for a in coco["annotations"]
             ]
             img_ids = [im["id"] for im in coco["images"]]
-            results.update(evaluate_instance_masks(source, preds, img_ids, self._iou_thresholds, self._max_dets))
+            # One mask per point: crowded images must not be truncated at TEST.DETECTIONS_PER_IMAGE.
+            max_dets = max(self._max_dets, max_points_per_image(records))
+            results.update(evaluate_instance_masks(source, preds, img_ids, self._iou_thresholds, max_dets))
         results["pseudo_masks"] = {
             "num_images": len(coco["images"]),
             "num_masks": len(coco["annotations"]),
             "num_points": num_points,
         }
         return results
+
+
+def max_points_per_image(records: Iterable[dict]) -> int:
+    """Largest ``num_points`` of the sidecar records (0 without records)."""
+    return max((int(r.get("num_points", 0)) for r in records), default=0)
 
 
 def _fsync_file(path: str) -> None:

@@ -11,7 +11,7 @@ from torch.nn import functional as F
 
 from detectron2.projects.deeplab.loss import DeepLabCE
 
-__all__ = ["semantic_loss", "center_loss", "offset_loss", "point_loss", "weighted_mean"]
+__all__ = ["semantic_loss", "hard_mining_fraction", "center_loss", "offset_loss", "point_loss", "weighted_mean"]
 
 
 def semantic_loss(logits, targets, top_k, ignore_value):
@@ -27,6 +27,28 @@ def semantic_loss(logits, targets, top_k, ignore_value):
         float scalar.
     """
     return DeepLabCE(ignore_label=ignore_value, top_k_percent_pixels=top_k)(logits, targets)
+
+
+def hard_mining_fraction(top_k, iteration, warmup_iters):
+    """Fraction of pixel losses kept by :func:`semantic_loss` at a training iteration.
+
+    Hard-pixel mining from the first step can stall the semantic head: with a small foreground
+    fraction (one class, few objects) the top-k pixels at initialisation balance background and
+    foreground so that p = 0.5 everywhere is stationary (``loss_sem`` stays at ln 2). As DeepLab's
+    ``hard_example_mining_step``, the kept fraction goes linearly from 1 (all pixels) at
+    iteration 0 to ``top_k`` at ``warmup_iters``.
+
+    Args:
+        top_k: float in (0, 1], final fraction (MODEL.P2SEG.LOSS.SEM_TOP_K).
+        iteration: int >= 0, current training iteration.
+        warmup_iters: int >= 0 (MODEL.P2SEG.LOSS.SEM_TOP_K_WARMUP_ITERS); 0 = ``top_k`` at once.
+    Returns:
+        float in [top_k, 1].
+    """
+    if warmup_iters <= 0:
+        return float(top_k)
+    ratio = min(1.0, max(0, iteration) / float(warmup_iters))
+    return float(ratio * top_k + (1.0 - ratio))
 
 
 def weighted_mean(pixel_losses, weights):

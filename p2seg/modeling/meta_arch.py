@@ -30,7 +30,7 @@ from detectron2.utils.events import get_event_storage
 
 from . import mdm
 from .heads import init_head_weights
-from .losses import center_loss, offset_loss, point_loss, semantic_loss
+from .losses import center_loss, hard_mining_fraction, offset_loss, point_loss, semantic_loss
 from .postprocessing import peak_instances, point_guided_instances
 from .simple_heads import build_p2seg_heads
 
@@ -75,6 +75,7 @@ class P2Seg(nn.Module):
         ignore_value: int,
         sem_weight: float,
         sem_top_k: float,
+        sem_top_k_warmup_iters: int = 0,
         center_weight: float,
         offset_weight: float,
         point_weight: float = 0.0,
@@ -107,6 +108,8 @@ class P2Seg(nn.Module):
             size_divisibility: inputs and targets are padded to a multiple of this.
             ignore_value: semantic label without loss (pads the semantic targets).
             sem_weight, sem_top_k: weight and hard-pixel-mining fraction of ``loss_sem``.
+            sem_top_k_warmup_iters: iterations over which the mined fraction goes from 1 to
+                ``sem_top_k`` (:func:`~p2seg.modeling.losses.hard_mining_fraction`).
             center_weight, offset_weight, point_weight: weights of ``loss_center``,
                 ``loss_offset`` and ``loss_point`` (0 = no point loss term).
             s2i_enabled, i2s_enabled, i2s_loss_weight, i2s_pool_stride, i2s_block_size,
@@ -131,6 +134,8 @@ class P2Seg(nn.Module):
         self.common_stride = ins_embed_head.common_stride
         self.sem_weight = sem_weight
         self.sem_top_k = sem_top_k
+        self.sem_top_k_warmup_iters = sem_top_k_warmup_iters
+        self._local_iter = 0  # training forwards seen, when no EventStorage gives the iteration
         self.center_weight = center_weight
         self.offset_weight = offset_weight
         self.point_weight = point_weight
@@ -186,6 +191,7 @@ class P2Seg(nn.Module):
             "ignore_value": cfg.INPUT.IGNORE_VALUE,
             "sem_weight": p2.LOSS.SEM_WEIGHT,
             "sem_top_k": p2.LOSS.SEM_TOP_K,
+            "sem_top_k_warmup_iters": p2.LOSS.SEM_TOP_K_WARMUP_ITERS,
             "center_weight": p2.LOSS.CENTER_WEIGHT,
             "offset_weight": p2.LOSS.OFFSET_WEIGHT,
             "point_weight": p2.LOSS.POINT_WEIGHT,
@@ -225,7 +231,9 @@ class P2Seg(nn.Module):
             return self.inference(self.predict_for_inference(images), batched_inputs, images)
         outputs = self.predict(self.backbone(images.tensor))
         targets = self.prepare_targets(batched_inputs, images.tensor.shape[-2:])
-        return self.losses(outputs, targets)
+        losses = self.losses(outputs, targets)
+        self._local_iter += 1
+        return losses
 
     def preprocess_image(self, batched_inputs: List[Dict]) -> ImageList:
         """Normalise ``"image"`` (uint8 3xHxW) and pad the batch to ``size_divisibility``.
@@ -334,15 +342,25 @@ class P2Seg(nn.Module):
         """``loss_sem`` (hard-pixel-mining CE) and, if ``point_weight`` > 0, ``loss_point``, on
         the logits of :meth:`_semantic_logits`."""
         logits = self._semantic_logits(up, i2s)
+        top_k = hard_mining_fraction(self.sem_top_k, self._training_iteration(), self.sem_top_k_warmup_iters)
+        _put_scalar("p2seg/sem_top_k", top_k)
         terms = {
             "loss_sem": self.sem_weight
-            * semantic_loss(logits, targets["sem_seg"], self.sem_top_k, self.ignore_value)
+            * semantic_loss(logits, targets["sem_seg"], top_k, self.ignore_value)
         }
         if self.point_weight > 0:
             terms["loss_point"] = self.point_weight * point_loss(
                 logits, targets["points"], targets["point_classes"]
             )
         return terms
+
+    def _training_iteration(self) -> int:
+        """The trainer's iteration (``EventStorage.iter``, right after ``--resume`` too); outside
+        a trainer, the number of training forwards of this module so far."""
+        try:
+            return int(get_event_storage().iter)
+        except AssertionError:  # no EventStorage: a hand-written loop
+            return self._local_iter
 
     def _center_losses(self, up, targets):
         """``loss_center``: weighted MSE against the initial Gaussian targets."""

@@ -52,6 +52,7 @@ def main(argv=None):
     from detectron2.data import DatasetCatalog
 
     from p2seg.data import shapes
+    from p2seg.evaluation.baseline import evaluate_baseline
 
     names = shapes.register_shapes(args.num_train, args.num_val, args.seed, root=args.root)
     folder = shapes.shapes_dir(*_counts(args), root=args.root)
@@ -69,7 +70,8 @@ def main(argv=None):
         out[split] = split_stats(name, dicts, num_classes)
         if args.baseline:
             with contextlib.redirect_stdout(sys.stderr):  # pycocotools prints its tables
-                out[split]["nearest_point_baseline"] = shapes.evaluate_nearest_point_baseline(name)
+                segm = evaluate_baseline(name)["segm"]
+                out[split]["nearest_point_baseline"] = {k: round(segm[k], 2) for k in ("AP", "AP50", "AP75")}
     print(json.dumps(out))
     return out
 

@@ -1,0 +1,121 @@
+"""The no-learning baseline: semantic pseudo-label foreground -> nearest point of its class.
+
+Every pixel labelled ``k + 1`` in the semantic map goes to the nearest annotated point of class
+``k``; each point gets one mask. This is P2Seg's point-guided post-processing
+(:func:`p2seg.modeling.postprocessing.point_guided_instances`) with the semantic map as one-hot
+probabilities and zero offsets, so the model and the baseline share one implementation of the
+grouping and are scored by the same evaluator
+(:class:`~p2seg.evaluation.instance_evaluator.InstanceMaskEvaluator`): the difference between the
+two is exactly what the network learned.
+
+A point whose class region is empty gets the fallback box of the post-processing
+(``fallback_box_size``, 0 = an empty mask) with ``fallback_score``; every other mask scores 1.
+"""
+from __future__ import annotations
+
+from typing import Dict, Iterable, Optional, Sequence
+
+import cv2
+import numpy as np
+import torch
+
+from detectron2.data import DatasetCatalog
+from detectron2.structures import BitMasks, Instances
+
+from p2seg.modeling.postprocessing import point_guided_instances
+
+from .instance_evaluator import DEFAULT_IOU_THRESHOLDS, InstanceMaskEvaluator
+
+__all__ = ["read_semantic_png", "nearest_point_instances", "baseline_prediction", "evaluate_baseline"]
+
+
+def read_semantic_png(file_name: str) -> np.ndarray:
+    """A semantic PNG as uint8 ``(H, W)``; raises OSError naming the file when it is not one."""
+    sem = cv2.imread(str(file_name), cv2.IMREAD_UNCHANGED)
+    if sem is None or sem.ndim != 2:
+        raise OSError(f"sem_seg_file_name {file_name}: not a single-channel PNG")
+    return sem
+
+
+def nearest_point_instances(sem: np.ndarray, points, classes, fallback_box_size: int = 0,
+                            fallback_score: float = 0.0) -> Instances:
+    """Baseline masks of one image: class-``k`` pixels of ``sem`` -> nearest class-``k`` point.
+
+    Only the classes that have points get a probability channel (a K-class image costs K + 1
+    channels whatever the dataset's class count).
+
+    Args:
+        sem: int ``(H, W)`` semantic map (0 background, ``k + 1`` class k, other values ignored).
+        points: float ``(P, 2)`` (x, y) in the map's pixel coordinates.
+        classes: int ``(P,)`` contiguous classes of the points.
+        fallback_box_size, fallback_score: mask and score of a point that gets no pixel.
+    Returns:
+        ``Instances`` of P masks in point order: ``pred_masks`` bool ``(P, H, W)``, ``pred_boxes``,
+        ``pred_classes`` int64 ``(P,)``, ``scores`` float32 ``(P,)``.
+    """
+    sem = torch.as_tensor(np.asarray(sem).astype(np.int64))
+    points = torch.as_tensor(np.asarray(points, np.float32).reshape(-1, 2))
+    classes = torch.as_tensor(np.asarray(classes, np.int64).reshape(-1))
+    present, local = torch.unique(classes, return_inverse=True)  # K classes -> 0..K-1
+    labels = torch.cat([torch.zeros(1, dtype=torch.int64), present + 1])
+    one_hot = (sem[None] == labels[:, None, None]).to(torch.float32)  # (K+1) x H x W
+    one_hot[0] = 0.0  # background and ignore alike: pixels of no present class stay unassigned
+    offsets = torch.zeros((2,) + tuple(sem.shape), dtype=torch.float32)
+    found = point_guided_instances(one_hot, offsets, points, local.reshape(-1), fallback_box_size, fallback_score)
+    inst = Instances(tuple(sem.shape))
+    inst.pred_masks = found["masks"]
+    inst.pred_boxes = BitMasks(found["masks"]).get_bounding_boxes()
+    inst.pred_classes = classes.clone()
+    inst.scores = found["scores"].to(torch.float32)
+    return inst
+
+
+def baseline_prediction(record: dict, fallback_box_size: int = 0, fallback_score: float = 0.0) -> Dict:
+    """Baseline output of one dataset dict (``sem_seg_file_name`` and non-crowd ``annotations``
+    with ``point``), in the model's output contract: ``{"instances": Instances}``."""
+    if "sem_seg_file_name" not in record:
+        raise KeyError(f"{record.get('file_name')}: dataset dict lacks field 'sem_seg_file_name'")
+    sem = read_semantic_png(record["sem_seg_file_name"])
+    if sem.shape != (record["height"], record["width"]):
+        raise ValueError(
+            f"{record['sem_seg_file_name']}: semantic map is {sem.shape}, the image "
+            f"{record.get('file_name')} is {(record['height'], record['width'])} (fields 'height', 'width')"
+        )
+    anns = [a for a in record.get("annotations", []) if not a.get("iscrowd", 0) and "point" in a]
+    points = np.array([a["point"] for a in anns], np.float64).reshape(-1, 2)
+    classes = np.array([a["category_id"] for a in anns], np.int64)
+    return {"instances": nearest_point_instances(sem, points, classes, fallback_box_size, fallback_score)}
+
+
+def evaluate_baseline(
+    dataset_name: str,
+    dataset_dicts: Optional[Iterable[dict]] = None,
+    iou_thresholds: Sequence[float] = DEFAULT_IOU_THRESHOLDS,
+    max_dets_per_image: int = 100,
+    fallback_box_size: int = 0,
+    fallback_score: float = 0.0,
+    on_prediction=None,
+):
+    """Score the baseline on a registered dataset with the models' evaluator.
+
+    Args:
+        dataset_name: registered point dataset with a semantic source and mask ground truth.
+        dataset_dicts: its dicts (default ``DatasetCatalog.get(dataset_name)``).
+        iou_thresholds, max_dets_per_image: as :class:`InstanceMaskEvaluator` (max dets are
+            raised to the points of the most crowded image).
+        fallback_box_size, fallback_score: see :func:`nearest_point_instances`.
+        on_prediction: optional ``callable(record, output)`` (e.g. to draw pictures).
+    Returns:
+        the evaluator's results: ``OrderedDict(segm={"AP", "AP50", "AP75"}, voc_mask={...})``.
+    """
+    dicts = DatasetCatalog.get(dataset_name) if dataset_dicts is None else dataset_dicts
+    evaluator = InstanceMaskEvaluator(dataset_name, distributed=False, iou_thresholds=tuple(iou_thresholds),
+                                      max_dets_per_image=max_dets_per_image)
+    evaluator.reset()
+    for d in dicts:
+        out = baseline_prediction(d, fallback_box_size, fallback_score)
+        num_points = len(out["instances"])
+        evaluator.process([{"image_id": d["image_id"], "points": torch.zeros((num_points, 2))}], [out])
+        if on_prediction is not None:
+            on_prediction(d, out)
+    return evaluator.evaluate()
