@@ -15,7 +15,8 @@ def add_p2seg_config(cfg):
     # ---------------------------------------------------------------- input / augmentation
     cfg.INPUT.FORMAT = "RGB"
     # Training resize: the image is scaled to fit a RESIZE_TARGET x RESIZE_TARGET box (long side),
-    # times a random factor in SCALE_RANGE (Detectron2's ResizeScale).
+    # times a random factor in SCALE_RANGE (Detectron2's ResizeScale); 0 = the original size times
+    # that factor (datasets of mixed image sizes whose objects have a fixed pixel size: microscopy).
     cfg.INPUT.RESIZE_TARGET = 480
     cfg.INPUT.SCALE_RANGE = (0.7, 1.3)
     # Random crop of CROP.SIZE with padding (image: PAD_VALUE, semantic map: IGNORE_VALUE).

@@ -15,6 +15,7 @@ from p2seg.config import add_p2seg_config
 from p2seg.data.dataset_mapper import (
     FixedSizeCropSegPad,
     P2SegDatasetMapper,
+    RandomScale,
     build_p2seg_augmentations,
     read_sem_seg,
 )
@@ -237,6 +238,19 @@ def test_augmentations_from_config():
     assert build_p2seg_augmentations(_cfg(), is_train=False) == []
     test_augs = build_p2seg_augmentations(_cfg(**{"INPUT.MIN_SIZE_TEST": 100}), is_train=False)
     assert [type(a) for a in test_augs] == [T.ResizeShortestEdge]
+
+
+def test_resize_target_zero_scales_the_original_size():
+    cfg = _cfg(**{"INPUT.RESIZE_TARGET": 0, "INPUT.SCALE_RANGE": (0.5, 1.5), "INPUT.CROP.ENABLED": False})
+    augs = build_p2seg_augmentations(cfg, is_train=True)
+    assert isinstance(augs[0], RandomScale)
+    np.random.seed(0)
+    for h, w in ((40, 100), (300, 120)):
+        image = np.zeros((h, w, 3), np.uint8)
+        for _ in range(20):
+            out_h, out_w = T.AugInput(image).apply_augmentations([augs[0]]).apply_image(image).shape[:2]
+            scale = out_h / h
+            assert 0.5 - 0.03 <= scale <= 1.5 + 0.03 and abs(out_w / w - scale) < 0.03
 
 
 def test_sem_seg_errors_name_the_file(sample, tmp_path):

@@ -120,11 +120,27 @@ class FixedSizeCropSegPad(T.FixedSizeCrop):
         )
 
 
+class RandomScale(T.Augmentation):
+    """Resize by a factor drawn uniformly in ``[min_scale, max_scale]`` (bilinear image, nearest
+    semantic map): ``ResizeScale`` around the image's own size instead of a target box."""
+
+    def __init__(self, min_scale: float, max_scale: float):
+        super().__init__()
+        self.min_scale, self.max_scale = float(min_scale), float(max_scale)
+
+    def get_transform(self, image):
+        h, w = image.shape[:2]
+        scale = np.random.uniform(self.min_scale, self.max_scale)
+        new_h, new_w = max(1, int(round(h * scale))), max(1, int(round(w * scale)))
+        return T.ResizeTransform(h, w, new_h, new_w)
+
+
 def build_p2seg_augmentations(cfg, is_train):
     """Augmentations of P2Seg from the config (a list of Detectron2 ``Augmentation``).
 
     Training (METHOD.md "Optimisation"): ``ResizeScale`` (the long side fits an
-    ``INPUT.RESIZE_TARGET`` box, times a uniform random factor in ``INPUT.SCALE_RANGE``), a random
+    ``INPUT.RESIZE_TARGET`` box, times a uniform random factor in ``INPUT.SCALE_RANGE``; with
+    ``RESIZE_TARGET`` 0 the original size times that factor, :class:`RandomScale`), a random
     ``INPUT.CROP.SIZE`` crop padded right/bottom with ``INPUT.PAD_VALUE`` (image) and
     ``INPUT.IGNORE_VALUE`` (semantic map) if ``INPUT.CROP.ENABLED``, ``RandomFlip`` per
     ``INPUT.RANDOM_FLIP`` ("none" disables), and brightness / contrast / saturation jitter in
@@ -140,7 +156,10 @@ def build_p2seg_augmentations(cfg, is_train):
     target = cfg.INPUT.RESIZE_TARGET
     target_h, target_w = (target, target) if isinstance(target, int) else tuple(target)
     min_scale, max_scale = cfg.INPUT.SCALE_RANGE
-    augs = [T.ResizeScale(min_scale, max_scale, target_h, target_w)]
+    if target_h == 0 and target_w == 0:  # keep the original scale (objects of a fixed pixel size)
+        augs = [RandomScale(min_scale, max_scale)]
+    else:
+        augs = [T.ResizeScale(min_scale, max_scale, target_h, target_w)]
     if cfg.INPUT.CROP.ENABLED:
         augs.append(
             FixedSizeCropSegPad(
