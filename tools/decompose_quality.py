@@ -1,0 +1,105 @@
+#!/usr/bin/env python
+"""Where do a trained P2Seg's pseudo masks gain or lose against the baseline? Prints one JSON line.
+
+The pseudo masks come from two learned parts: the semantic foreground and the offsets that group
+it to the points. For every image of the (point) dataset in ``DATASETS.TEST[0]`` this tool builds
+the point-guided masks (:func:`p2seg.modeling.postprocessing.point_guided_instances`, the grouping
+of the model and of the baseline) from the four combinations
+
+    semantics: the model's (cleaned, at the original size) | the dataset's semantic source
+    offsets:   the model's | zero (nearest point)
+
+and scores each with the models' evaluator (COCO AP / AP50 / AP75). "source + zero" is the
+nearest-point baseline, "model + model" the model's own pseudo masks. It also reports the
+foreground IoU against the ground truth of the model's semantics and of the source.
+
+Usage::
+
+    python tools/decompose_quality.py --config-file configs/nuclei/p2seg_R18_cpu.yaml \\
+        MODEL.WEIGHTS output/nuclei_p2seg/model_final.pth
+"""
+import contextlib
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def main(argv=None):
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.data import DatasetCatalog
+    from detectron2.engine import default_argument_parser
+    from detectron2.structures import Instances
+
+    from p2seg.engine.trainer import Trainer, _mapper, register_builtin_datasets
+    from p2seg.evaluation.baseline import read_semantic_png
+    from p2seg.evaluation.instance_evaluator import InstanceMaskEvaluator
+    from p2seg.modeling.postprocessing import point_guided_instances
+    from p2seg.data.semantic_sources import decode_annotation_masks
+    from train_net import setup
+
+    args = default_argument_parser().parse_args(argv)
+    cfg = setup(args)
+    register_builtin_datasets(cfg)
+    name = cfg.DATASETS.TEST[0]
+    model = Trainer.build_model(cfg)
+    DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+    model.eval()
+    mapper = _mapper(cfg, False)
+    combos = [(s, o) for s in ("model", "source") for o in ("model", "zero")]
+    evaluators = {c: InstanceMaskEvaluator(name, distributed=False) for c in combos}
+    for e in evaluators.values():
+        e.reset()
+    fg = {"model": [0, 0], "source": [0, 0]}
+    captured = {}
+    original = model.inference
+
+    def capture(outputs, batched_inputs, images):  # keep the full-size offsets the grouping used
+        captured["offset"] = model._to_output_size(outputs["offset"][0], images.image_sizes[0],
+                                                   batched_inputs[0]["height"], batched_inputs[0]["width"])
+        captured["scale"] = (batched_inputs[0]["height"] / images.image_sizes[0][0] * model.common_stride,
+                             batched_inputs[0]["width"] / images.image_sizes[0][1] * model.common_stride)
+        return original(outputs, batched_inputs, images)
+
+    model.inference = capture
+    for d in DatasetCatalog.get(name):
+        inp = mapper(d)
+        if "points" not in inp:
+            continue
+        with torch.no_grad():
+            out = model([inp])[0]
+        h, w = d["height"], d["width"]
+        probs_model = out["sem_seg"]
+        offset = captured["offset"] * torch.tensor(captured["scale"]).view(2, 1, 1)
+        anns = [a for a in d["annotations"] if not a.get("iscrowd", 0)]
+        points = torch.tensor([a["point"] for a in anns], dtype=torch.float32).reshape(-1, 2)
+        classes = torch.tensor([a["category_id"] for a in anns], dtype=torch.int64)
+        sem = torch.as_tensor(read_semantic_png(d["sem_seg_file_name"]).astype(np.int64))
+        probs_source = (sem[None] == torch.arange(probs_model.shape[0])[:, None, None]).float()
+        gt = decode_annotation_masks(anns, h, w).any(axis=0)
+        for key, probs in (("model", probs_model), ("source", probs_source)):
+            pred_fg = (probs.argmax(0) > 0).numpy()
+            fg[key][0] += int((pred_fg & gt).sum())
+            fg[key][1] += int((pred_fg | gt).sum())
+        for s, o in combos:
+            probs = probs_model if s == "model" else probs_source
+            offs = offset if o == "model" else torch.zeros_like(offset)
+            found = point_guided_instances(probs, offs, points, classes, model.fallback_box_size, model.fallback_score)
+            inst = Instances((h, w), pred_masks=found["masks"], scores=found["scores"].float(),
+                             pred_classes=found["classes"])
+            evaluators[(s, o)].process([{"image_id": d["image_id"], "points": points}], [{"instances": inst}])
+    result = {"dataset": name, "weights": cfg.MODEL.WEIGHTS,
+              "foreground_iou": {k: round(a / max(b, 1), 4) for k, (a, b) in fg.items()}}
+    with contextlib.redirect_stdout(sys.stderr):
+        for (s, o), e in evaluators.items():
+            segm = e.evaluate()["segm"]
+            result[f"semantics={s},offsets={o}"] = {k: round(v, 2) for k, v in segm.items()}
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
