@@ -56,6 +56,9 @@ def add_p2seg_config(cfg):
     cfg.MODEL.P2SEG.TARGETS.MIN_COMPONENT_AREA = 50  # smaller pseudo-label components are ignored
     # Connectivity of pseudo-label components (8 as the authors).
     cfg.MODEL.P2SEG.TARGETS.CONNECTIVITY = 8
+    # Semantic loss: ignore pseudo-label components that hold no point of their class (false
+    # positives of the source, or objects whose point was cropped away).
+    cfg.MODEL.P2SEG.TARGETS.IGNORE_UNPOINTED = False
 
     # Loss weights: L = SEM*L_sem + CENTER*(L_ctr) + OFFSET*avg(L_off, L_off') + AFF*avg(L_aff, L_aff')
     cfg.MODEL.P2SEG.LOSS = CN()

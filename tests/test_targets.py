@@ -181,3 +181,20 @@ def test_class_masks_numpy_and_torch():
     mt = class_masks(torch.from_numpy(sem.astype(np.int64)), torch.tensor([1, 0]))
     assert mt.dtype == torch.bool
     np.testing.assert_array_equal(mt.numpy(), m)
+
+
+def test_ignore_unpointed_components_keeps_only_components_with_a_point_of_their_class():
+    from p2seg.data.targets import ignore_unpointed_components
+
+    sem = np.zeros((10, 12), np.uint8)
+    sem[1:4, 1:4] = 1  # class 0, has a point
+    sem[6:9, 1:4] = 1  # class 0, no point
+    sem[1:4, 6:9] = 2  # class 1, only a class-0 point on it
+    sem[6:9, 6:9] = 3  # class 2, no point of class 2 anywhere
+    sem[0, 11] = 255
+    pixels = np.array([[2, 2], [7, 2]])
+    out = ignore_unpointed_components(sem, pixels, [0, 0], ignore_value=255)
+    assert out is not sem and sem[7, 2] == 1  # input untouched
+    assert (out[1:4, 1:4] == 1).all()
+    assert (out[6:9, 1:4] == 255).all() and (out[1:4, 6:9] == 255).all() and (out[6:9, 6:9] == 255).all()
+    assert (out[sem == 0] == 0).all() and out[0, 11] == 255

@@ -45,7 +45,7 @@ from detectron2.data import transforms as T
 from detectron2.utils.file_io import PathManager
 from fvcore.transforms.transform import PadTransform
 
-from .targets import build_targets
+from .targets import build_targets, ignore_unpointed_components, point_pixels
 
 __all__ = [
     "P2SegDatasetMapper",
@@ -380,6 +380,7 @@ class P2SegDatasetMapper:
         connectivity=8,
         ignore_value=255,
         bad_samples="error",
+        ignore_unpointed=False,
     ):
         """
         Args:
@@ -391,6 +392,8 @@ class P2SegDatasetMapper:
             ignore_value: cfg.INPUT.IGNORE_VALUE.
             bad_samples: cfg.DATALOADER.BAD_SAMPLES, "error" (raise) or "skip" (training only:
                 warn, count and return None so that ``MapDataset`` maps another sample).
+            ignore_unpointed: the semantic target ignores pseudo-label components without a point
+                of their class (cfg.MODEL.P2SEG.TARGETS.IGNORE_UNPOINTED, :func:`ignore_unpointed_components`).
         """
         if bad_samples not in BAD_SAMPLE_POLICIES:
             raise ValueError(
@@ -404,6 +407,7 @@ class P2SegDatasetMapper:
         self.min_component_area = min_component_area
         self.connectivity = connectivity
         self.ignore_value = ignore_value
+        self.ignore_unpointed = ignore_unpointed
         self.skip_bad_samples = is_train and bad_samples == "skip"
         self.num_bad_samples = 0  # samples skipped so far (this process)
         self._bad_files = set()  # files already reported
@@ -423,6 +427,7 @@ class P2SegDatasetMapper:
             "connectivity": targets.CONNECTIVITY,
             "ignore_value": cfg.INPUT.IGNORE_VALUE,
             "bad_samples": cfg.DATALOADER.BAD_SAMPLES,
+            "ignore_unpointed": targets.IGNORE_UNPOINTED,
         }
 
     def __call__(self, dataset_dict):
@@ -506,6 +511,10 @@ class P2SegDatasetMapper:
             connectivity=self.connectivity,
             ignore_value=self.ignore_value,
         )
+        if self.ignore_unpointed:  # the semantic loss only: offsets already skip such components
+            sem_seg = ignore_unpointed_components(
+                sem_seg, point_pixels(points, height, width), classes, self.ignore_value, self.connectivity
+            )
         out["image"] = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
         out["sem_seg"] = torch.as_tensor(sem_seg.astype(np.int64))
         out["points"] = torch.as_tensor(points, dtype=torch.float32).reshape(-1, 2)

@@ -37,6 +37,7 @@ __all__ = [
     "offset_assignment",
     "offsets_from_assignment",
     "class_masks",
+    "ignore_unpointed_components",
 ]
 
 
@@ -295,6 +296,41 @@ def build_targets(
         "offset": offset,
         "offset_weights": offset_weights,
     }
+
+
+def ignore_unpointed_components(sem_seg, pixels, point_classes, ignore_value=255, connectivity=8):
+    """Semantic targets consistent with the points: foreground components without a point of
+    their class become ``ignore_value``.
+
+    With one point per object, a pseudo-label component of class ``k`` that holds no point of class
+    ``k`` is a false positive of the semantic source (debris, noise, a confused class) or an object
+    whose point was cropped away; either way it is not trusted as class ``k``. Background and
+    components holding a point keep their label.
+
+    Args:
+        sem_seg: integer array ``H x W`` (0 bg, ``k + 1`` class ``k``, ``ignore_value`` ignore).
+        pixels: int array ``P x 2`` point pixels ``(x, y)`` inside the image (:func:`point_pixels`).
+        point_classes: int array ``P``.
+        ignore_value, connectivity: as :func:`build_targets`.
+    Returns:
+        array like ``sem_seg`` (a copy).
+    """
+    out = np.array(sem_seg, copy=True)
+    point_classes = np.asarray(point_classes, dtype=np.int64).reshape(-1)
+    for label in np.unique(out).tolist():
+        if label == 0 or label == ignore_value:
+            continue
+        class_mask = out == label
+        members = pixels[point_classes == label - 1]
+        if len(members) == 0:
+            out[class_mask] = ignore_value
+            continue
+        labels, _ = class_components(class_mask, connectivity)
+        keep = np.zeros(labels.max() + 1, dtype=bool)
+        keep[labels[members[:, 1], members[:, 0]]] = True
+        keep[0] = False  # a point on another label does not keep anything
+        out[class_mask & ~keep[labels]] = ignore_value
+    return out
 
 
 def class_masks(sem_seg, classes):
