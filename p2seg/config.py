@@ -34,6 +34,8 @@ def add_p2seg_config(cfg):
     cfg.INPUT.IGNORE_VALUE = 255
     # Test-time resize (shortest edge); 0 keeps the original size.
     cfg.INPUT.MIN_SIZE_TEST = 0
+    # With MIN_SIZE_TEST 0: test images are resized by this factor (outputs at the original size).
+    cfg.INPUT.TEST_SCALE = 1.0
     cfg.INPUT.MAX_SIZE_TEST = 1333
 
     # ---------------------------------------------------------------- P2Seg

@@ -253,6 +253,13 @@ def test_resize_target_zero_scales_the_original_size():
             assert 0.5 - 0.03 <= scale <= 1.5 + 0.03 and abs(out_w / w - scale) < 0.03
 
 
+def test_test_scale_resizes_by_a_fixed_factor():
+    augs = build_p2seg_augmentations(_cfg(**{"INPUT.TEST_SCALE": 2.0}), is_train=False)
+    image = np.zeros((30, 50, 3), np.uint8)
+    assert [type(a) for a in augs] == [RandomScale]
+    assert T.AugInput(image).apply_augmentations(augs).apply_image(image).shape[:2] == (60, 100)
+
+
 def test_sem_seg_errors_name_the_file(sample, tmp_path):
     mapper = P2SegDatasetMapper(_cfg(), is_train=True)
     missing = dict(sample, sem_seg_file_name=str(tmp_path / "nope.png"))

@@ -145,12 +145,13 @@ def build_p2seg_augmentations(cfg, is_train):
     ``INPUT.IGNORE_VALUE`` (semantic map) if ``INPUT.CROP.ENABLED``, ``RandomFlip`` per
     ``INPUT.RANDOM_FLIP`` ("none" disables), and brightness / contrast / saturation jitter in
     ``[1 - x, 1 + x]`` per ``INPUT.COLOR_JITTER`` (0 disables one; saturation assumes RGB order as
-    in Detectron2). Test: ``ResizeShortestEdge(INPUT.MIN_SIZE_TEST, INPUT.MAX_SIZE_TEST)``, nothing
-    when ``MIN_SIZE_TEST`` is 0.
+    in Detectron2). Test: ``ResizeShortestEdge(INPUT.MIN_SIZE_TEST, INPUT.MAX_SIZE_TEST)``; when
+    ``MIN_SIZE_TEST`` is 0, the original size times ``INPUT.TEST_SCALE`` (nothing at 1).
     """
     if not is_train:
         if cfg.INPUT.MIN_SIZE_TEST == 0:
-            return []
+            scale = cfg.INPUT.TEST_SCALE
+            return [] if scale == 1.0 else [RandomScale(scale, scale)]
         return [T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST, "choice")]
 
     target = cfg.INPUT.RESIZE_TARGET
