@@ -282,3 +282,18 @@ def test_read_sem_seg_palette_png(tmp_path):
     path = tmp_path / "pal.png"
     pil.save(path)
     np.testing.assert_array_equal(read_sem_seg(str(path), 2, 3, C, 255), labels)
+
+
+def test_ignore_unpointed_drops_a_pseudo_label_blob_without_point(tmp_path):
+    """A disc of the semantic map without an annotation (a false positive of the source) is
+    ignored by the semantic target with TARGETS.IGNORE_UNPOINTED, kept as class 1 without it."""
+    d = _write_sample(tmp_path, "fp", 64, 64, [(20, 20, 10, 0), (45, 45, 10, 1)])
+    d["annotations"] = d["annotations"][:1]  # the class-1 disc loses its point
+    no_aug = {"INPUT.CROP.ENABLED": False, "INPUT.RANDOM_FLIP": "none", "INPUT.RESIZE_TARGET": 0,
+              "INPUT.SCALE_RANGE": (1.0, 1.0), "INPUT.COLOR_JITTER.ENABLED": False}
+    plain = P2SegDatasetMapper(_cfg(**no_aug), is_train=True)(copy.deepcopy(d))
+    consistent = P2SegDatasetMapper(_cfg(**no_aug, **{"MODEL.P2SEG.TARGETS.IGNORE_UNPOINTED": True}),
+                                    is_train=True)(copy.deepcopy(d))
+    assert plain["sem_seg"][45, 45] == 2 and consistent["sem_seg"][45, 45] == 255
+    assert plain["sem_seg"][20, 20] == consistent["sem_seg"][20, 20] == 1
+    assert torch.equal(plain["center_weights"], consistent["center_weights"])  # centre loss untouched
