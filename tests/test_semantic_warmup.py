@@ -38,7 +38,7 @@ def one_class_input(seed, size=64):
     }
 
 
-def train_sem_losses(warmup_iters, iters=40):
+def train_sem_losses(warmup_iters, iters=60):
     """loss_sem per iteration of a tiny one-class model trained with SEM_TOP_K 0.2."""
     torch.manual_seed(0)
     model = tiny_model("MODEL.P2SEG.NUM_CLASSES", 1, "MODEL.P2SEG.LOSS.SEM_TOP_K", 0.2,
@@ -69,7 +69,7 @@ def test_the_trainer_iteration_drives_the_schedule():
     with EventStorage(start_iter=50) as storage:
         assert model._training_iteration() == 50
         model.train()
-        model([one_class_input(0)] * 1 if False else [_three_class(one_class_input(0))])
+        model([_three_class(one_class_input(0))])
         assert storage.latest()["p2seg/sem_top_k"][0] == pytest.approx(hard_mining_fraction(0.2, 50, 100))
     assert model._training_iteration() == 1  # no storage: the module's own count of training forwards
 
