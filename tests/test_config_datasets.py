@@ -15,25 +15,38 @@ from p2seg.tools import baseline as baseline_tool
 
 
 def write_dataset(root, num_points=3):
-    """One 48x64 image with ``num_points`` separated 6x6 squares of one class, its point JSON
-    (with GT masks) and a PNG folder whose semantic map is the GT."""
+    """One 48x64 image with ``num_points`` (<= 24) separated 6x6 squares of one class."""
+    squares = [(4 + (i % 6) * 10, 4 + (i // 6) * 10, 6) for i in range(num_points)]
+    return write_squares(root, squares, (48, 64), category_id=5, name="cell")
+
+
+def write_crowded_dataset(root):
+    """One 90x120 image with 300 separated 2x2 squares (a 20 x 15 grid)."""
+    squares = [(c * 6, r * 6, 2) for r in range(15) for c in range(20)]
+    return write_squares(root, squares, (90, 120), category_id=1, name="nucleus")
+
+
+def write_squares(root, squares, size, category_id, name):
+    """Image, point JSON (GT masks, a point per square) and a PNG folder whose semantic map is the
+    GT, for squares ``(x0, y0, side)`` on an image of ``size`` (H, W); returns the JSON path."""
     (root / "img").mkdir()
     (root / "sem").mkdir()
-    sem = np.zeros((48, 64), np.uint8)
+    height, width = size
+    sem = np.zeros(size, np.uint8)
     anns = []
-    for i in range(num_points):
-        x0, y0 = 4 + (i % 6) * 10, 4 + (i // 6) * 10
-        m = np.zeros((48, 64), np.uint8)
-        m[y0:y0 + 6, x0:x0 + 6] = 1
+    for x0, y0, side in squares:
+        m = np.zeros(size, np.uint8)
+        m[y0:y0 + side, x0:x0 + side] = 1
         sem[m > 0] = 1
         rle = mask_util.encode(np.asfortranarray(m))
-        anns.append({"id": i + 1, "image_id": 1, "category_id": 5, "iscrowd": 0, "bbox": [x0, y0, 6, 6],
-                     "area": 36, "segmentation": {"size": [48, 64], "counts": rle["counts"].decode()},
-                     "point": [x0 + 2.5, y0 + 2.5]})
-    cv2.imwrite(str(root / "img" / "a.png"), np.full((48, 64, 3), 100, np.uint8))
+        anns.append({"id": len(anns) + 1, "image_id": 1, "category_id": category_id, "iscrowd": 0,
+                     "bbox": [x0, y0, side, side], "area": side * side,
+                     "segmentation": {"size": [height, width], "counts": rle["counts"].decode()},
+                     "point": [x0 + (side - 1) / 2.0, y0 + (side - 1) / 2.0]})
+    cv2.imwrite(str(root / "img" / "a.png"), np.full((height, width, 3), 100, np.uint8))
     cv2.imwrite(str(root / "sem" / "a.png"), sem)
-    data = {"images": [{"id": 1, "file_name": "a.png", "height": 48, "width": 64}], "annotations": anns,
-            "categories": [{"id": 5, "name": "cell"}]}
+    data = {"images": [{"id": 1, "file_name": "a.png", "height": height, "width": width}], "annotations": anns,
+            "categories": [{"id": category_id, "name": name}]}
     (root / "points.json").write_text(json.dumps(data))
     return root / "points.json"
 
@@ -109,26 +122,3 @@ def test_baseline_cli_with_an_eroded_source_scores_below_perfect(tmp_path, capsy
     # IoU 16/36 = 0.44: a match at 0.25, a miss at 0.5
     assert printed["voc_mask"]["mAP25"] == 100.0 and printed["segm"]["AP50"] == 0.0
 
-
-def write_crowded_dataset(root):
-    """One 90x120 image with 300 separated 2x2 squares (one class); GT semantics as the source."""
-    (root / "img").mkdir()
-    (root / "sem").mkdir()
-    sem = np.zeros((90, 120), np.uint8)
-    anns = []
-    for r in range(15):
-        for c in range(20):
-            m = np.zeros((90, 120), np.uint8)
-            m[r * 6:r * 6 + 2, c * 6:c * 6 + 2] = 1
-            sem[m > 0] = 1
-            rle = mask_util.encode(np.asfortranarray(m))
-            anns.append({"id": len(anns) + 1, "image_id": 1, "category_id": 1, "iscrowd": 0,
-                         "bbox": [c * 6, r * 6, 2, 2], "area": 4,
-                         "segmentation": {"size": [90, 120], "counts": rle["counts"].decode()},
-                         "point": [c * 6 + 0.5, r * 6 + 0.5]})
-    cv2.imwrite(str(root / "img" / "a.png"), np.full((90, 120, 3), 100, np.uint8))
-    cv2.imwrite(str(root / "sem" / "a.png"), sem)
-    data = {"images": [{"id": 1, "file_name": "a.png", "height": 90, "width": 120}], "annotations": anns,
-            "categories": [{"id": 1, "name": "nucleus"}]}
-    (root / "points.json").write_text(json.dumps(data))
-    return root / "points.json"
