@@ -10,8 +10,9 @@ of the model and of the baseline) from the four combinations
     offsets:   the model's | zero (nearest point)
 
 and scores each with the models' evaluator (COCO AP / AP50 / AP75). "source + zero" is the
-nearest-point baseline, "model + model" the model's own pseudo masks. It also reports the
-foreground IoU against the ground truth of the model's semantics and of the source.
+nearest-point baseline (with the model's fallback box), "model + model" the model's own pseudo
+masks. It also reports the foreground IoU against the ground truth of the model's semantics and
+of the source.
 
 Usage::
 
@@ -55,26 +56,16 @@ def main(argv=None):
     for e in evaluators.values():
         e.reset()
     fg = {"model": [0, 0], "source": [0, 0]}
-    captured = {}
-    original = model.inference
-
-    def capture(outputs, batched_inputs, images):  # keep the full-size offsets the grouping used
-        captured["offset"] = model._to_output_size(outputs["offset"][0], images.image_sizes[0],
-                                                   batched_inputs[0]["height"], batched_inputs[0]["width"])
-        captured["scale"] = (batched_inputs[0]["height"] / images.image_sizes[0][0] * model.common_stride,
-                             batched_inputs[0]["width"] / images.image_sizes[0][1] * model.common_stride)
-        return original(outputs, batched_inputs, images)
-
-    model.inference = capture
     for d in DatasetCatalog.get(name):
         inp = mapper(d)
         if "points" not in inp:
             continue
-        with torch.no_grad():
-            out = model([inp])[0]
         h, w = d["height"], d["width"]
-        probs_model = out["sem_seg"]
-        offset = captured["offset"] * torch.tensor(captured["scale"]).view(2, 1, 1)
+        with torch.no_grad():  # the model's own inference, keeping the offsets its grouping used
+            images = model.preprocess_image([inp])
+            outputs = model.predict_for_inference(images)
+            probs_model = model.inference(outputs, [inp], images)[0]["sem_seg"]
+            offset = model.offsets_at_output_size(outputs["offset"][0], images.image_sizes[0], h, w)
         anns = [a for a in d["annotations"] if not a.get("iscrowd", 0)]
         points = torch.tensor([a["point"] for a in anns], dtype=torch.float32).reshape(-1, 2)
         classes = torch.tensor([a["category_id"] for a in anns], dtype=torch.int64)

@@ -525,10 +525,8 @@ class P2Seg(nn.Module):
             keep = torch.nonzero(present[i]).squeeze(1)
             probs = sem_probs.new_zeros((sem_probs.shape[1], height, width))
             probs[keep] = self._to_output_size(sem_probs[i, keep], image_size, height, width)
-            offset = self._to_output_size(outputs["offset"][i], image_size, height, width)
+            offset = self.offsets_at_output_size(outputs["offset"][i], image_size, height, width)
             scale_y, scale_x = height / image_size[0], width / image_size[1]
-            offset = offset * torch.tensor([scale_y * self.common_stride, scale_x * self.common_stride],
-                                           device=offset.device).view(2, 1, 1)
             if "points" in x:
                 points = x["points"].to(self.device).reshape(-1, 2).float()
                 points = points * torch.tensor([scale_x, scale_y], device=self.device)
@@ -544,6 +542,13 @@ class P2Seg(nn.Module):
                 )
             results.append({"instances": self._to_instances(found, height, width), "sem_seg": probs})
         return results
+
+    def offsets_at_output_size(self, offset: torch.Tensor, image_size, height: int, width: int) -> torch.Tensor:
+        """Head offsets (float 2xhxw, 1/``common_stride`` pixels of the padded input) as float
+        2 x ``height`` x ``width`` offsets in output pixels (:meth:`_to_output_size`, then scaled)."""
+        up = self._to_output_size(offset, image_size, height, width)
+        scale = torch.tensor([height / image_size[0], width / image_size[1]], device=up.device)
+        return up * (scale * self.common_stride).view(2, 1, 1)
 
     def _to_output_size(self, x: torch.Tensor, image_size, height: int, width: int) -> torch.Tensor:
         """A 1/``common_stride`` map of the padded input to the output size, as :meth:`upsample`
