@@ -40,11 +40,9 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-import cv2
 import numpy as np
 import torch
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.data import MetadataCatalog
 from detectron2.data import transforms as T
@@ -53,6 +51,7 @@ from detectron2.utils.logger import setup_logger
 from detectron2.utils.visualizer import ColorMode, Visualizer
 
 from p2seg import add_p2seg_config
+from p2seg.engine.checkpointer import P2SegCheckpointer
 
 logger = logging.getLogger("p2seg.demo")
 
@@ -108,7 +107,12 @@ class PointPredictor(DefaultPredictor):
         if not getattr(self.metadata, "thing_classes", None):
             self.metadata = MetadataCatalog.get("__p2seg_demo_classes")
             self.metadata.set(thing_classes=[f"class {k}" for k in range(num_classes(cfg))])
-        DetectionCheckpointer(self.model).load(cfg.MODEL.WEIGHTS)
+        if not cfg.MODEL.WEIGHTS:
+            raise ValueError(
+                "MODEL.WEIGHTS is empty: the demo needs trained weights (e.g. MODEL.WEIGHTS "
+                "output/shapes_p2seg/model_final.pth); without them it would draw a random model"
+            )
+        P2SegCheckpointer(self.model).load(cfg.MODEL.WEIGHTS)
         self.aug = T.AugmentationList(test_augmentations(cfg))
         self.input_format = cfg.INPUT.FORMAT
         assert self.input_format in ("RGB", "BGR"), self.input_format
@@ -155,6 +159,17 @@ def expand_inputs(patterns: List[str]) -> List[str]:
             raise FileNotFoundError(f"--input {pattern!r}: no image file found")
         paths.extend(found)
     return paths
+
+
+def read_input_image(path: str) -> np.ndarray:
+    """uint8 ``(H, W, 3)`` BGR image of any bit depth (16-bit greyscale stretched to its range,
+    :func:`p2seg.data.image_io.read_image_any_depth`); OSError naming the file if unreadable."""
+    from p2seg.data.image_io import read_image_any_depth
+
+    try:
+        return read_image_any_depth(path, "BGR")
+    except (OSError, ValueError, SyntaxError) as e:
+        raise OSError(f"{path}: not a readable image ({type(e).__name__}: {e})") from e
 
 
 def _points_array(path: str, key: str, rows, n_classes: int) -> Points:
@@ -213,6 +228,33 @@ def _coco_points(path: str, data: dict, n_classes: int) -> Dict[str, Points]:
     return {n: _points_array(path, f"{n} (annotations)", r, n_classes) for n, r in rows.items()}
 
 
+def points_of_image(table: Dict[str, Points], image_path: str, points_file: str) -> Optional[Points]:
+    """The points of ``image_path`` in a ``--points`` table (keyed by image base name), or None with
+    a warning that names the file and the keys of the same stem (``img0.jpg`` for ``img0.png``)."""
+    name = os.path.basename(image_path)
+    if name in table:
+        return table[name]
+    stem = Path(name).stem
+    similar = sorted(k for k in table if Path(k).stem == stem)
+    hint = f"; it has {similar} (another extension?)" if similar else ""
+    logger.warning("%s: no entry %r in --points %s%s: the image is predicted without points",
+                   image_path, name, points_file, hint)
+    return None
+
+
+def check_points_inside(points: Points, image_size: Tuple[int, int], image_path: str) -> None:
+    """ValueError naming the image if a point lies outside ``[0, W] x [0, H]`` (the loader's rule)."""
+    height, width = image_size
+    xy = points[0]
+    outside = (xy[:, 0] < 0) | (xy[:, 0] > width) | (xy[:, 1] < 0) | (xy[:, 1] > height)
+    if outside.any():
+        first = int(np.flatnonzero(outside)[0])
+        raise ValueError(
+            f"{image_path}: {int(outside.sum())} of {len(xy)} points lie outside the {width}x{height} image "
+            f"(first: point {first} at x={xy[first, 0]:g}, y={xy[first, 1]:g}); are they for another image?"
+        )
+
+
 def read_points_dir(folder: str, image_path: str, class_offset: int, n_classes: int) -> Optional[Points]:
     """Points of ``<folder>/<image stem>.txt`` (the authors' ``x y cls [conf]`` lines); None if absent.
 
@@ -246,13 +288,11 @@ def draw_overlay(image_bgr: np.ndarray, output: dict, metadata, points: Optional
     return vis.get_image()
 
 
-def write_png_atomic(path: str, image_rgb: np.ndarray) -> None:
-    """Write an RGB uint8 image as PNG via a temporary file + ``os.replace``."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}.png"
-    if not cv2.imwrite(tmp, np.ascontiguousarray(image_rgb[:, :, ::-1])):
-        raise OSError(f"could not write {tmp}")
-    os.replace(tmp, path)
+def write_rgb_png(path: str, image_rgb: np.ndarray) -> None:
+    """Write an RGB uint8 image as a PNG atomically (folders created)."""
+    from p2seg.data.semantic_sources import write_png_atomic
+
+    write_png_atomic(path, np.ascontiguousarray(image_rgb[:, :, ::-1]))
 
 
 # ------------------------------------------------------------------------------ main
@@ -289,21 +329,21 @@ def main(argv=None) -> int:
         if (table is not None or args.points_dir) and cfg.MODEL.META_ARCHITECTURE != "P2Seg":
             logger.warning("%s ignores points: they are only drawn", cfg.MODEL.META_ARCHITECTURE)
         for path in paths:
-            image = cv2.imread(path, cv2.IMREAD_COLOR)
-            if image is None:
-                raise OSError(f"{path}: not a readable image")
+            image = read_input_image(path)
             if table is not None:
-                points = table.get(os.path.basename(path))
+                points = points_of_image(table, path, args.points)
             elif args.points_dir:
                 points = read_points_dir(args.points_dir, path, args.class_offset, n_classes)
             else:
                 points = None
+            if points is not None:
+                check_points_inside(points, image.shape[:2], path)
             start = time.perf_counter()
             output = predictor(image, points)
             overlay = draw_overlay(image, output, predictor.metadata, points, args.confidence_threshold,
                                    args.point_radius)
             out_path = os.path.join(args.output, Path(path).stem + ".png")
-            write_png_atomic(out_path, overlay)
+            write_rgb_png(out_path, overlay)
             n_points = "no points" if points is None else f"{len(points[0])} points"
             logger.info("%s: %d instances (%s) in %.2fs -> %s", path, len(output["instances"]), n_points,
                         time.perf_counter() - start, out_path)

@@ -26,12 +26,13 @@ import logging
 import os
 import pickle
 import re
-import tempfile
 from typing import Dict, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
 from torch import nn
+
+from p2seg.utils.atomic import atomic_file
 
 __all__ = [
     "KINDS",
@@ -319,17 +320,9 @@ def to_detectron2_checkpoint(backbone_state: Mapping[str, torch.Tensor], author:
 
 
 def save_checkpoint(obj: Dict, output: str) -> None:
-    """``torch.save`` atomically (temporary file in the same folder + ``os.replace``)."""
-    folder = os.path.dirname(os.path.abspath(output))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".pth", dir=folder)
-    os.close(fd)
-    try:
+    """``torch.save`` atomically (:func:`p2seg.utils.atomic.atomic_file`)."""
+    with atomic_file(output, suffix=".pth") as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, output)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def convert_checkpoint(path: str, output: str, backbone: nn.Module, kind: str = "auto",

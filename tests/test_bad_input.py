@@ -128,6 +128,12 @@ def test_duplicate_image_ids_name_file_and_id(tiny):
     assert "duplicate image id 2" in msg and "images[1]" in msg and "images[2]" in msg
 
 
+def test_duplicate_annotation_ids_name_file_and_both_entries(tiny):
+    # pycocotools keeps one annotation per id: a perfect prediction would score AP 77.6, not 100
+    msg = _loader_error(tiny, lambda d: d["annotations"][3].__setitem__("id", d["annotations"][1]["id"]))
+    assert "duplicate annotation id" in msg and "annotations[1]" in msg and "annotations[3]" in msg
+
+
 @pytest.mark.parametrize(
     "point, words",
     [

@@ -301,3 +301,37 @@ def test_render_semseg_cli_miou_and_determinism(tmp_path, capsys):
     assert runs["a"][0] == runs["b"][0]
     assert all((p == q).all() for p, q in zip(runs["a"][1], runs["b"][1]))
     assert any((p != q).any() for p, q in zip(runs["a"][1], runs["c"][1]))
+
+
+def _edited_mask_json(tmp_path, edit):
+    src = _mask_json(tmp_path)
+    data = json.loads(src.read_text())
+    edit(data)
+    src.write_text(json.dumps(data))
+    return src
+
+
+def test_render_semseg_refuses_annotations_without_masks(tmp_path):
+    # before: all-background PNGs and "mIoU_vs_undegraded=1.0000"
+    src = _edited_mask_json(tmp_path, lambda d: [a.pop("segmentation") for a in d["annotations"]])
+    with pytest.raises(ValueError, match="annotation id=1 .*no field 'segmentation'") as e:
+        _render_cli(src, tmp_path / "out")
+    assert str(src) in str(e.value) and not os.listdir(tmp_path / "out")
+
+
+def test_render_semseg_refuses_more_categories_than_uint8_labels(tmp_path):
+    # 300 categories: label k+1 = 255 would become the ignore label and 260 would wrap to 4
+    def many_categories(d):
+        d["categories"] = [{"id": k, "name": str(k)} for k in range(1, 301)]
+    src = _edited_mask_json(tmp_path, many_categories)
+    with pytest.raises(ValueError, match="300 categories.*ignore label 255") as e:
+        _render_cli(src, tmp_path / "out")
+    assert str(src) in str(e.value)
+
+
+@pytest.mark.parametrize("flag, value", [("--drop-prob", "1.5"), ("--drop-prob", "-0.1"), ("--erode", "-1"),
+                                         ("--blob-noise", "-2"), ("--blob-radius", "0")])
+def test_render_semseg_refuses_out_of_range_degradation(tmp_path, capsys, flag, value):
+    with pytest.raises(SystemExit) as e:
+        _render_cli(_mask_json(tmp_path), tmp_path / "out", flag, value)
+    assert e.value.code == 2 and flag in capsys.readouterr().err

@@ -17,9 +17,29 @@ import demo  # noqa: E402  (demo.py at the repository root)
 P2SEG = REPO / "configs" / "shapes" / "p2seg_R18_cpu.yaml"
 MASK_RCNN = REPO / "configs" / "MaskRCNN" / "mask_rcnn_R_18_FPN_shapes_cpu.yaml"
 SHAPES = ["DATASETS.SHAPES.NUM_TRAIN", "4", "DATASETS.SHAPES.NUM_VAL", "2"]
-P2SEG_OPTS = SHAPES + QUICK_STAGE1 + ["MODEL.WEIGHTS", ""]  # random initialisation
-RCNN_OPTS = SHAPES + ["MODEL.WEIGHTS", "", "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0", "INPUT.MIN_SIZE_TEST", "128",
+P2SEG_BASE = SHAPES + QUICK_STAGE1
+RCNN_BASE = SHAPES + ["MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0", "INPUT.MIN_SIZE_TEST", "128",
                       "MODEL.FPN.OUT_CHANNELS", "32"]
+
+
+def _random_weights(config, opts, path):
+    """Save a randomly initialised model of ``config`` as a checkpoint (the demo needs weights)."""
+    from p2seg.checkpoint import save_checkpoint
+    from p2seg.engine import Trainer
+
+    cfg = demo.setup_cfg(str(config), opts + ["MODEL.WEIGHTS", ""])
+    save_checkpoint({"model": Trainer.build_model(cfg).state_dict()}, str(path))
+    return opts + ["MODEL.WEIGHTS", str(path)]
+
+
+@pytest.fixture(scope="module")
+def p2seg_opts(tmp_path_factory):
+    return _random_weights(P2SEG, P2SEG_BASE, tmp_path_factory.mktemp("w") / "p2seg.pth")
+
+
+@pytest.fixture(scope="module")
+def rcnn_opts(tmp_path_factory):
+    return _random_weights(MASK_RCNN, RCNN_BASE, tmp_path_factory.mktemp("w") / "rcnn.pth")
 
 
 @pytest.fixture(scope="module")
@@ -43,9 +63,9 @@ def _mask_region_changed(image_bgr, overlay_rgb, masks):
     return diff[union].mean(), union.sum()
 
 
-def test_p2seg_with_points_one_mask_per_point_and_overlay(shapes, tmp_path):
+def test_p2seg_with_points_one_mask_per_point_and_overlay(shapes, tmp_path, p2seg_opts):
     image_root, json_file = shapes
-    cfg = demo.setup_cfg(str(P2SEG), P2SEG_OPTS)
+    cfg = demo.setup_cfg(str(P2SEG), p2seg_opts)
     predictor = demo.PointPredictor(cfg)
     table = demo.read_points_json(str(json_file), demo.num_classes(cfg))
     path = str(image_root / "000001.png")
@@ -60,16 +80,16 @@ def test_p2seg_with_points_one_mask_per_point_and_overlay(shapes, tmp_path):
 
     # the command: folder input, COCO point JSON, PNG per image
     rc = demo.main(["--config-file", str(P2SEG), "--input", str(image_root), "--output", str(tmp_path),
-                    "--points", str(json_file), "--opts", *P2SEG_OPTS])
+                    "--points", str(json_file), "--opts", *p2seg_opts])
     assert rc == 0
     written = cv2.imread(str(tmp_path / "000001.png"))
     assert written.shape == image.shape
     assert np.abs(written.astype(int) - image.astype(int)).sum(-1)[out["instances"].pred_masks.numpy().any(0)].mean() > 10
 
 
-def test_simple_points_json_and_points_dir_give_same_masks(shapes, tmp_path):
+def test_simple_points_json_and_points_dir_give_same_masks(shapes, tmp_path, p2seg_opts):
     image_root, json_file = shapes
-    cfg = demo.setup_cfg(str(P2SEG), P2SEG_OPTS)
+    cfg = demo.setup_cfg(str(P2SEG), p2seg_opts)
     coco = demo.read_points_json(str(json_file), 3)["000000.png"]
     simple = tmp_path / "points.json"
     simple.write_text(json.dumps({"000000.png": [[x, y, int(k)] for (x, y), k in zip(coco[0].tolist(), coco[1])]}))
@@ -89,14 +109,14 @@ def test_simple_points_json_and_points_dir_give_same_masks(shapes, tmp_path):
     assert (a["instances"].pred_masks == b["instances"].pred_masks).all()
 
 
-def test_without_points_p2seg_and_mask_rcnn(shapes, tmp_path):
+def test_without_points_p2seg_and_mask_rcnn(shapes, tmp_path, p2seg_opts, rcnn_opts):
     image_root, _ = shapes
     # P2Seg without points: peak grouping; the command writes one PNG per image
     rc = demo.main(["--config-file", str(P2SEG), "--input", str(image_root / "*.png"), "--output",
-                    str(tmp_path / "p2seg"), "--opts", *P2SEG_OPTS])
+                    str(tmp_path / "p2seg"), "--opts", *p2seg_opts])
     assert rc == 0 and sorted(p.name for p in (tmp_path / "p2seg").iterdir()) == ["000000.png", "000001.png"]
     # stage-2 Mask R-CNN (random weights, score threshold 0: it returns instances)
-    cfg = demo.setup_cfg(str(MASK_RCNN), RCNN_OPTS)
+    cfg = demo.setup_cfg(str(MASK_RCNN), rcnn_opts)
     predictor = demo.PointPredictor(cfg)
     image = cv2.imread(str(image_root / "000000.png"))
     out = predictor(image)
@@ -109,11 +129,11 @@ def test_without_points_p2seg_and_mask_rcnn(shapes, tmp_path):
     else:  # only boxes / labels drawn
         assert (overlay[:, :, ::-1] != image).any()
     rc = demo.main(["--config-file", str(MASK_RCNN), "--input", str(image_root / "000000.png"), "--output",
-                    str(tmp_path / "rcnn"), "--confidence-threshold", "0", "--", *RCNN_OPTS])
+                    str(tmp_path / "rcnn"), "--confidence-threshold", "0", "--", *rcnn_opts])
     assert rc == 0 and (tmp_path / "rcnn" / "000000.png").is_file()
 
 
-def test_bad_points_files_name_file_and_line(shapes, tmp_path, capsys):
+def test_bad_points_files_name_file_and_line(shapes, tmp_path, capsys, p2seg_opts):
     image_root, _ = shapes
     bad_json = tmp_path / "bad.json"
     bad_json.write_text('{"000000.png": [[10, 20, 0],\n  [30, 40 1]]}\n')
@@ -124,14 +144,71 @@ def test_bad_points_files_name_file_and_line(shapes, tmp_path, capsys):
     with pytest.raises(ValueError, match=r"wrong\.json: entry '000000.png' item 0: cls 7"):
         demo.read_points_json(str(wrong), 3)
     rc = demo.main(["--config-file", str(P2SEG), "--input", str(image_root), "--output", str(tmp_path / "o"),
-                    "--points", str(bad_json), "--opts", *P2SEG_OPTS])
+                    "--points", str(bad_json), "--opts", *p2seg_opts])
     assert rc == 1 and "bad.json: line 2" in capsys.readouterr().err
     txt_dir = tmp_path / "txt"
     txt_dir.mkdir()
     (txt_dir / "000000.txt").write_text("10 20 1\n30 forty 1\n")
     rc = demo.main(["--config-file", str(P2SEG), "--input", str(image_root), "--output", str(tmp_path / "o"),
-                    "--points-dir", str(txt_dir), "--class-offset", "1", "--opts", *P2SEG_OPTS])
+                    "--points-dir", str(txt_dir), "--class-offset", "1", "--opts", *p2seg_opts])
     err = capsys.readouterr().err
     assert rc == 1 and "000000.txt:2" in err
     with pytest.raises(FileNotFoundError, match="nothing_here"):
         demo.expand_inputs([str(tmp_path / "nothing_here" / "*.png")])
+
+
+def test_demo_refuses_to_run_without_weights(shapes, tmp_path, capsys):
+    # before: random-initialisation predictions drawn, exit code 0
+    image_root, _ = shapes
+    rc = demo.main(["--config-file", str(P2SEG), "--input", str(image_root), "--output", str(tmp_path / "o"),
+                    "--opts", *P2SEG_BASE, "MODEL.WEIGHTS", ""])
+    assert rc == 1 and "MODEL.WEIGHTS is empty" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+    rc = demo.main(["--config-file", str(P2SEG), "--input", str(image_root), "--output", str(tmp_path / "o"),
+                    "--opts", *P2SEG_BASE, "MODEL.WEIGHTS", str(tmp_path / "missing.pth")])
+    assert rc == 1 and "file not found" in capsys.readouterr().err
+
+
+def test_demo_loads_weights_only(shapes, tmp_path, capsys, monkeypatch, p2seg_opts):
+    import torch
+
+    evil = tmp_path / "evil.pth"
+    torch.save({"model": {}, "payload": _Unpicklable()}, evil)
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    rc = demo.main(["--config-file", str(P2SEG), "--input", str(shapes[0]), "--output", str(tmp_path / "o"),
+                    "--opts", *P2SEG_BASE, "MODEL.WEIGHTS", str(evil)])
+    assert rc == 1 and "weights_only=True" in capsys.readouterr().err
+
+
+class _Unpicklable:
+    """Not a weights-only type: the weights-only loader refuses it."""
+
+
+def test_points_for_another_file_name_warn_and_points_outside_are_errors(shapes, tmp_path, caplog, p2seg_opts):
+    image_root, _ = shapes
+    other_ext = tmp_path / "points.json"
+    other_ext.write_text(json.dumps({"000000.jpg": [[10, 12, 0]]}))
+    rc = demo.main(["--config-file", str(P2SEG), "--input", str(image_root / "000000.png"), "--output",
+                    str(tmp_path / "o"), "--points", str(other_ext), "--opts", *p2seg_opts])
+    assert rc == 0
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("no entry '000000.png'" in m and "000000.jpg" in m and "without points" in m for m in warned)
+    outside = tmp_path / "outside.json"
+    outside.write_text(json.dumps({"000000.png": [[10, 12, 0], [5000, 12, 1]]}))
+    with pytest.raises(ValueError, match=r"1 of 2 points lie outside.*x=5000"):
+        demo.check_points_inside(demo.read_points_json(str(outside), 3)["000000.png"], (128, 160), "000000.png")
+    rc = demo.main(["--config-file", str(P2SEG), "--input", str(image_root / "000000.png"), "--output",
+                    str(tmp_path / "o2"), "--points", str(outside), "--opts", *p2seg_opts])
+    assert rc == 1 and not (tmp_path / "o2" / "000000.png").exists()
+
+
+def test_demo_reads_16_bit_images(tmp_path, p2seg_opts):
+    from PIL import Image
+
+    ramp = (np.arange(96 * 96).reshape(96, 96) * 7).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "cells16.png")
+    image = demo.read_input_image(str(tmp_path / "cells16.png"))
+    assert image.shape == (96, 96, 3) and image.min() == 0 and image.max() == 255
+    rc = demo.main(["--config-file", str(P2SEG), "--input", str(tmp_path / "cells16.png"), "--output",
+                    str(tmp_path / "o"), "--opts", *p2seg_opts])
+    assert rc == 0 and (tmp_path / "o" / "cells16.png").is_file()

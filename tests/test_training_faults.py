@@ -153,6 +153,37 @@ def test_checkpoint_save_interrupted_keeps_the_previous_one(tmp_path, monkeypatc
     assert checkpointer.resume_or_load("", resume=True)["iteration"] == 1
 
 
+def test_resume_finds_a_checkpoint_that_last_checkpoint_does_not_name_yet(tmp_path, monkeypatch):
+    """Killed between renaming model_0000019.pth into place and rewriting last_checkpoint: resume
+    continues from iteration 19, not from the older pointer (nor from 0 on a first save)."""
+    checkpointer = P2SegCheckpointer(torch.nn.Linear(2, 2), save_dir=str(tmp_path))
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt("killed before last_checkpoint")
+
+    monkeypatch.setattr(checkpointer, "tag_last_checkpoint", killed)
+    with pytest.raises(KeyboardInterrupt):
+        checkpointer.save("model_0000004", iteration=4)
+    assert not (tmp_path / "last_checkpoint").exists()  # the first save of a run
+    assert checkpointer.has_checkpoint()
+    assert checkpointer.resume_or_load("", resume=True)["iteration"] == 4
+    monkeypatch.undo()
+    checkpointer.save("model_0000009", iteration=9)
+    monkeypatch.setattr(checkpointer, "tag_last_checkpoint", killed)
+    with pytest.raises(KeyboardInterrupt):
+        checkpointer.save("model_0000019", iteration=19)
+    assert (tmp_path / "last_checkpoint").read_text() == "model_0000009.pth"
+    assert checkpointer.resume_or_load("", resume=True)["iteration"] == 19
+
+
+def test_resume_removes_orphan_temporary_files(tmp_path):
+    (tmp_path / ".tmp_abc123.pth").write_bytes(b"PK half a checkpoint")
+    checkpointer = P2SegCheckpointer(torch.nn.Linear(2, 2), save_dir=str(tmp_path))
+    checkpointer.save("model_0000001", iteration=1)
+    assert checkpointer.resume_or_load("", resume=True)["iteration"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last_checkpoint", "model_0000001.pth"]
+
+
 class _NoNetwork(socket.socket):
     def __init__(self, *args, **kwargs):
         raise AssertionError("network access attempted (socket.socket)")

@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def main(argv=None):
-    from detectron2.checkpoint import DetectionCheckpointer
+    from p2seg.engine.checkpointer import P2SegCheckpointer
     from detectron2.data import DatasetCatalog
     from detectron2.engine import default_argument_parser
     from detectron2.structures import Instances
@@ -48,7 +48,7 @@ def main(argv=None):
     register_builtin_datasets(cfg)
     name = cfg.DATASETS.TEST[0]
     model = Trainer.build_model(cfg)
-    DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+    P2SegCheckpointer(model).load(cfg.MODEL.WEIGHTS)
     model.eval()
     mapper = _mapper(cfg, False)
     combos = [(s, o) for s in ("model", "source") for o in ("model", "zero")]

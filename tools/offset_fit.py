@@ -44,7 +44,7 @@ def offset_statistics(pred, target):
 
 
 def main(argv=None):
-    from detectron2.checkpoint import DetectionCheckpointer
+    from p2seg.engine.checkpointer import P2SegCheckpointer
     from detectron2.data import DatasetCatalog
     from detectron2.engine import default_argument_parser
 
@@ -56,7 +56,7 @@ def main(argv=None):
     cfg = setup(args)
     register_builtin_datasets(cfg)
     model = Trainer.build_model(cfg)
-    DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+    P2SegCheckpointer(model).load(cfg.MODEL.WEIGHTS)
     model.eval()
     mapper = _mapper(cfg, False)
     p2 = cfg.MODEL.P2SEG

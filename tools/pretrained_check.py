@@ -149,7 +149,7 @@ def run_variant(args, name: str) -> Dict[str, float]:
         ``{"fallback_fraction", "point_class_prob", "point_fg_prob", "segm_AP", "segm_AP50",
         "voc_mAP50", "train_seconds" (None with --eval-only), "eval_seconds", "final_total_loss"}``.
     """
-    from detectron2.checkpoint import DetectionCheckpointer
+    from p2seg.engine.checkpointer import P2SegCheckpointer
     from detectron2.evaluation import DatasetEvaluators, inference_on_dataset
     from detectron2.utils.logger import setup_logger
 
@@ -164,7 +164,7 @@ def run_variant(args, name: str) -> Dict[str, float]:
     t0 = time.perf_counter()
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        DetectionCheckpointer(model).load(os.path.join(out_dir, "model_final.pth"))
+        P2SegCheckpointer(model).load(os.path.join(out_dir, "model_final.pth"))
     else:
         trainer = Trainer(cfg)
         trainer.resume_or_load(resume=False)

@@ -40,11 +40,11 @@ import torch
 from PIL import Image
 
 from detectron2.config import configurable
-from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from detectron2.utils.file_io import PathManager
 from fvcore.transforms.transform import PadTransform
 
+from .image_io import read_image_any_depth
 from .targets import build_targets, ignore_unpointed_components, point_pixels
 
 __all__ = [
@@ -237,13 +237,14 @@ def read_sem_seg(file_name, height, width, num_classes, ignore_value):
 
 
 def read_image_checked(dataset_dict, image_format):
-    """``detection_utils.read_image`` + ``check_image_size`` with errors naming file and field.
+    """Read an image (any bit depth, :func:`read_image_any_depth`) and check its size, with errors
+    naming the file and the field.
 
     Args:
         dataset_dict: dataset dict with "file_name" and optionally "height" / "width".
         image_format: cfg.INPUT.FORMAT.
     Returns:
-        uint8 array ``H x W x 3`` (Detectron2's ``read_image`` output).
+        uint8 array ``H x W x 3`` (Detectron2's ``read_image`` output; 16-bit images stretched).
     Raises:
         BadSampleKeyError if "file_name" is missing; BadSampleFileError if the file does not
         exist; BadSampleValueError if it cannot be decoded or its size differs from the dict's
@@ -253,7 +254,7 @@ def read_image_checked(dataset_dict, image_format):
         raise BadSampleKeyError(f"dataset dict (image_id={dataset_dict.get('image_id')}) lacks field 'file_name'")
     file_name = dataset_dict["file_name"]
     try:
-        image = utils.read_image(file_name, format=image_format)
+        image = read_image_any_depth(file_name, format=image_format)
     except FileNotFoundError as e:
         raise BadSampleFileError(f"file_name: image file not found: {file_name}") from e
     except _IMAGE_READ_ERRORS as e:

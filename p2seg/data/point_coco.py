@@ -30,7 +30,8 @@ names the JSON file and the entry / field:
 * ``categories`` empty, an entry without integer ``id`` / string ``name``, duplicate ids;
 * ``images`` empty (an empty dataset), an entry without integer-or-string ``id``, non-empty
   string ``file_name`` or positive integer ``height`` / ``width``, duplicate image ids;
-* an annotation that is not an object, lacks ``image_id`` or has ``iscrowd`` other than 0 / 1;
+* an annotation that is not an object, lacks ``image_id``, has ``iscrowd`` other than 0 / 1 or
+  repeats the ``id`` of an earlier annotation;
   a non-crowd annotation whose ``category_id`` is not in ``categories``, whose ``point`` is
   missing (with ``require_points``), not two finite numbers or outside ``[0, W] x [0, H]``, whose
   ``bbox`` is not four finite numbers or whose ``segmentation`` is neither polygons of numbers
@@ -292,6 +293,22 @@ def _check_annotation(ann, index: int, json_file: str) -> None:
         )
 
 
+def _check_unique_annotation_id(ann: dict, index: int, first_index_of_id: Dict[object, int], json_file: str) -> None:
+    """Refuse a repeated annotation ``id`` (pycocotools would silently drop ground truth).
+
+    ``first_index_of_id`` maps the ids seen so far to their position and is updated.
+    """
+    if "id" not in ann:
+        return
+    key = ann["id"]
+    if key in first_index_of_id:
+        raise ValueError(
+            f"{json_file}: field 'annotations' has duplicate annotation id {key!r} "
+            f"(annotations[{first_index_of_id[key]}] and annotations[{index}])"
+        )
+    first_index_of_id[key] = index
+
+
 def _read_json(json_file: str) -> dict:
     """:func:`read_coco_json`, also naming the file when it is not valid UTF-8."""
     try:
@@ -360,8 +377,10 @@ def load_point_coco_json(
     images = _index_images(data["images"], json_file)
     anns_per_image: Dict[object, List[dict]] = {i: [] for i in images}
     num_crowd = num_orphan = 0
+    first_index_of_id: Dict[object, int] = {}
     for j, ann in enumerate(data["annotations"]):
         _check_annotation(ann, j, json_file)
+        _check_unique_annotation_id(ann, j, first_index_of_id, json_file)
         img = images.get(ann["image_id"])
         if img is None:
             num_orphan += 1

@@ -24,7 +24,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import zlib
 from dataclasses import dataclass
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
@@ -33,7 +32,7 @@ import cv2
 import numpy as np
 import pycocotools.mask as mask_util
 
-from p2seg.utils.atomic import atomic_directory
+from p2seg.utils.atomic import atomic_directory, atomic_file
 
 logger = logging.getLogger(__name__)
 
@@ -330,18 +329,10 @@ def mean_iou(conf: np.ndarray) -> Tuple[float, np.ndarray]:
 
 # ---------------------------------------------------------------------------------- files
 def write_png_atomic(path: str, array: np.ndarray) -> None:
-    """Write a uint8 ``HxW`` array as a grayscale PNG via a temp file + ``os.replace``."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=directory)
-    os.close(fd)
-    try:
+    """Write a uint8 ``HxW`` (grey) or ``HxWx3`` (BGR) array as a PNG atomically (``atomic_file``)."""
+    with atomic_file(path, suffix=".png") as tmp:
         if not cv2.imwrite(tmp, np.ascontiguousarray(array, dtype=np.uint8)):
-            raise OSError(f"cannot write PNG {tmp}")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+            raise OSError(f"cannot write PNG {path}")
 
 
 def read_coco_json(json_file: str) -> dict:
@@ -377,6 +368,38 @@ def _group_annotations(data: dict) -> Dict[object, List[dict]]:
     return groups
 
 
+def _check_renderable(anns: Sequence[dict], cat_id_to_label: Mapping[int, int], ignore_label: int,
+                      source: str) -> None:
+    """Refuse input that would render wrong labels silently.
+
+    Raises ValueError naming ``source``: an annotation whose ``category_id`` is unknown, or (not
+    crowd) without a non-empty ``segmentation`` (it would paint nothing: an all-background map);
+    more categories than a uint8 PNG holds besides background and the ignore label (label
+    ``k + 1`` would wrap around or become ``ignore_label``); an ignore label outside 0..255.
+    """
+    if not 0 <= ignore_label <= 255:
+        raise ValueError(f"{source}: the ignore label must be 0..255 (a uint8 PNG), got {ignore_label}")
+    max_label = max(cat_id_to_label.values(), default=0)
+    if max_label >= ignore_label:
+        raise ValueError(
+            f"{source}: field 'categories' has {len(cat_id_to_label)} categories; their labels 1.."
+            f"{max_label} reach the ignore label {ignore_label} of the uint8 PNG (at most "
+            f"{ignore_label - 1} categories)"
+        )
+    for ann in anns:
+        if ann.get("category_id") not in cat_id_to_label:
+            raise ValueError(
+                f"{source}: annotation id={ann.get('id')} has category_id={ann.get('category_id')} "
+                f"which is not a known category id ({sorted(cat_id_to_label)[:5]}...)"
+            )
+        if not ann.get("iscrowd", 0) and not ann.get("segmentation"):
+            raise ValueError(
+                f"{source}: annotation id={ann.get('id')} (image_id={ann.get('image_id')}) has no "
+                f"field 'segmentation' (or an empty one): a semantic map needs masks; boxes or "
+                f"points alone would render as background"
+            )
+
+
 def render_mask_json(
     data: dict,
     out_dir: str,
@@ -406,12 +429,7 @@ def render_mask_json(
     num_labels = max(cat_id_to_label.values(), default=0) + 1
     conf = np.zeros((num_labels, num_labels + 1), dtype=np.int64) if degraded else None
     groups = _group_annotations(data)
-    for ann in data["annotations"]:
-        if ann.get("category_id") not in cat_id_to_label:
-            raise ValueError(
-                f"{source}: annotation id={ann.get('id')} has category_id={ann.get('category_id')} "
-                f"which is not a known category id ({sorted(cat_id_to_label)[:5]}...)"
-            )
+    _check_renderable(data["annotations"], cat_id_to_label, ignore_label, source)
     for img in tqdm(data["images"], desc=f"render {os.path.basename(source)}", disable=not progress):
         h, w = int(img["height"]), int(img["width"])
         anns = groups[img["id"]]

@@ -10,8 +10,15 @@
 * Saving: the checkpoint is written to a temporary file in ``save_dir`` and renamed
   (``os.replace``), then ``last_checkpoint`` is replaced the same way, so a process killed while
   saving leaves the previous checkpoint and a ``last_checkpoint`` naming a complete file.
+* Resuming: a kill between the rename and the ``last_checkpoint`` update leaves a complete
+  checkpoint that ``last_checkpoint`` does not name yet, so resume takes the newest complete
+  checkpoint this class writes (``model_<7 digits>.pth`` / ``model_final.pth``, by modification
+  time, then iteration) or the one ``last_checkpoint`` names; temporary files that a killed save
+  left behind (``.tmp_*``) are removed when a run resumes or starts.
 """
+import glob
 import os
+import re
 
 import torch
 
@@ -21,6 +28,9 @@ from p2seg.checkpoint import save_checkpoint
 from p2seg.utils.atomic import write_text_atomic
 
 __all__ = ["P2SegCheckpointer", "write_text_atomic"]
+
+# Names this checkpointer writes (Detectron2's PeriodicCheckpointer: model_{iter:07d}, model_final).
+_CHECKPOINT_NAME = re.compile(r"model_(\d{7}|final)\.pth")
 
 class P2SegCheckpointer(DetectionCheckpointer):
     """``DetectionCheckpointer`` with weights-only loading of ``.pth`` files and atomic saves."""
@@ -51,6 +61,50 @@ class P2SegCheckpointer(DetectionCheckpointer):
             loaded = {"model": loaded}
         return loaded
 
+    def load(self, path: str, *args, **kwargs):
+        """Detectron2's ``load``; a local ``path`` that does not exist is a FileNotFoundError that
+        names it (fvcore asserts). "" still means "no weights" (random initialisation)."""
+        if path and "://" not in path and not os.path.isfile(path):
+            raise FileNotFoundError(f"MODEL.WEIGHTS / checkpoint: file not found: {path}")
+        return super().load(path, *args, **kwargs)
+
+    def resume_or_load(self, path: str, *, resume: bool = True):
+        """fvcore's ``resume_or_load`` after removing orphan temporary files of killed saves."""
+        self.remove_orphan_temporary_files()
+        return super().resume_or_load(path, resume=resume)
+
+    def remove_orphan_temporary_files(self) -> None:
+        """Delete ``save_dir/.tmp_*`` (left by a process killed while saving; never read)."""
+        if not self.save_dir or not self.save_to_disk:
+            return
+        for tmp in glob.glob(os.path.join(glob.escape(self.save_dir), ".tmp_*")):
+            self.logger.info("Removing %s (a save interrupted by a previous run)", tmp)
+            try:
+                os.remove(tmp)
+            except FileNotFoundError:
+                pass
+
+    def has_checkpoint(self) -> bool:
+        """Whether ``save_dir`` holds a complete checkpoint to resume from."""
+        return bool(self.get_checkpoint_file())
+
+    def get_checkpoint_file(self) -> str:
+        """Path of the newest complete checkpoint of ``save_dir`` ("" if none): the file named by
+        ``last_checkpoint`` or a newer ``model_*.pth`` that a killed run renamed into place before
+        it could update ``last_checkpoint``."""
+        if not self.save_dir:
+            return ""
+        candidates = {
+            path for path in glob.glob(os.path.join(glob.escape(self.save_dir), "model_*.pth"))
+            if _CHECKPOINT_NAME.fullmatch(os.path.basename(path))
+        }
+        tagged = super().get_checkpoint_file()  # "" without a last_checkpoint file
+        if tagged and os.path.isfile(tagged):
+            candidates.add(tagged)
+        if not candidates:
+            return ""
+        return max(candidates, key=_checkpoint_recency)
+
     def save(self, name: str, **kwargs) -> None:
         """Save ``model``, the checkpointables and ``kwargs`` to ``save_dir/<name>.pth`` atomically,
         then point ``last_checkpoint`` at it (fvcore's ``Checkpointer.save`` semantics)."""
@@ -71,3 +125,14 @@ class P2SegCheckpointer(DetectionCheckpointer):
     def tag_last_checkpoint(self, last_filename_basename: str) -> None:
         """Atomically write ``last_filename_basename`` to ``save_dir/last_checkpoint``."""
         write_text_atomic(last_filename_basename, os.path.join(self.save_dir, "last_checkpoint"))
+
+
+def _checkpoint_recency(path: str):
+    """Sort key of checkpoints: modification time, then iteration (``model_final`` last)."""
+    match = _CHECKPOINT_NAME.fullmatch(os.path.basename(path))
+    iteration = float("inf") if match is None or match.group(1) == "final" else int(match.group(1))
+    try:
+        mtime = os.stat(path).st_mtime_ns
+    except FileNotFoundError:
+        mtime = -1
+    return mtime, iteration

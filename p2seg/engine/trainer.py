@@ -148,10 +148,16 @@ def _find_exporter(evaluator):
 
 
 def _mapper(cfg, is_train):
-    """``P2SegDatasetMapper(cfg, is_train)`` (imported here: p2seg/data is a separate module)."""
-    from p2seg.data.dataset_mapper import P2SegDatasetMapper
+    """``P2SegDatasetMapper`` for P2Seg, the stage-2 ``DetectionDatasetMapper`` (Detectron2's
+    mapper reading images of any bit depth) otherwise (imported here: p2seg/data is a separate
+    module)."""
+    if is_p2seg(cfg):
+        from p2seg.data.dataset_mapper import P2SegDatasetMapper
 
-    return P2SegDatasetMapper(cfg, is_train=is_train)
+        return P2SegDatasetMapper(cfg, is_train=is_train)
+    from p2seg.data.detection_mapper import DetectionDatasetMapper
+
+    return DetectionDatasetMapper(cfg, is_train)
 
 
 class Trainer(DefaultTrainer):
@@ -161,8 +167,9 @@ class Trainer(DefaultTrainer):
 
     * "P2Seg": loaders with ``P2SegDatasetMapper`` (train: targets from points + pseudo-labels;
       test: points and annotations passed through); SyncBN -> BN on one process;
-    * anything else (stage 2, e.g. Detectron2's "GeneralizedRCNN"): Detectron2's default
-      ``DatasetMapper`` loaders; ``DATASETS.PSEUDO_LABELS`` registers the exported pseudo masks.
+    * anything else (stage 2, e.g. Detectron2's "GeneralizedRCNN"): Detectron2's
+      ``DatasetMapper`` reading images of any bit depth (``DetectionDatasetMapper``);
+      ``DATASETS.PSEUDO_LABELS`` registers the exported pseudo masks.
 
     Common: optimizer ``SOLVER.OPTIMIZER`` "ADAM" (Detectron2 param groups + gradient clipping)
     or "SGD" (Detectron2's); LR schedule by ``SOLVER.LR_SCHEDULER_NAME`` (DeepLab's builder:
@@ -178,24 +185,18 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_train_loader(cls, cfg):
         """Detectron2 train loader over ``DATASETS.TRAIN``: ``P2SegDatasetMapper(is_train=True)``
-        for P2Seg, Detectron2's default ``DatasetMapper`` otherwise."""
+        for P2Seg, :func:`_mapper`'s stage-2 mapper otherwise."""
         register_builtin_datasets(cfg)
-        if not is_p2seg(cfg):
-            return build_detection_train_loader(cfg)
         return build_detection_train_loader(cfg, mapper=_mapper(cfg, True))
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name, dataset_dicts=None):
         """Detectron2 test loader (batch 1) over ``dataset_name`` (or the given ``dataset_dicts``
-        of it): ``P2SegDatasetMapper(is_train=False)`` for P2Seg, the default mapper otherwise."""
+        of it), mapper :func:`_mapper` (``is_train=False``)."""
         register_builtin_datasets(cfg)
-        mapper = _mapper(cfg, False) if is_p2seg(cfg) else None
+        mapper = _mapper(cfg, False)
         if dataset_dicts is None:
             return build_detection_test_loader(cfg, dataset_name, mapper=mapper)
-        if mapper is None:
-            from detectron2.data import DatasetMapper
-
-            mapper = DatasetMapper(cfg, False)
         return build_detection_test_loader(dataset=dataset_dicts, mapper=mapper, num_workers=cfg.DATALOADER.NUM_WORKERS)
 
     @classmethod

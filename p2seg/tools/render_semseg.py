@@ -47,6 +47,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _check_arguments(parser: argparse.ArgumentParser, args) -> None:
+    """Refuse out-of-range degradation parameters (``parser.error``: usage, exit code 2)."""
+    if not 0.0 <= args.drop_prob <= 1.0:
+        parser.error(f"--drop-prob must be in [0, 1], got {args.drop_prob}")
+    for name in ("erode", "dilate", "blob_noise"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if not 0.0 < args.blob_radius <= 1.0:
+        parser.error(f"--blob-radius must be in (0, 1], got {args.blob_radius}")
+
+
 def render_semseg(args):
     """Render per ``args`` (parsed CLI); returns (mIoU vs the undegraded maps (1.0 without), images)."""
     data = read_coco_json(args.json)
@@ -64,7 +75,9 @@ def render_semseg(args):
 
 def main(argv=None) -> int:
     """Entry point of ``p2seg-render-semseg``."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _check_arguments(parser, args)
     miou, num_images = render_semseg(args)
     print(
         f"{args.out}: images={num_images} drop_prob={args.drop_prob} erode={args.erode} "

@@ -1,6 +1,7 @@
 """Atomic writes: a reader never sees a half-written file or folder under its final name.
 
-Files go through a temporary file in the same folder + ``os.replace``; folders are built in a
+Files go through a temporary file in the same folder + ``os.replace`` (with the mode a plain write
+would give); folders are built in a
 temporary sibling folder and renamed when complete (if another process finished first, its copy
 is kept).
 """
@@ -11,23 +12,44 @@ import shutil
 import tempfile
 from pathlib import Path
 
-__all__ = ["write_text_atomic", "write_json_atomic", "atomic_directory"]
+__all__ = ["atomic_file", "plain_file_mode", "write_text_atomic", "write_json_atomic", "atomic_directory"]
 
 
-def write_text_atomic(text: str, path: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder + ``os.replace``."""
+def plain_file_mode() -> int:
+    """The mode ``open(path, "w")`` gives a new file: ``0o666`` minus the process umask."""
+    umask = os.umask(0)  # reading the umask means setting it; restored at once
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+@contextlib.contextmanager
+def atomic_file(path: str, suffix: str = ""):
+    """``with atomic_file(path) as tmp: <write the file tmp>``: ``path`` appears complete or not.
+
+    ``tmp`` is a new file (``.tmp_*<suffix>``) in the folder of ``path`` (created if needed); on a
+    clean exit it gets the mode of a plain write (:func:`plain_file_mode`, not ``mkstemp``'s 0600)
+    and is renamed to ``path`` (``os.replace``); on an exception it is removed.
+    """
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=suffix, dir=folder)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
+        os.chmod(tmp, plain_file_mode())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def write_text_atomic(text: str, path: str) -> None:
+    """Write ``text`` to ``path`` atomically and durably (:func:`atomic_file`, fsync)."""
+    with atomic_file(path) as tmp:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
 
 
 def write_json_atomic(obj, path: str) -> None:

@@ -1,0 +1,59 @@
+"""Reading images of any bit depth as the 8-bit arrays the models take.
+
+Detectron2's ``detection_utils.read_image`` converts a PIL image with ``image.convert("RGB")``,
+which saturates 16-bit and 32-bit greyscale images (PIL modes ``I;16*``, ``I``, ``F``): every
+pixel above 255 becomes 255, so a 16-bit microscopy image reads as a white square. Here such an
+image is stretched linearly from its own minimum..maximum to 0..255 first (a per-image window,
+what image viewers such as Fiji show by default), then converted as Detectron2 does. 8-bit images
+go through Detectron2's conversion unchanged.
+"""
+import numpy as np
+from PIL import Image
+
+from detectron2.data import detection_utils as utils
+from detectron2.utils.file_io import PathManager
+
+__all__ = ["HIGH_DEPTH_MODES", "read_image_any_depth", "stretch_to_uint8"]
+
+# PIL modes of single-channel images with more than 8 bits per pixel.
+HIGH_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+
+
+def stretch_to_uint8(values: np.ndarray) -> np.ndarray:
+    """Linear map of an array's finite range onto 0..255.
+
+    Args:
+        values: numeric array of any shape (e.g. uint16 ``H x W``).
+    Returns:
+        uint8 array of the same shape; all zeros when the array is constant. Non-finite values
+        (float images) map to 0.
+    """
+    values = values.astype(np.float64, copy=False)
+    finite = np.isfinite(values)
+    if not finite.any():
+        return np.zeros(values.shape, dtype=np.uint8)
+    low, high = values[finite].min(), values[finite].max()
+    if high <= low:
+        return np.zeros(values.shape, dtype=np.uint8)
+    scaled = np.where(finite, (values - low) * (255.0 / (high - low)), 0.0)
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+
+
+def read_image_any_depth(file_name: str, format: str = None) -> np.ndarray:
+    """``detection_utils.read_image`` that reads 16/32-bit greyscale images right.
+
+    Args:
+        file_name: image path (PathManager).
+        format: as ``read_image`` ("RGB", "BGR", "L", ...; None keeps the PIL mode).
+    Returns:
+        uint8 array ``H x W x 3`` ("RGB"/"BGR"), ``H x W x 1`` ("L"); high-depth greyscale images
+        are stretched by :func:`stretch_to_uint8` and then replicated to the format's channels.
+    Raises:
+        what PIL raises for a missing or undecodable file.
+    """
+    with PathManager.open(file_name, "rb") as f:
+        image = Image.open(f)
+        image = utils._apply_exif_orientation(image)
+        if image.mode in HIGH_DEPTH_MODES:
+            image = Image.fromarray(stretch_to_uint8(np.asarray(image)), mode="L")
+        return utils.convert_PIL_to_numpy(image, format)
