@@ -29,6 +29,7 @@ import os
 from detectron2.config import get_cfg
 from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
 from p2seg import add_p2seg_config
 from p2seg.utils.atomic import write_json_atomic
@@ -44,6 +45,8 @@ def setup(args):
     cfg.merge_from_list(args.opts)
     cfg.freeze()
     default_setup(cfg, args)
+    # The project's own logger, like Detectron2's: console (main process) and OUTPUT_DIR/log.txt.
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="p2seg", abbrev_name="p2seg")
     return cfg
 
 

@@ -20,7 +20,6 @@ TINY = [
     "DATASETS.SHAPES.NUM_TRAIN", str(NUM_TRAIN), "DATASETS.SHAPES.NUM_VAL", "2",
     "DATASETS.TEST", '("p2seg_shapes_train",)', "TEST.EXPORT_PSEUDO_MASKS", "True",
     "INPUT.MIN_SIZE_TEST", "96", "INPUT.MAX_SIZE_TEST", "96", "DATALOADER.NUM_WORKERS", "0",
-    "MODEL.WEIGHTS", "",
 ] + QUICK_STAGE1  # thin heads (its crop keys only affect training)
 
 # Runs train_net.py as __main__; records the image ids given to the exporter (PROCESSED_LOG) and,
@@ -51,11 +50,31 @@ runpy.run_path(os.environ["TRAIN_NET"], run_name="__main__")
 '''
 
 
-def _setup(tmp_path):
+def _random_weights(path, seed):
+    """A randomly initialised model of the TINY config saved as ``path`` (same seed, same file)."""
+    import torch
+    from detectron2.config import get_cfg
+
+    from p2seg import add_p2seg_config
+    from p2seg.checkpoint import save_checkpoint
+    from p2seg.engine import Trainer
+
+    cfg = get_cfg()
+    add_p2seg_config(cfg)
+    cfg.merge_from_file(str(CONFIG))
+    cfg.merge_from_list(TINY)
+    torch.manual_seed(seed)
+    save_checkpoint({"model": Trainer.build_model(cfg).state_dict()}, str(path))
+    return str(path)
+
+
+def _setup(tmp_path, weights_seed=0):
     wrapper = tmp_path / "export_wrapper.py"
     wrapper.write_text(WRAPPER)
     out = tmp_path / "out"
-    cmd = [sys.executable, str(wrapper), "--config-file", str(CONFIG), "--eval-only", *TINY, "OUTPUT_DIR", str(out)]
+    weights = _random_weights(tmp_path / f"weights{weights_seed}.pth", weights_seed)
+    cmd = [sys.executable, str(wrapper), "--config-file", str(CONFIG), "--eval-only", *TINY, "OUTPUT_DIR", str(out),
+           "MODEL.WEIGHTS", weights]
     env = dict(os.environ, P2SEG_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1",
                TRAIN_NET=str(REPO / "train_net.py"), PAUSE_MARKER=str(tmp_path / "paused"))
     return cmd, env, out
@@ -65,14 +84,10 @@ def _ids(path):
     return [line for line in path.read_text().splitlines() if line] if path.exists() else []
 
 
-def test_export_killed_then_resumed(tmp_path):
-    cmd, env, out = _setup(tmp_path)
-    final = out / "pseudo_masks_p2seg_shapes_train.json"
-    sidecar = Path(str(final) + ".partial.jsonl")
-    log1, log2 = tmp_path / "processed1.txt", tmp_path / "processed2.txt"
-
-    # 1) run until PAUSE_AFTER images are exported, checking the final name never appears; SIGKILL
-    proc = subprocess.Popen(cmd, cwd=str(REPO), env=dict(env, PAUSE_AFTER=str(PAUSE_AFTER), PROCESSED_LOG=str(log1)),
+def _export_until_killed(cmd, env, tmp_path, final, log):
+    """Run the export until PAUSE_AFTER images are in the sidecar (the final JSON never appears
+    meanwhile), SIGKILL it; returns the sidecar's records."""
+    proc = subprocess.Popen(cmd, cwd=str(REPO), env=dict(env, PAUSE_AFTER=str(PAUSE_AFTER), PROCESSED_LOG=str(log)),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 240
@@ -87,9 +102,21 @@ def test_export_killed_then_resumed(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert not final.exists() and not list(out.glob("*.json"))
+    assert not final.exists()
+    sidecar = Path(str(final) + ".partial.jsonl")
     done = [json.loads(line) for line in sidecar.read_text().splitlines()]
-    assert len(done) == len(_ids(log1)) == PAUSE_AFTER
+    assert len(done) == len(_ids(log)) == PAUSE_AFTER
+    return done
+
+
+def test_export_killed_then_resumed(tmp_path):
+    cmd, env, out = _setup(tmp_path)
+    final = out / "pseudo_masks_p2seg_shapes_train.json"
+    sidecar = Path(str(final) + ".partial.jsonl")
+    log1, log2 = tmp_path / "processed1.txt", tmp_path / "processed2.txt"
+
+    # 1) run until PAUSE_AFTER images are exported; SIGKILL
+    done = _export_until_killed(cmd, env, tmp_path, final, log1)
     # a crash in the middle of writing the next line leaves it half-written
     with open(sidecar, "a") as f:
         f.write('{"image_id": "half-written", "annotations": [{"segm')
@@ -110,10 +137,34 @@ def test_export_killed_then_resumed(tmp_path):
     gt = json.loads(next((tmp_path / "cache").glob("shapes_*/annotations/train.json")).read_text())
     points = [a for a in gt["annotations"] if not a.get("iscrowd", 0)]
     assert len(coco["annotations"]) == len(points)  # one mask per point, none twice
-    # the first run's masks are kept as they were (not recomputed by the second, other model)
+    # the first run's masks are kept as they were (not recomputed)
     for record in done:
         kept = [{k: v for k, v in a.items() if k not in ("id", "image_id")}
                 for a in coco["annotations"] if a["image_id"] == record["image_id"]]
         assert kept == record["annotations"]
     assert not sidecar.exists() and not list(out.glob("*.partial*"))
     assert not [p for p in out.iterdir() if p.name.startswith(".tmp") or p.suffix == ".tmp"]
+
+
+def test_export_rerun_with_other_weights_starts_over(tmp_path):
+    """Killed after PAUSE_AFTER images, rerun with other weights: the old sidecar is discarded with
+    a warning (on the console and in log.txt) and every image of the JSON comes from the rerun."""
+    cmd, env, out = _setup(tmp_path)
+    final = out / "pseudo_masks_p2seg_shapes_train.json"
+    log1, log2 = tmp_path / "processed1.txt", tmp_path / "processed2.txt"
+    done = _export_until_killed(cmd, env, tmp_path, final, log1)
+    other = _random_weights(tmp_path / "other.pth", seed=1)
+    cmd = cmd[:-1] + [other]
+    proc = subprocess.run(cmd, cwd=str(REPO), env=dict(env, PROCESSED_LOG=str(log2)),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    message = f"the unfinished export in its sidecars ({PAUSE_AFTER} images) was made by other weights_file, weights_sha1"
+    assert message in proc.stdout + proc.stderr
+    assert message in (out / "log.txt").read_text()
+    rerun = _ids(log2)
+    assert len(rerun) == NUM_TRAIN and {str(r["image_id"]) for r in done} <= set(rerun)  # all again
+    coco = json.loads(final.read_text())
+    assert len({im["id"] for im in coco["images"]}) == NUM_TRAIN
+    gt = json.loads(next((tmp_path / "cache").glob("shapes_*/annotations/train.json")).read_text())
+    assert len(coco["annotations"]) == len([a for a in gt["annotations"] if not a.get("iscrowd", 0)])
+    assert not list(out.glob("*.partial*"))

@@ -258,11 +258,12 @@ class Trainer(DefaultTrainer):
     @classmethod
     def _test_one(cls, cfg, model, dataset_name, evaluator):
         """Run ``model`` over the images of ``dataset_name`` not yet exported, then evaluate."""
-        from p2seg.evaluation import remaining_dataset_dicts
+        from p2seg.evaluation import export_provenance, remaining_dataset_dicts
 
         exporter = _find_exporter(evaluator)
         if exporter is None:
             return inference_on_dataset(model, cls.build_test_loader(cfg, dataset_name), evaluator)
+        exporter.bind_provenance(export_provenance(model, cfg, dataset_name))
         dicts = DatasetCatalog.get(dataset_name)
         todo = remaining_dataset_dicts(dicts, exporter)
         logger.info("Pseudo-mask export of %s: %d of %d images to run", dataset_name, len(todo), len(dicts))

@@ -6,4 +6,4 @@ from .voc_mask_ap import eval_instance_segmentation_voc, eval_instance_segmentat
 from .instance_evaluator import InstanceMaskEvaluator, evaluate_instance_masks  # noqa: F401
 
 # pseudo_mask_exporter.py
-from .pseudo_mask_exporter import PseudoMaskExporter, remaining_dataset_dicts  # noqa: F401
+from .pseudo_mask_exporter import PseudoMaskExporter, export_provenance, remaining_dataset_dicts  # noqa: F401

@@ -30,7 +30,11 @@ Resumable, multi-process export:
   atomically (temp file in the same folder + ``os.replace``); then the sidecars are removed.
   Nothing exists under the final name before ``evaluate()`` has written it.
 
-Sidecars do not record the model or config: delete them to restart an export from scratch.
+What produced the sidecars is recorded beside them (``<output>.partial.provenance.json``:
+:func:`export_provenance` of the model's weights and the inference config, written by
+:meth:`PseudoMaskExporter.bind_provenance`, which ``Trainer.test`` calls before running the model).
+When a rerun's provenance differs (other weights, another config), the old sidecars are
+discarded with a warning and the export starts over, so the final JSON never mixes two models.
 Resuming a multi-machine export needs the output folder on a shared file system (every process
 must see every sidecar to skip the same images); a process that cannot see another's sidecar
 re-exports those images, and the duplicates are dropped at assembly.
@@ -42,6 +46,7 @@ dataset has any (:func:`~p2seg.evaluation.instance_evaluator.evaluate_instance_m
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import logging
 import os
@@ -51,6 +56,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Set
 
 import numpy as np
 import pycocotools.mask as mask_util
+import torch
 
 from detectron2.data import MetadataCatalog
 from detectron2.evaluation import DatasetEvaluator
@@ -79,12 +85,46 @@ __all__ = [
     "original_points",
     "pseudo_annotations",
     "max_points_per_image",
+    "export_provenance",
+    "provenance_path",
 ]
 
 
 def sidecar_path(output_file: str, rank: int = 0) -> str:
     """Sidecar JSON-lines file of process ``rank`` for ``output_file``."""
     return f"{output_file}.partial.jsonl" if rank == 0 else f"{output_file}.partial.rank{rank}.jsonl"
+
+
+def provenance_path(output_file: str) -> str:
+    """File recording what produced the sidecars of ``output_file``."""
+    return f"{output_file}.partial.provenance.json"
+
+
+def export_provenance(model, cfg, dataset_name: str) -> dict:
+    """What determines an export's records: the model's weights and the inference config.
+
+    Args:
+        model: the ``nn.Module`` whose outputs are exported (its ``state_dict`` is hashed: the
+            export after training has no weights file).
+        cfg: the config; ``MODEL`` (without ``WEIGHTS``), ``INPUT`` and ``TEST`` are hashed.
+        dataset_name: the exported dataset.
+    Returns:
+        JSON-able dict ``{"dataset", "weights_sha1", "config_sha1", "weights_file"}``.
+    """
+    weights = hashlib.sha1()
+    for name, tensor in sorted(model.state_dict().items()):
+        weights.update(name.encode())
+        weights.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    inference_cfg = cfg.clone()
+    inference_cfg.defrost()
+    inference_cfg.MODEL.WEIGHTS = ""
+    text = "\n".join(inference_cfg[k].dump() for k in ("MODEL", "INPUT", "TEST"))
+    return {
+        "dataset": dataset_name,
+        "weights_sha1": weights.hexdigest(),
+        "config_sha1": hashlib.sha1(text.encode()).hexdigest(),
+        "weights_file": cfg.MODEL.WEIGHTS,
+    }
 
 
 def _sidecars(output_file: str) -> Dict[int, str]:
@@ -251,6 +291,44 @@ class PseudoMaskExporter(DatasetEvaluator):
     def reset(self):
         """Nothing to clear: results live in the sidecars (``inference_on_dataset`` calls this)."""
 
+    def bind_provenance(self, provenance: dict) -> None:
+        """Tie the sidecars to what produces them (:func:`export_provenance`).
+
+        If sidecars exist but were made by something else (or their provenance was not recorded),
+        they are discarded with a warning and the export starts over; then the main process
+        records ``provenance``. Call before running the model (``Trainer.test`` does).
+        """
+        path = provenance_path(self._output_file)
+        previous = None
+        if os.path.exists(path):
+            with open(path) as f:
+                try:
+                    previous = json.load(f)
+                except json.JSONDecodeError:
+                    previous = None
+        if self._finished and previous != provenance:
+            changed = sorted(k for k in provenance if (previous or {}).get(k) != provenance[k])
+            logger.warning(
+                "%s: the unfinished export in its sidecars (%d images) was made by other %s; "
+                "discarding it and exporting every image again with this model",
+                self._output_file, len(self._finished), ", ".join(changed) if previous else "or unknown weights / config",
+            )
+            self._discard_sidecars()
+        if self._distributed and self._world_size > 1:
+            comm.synchronize()  # every process has decided before the record changes
+        if self._rank == 0:
+            write_json_atomic(provenance, path)
+
+    def _discard_sidecars(self) -> None:
+        """Remove this process's sidecar (the main process: every sidecar) and forget its images."""
+        for rank, sidecar in _sidecars(self._output_file).items():
+            if rank == self._rank or self._rank == 0:
+                try:
+                    os.remove(sidecar)
+                except FileNotFoundError:
+                    pass
+        self._finished = set()
+
     def _load_source(self):
         if self._source is None:
             self._source = load_source_coco(self._dataset_name)
@@ -350,6 +428,8 @@ class PseudoMaskExporter(DatasetEvaluator):
             comm.synchronize()  # the final file exists before any sidecar disappears
         for path in owned:
             os.remove(path)
+        if main and os.path.exists(provenance_path(self._output_file)):
+            os.remove(provenance_path(self._output_file))
         self._finished = set()
         if not main:
             return {}
