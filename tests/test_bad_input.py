@@ -450,3 +450,44 @@ def test_skip_mode_in_detectron2_train_loader_replaces_bad_samples(tiny, caplog)
     finally:
         DatasetCatalog.remove(name)
         MetadataCatalog.remove(name)
+
+
+def _registered(tiny, name):
+    root, path, _ = tiny
+    register_point_coco_instances(name, {}, str(path), str(root / "img"), str(root / "sem"))
+    return _cfg(**{"DATALOADER.BAD_SAMPLES": "skip", "DATALOADER.NUM_WORKERS": 0, "SOLVER.IMS_PER_BATCH": 2,
+                   "DATASETS.TRAIN": (name,), "MODEL.META_ARCHITECTURE": "P2Seg"})
+
+
+def test_class_count_mismatch_is_a_config_error_even_when_skipping(tiny):
+    # before: every sample "skipped" one by one with exit code 0
+    from p2seg.engine import Trainer
+
+    name = "test_bad_classes"
+    cfg = _registered(tiny, name)
+    cfg.MODEL.P2SEG.NUM_CLASSES = 1  # the JSON has 2 categories
+    try:
+        with pytest.raises(ValueError, match=r"MODEL.P2SEG.NUM_CLASSES=1.*'test_bad_classes'.*points.json.*2 categories"):
+            Trainer.build_train_loader(cfg)
+    finally:
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+
+
+def test_skipping_every_sample_is_an_error_that_says_so(tiny):
+    # before: ValueError "Sample larger than population" from Detectron2's MapDataset
+    from p2seg.engine import Trainer
+
+    root, _, _ = tiny
+    for png in (root / "sem").iterdir():
+        png.write_bytes(b"not a png")
+    name = "test_all_bad"
+    cfg = _registered(tiny, name)
+    try:
+        loader = Trainer.build_train_loader(cfg)
+        assert loader.p2seg_mapper.num_samples == 3
+        with pytest.raises(BadSampleError, match=r"all 3 training samples are bad.*BAD_SAMPLES='skip'"):
+            next(iter(loader))
+    finally:
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)

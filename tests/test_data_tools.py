@@ -192,6 +192,20 @@ def test_convert_voc_wrong_offset_is_an_error_naming_file_and_line(tmp_path):
                           "--out", str(tmp_path / "o.json"), "--class-offset", "0"])
 
 
+@pytest.mark.parametrize("line, words", [("nan 4 6 1.0", "must be finite"), ("3 inf 6", "must be finite"),
+                                         ("3 4 6 nan", "must be finite"), ("31 4 6 1.0", "outside the 30x20 image"),
+                                         ("3 -1 6", "outside the 30x20 image")])
+def test_convert_voc_refuses_nonfinite_and_outside_points(tmp_path, line, words):
+    # before: NaN written to the JSON (not standard JSON) / points outside the image, exit code 0
+    root = tmp_path / "VOC2012"
+    _voc_layout(root)
+    (root / "Center_points" / "2007_000002.txt").write_text(f"3 4 6 1.0\n{line}\n")
+    out = tmp_path / "o.json"
+    with pytest.raises(ValueError, match=r"2007_000002.txt:2: .*" + words):
+        convert_voc.main(["--voc-root", str(root), "--list", str(root / "train_cls.txt"), "--out", str(out)])
+    assert not out.exists()
+
+
 def test_convert_voc_gt_mode(tmp_path, capsys):
     root = tmp_path / "VOC2012"
     obj, _ = _voc_layout(root)

@@ -28,8 +28,11 @@ file and the field. With ``cfg.DATALOADER.BAD_SAMPLES = "skip"`` the *training* 
 logs a warning (once per bad file, with the running count) and returns None, which makes
 Detectron2's ``MapDataset`` map another, randomly chosen sample instead (its retry mechanism);
 :attr:`P2SegDatasetMapper.num_bad_samples` counts the skipped samples (per data-loader worker:
-each worker process holds its own copy of the mapper). The test mapper always raises: skipping
-would silently change what is evaluated.
+each worker process holds its own copy of the mapper); when every sample of the dataset
+(:attr:`P2SegDatasetMapper.num_samples`, set by the train loader) has failed, skipping raises
+instead. The test mapper always raises: skipping would silently change what is evaluated. A
+class-count mismatch between the JSON and the config is refused before training starts
+(``p2seg.engine.trainer.check_num_classes``), not skipped sample by sample.
 """
 import copy
 import logging
@@ -412,6 +415,7 @@ class P2SegDatasetMapper:
         self.ignore_unpointed = ignore_unpointed
         self.skip_bad_samples = is_train and bad_samples == "skip"
         self.num_bad_samples = 0  # samples skipped so far (this process)
+        self.num_samples = None  # size of the dataset mapped, when known (set by the train loader)
         self._bad_files = set()  # files already reported
         mode = "training" if is_train else "inference"
         logger.info(f"[P2SegDatasetMapper] Augmentations used in {mode}: {augmentations}")
@@ -457,6 +461,11 @@ class P2SegDatasetMapper:
         if key in self._bad_files:
             return
         self._bad_files.add(key)
+        if self.num_samples is not None and len(self._bad_files) >= self.num_samples:
+            raise BadSampleValueError(
+                f"all {self.num_samples} training samples are bad: DATALOADER.BAD_SAMPLES='skip' has "
+                f"no good sample to use instead (the last one: {error})"
+            ) from error
         logger.warning(
             f"[P2SegDatasetMapper] skipping a bad sample (DATALOADER.BAD_SAMPLES='skip'; another "
             f"sample is used instead): {error} -- {self.num_bad_samples} samples skipped so far, "

@@ -14,6 +14,7 @@ from detectron2.data import (
     MetadataCatalog,
     build_detection_test_loader,
     build_detection_train_loader,
+    get_detection_dataset_dicts,
 )
 from detectron2.data.datasets import register_coco_instances
 from detectron2.engine import DefaultTrainer
@@ -160,6 +161,26 @@ def _mapper(cfg, is_train):
     return DetectionDatasetMapper(cfg, is_train)
 
 
+def check_num_classes(cfg, dataset_names) -> None:
+    """A dataset whose categories do not match the model's class count is a configuration error.
+
+    Compares the ``thing_classes`` of each (loaded) dataset with ``MODEL.P2SEG.NUM_CLASSES``
+    (P2Seg) or ``MODEL.ROI_HEADS.NUM_CLASSES`` (stage 2). Raises ValueError naming the key, the
+    dataset and its JSON; otherwise every sample would fail (or be skipped) one by one.
+    """
+    key = "MODEL.P2SEG.NUM_CLASSES" if is_p2seg(cfg) else "MODEL.ROI_HEADS.NUM_CLASSES"
+    expected = cfg.MODEL.P2SEG.NUM_CLASSES if is_p2seg(cfg) else cfg.MODEL.ROI_HEADS.NUM_CLASSES
+    for name in dataset_names:
+        meta = MetadataCatalog.get(name)
+        classes = getattr(meta, "thing_classes", None)
+        if classes is not None and len(classes) != expected:
+            source = getattr(meta, "json_file", "its registration")
+            raise ValueError(
+                f"config {key}={expected}, but dataset '{name}' ({source}) has {len(classes)} categories "
+                f"{list(classes)[:8]}; set {key} {len(classes)}"
+            )
+
+
 class Trainer(DefaultTrainer):
     """``DefaultTrainer`` for P2Seg (Panoptic-DeepLab's train_net style) and for stage 2.
 
@@ -187,7 +208,17 @@ class Trainer(DefaultTrainer):
         """Detectron2 train loader over ``DATASETS.TRAIN``: ``P2SegDatasetMapper(is_train=True)``
         for P2Seg, :func:`_mapper`'s stage-2 mapper otherwise."""
         register_builtin_datasets(cfg)
-        return build_detection_train_loader(cfg, mapper=_mapper(cfg, True))
+        if not is_p2seg(cfg):
+            loader = build_detection_train_loader(cfg, mapper=_mapper(cfg, True))
+            check_num_classes(cfg, cfg.DATASETS.TRAIN)  # metadata filled by loading the dicts
+            return loader
+        dicts = get_detection_dataset_dicts(cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS)
+        check_num_classes(cfg, cfg.DATASETS.TRAIN)
+        mapper = _mapper(cfg, True)
+        mapper.num_samples = len(dicts)  # "skip" mode: all samples bad is an error, not a retry loop
+        loader = build_detection_train_loader(cfg, mapper=mapper, dataset=dicts)
+        loader.p2seg_mapper = mapper  # for the skipped-sample total at the end of training
+        return loader
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name, dataset_dicts=None):
@@ -307,6 +338,20 @@ class Trainer(DefaultTrainer):
 
         self.checkpointer = P2SegCheckpointer(self._trainer.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
         return [NonFiniteLossGuard()] + super().build_hooks()
+
+    def train(self):
+        """Detectron2's ``train``; then, with ``DATALOADER.BAD_SAMPLES`` "skip", the total of
+        skipped samples is logged (console and log.txt)."""
+        results = super().train()
+        mapper = getattr(self._trainer.data_loader, "p2seg_mapper", None)
+        if mapper is not None and mapper.skip_bad_samples:
+            where = "" if self.cfg.DATALOADER.NUM_WORKERS == 0 else " by the main process (workers logged their own)"
+            logger.log(
+                logging.WARNING if mapper.num_bad_samples else logging.INFO,
+                "DATALOADER.BAD_SAMPLES='skip': %d samples (%d distinct files) skipped%s during training",
+                mapper.num_bad_samples, len(mapper._bad_files), where,
+            )
+        return results
 
     def state_dict(self):
         """Detectron2 0.6's (iteration, hook states: the LR scheduler) plus the inner trainer's
