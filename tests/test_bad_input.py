@@ -168,10 +168,12 @@ def test_points_on_the_border_are_accepted(tiny):
     assert _load(root, path)[0]["annotations"][0]["point"] == [32.0, 24.0]
 
 
-@pytest.mark.parametrize("cid", [99, None, "1", [1], 1.5, True])
-def test_unknown_category_id_names_file_and_field(tiny, cid):
+@pytest.mark.parametrize("cid, words", [(99, "=99 is not in 'categories'"), (None, "got missing"),
+                                        ("1", "must be an integer category id, got '1' (str)"),
+                                        ([1], "got [1] (list)"), (1.5, "got 1.5 (float)"), (True, "got True (bool)")])
+def test_unknown_category_id_names_file_and_field(tiny, cid, words):
     msg = _loader_error(tiny, lambda d: d["annotations"][1].__setitem__("category_id", cid))
-    assert "'category_id'" in msg and "id=11" in msg and "not in 'categories'" in msg
+    assert "'category_id'" in msg and "id=11" in msg and words in msg, msg
 
 
 @pytest.mark.parametrize(
@@ -491,3 +493,24 @@ def test_skipping_every_sample_is_an_error_that_says_so(tiny):
     finally:
         DatasetCatalog.remove(name)
         MetadataCatalog.remove(name)
+
+
+def test_truncated_pseudo_mask_json_names_file_and_key(tiny):
+    # before: a bare JSONDecodeError from Detectron2's load_coco_json in stage 2
+    from p2seg.engine.trainer import register_pseudo_label_dataset
+
+    root, path, _ = tiny
+    source = "test_pseudo_source"
+    register_point_coco_instances(source, {}, str(path), str(root / "img"), str(root / "sem"))
+    truncated = root / "pseudo_masks.json"
+    truncated.write_text('{"images": [{"id": 1, "file_name": "a.jpg", "height": 24, "wid')
+    cfg = _cfg(**{"DATASETS.PSEUDO_LABELS.JSON": str(truncated), "DATASETS.PSEUDO_LABELS.SOURCE": source,
+                  "DATASETS.PSEUDO_LABELS.NAME": "test_pseudo_train"})
+    try:
+        name = register_pseudo_label_dataset(cfg)
+        with pytest.raises(ValueError, match=r"DATASETS.PSEUDO_LABELS.JSON: .*pseudo_masks.json: line 1 column"):
+            DatasetCatalog.get(name)
+    finally:
+        for n in (source, "test_pseudo_train"):
+            DatasetCatalog.remove(n)
+            MetadataCatalog.remove(n)

@@ -349,3 +349,13 @@ def test_render_semseg_refuses_out_of_range_degradation(tmp_path, capsys, flag, 
     with pytest.raises(SystemExit) as e:
         _render_cli(_mask_json(tmp_path), tmp_path / "out", flag, value)
     assert e.value.code == 2 and flag in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", ["--num-train", "--num-val"])
+def test_shapes_tool_refuses_non_positive_counts(flag, capsys, tmp_path):
+    from p2seg.tools import shapes as shapes_tool
+
+    with pytest.raises(SystemExit) as e:
+        shapes_tool.main([flag, "-3", "--root", str(tmp_path)])
+    assert e.value.code == 2 and f"{flag} must be a positive number of images, got -3" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())

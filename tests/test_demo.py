@@ -212,3 +212,9 @@ def test_demo_reads_16_bit_images(tmp_path, p2seg_opts):
     rc = demo.main(["--config-file", str(P2SEG), "--input", str(tmp_path / "cells16.png"), "--output",
                     str(tmp_path / "o"), "--opts", *p2seg_opts])
     assert rc == 0 and (tmp_path / "o" / "cells16.png").is_file()
+
+
+def test_nan_in_a_points_dir_file_names_file_and_line(tmp_path):
+    (tmp_path / "img0.txt").write_text("10 20 1\nnan 5 1\n")
+    with pytest.raises(ValueError, match=r"img0.txt:2: x, y and conf must be finite"):
+        demo.read_points_dir(str(tmp_path), "some/where/img0.png", 1, 3)

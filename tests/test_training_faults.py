@@ -176,6 +176,21 @@ def test_resume_finds_a_checkpoint_that_last_checkpoint_does_not_name_yet(tmp_pa
     assert checkpointer.resume_or_load("", resume=True)["iteration"] == 19
 
 
+def test_resume_with_a_changed_model_config_names_the_key(tmp_path, cache_dir, monkeypatch):
+    """--resume after changing a shape key: a message with the key, not an optimizer size mismatch."""
+    monkeypatch.setenv("P2SEG_CACHE", str(cache_dir))
+    out = tmp_path / "out"
+    Trainer(tiny_cfg(out, "SOLVER.MAX_ITER", "2")).train()
+    assert "config" in torch.load(out / "model_final.pth", weights_only=True)
+    changed = Trainer(tiny_cfg(out, "SOLVER.MAX_ITER", "4", "MODEL.SEM_SEG_HEAD.HEAD_CHANNELS", "24"))
+    with pytest.raises(ValueError, match=r"--resume: .*model_final.pth does not fit the model \(the config "
+                                         r"changed: MODEL.SEM_SEG_HEAD.HEAD_CHANNELS: 16 -> 24; parameter shapes"):
+        changed.resume_or_load(resume=True)
+    same = Trainer(tiny_cfg(out, "SOLVER.MAX_ITER", "4"))
+    same.resume_or_load(resume=True)
+    assert same.start_iter == 2
+
+
 def test_resume_removes_orphan_temporary_files(tmp_path):
     (tmp_path / ".tmp_abc123.pth").write_bytes(b"PK half a checkpoint")
     checkpointer = P2SegCheckpointer(torch.nn.Linear(2, 2), save_dir=str(tmp_path))
@@ -286,3 +301,10 @@ def test_sigkill_then_resume_follows_the_schedule(tmp_path, cache_dir):
     last = [m for m in _metrics(run) if m.get("iteration") == 11]
     ref_last = [m for m in _metrics(ref) if m.get("iteration") == 11]
     assert last and ref_last and last[-1]["lr"] == pytest.approx(ref_last[-1]["lr"], rel=1e-9)
+
+
+def test_missing_weights_file_names_the_key_and_path(tmp_path):
+    # before: a bare AssertionError "Checkpoint ... not found!" from fvcore
+    with pytest.raises(FileNotFoundError, match=r"MODEL.WEIGHTS / checkpoint: file not found: .*nope.pth"):
+        P2SegCheckpointer(torch.nn.Linear(2, 2)).load(str(tmp_path / "nope.pth"))
+    assert P2SegCheckpointer(torch.nn.Linear(2, 2)).load("") == {}  # "" = random initialisation

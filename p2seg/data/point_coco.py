@@ -153,8 +153,12 @@ def _clean_segmentation(segm, height: int, width: int, where: str):
 def _convert_annotation(ann: dict, img: dict, id_map: Dict[int, int], json_file: str, require_points: bool):
     """One COCO annotation -> a Detectron2 annotation dict (contiguous category, point, GT)."""
     where = f"{json_file}: annotation id={ann.get('id')} (image_id={img['id']})"
-    if not (_is_int(ann.get("category_id")) and ann["category_id"] in id_map):
-        raise ValueError(f"{where}: field 'category_id'={ann.get('category_id')} is not in 'categories'")
+    category_id = ann.get("category_id")
+    if not _is_int(category_id):
+        kind = "missing" if category_id is None else f"{category_id!r} ({type(category_id).__name__})"
+        raise ValueError(f"{where}: field 'category_id' must be an integer category id, got {kind}")
+    if category_id not in id_map:
+        raise ValueError(f"{where}: field 'category_id'={category_id} is not in 'categories'")
     obj = {"category_id": id_map[ann["category_id"]], "iscrowd": 0}
     if "id" in ann:
         obj["id"] = ann["id"]

@@ -33,7 +33,41 @@ __all__ = ["P2SegCheckpointer", "write_text_atomic"]
 _CHECKPOINT_NAME = re.compile(r"model_(\d{7}|final)\.pth")
 
 class P2SegCheckpointer(DetectionCheckpointer):
-    """``DetectionCheckpointer`` with weights-only loading of ``.pth`` files and atomic saves."""
+    """``DetectionCheckpointer`` with weights-only loading of ``.pth`` files and atomic saves.
+
+    ``config_text`` (the run's ``cfg.dump()``, set by the trainer) is saved in each checkpoint
+    under ``"config"``, so that a resume with a changed config can say which keys changed.
+    """
+
+    config_text = None
+
+    def check_resumable(self) -> None:
+        """Before ``--resume``: the checkpoint to resume must fit the model.
+
+        Raises ValueError naming the checkpoint, the parameters whose shapes differ and (when the
+        checkpoint holds its config) the ``MODEL`` keys that changed, e.g. ``MODEL.P2SEG.NUM_CLASSES``
+        (otherwise the optimizer state fails later with a bare size mismatch).
+        """
+        path = self.get_checkpoint_file()
+        if not path:
+            return
+        data = self._load_file(path)
+        current = self.model.state_dict()
+        mismatched = [
+            f"{k} {tuple(v.shape)} -> {tuple(current[k].shape)}"
+            for k, v in data["model"].items()
+            if k in current and hasattr(v, "shape") and tuple(v.shape) != tuple(current[k].shape)
+        ]
+        if not mismatched:
+            return
+        changed = changed_config_keys(data["config"], self.config_text, "MODEL") if (
+            isinstance(data.get("config"), str) and self.config_text) else []
+        keys = f"the config changed: {', '.join(changed)}; " if changed else ""
+        raise ValueError(
+            f"--resume: {path} does not fit the model ({keys}parameter shapes differ: "
+            f"{'; '.join(mismatched[:3])}{' ...' if len(mismatched) > 3 else ''}). Resume with the config "
+            "it was trained with, or train into a new OUTPUT_DIR."
+        )
 
     def _load_file(self, filename):
         """``{"model": state, ...}`` of ``filename``; ``.pkl`` -> Detectron2's pickle reader.
@@ -113,6 +147,8 @@ class P2SegCheckpointer(DetectionCheckpointer):
         data = {"model": self.model.state_dict()}
         for key, obj in self.checkpointables.items():
             data[key] = obj.state_dict()
+        if self.config_text is not None:
+            data["config"] = self.config_text
         data.update(kwargs)
         basename = f"{name}.pth"
         save_file = os.path.join(self.save_dir, basename)
@@ -136,3 +172,24 @@ def _checkpoint_recency(path: str):
     except FileNotFoundError:
         mtime = -1
     return mtime, iteration
+
+
+def changed_config_keys(old_text: str, new_text: str, prefix: str = "") -> list:
+    """Dotted keys (under ``prefix``) whose values differ between two ``cfg.dump()`` texts,
+    e.g. ``["MODEL.P2SEG.NUM_CLASSES: 3 -> 2"]``."""
+    import yaml
+
+    def flatten(node, path=""):
+        if isinstance(node, dict):
+            for key, value in node.items():
+                yield from flatten(value, f"{path}.{key}" if path else str(key))
+        else:
+            yield path, node
+
+    old = dict(flatten(yaml.safe_load(old_text) or {}))
+    new = dict(flatten(yaml.safe_load(new_text) or {}))
+    return [
+        f"{k}: {old.get(k)!r} -> {new.get(k)!r}"
+        for k in sorted(set(old) | set(new))
+        if k.startswith(prefix) and old.get(k) != new.get(k)
+    ]

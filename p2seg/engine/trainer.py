@@ -16,7 +16,6 @@ from detectron2.data import (
     build_detection_train_loader,
     get_detection_dataset_dicts,
 )
-from detectron2.data.datasets import register_coco_instances
 from detectron2.engine import DefaultTrainer
 from detectron2.evaluation import DatasetEvaluator, DatasetEvaluators, inference_on_dataset, print_csv_format
 from detectron2.projects.deeplab import build_lr_scheduler as build_deeplab_lr_scheduler
@@ -98,7 +97,7 @@ def register_builtin_datasets(cfg):
 
 def register_pseudo_label_dataset(cfg):
     """Register ``DATASETS.PSEUDO_LABELS.JSON`` (an exported pseudo-mask COCO JSON) as
-    ``DATASETS.PSEUDO_LABELS.NAME`` with Detectron2's ``register_coco_instances``.
+    ``DATASETS.PSEUDO_LABELS.NAME`` as Detectron2's ``register_coco_instances`` does.
 
     Images are read from the ``image_root`` metadata of ``DATASETS.PSEUDO_LABELS.SOURCE`` (the
     dataset the masks were exported from); the classes come from the JSON's categories. Nothing
@@ -121,9 +120,29 @@ def register_pseudo_label_dataset(cfg):
         DatasetCatalog.remove(p.NAME)
     if p.NAME in MetadataCatalog.list():
         MetadataCatalog.remove(p.NAME)
-    register_coco_instances(p.NAME, {}, p.JSON, image_root)
+    # Detectron2's register_coco_instances, with a loader whose parse errors name the file.
+    json_file, name = p.JSON, p.NAME
+    DatasetCatalog.register(name, lambda: _load_pseudo_label_json(json_file, image_root, name))
+    MetadataCatalog.get(name).set(json_file=json_file, image_root=image_root, evaluator_type="coco")
     logger.info("Registered %s: %s (images in %s)", p.NAME, p.JSON, image_root)
     return p.NAME
+
+
+def _load_pseudo_label_json(json_file, image_root, name):
+    """Detectron2's ``load_coco_json``; a JSON that does not parse (e.g. truncated) is a ValueError
+    naming the file and the config key, not a bare ``JSONDecodeError``."""
+    import json
+
+    from detectron2.data.datasets import load_coco_json
+
+    try:
+        return load_coco_json(json_file, image_root, name)
+    except json.JSONDecodeError as e:
+        raise ValueError(
+            f"config DATASETS.PSEUDO_LABELS.JSON: {json_file}: line {e.lineno} column {e.colno}: not valid "
+            f"JSON ({e.msg}); a truncated file? Export it again (train_net.py --eval-only "
+            f"TEST.EXPORT_PSEUDO_MASKS True)"
+        ) from e
 
 
 def is_p2seg(cfg):
@@ -337,7 +356,15 @@ class Trainer(DefaultTrainer):
         from .hooks import NonFiniteLossGuard
 
         self.checkpointer = P2SegCheckpointer(self._trainer.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.checkpointer.config_text = self.cfg.dump()
         return [NonFiniteLossGuard()] + super().build_hooks()
+
+    def resume_or_load(self, resume=True):
+        """Detectron2's ``resume_or_load``; with ``resume``, a checkpoint that does not fit the
+        model (a changed config) is refused first, naming the changed keys."""
+        if resume:
+            self.checkpointer.check_resumable()
+        super().resume_or_load(resume=resume)
 
     def train(self):
         """Detectron2's ``train``; then, with ``DATALOADER.BAD_SAMPLES`` "skip", the total of

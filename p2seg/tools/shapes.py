@@ -27,7 +27,11 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--splits", nargs="+", default=["train", "val"], choices=["train", "val"])
     ap.add_argument("--baseline", action="store_true", help="evaluate the nearest-point baseline")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    for flag, value in (("--num-train", args.num_train), ("--num-val", args.num_val)):
+        if value is not None and value < 1:
+            ap.error(f"{flag} must be a positive number of images, got {value}")
+    return args
 
 
 def split_stats(name, dicts, num_classes):
