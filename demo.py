@@ -43,6 +43,8 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
+import p2seg  # noqa: F401  (first: it quiets the deprecation warnings of the imports below)
+
 from detectron2.config import get_cfg
 from detectron2.data import MetadataCatalog
 from detectron2.data import transforms as T

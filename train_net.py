@@ -26,6 +26,8 @@ Multi-machine: ``--num-machines N --machine-rank R --dist-url tcp://HOST:PORT`` 
 """
 import os
 
+import p2seg  # noqa: F401  (first: it quiets the deprecation warnings of the imports below)
+
 from detectron2.config import get_cfg
 from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.utils import comm

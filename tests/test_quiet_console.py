@@ -1,0 +1,25 @@
+"""Console scripts start without the dependencies' deprecation warnings; real warnings still show."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _run(*args):
+    return subprocess.run([sys.executable, *args], cwd=str(REPO), capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("args", [["-c", "import p2seg"], ["-m", "p2seg.tools.make_points", "--help"],
+                                  ["train_net.py", "--help"], ["demo.py", "--help"]])
+def test_no_deprecation_warnings_at_startup(args):
+    proc = _run(*args)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Warning" not in proc.stderr and "Warning" not in proc.stdout, proc.stderr[-2000:]
+
+
+def test_other_warnings_still_show():
+    proc = _run("-c", "import warnings, p2seg; warnings.warn('a real one', FutureWarning)")
+    assert "FutureWarning: a real one" in proc.stderr
