@@ -105,7 +105,8 @@ def test_export_content_and_metrics(tmp_path):
     assert not [p for p in os.listdir(out.parent) if p != "masks.json"], "temporary files left behind"
 
     num_points = sum(len(d["annotations"]) for d in dicts)
-    assert res["pseudo_masks"] == {"num_images": len(dicts), "num_masks": num_points, "num_points": num_points}
+    assert res["pseudo_masks"] == {"num_images": len(dicts), "num_masks": num_points, "num_points": num_points,
+                                   "num_fallback": 0, "fallback_fraction": 0.0}
     # perfect pseudo masks
     assert res["segm"]["AP"] == pytest.approx(100.0)
     for v in res["voc_mask"].values():
@@ -307,3 +308,24 @@ def test_crowded_image_exports_and_counts_every_point(tmp_path):
     # perfect masks: AP 100 only if all 300 detections of the image are counted
     assert res["segm"]["AP"] == pytest.approx(100.0)
     assert res["voc_mask"]["mAP50"] == pytest.approx(100.0)
+
+
+def test_fallback_boxes_are_counted_and_warned_about(tmp_path, caplog):
+    """A model that learned nothing: every point gets the fallback box; the export says so."""
+    import logging
+
+    dicts = make_dicts()
+    name = register(dicts)
+    exporter = PseudoMaskExporter(name, str(tmp_path / "masks.json"), fallback_warn_fraction=0.2)
+    for d in dicts:
+        inp = mapper(d)
+        out = fake_model(inp)
+        out["instances"].fallback = torch.ones(len(out["instances"]), dtype=torch.bool)
+        exporter.process([inp], [out])
+    with caplog.at_level(logging.WARNING, logger="p2seg.evaluation.fallback_check"):
+        res = exporter.evaluate()
+    num_points = sum(len(d["annotations"]) for d in dicts)
+    assert res["pseudo_masks"]["num_fallback"] == num_points and res["pseudo_masks"]["fallback_fraction"] == 1.0
+    [message] = [r.getMessage() for r in caplog.records]
+    assert f"{num_points} of {num_points} points (100%) got the fallback box" in message
+    assert "masks.json" in message and "loss_sem" in message

@@ -12,8 +12,14 @@ checkpoint is written from the bad state:
 * parameters: a finite loss can still give infinite gradients and NaN weights after the step.
   ``after_step`` of the guard (registered before ``PeriodicCheckpointer``) checks every parameter
   and raises, naming the first non-finite ones, before the checkpointer can save them.
+
+:class:`SemanticLossMonitor` warns when the semantic head has learned nothing: ``loss_sem`` still
+at the cross-entropy of a uniform guess (``SEM_WEIGHT * ln(C + 1)``) after a number of iterations
+(the signature of the one-class hard-mining deadlock). Training goes on; the warning says what it
+means, and the export's fallback count (p2seg/evaluation/fallback_check.py) confirms it later.
 """
 import logging
+import math
 from typing import Dict, List, Mapping
 
 import torch
@@ -21,7 +27,8 @@ import torch
 from detectron2.engine import HookBase
 from detectron2.utils import comm
 
-__all__ = ["NonFiniteLossError", "NonFiniteLossGuard", "nonfinite_terms", "nonfinite_parameters"]
+__all__ = ["NonFiniteLossError", "NonFiniteLossGuard", "SemanticLossMonitor", "nonfinite_terms",
+           "nonfinite_parameters"]
 
 logger = logging.getLogger(__name__)
 
@@ -112,3 +119,41 @@ class NonFiniteLossGuard(HookBase):
             inner = getattr(self.trainer, "_trainer", self.trainer)
             inner._write_metrics = self._original_write_metrics
             self._original_write_metrics = None
+
+
+class SemanticLossMonitor(HookBase):
+    """Warn once if ``loss_sem`` is within ``margin`` of chance level at iteration ``check_iter``."""
+
+    def __init__(self, check_iter: int, num_classes: int, sem_weight: float, margin: float, window: int = 20):
+        """
+        Args:
+            check_iter: iteration (0-based) of the check; <= 0 disables the hook.
+            num_classes: C (the semantic head has C + 1 outputs).
+            sem_weight: ``MODEL.P2SEG.LOSS.SEM_WEIGHT`` (the logged ``loss_sem`` includes it).
+            margin: warn when ``|median(loss_sem) - sem_weight * ln(C + 1)| < margin``.
+            window: iterations of the median.
+        """
+        self.check_iter = check_iter
+        self.chance = sem_weight * math.log(num_classes + 1)
+        self.margin = margin
+        self.window = window
+        self.warned = False
+
+    def after_step(self):
+        if self.check_iter <= 0 or self.trainer.iter != self.check_iter:
+            return
+        storage = self.trainer.storage
+        if "loss_sem" not in storage.histories():
+            return
+        median = storage.history("loss_sem").median(self.window)
+        if abs(median - self.chance) < self.margin:
+            self.warned = True
+            logger.warning(
+                "Iteration %d: loss_sem is %.4f, the loss of a uniform guess (SEM_WEIGHT * ln(C+1) = %.4f): "
+                "the semantic head has learned nothing so far, and every point would get the fallback box. "
+                "Check the semantic source (are its labels 1..C on the objects?) and MODEL.P2SEG.NUM_CLASSES; "
+                "with few foreground pixels, warm up the hard-pixel mining "
+                "(MODEL.P2SEG.LOSS.SEM_TOP_K_WARMUP_ITERS) or use SEM_TOP_K 1.0. "
+                "(MODEL.P2SEG.LOSS.STUCK_CHECK_ITER sets when this is checked.)",
+                self.trainer.iter, median, self.chance,
+            )

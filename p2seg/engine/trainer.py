@@ -273,13 +273,15 @@ class Trainer(DefaultTrainer):
                     f"masks), got {cfg.MODEL.META_ARCHITECTURE!r}"
                 )
             exporter = PseudoMaskExporter(
-                dataset_name, pseudo_masks_path(cfg, dataset_name), iou_thresholds=thresholds, max_dets_per_image=max_dets
+                dataset_name, pseudo_masks_path(cfg, dataset_name), iou_thresholds=thresholds, max_dets_per_image=max_dets,
+                fallback_warn_fraction=cfg.TEST.FALLBACK_WARN_FRACTION,
             )
             return DatasetEvaluators([exporter])
         if output_folder is None:
             output_folder = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
         return DatasetEvaluators(
-            [InstanceMaskEvaluator(dataset_name, output_dir=output_folder, iou_thresholds=thresholds, max_dets_per_image=max_dets)]
+            [InstanceMaskEvaluator(dataset_name, output_dir=output_folder, iou_thresholds=thresholds, max_dets_per_image=max_dets,
+                                   fallback_warn_fraction=cfg.TEST.FALLBACK_WARN_FRACTION)]
         )
 
     @classmethod
@@ -349,15 +351,22 @@ class Trainer(DefaultTrainer):
 
     def build_hooks(self):
         """Detectron2's hooks with checkpoints by ``P2SegCheckpointer`` (weights-only loading,
-        atomic saves) and a ``NonFiniteLossGuard`` first (p2seg/engine/hooks.py)."""
+        atomic saves), a ``NonFiniteLossGuard`` first and, for P2Seg, a ``SemanticLossMonitor``
+        (p2seg/engine/hooks.py)."""
         import weakref
 
         from .checkpointer import P2SegCheckpointer
-        from .hooks import NonFiniteLossGuard
+        from .hooks import NonFiniteLossGuard, SemanticLossMonitor
 
         self.checkpointer = P2SegCheckpointer(self._trainer.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
         self.checkpointer.config_text = self.cfg.dump()
-        return [NonFiniteLossGuard()] + super().build_hooks()
+        hooks = [NonFiniteLossGuard()] + super().build_hooks()
+        if is_p2seg(self.cfg):
+            loss = self.cfg.MODEL.P2SEG.LOSS
+            check = min(loss.STUCK_CHECK_ITER, self.cfg.SOLVER.MAX_ITER - 1)
+            hooks.insert(1, SemanticLossMonitor(check, self.cfg.MODEL.P2SEG.NUM_CLASSES, loss.SEM_WEIGHT,
+                                                loss.STUCK_MARGIN))
+        return hooks
 
     def resume_or_load(self, resume=True):
         """Detectron2's ``resume_or_load``; with ``resume``, a checkpoint that does not fit the

@@ -46,6 +46,7 @@ from detectron2.utils.logger import create_small_table
 from p2seg.utils.atomic import write_json_atomic
 from p2seg.data.semantic_sources import read_coco_json
 
+from .fallback_check import fallback_summary
 from .voc_mask_ap import encode_masks, eval_instance_segmentation_voc_multi, threshold_key
 
 logger = logging.getLogger(__name__)
@@ -350,6 +351,7 @@ class InstanceMaskEvaluator(DatasetEvaluator):
         output_dir: Optional[str] = None,
         iou_thresholds: Sequence[float] = DEFAULT_IOU_THRESHOLDS,
         max_dets_per_image: int = 100,
+        fallback_warn_fraction: float = 0.2,
     ):
         """
         Args:
@@ -360,12 +362,15 @@ class InstanceMaskEvaluator(DatasetEvaluator):
             iou_thresholds: thresholds of the VOC mAPs ("mAP25" ... in the report).
             max_dets_per_image: COCOeval's maxDets for AP; raised to the largest number of
                 points of an evaluated image (point-guided outputs: one mask per point).
+            fallback_warn_fraction: with points, ``evaluate`` reports ``"points"``: how many got
+                the fallback box, with a warning above this fraction (``fallback_summary``).
         """
         self._dataset_name = dataset_name
         self._distributed = distributed
         self._output_dir = output_dir
         self._iou_thresholds = tuple(iou_thresholds)
         self._max_dets = max_dets_per_image
+        self._fallback_warn_fraction = fallback_warn_fraction
         self._metadata = MetadataCatalog.get(dataset_name)
         self._coco_gt: Optional[COCO] = None
         self._predictions: List[dict] = []
@@ -383,9 +388,12 @@ class InstanceMaskEvaluator(DatasetEvaluator):
         for inp, out in zip(inputs, outputs):
             if "instances" not in out:
                 continue
-            results = instances_to_coco_results(out["instances"], inp["image_id"])
+            instances = out["instances"]
+            results = instances_to_coco_results(instances, inp["image_id"])
             num_points = len(inp["points"]) if "points" in inp else 0
-            self._predictions.append({"image_id": inp["image_id"], "results": results, "num_points": num_points})
+            num_fallback = int(instances.fallback.sum()) if instances.has("fallback") else 0
+            self._predictions.append({"image_id": inp["image_id"], "results": results, "num_points": num_points,
+                                      "num_fallback": num_fallback})
 
     def evaluate(self, img_ids=None):
         """Gather, then (main process) compute the metrics; other processes return ``{}``.
@@ -417,4 +425,10 @@ class InstanceMaskEvaluator(DatasetEvaluator):
             return {}
         # Point-guided outputs have one mask per point: count at least that many per image.
         max_dets = max([self._max_dets] + [p.get("num_points", 0) for p in predictions])
-        return evaluate_instance_masks(coco_gt, results, img_ids, self._iou_thresholds, max_dets)
+        metrics = evaluate_instance_masks(coco_gt, results, img_ids, self._iou_thresholds, max_dets)
+        num_points = sum(p.get("num_points", 0) for p in predictions)
+        if num_points:
+            metrics["points"] = dict(num_points=num_points, **fallback_summary(
+                sum(p.get("num_fallback", 0) for p in predictions), num_points,
+                self._fallback_warn_fraction, f"dataset '{self._dataset_name}'"))
+        return metrics

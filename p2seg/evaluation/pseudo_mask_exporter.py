@@ -16,7 +16,8 @@ image_root)`` loads it as-is (``image_root`` of the source dataset; file names c
 
 Resumable, multi-process export:
 
-* each process appends one JSON line per image (``{"image_id", "num_points", "annotations"}``)
+* each process appends one JSON line per image (``{"image_id", "num_points", "annotations",
+  "num_fallback"}``)
   to its own sidecar ``<output>.partial.jsonl`` (rank 0) / ``<output>.partial.rank<r>.jsonl``,
   flushed and fsync-ed per image;
 * on construction the sidecars are read back: :meth:`PseudoMaskExporter.finished_image_ids`
@@ -40,7 +41,8 @@ must see every sidecar to skip the same images); a process that cannot see anoth
 re-exports those images, and the duplicates are dropped at assembly.
 ``evaluate()`` returns (main process) the pseudo masks' metrics against the ground truth when the
 dataset has any (:func:`~p2seg.evaluation.instance_evaluator.evaluate_instance_masks`) plus
-``{"pseudo_masks": {"num_images", "num_masks", "num_points"}}``.
+``{"pseudo_masks": {"num_images", "num_masks", "num_points", "num_fallback", "fallback_fraction"}}``
+(points whose mask is the fallback box; a warning above ``TEST.FALLBACK_WARN_FRACTION``).
 """
 
 from __future__ import annotations
@@ -64,6 +66,7 @@ from detectron2.utils import comm
 
 from p2seg.utils.atomic import write_json_atomic
 
+from .fallback_check import fallback_summary
 from .instance_evaluator import (
     DEFAULT_IOU_THRESHOLDS,
     contiguous_to_dataset_ids,
@@ -249,6 +252,7 @@ class PseudoMaskExporter(DatasetEvaluator):
         distributed: bool = True,
         iou_thresholds: Sequence[float] = DEFAULT_IOU_THRESHOLDS,
         max_dets_per_image: int = 100,
+        fallback_warn_fraction: float = 0.2,
     ):
         """
         Args:
@@ -257,8 +261,11 @@ class PseudoMaskExporter(DatasetEvaluator):
             distributed: gather across processes (Detectron2 convention); False = this process
                 alone owns every sidecar.
             iou_thresholds, max_dets_per_image: of the metrics against ground truth.
+            fallback_warn_fraction: warn when more points than this fraction got the fallback box
+                (:func:`~p2seg.evaluation.fallback_check.fallback_summary`).
         """
         self._dataset_name = dataset_name
+        self._fallback_warn_fraction = fallback_warn_fraction
         self._output_file = os.path.abspath(output_file)
         self._distributed = distributed
         self._iou_thresholds = tuple(iou_thresholds)
@@ -362,7 +369,10 @@ class PseudoMaskExporter(DatasetEvaluator):
             )
         classes = inp["point_classes"].tolist() if "point_classes" in inp else instances.pred_classes.tolist()
         anns = pseudo_annotations(instances, original_points(inp), classes, self._dataset_ids())
-        return {"image_id": image_id, "num_points": num_points, "annotations": anns}
+        record = {"image_id": image_id, "num_points": num_points, "annotations": anns}
+        if instances.has("fallback"):
+            record["num_fallback"] = int(instances.fallback.sum())
+        return record
 
     def process(self, inputs, outputs):
         """Append one sidecar line per new image (flushed and fsync-ed)."""
@@ -447,8 +457,20 @@ class PseudoMaskExporter(DatasetEvaluator):
             "num_images": len(coco["images"]),
             "num_masks": len(coco["annotations"]),
             "num_points": num_points,
+            **fallback_summary(
+                sum(int(r.get("num_fallback", 0)) for r in _unique_records(records)), num_points,
+                self._fallback_warn_fraction, self._output_file,
+            ),
         }
         return results
+
+
+def _unique_records(records: Iterable[dict]) -> List[dict]:
+    """The first record of each image id (the one ``_assemble`` keeps)."""
+    by_image: Dict = {}
+    for r in records:
+        by_image.setdefault(r["image_id"], r)
+    return list(by_image.values())
 
 
 def max_points_per_image(records: Iterable[dict]) -> int:

@@ -567,8 +567,9 @@ class P2Seg(nn.Module):
 
     @staticmethod
     def _to_instances(found: Dict[str, torch.Tensor], height: int, width: int) -> Instances:
-        """dict(masks RxHxW bool, scores R, classes R) -> Instances with pred_masks / pred_boxes
-        (tight boxes of the masks) / scores / pred_classes."""
+        """dict(masks RxHxW bool, scores R, classes R[, fallback R]) -> Instances with pred_masks /
+        pred_boxes (tight boxes of the masks) / scores / pred_classes [/ fallback: bool R, the
+        mask is a point's fallback box]."""
         masks = found["masks"]
         instances = Instances((height, width))
         instances.pred_masks = masks
@@ -576,4 +577,6 @@ class P2Seg(nn.Module):
         instances.pred_boxes = Boxes(boxes)
         instances.scores = found["scores"].float()
         instances.pred_classes = found["classes"].long()
+        if "fallback" in found:
+            instances.fallback = found["fallback"]
         return instances

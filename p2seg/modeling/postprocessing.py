@@ -195,8 +195,9 @@ def point_guided_instances(
         fallback_score: float, score of a fallback mask.
         chunk_elements: int, bound on pixels x points distance entries computed at once.
     Returns:
-        dict(masks bool PxHxW, scores (P,) dtype of sem_probs, classes int64 (P,));
-        instance i belongs to point i. P == 0 gives masks of shape (0, H, W).
+        dict(masks bool PxHxW, scores (P,) dtype of sem_probs, classes int64 (P,), fallback bool
+        (P,): the mask is the fallback box); instance i belongs to point i. P == 0 gives masks of
+        shape (0, H, W) (and no "fallback").
     """
     fn = "point_guided_instances"
     _check_maps(fn, sem_probs, offsets)
@@ -237,10 +238,11 @@ def point_guided_instances(
     # sem_probs[k+1] == max_prob on pixels labelled k+1 (the argmax), so the mean uses max_prob.
     sums, counts = _mean_per_instance(instance_ids, max_prob, num_points)
     scores = sums / counts.clamp(min=1).to(sums.dtype)
-    for i in torch.nonzero(counts == 0).squeeze(1).tolist():
+    fallback = counts == 0
+    for i in torch.nonzero(fallback).squeeze(1).tolist():
         masks[i] = _box_mask(points[i], int(fallback_box_size), height, width, device)
         scores[i] = fallback_score
-    return {"masks": masks, "scores": scores, "classes": point_classes.clone()}
+    return {"masks": masks, "scores": scores, "classes": point_classes.clone(), "fallback": fallback}
 
 
 # ---------------------------------------------------------------------------- without points
