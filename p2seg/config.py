@@ -2,7 +2,7 @@
 
 ``add_p2seg_config(cfg)`` first adds Panoptic-DeepLab's keys (which add DeepLab's), because
 P2Seg reuses their decoder heads, then the P2Seg keys below. Defaults are the reference
-hyper-parameters of the authors (METHOD.md); configs/ override them per experiment.
+hyper-parameters of the authors (docs/METHOD.md); configs/ override them per experiment.
 """
 from detectron2.config import CfgNode as CN
 from detectron2.projects.panoptic_deeplab import add_panoptic_deeplab_config
@@ -95,7 +95,7 @@ def add_p2seg_config(cfg):
     cfg.MODEL.P2SEG.I2S.BLOCK_SIZE = 1024  # pixels per block of the blockwise affinity computation
     cfg.MODEL.P2SEG.I2S.CACHE_MB = 512  # MB of affinity strips kept between the row walk's two passes (0: recompute)
     cfg.MODEL.P2SEG.I2S.RANDOM_WALK = True  # refine present-class semantic probabilities
-    cfg.MODEL.P2SEG.I2S.RANDOM_WALK_TRANSITION = "row"  # "row": P D^-1 A (METHOD.md); "column": P A D^-1
+    cfg.MODEL.P2SEG.I2S.RANDOM_WALK_TRANSITION = "row"  # "row": P D^-1 A (docs/METHOD.md); "column": P A D^-1
 
     # Inference.
     cfg.MODEL.P2SEG.INFERENCE = CN()

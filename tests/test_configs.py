@@ -7,7 +7,7 @@ architecture (depth, widths, heads, MDM switches) is the config's own; the input
 image. Mask R-CNN configs (META_ARCHITECTURE "GeneralizedRCNN", stage 2) are built with
 Detectron2's ``build_model`` and get the same one-step check with a synthetic instance.
 
-The paper configs are also checked against the reference settings of METHOD.md, and the coco_mini
+The paper configs are also checked against the reference settings of docs/METHOD.md, and the coco_mini
 registration (``p2seg.data.builtin.register_coco_mini``) against the shared data when present.
 """
 import importlib.util
@@ -154,7 +154,7 @@ def test_config_builds_trains_one_step_and_predicts(path):
 
 @pytest.mark.parametrize("name", sorted(PAPER))
 def test_paper_configs_have_the_reference_settings(name):
-    """METHOD.md's reference optimisation and loss settings (deviations are documented in the YAML)."""
+    """docs/METHOD.md's reference optimisation and loss settings (deviations are documented in the YAML)."""
     path = REPO / "configs" / name
     if not path.is_file():
         pytest.fail(f"missing paper config configs/{name}")

@@ -141,7 +141,7 @@ class RandomScale(T.Augmentation):
 def build_p2seg_augmentations(cfg, is_train):
     """Augmentations of P2Seg from the config (a list of Detectron2 ``Augmentation``).
 
-    Training (METHOD.md "Optimisation"): ``ResizeScale`` (the long side fits an
+    Training (docs/METHOD.md "Optimisation"): ``ResizeScale`` (the long side fits an
     ``INPUT.RESIZE_TARGET`` box, times a uniform random factor in ``INPUT.SCALE_RANGE``; with
     ``RESIZE_TARGET`` 0 the original size times that factor, :class:`RandomScale`), a random
     ``INPUT.CROP.SIZE`` crop padded right/bottom with ``INPUT.PAD_VALUE`` (image) and

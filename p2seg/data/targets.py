@@ -1,7 +1,7 @@
 """Training targets of P2Seg built from one point per object and a semantic pseudo-label map.
 
 Pure numpy / OpenCV functions (no torch), called by the training mapper after augmentation
-(METHOD.md, "Training targets"):
+(docs/METHOD.md, "Training targets"):
 
 * centre heatmaps: one channel per class, a Gaussian (sigma, kernel ``6*sigma+3``) per point of
   that class written with element-wise max, value exactly 1 at the point pixel;

@@ -49,7 +49,7 @@ __all__ = [
     "RANDOM_WALK_TRANSITIONS",
 ]
 
-# ``row``: P' = P D^-1 A (METHOD.md's formula, row-normalised affinity: each source pixel spreads its
+# ``row``: P' = P D^-1 A (docs/METHOD.md's formula, row-normalised affinity: each source pixel spreads its
 #          probability mass over the others; class mass is conserved, a pixel's column need not sum to 1).
 # ``column``: P' = P A D^-1 (AffinityNet's ``aff / aff.sum(0)``: each output pixel is a convex
 #          combination of the input pixels' probabilities).

@@ -13,20 +13,20 @@ the loss modules the Detectron2 heads construct are unused.
 * Affinity head (I2S): :class:`AffinityHead`, a light DeepLabV3+ decoder giving
   ``MODEL.P2SEG.I2S.FEATURE_CHANNELS`` feature channels at 1/4 resolution.
 
-Where the Detectron2 heads differ from METHOD.md (configure with ``MODEL.SEM_SEG_HEAD.*`` /
-``MODEL.INS_EMBED_HEAD.*``; configs/Base-P2Seg.yaml sets METHOD.md's values):
+Where the Detectron2 heads differ from docs/METHOD.md (configure with ``MODEL.SEM_SEG_HEAD.*`` /
+``MODEL.INS_EMBED_HEAD.*``; configs/Base-P2Seg.yaml sets docs/METHOD.md's values):
 
 * ASPP image pooling is always *global* average pooling (the heads are built with
   ``train_size=None``), as in the reference code; Detectron2's Panoptic-DeepLab instead pools over
   a crop-sized window, which requires every test image to be padded to a fixed size.
 * The centre head is ``3x3 conv(decoder -> decoder) + 3x3 conv(decoder -> CENTER_HEAD_CHANNELS)``
-  (Detectron2's two-conv layout); METHOD.md's "128 (center)" is ``CENTER_HEAD_CHANNELS``. With
+  (Detectron2's two-conv layout); docs/METHOD.md's "128 (center)" is ``CENTER_HEAD_CHANNELS``. With
   ``USE_DEPTHWISE_SEPARABLE_CONV`` the semantic and offset heads use one 5x5 depthwise-separable
   conv; the centre head always uses two 3x3 convs (as in Detectron2).
 * ``MODEL.SEM_SEG_HEAD.NUM_CLASSES`` / ``IGNORE_VALUE`` and ``INPUT.CROP.*`` are not read by the
   heads: the number of outputs is ``MODEL.P2SEG.NUM_CLASSES + 1``.
 * Initialisation (:func:`init_head_weights`): every conv of the decoders and heads is
-  N(0, ``MODEL.P2SEG.HEAD_INIT_STD``) with zero bias, norm layers weight 1 / bias 0 (METHOD.md);
+  N(0, ``MODEL.P2SEG.HEAD_INIT_STD``) with zero bias, norm layers weight 1 / bias 0 (docs/METHOD.md);
   Detectron2's heads use Xavier/MSRA fills for the decoder convs.
 """
 from typing import Callable, Dict, List, Union
@@ -182,7 +182,7 @@ class AffinityHead(DeepLabV3PlusHead):
 
 
 def init_head_weights(module: nn.Module, std: float) -> None:
-    """METHOD.md initialisation, in place: every ``nn.Conv2d`` weight ~ N(0, std), bias 0;
+    """docs/METHOD.md initialisation, in place: every ``nn.Conv2d`` weight ~ N(0, std), bias 0;
     every batch/group norm weight 1, bias 0.
 
     Args:

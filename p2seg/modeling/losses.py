@@ -1,4 +1,4 @@
-"""Loss terms of P2Seg (METHOD.md "Losses and weights"); the weights are applied by the caller.
+"""Loss terms of P2Seg (docs/METHOD.md "Losses and weights"); the weights are applied by the caller.
 
 All functions take batched predictions at the (padded) input resolution and return a scalar
 tensor that carries gradients even when there is nothing to supervise (``0 * sum``), so every

@@ -4,7 +4,7 @@ The math lives in :mod:`p2seg.modeling.s2i` (refined offsets) and :mod:`p2seg.mo
 (blockwise affinity loss and random walk, no ``N x N`` memory); this module builds the I2S labels
 per image and offers the batch-level entry points the meta-architecture calls.
 
-Decisions (METHOD.md leaves them open or the reference differs)
+Decisions (docs/METHOD.md leaves them open or the reference differs)
 ---------------------------------------------------------------
 * Class label: regions are the **background** (``sem_seg == 0``, its own region) and each present
   class (``image_classes``, the classes with points). Pixels labelled ``ignore_value`` and pixels of
@@ -13,7 +13,7 @@ Decisions (METHOD.md leaves them open or the reference differs)
   a pair is positive when the two cells share a region, negative otherwise.
 * Instance label: regions are ALL pseudo instances of the image (S2I ``instance_ids``; the reference
   keeps only the last one -- a bug). Same instance: positive; different instances or
-  instance/background: negative; background/background pairs are not counted (METHOD.md names
+  instance/background: negative; background/background pairs are not counted (docs/METHOD.md names
   them neither positive nor negative). Cells with neither an instance nor background are excluded.
 * ``i == j`` pairs are not counted (``include_self=False``); a single sigmoid is applied (the
   reference applies two). A loss term whose pair set is empty is 0.
@@ -21,10 +21,10 @@ Decisions (METHOD.md leaves them open or the reference differs)
   images that have at least one counted pair (0, with a graph, when none has).
 * Random walk: on the **softmax semantic probabilities at feature resolution (1/4), before
   upsampling**, only the channels of the present classes (background + classes with points) are
-  walked: ``P' = P D^-1 A`` (``transition="row"``, METHOD.md's formula; ``"column"`` =
+  walked: ``P' = P D^-1 A`` (``transition="row"``, docs/METHOD.md's formula; ``"column"`` =
   ``P A D^-1``, AffinityNet's convex form, is available). Absent-class channels keep their softmax
   values; each pixel's channels are then renormalised to sum to 1 (the row walk does not preserve
-  per-pixel sums). METHOD.md puts the walk in the semantic path "before upsampling" and its
+  per-pixel sums). docs/METHOD.md puts the walk in the semantic path "before upsampling" and its
   pseudo-mask inference lists the plain softmax + "clean", hence: the refined probabilities replace
   the softmax in the TRAINING semantic loss, gradients flowing into both the semantic logits and the
   affinity features.
@@ -70,7 +70,7 @@ two affinity losses and the walk from the same affinity strips::
                       cache_mb=cfg.MODEL.P2SEG.I2S.CACHE_MB)
     terms["loss_aff_class"], terms["loss_aff_instance"], terms["sem_probs"]  # = the refined probs
 
-Inference: no random walk (METHOD.md's pseudo-mask steps use the plain softmax, "clean" by the
+Inference: no random walk (docs/METHOD.md's pseudo-mask steps use the plain softmax, "clean" by the
 image-level labels); ``refine_semantic_probs`` with the points' classes can be switched on there
 too if wanted (it needs the image-level classes, so not for point-free inference).
 """

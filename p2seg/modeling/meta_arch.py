@@ -369,7 +369,7 @@ class P2Seg(nn.Module):
 
     def _offset_losses(self, up, targets, s2i):
         """``loss_offset``: weighted L1 against the initial targets, averaged with the loss
-        against the S2I refined targets when ``s2i`` is given (METHOD.md)."""
+        against the S2I refined targets when ``s2i`` is given (docs/METHOD.md)."""
         initial = offset_loss(up["offset"], targets["offset"], targets["offset_weights"])
         if s2i is None:
             return {"loss_offset": self.offset_weight * initial}

@@ -4,7 +4,7 @@ Two pure, config-free functions (all numbers are arguments; the meta-architectur
 ``cfg.MODEL.P2SEG.INFERENCE.*``). Both work on one image, on the tensors' device, with no
 per-pixel Python loop (loops run over classes or points only).
 
-* :func:`point_guided_instances` -- "Producing pseudo masks (inference with points)" of METHOD.md:
+* :func:`point_guided_instances` -- "Producing pseudo masks (inference with points)" of docs/METHOD.md:
   every annotated point yields exactly one mask.
 * :func:`peak_instances` -- "Inference without points": centre peaks (Panoptic-DeepLab's
   ``find_instance_center`` on the heatmap of each pixel's semantic class), at least one per
@@ -175,7 +175,7 @@ def point_guided_instances(
     *,
     chunk_elements=2**22,
 ):
-    """One instance mask per annotated point (METHOD.md "inference with points").
+    """One instance mask per annotated point (docs/METHOD.md "inference with points").
 
     The semantic map is the argmax over the (C+1) channels. For each class k that has points,
     the pixels labelled k+1 go to the nearest point of class k from ``pixel + offset``; pixels of
@@ -353,7 +353,7 @@ def peak_instances(
     connectivity=8,
     chunk_elements=2**22,
 ):
-    """Instances from centre peaks and offsets, without points (METHOD.md "Inference without points").
+    """Instances from centre peaks and offsets, without points (docs/METHOD.md "Inference without points").
 
     Choices (documented deviations from plain Panoptic-DeepLab):
 

@@ -1,6 +1,6 @@
 """Simple heads of the P2Seg authors' HRNet models, and head selection by name.
 
-With HRNet the authors feed the stride-4 branch straight to light heads (METHOD.md):
+With HRNet the authors feed the stride-4 branch straight to light heads (docs/METHOD.md):
 
 * semantic: ``3x3 conv (C_in -> 256) + ReLU + 1x1 conv (-> C+1)``  (:class:`SimpleSemSegHead`);
 * centre:   ``3x3 conv (C_in -> 256) + ReLU + 1x1 conv (-> C)``    } (:class:`SimpleInsEmbedHead`)
