@@ -25,6 +25,7 @@ setup(
     entry_points={
         "console_scripts": [
             "p2seg-make-points=p2seg.tools.make_points:main",
+            "p2seg-points-from-csv=p2seg.tools.points_from_csv:main",
             "p2seg-convert-voc=p2seg.tools.convert_voc:main",
             "p2seg-render-semseg=p2seg.tools.render_semseg:main",
             "p2seg-threshold-semseg=p2seg.tools.threshold_semseg:main",

@@ -359,3 +359,43 @@ def test_shapes_tool_refuses_non_positive_counts(flag, capsys, tmp_path):
         shapes_tool.main([flag, "-3", "--root", str(tmp_path)])
     assert e.value.code == 2 and f"{flag} must be a positive number of images, got -3" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+
+
+def _csv_layout(tmp_path, rows):
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("RGB", (40, 30)).save(images / "a.png")
+    Image.new("L", (20, 10)).save(images / "b.tif")
+    csv_file = tmp_path / "clicks.csv"
+    csv_file.write_text("image,x,y,class,comment\n" + "".join(r + "\n" for r in rows))
+    return images, csv_file
+
+
+def test_points_from_csv_then_load(tmp_path, capsys):
+    from p2seg.tools import points_from_csv
+
+    images, csv_file = _csv_layout(tmp_path, ["a.png,3,4,nucleus,first", "a.png,39.5,29,mitosis,", "b.tif,0,0,nucleus,"])
+    out = tmp_path / "points.json"
+    assert points_from_csv.main([str(csv_file), str(out), "--images", str(images)]) == 0
+    assert "images=2 points=3 classes=['nucleus', 'mitosis']" in capsys.readouterr().out
+    data = json.loads(out.read_text())
+    assert [(i["file_name"], i["width"], i["height"]) for i in data["images"]] == [("a.png", 40, 30), ("b.tif", 20, 10)]
+    assert [(a["image_id"], a["category_id"], a["point"]) for a in data["annotations"]] == [
+        (1, 1, [3.0, 4.0]), (1, 2, [39.5, 29.0]), (2, 1, [0.0, 0.0])]
+    dicts = load_point_coco_json(str(out), str(images))
+    assert [[a["point"] for a in d["annotations"]] for d in dicts] == [[[3.0, 4.0], [39.5, 29.0]], [[0.0, 0.0]]]
+
+
+@pytest.mark.parametrize("row, words", [("a.png,41,4,nucleus", r"line 2: point \(41, 4\) is not inside the 40x30 image"),
+                                        ("c.png,1,1,nucleus", "line 2: image 'c.png' is not an image file"),
+                                        ("a.png,nan,1,nucleus", r"line 2: point \(nan, 1\) is not inside"),
+                                        ("a.png,one,1,nucleus", "line 2: x, y must be numbers"),
+                                        ("a.png,1,1,cell", "line 2: class 'cell' is not one of --classes")])
+def test_points_from_csv_errors_name_file_and_line(tmp_path, row, words):
+    from p2seg.tools import points_from_csv
+
+    images, csv_file = _csv_layout(tmp_path, [row])
+    out = tmp_path / "points.json"
+    with pytest.raises((ValueError, FileNotFoundError), match=words) as e:
+        points_from_csv.main([str(csv_file), str(out), "--images", str(images), "--classes", "nucleus"])
+    assert str(csv_file) in str(e.value) and not out.exists()

@@ -1,0 +1,123 @@
+"""p2seg-points-from-csv: a click tool's CSV of points -> a COCO-format point JSON.
+
+One row per click, with a header naming the columns ``image``, ``x``, ``y`` and ``class``
+(other columns are ignored; ``--columns`` renames them, e.g. ``--columns file,col,row,label``).
+``image`` is the file name relative to ``--images``; ``x``, ``y`` are pixel indices (``x = 0`` is
+the centre of the first column), as Fiji's multi-point tool, napari's points layer and most
+annotation tools export them; ``class`` is a class name (categories in order of first
+appearance, ids 1..C; fix the order with ``--classes``). Image sizes are read from the image
+files (headers only). Every image of ``--images`` gets an entry; images without clicks train the
+semantics only.
+
+Every row is checked where it is read; errors name the CSV file and line: a missing column, a
+non-numeric or non-finite coordinate, an image file that does not exist, a point outside
+``[0, W] x [0, H]``, a class not in ``--classes``. The JSON is written atomically.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import os
+from typing import Dict, List, Optional, Sequence
+
+from PIL import Image
+
+from p2seg.utils.atomic import write_json_atomic
+
+__all__ = ["points_from_csv", "main"]
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+
+
+def _image_sizes(image_root: str) -> Dict[str, tuple]:
+    """``{file name: (width, height)}`` of the image files directly under ``image_root``."""
+    sizes = {}
+    for name in sorted(os.listdir(image_root)):
+        if name.lower().endswith(IMAGE_EXTENSIONS):
+            with Image.open(os.path.join(image_root, name)) as im:
+                sizes[name] = im.size
+    return sizes
+
+
+def points_from_csv(csv_file: str, image_root: str, columns: Sequence[str] = ("image", "x", "y", "class"),
+                    classes: Optional[List[str]] = None) -> dict:
+    """COCO dict ``{"images", "annotations" (with "point"), "categories"}`` of a CSV of clicks.
+
+    Args:
+        csv_file: the CSV (header row, then one click per row).
+        image_root: folder of the images named in the ``image`` column.
+        columns: header names of (image, x, y, class).
+        classes: class names in category order; None = order of first appearance.
+    Raises:
+        ValueError / FileNotFoundError naming the CSV file and line (module docstring).
+    """
+    if not os.path.isdir(image_root):
+        raise FileNotFoundError(f"--images {image_root}: not a folder")
+    sizes = _image_sizes(image_root)
+    names = list(classes) if classes else []
+    image_col, x_col, y_col, class_col = columns
+    annotations = []
+    with open(csv_file, newline="") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in columns if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(f"{csv_file}: line 1: header {reader.fieldnames} lacks the column(s) {missing} "
+                             f"(rename with --columns image,x,y,class)")
+        for row in reader:
+            where = f"{csv_file}: line {reader.line_num}"
+            image = (row[image_col] or "").strip()
+            if image not in sizes:
+                raise FileNotFoundError(f"{where}: image {image!r} is not an image file of {image_root}")
+            try:
+                x, y = float(row[x_col]), float(row[y_col])
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"{where}: x, y must be numbers, got {row[x_col]!r}, {row[y_col]!r}") from e
+            width, height = sizes[image]
+            if not (math.isfinite(x) and math.isfinite(y)) or not (0 <= x <= width and 0 <= y <= height):
+                raise ValueError(f"{where}: point ({row[x_col]}, {row[y_col]}) is not inside the "
+                                 f"{width}x{height} image {image}")
+            label = (row[class_col] or "").strip()
+            if label not in names:
+                if classes:
+                    raise ValueError(f"{where}: class {label!r} is not one of --classes {names}")
+                names.append(label)
+            annotations.append({"id": len(annotations) + 1, "image_name": image, "category_id": names.index(label) + 1,
+                                "point": [x, y], "iscrowd": 0})
+    image_ids = {name: i + 1 for i, name in enumerate(sizes)}
+    for ann in annotations:
+        ann["image_id"] = image_ids[ann.pop("image_name")]
+    return {
+        "images": [{"id": image_ids[n], "file_name": n, "width": w, "height": h} for n, (w, h) in sizes.items()],
+        "annotations": annotations,
+        "categories": [{"id": k + 1, "name": n} for k, n in enumerate(names)],
+    }
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="p2seg-points-from-csv", description=__doc__.split("\n")[0])
+    p.add_argument("csv", help="CSV of clicks with a header row")
+    p.add_argument("output", help="output point JSON (written atomically)")
+    p.add_argument("--images", required=True, help="folder of the images named in the CSV")
+    p.add_argument("--columns", default="image,x,y,class", help="header names of image,x,y,class")
+    p.add_argument("--classes", default=None, help="comma-separated class names in category order")
+    return p
+
+
+def main(argv=None) -> int:
+    """Entry point of ``p2seg-points-from-csv``."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    columns = [c.strip() for c in args.columns.split(",")]
+    if len(columns) != 4:
+        parser.error(f"--columns needs 4 names (image,x,y,class), got {args.columns!r}")
+    classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
+    data = points_from_csv(args.csv, args.images, columns, classes)
+    write_json_atomic(data, args.output)
+    print(f"{args.output}: images={len(data['images'])} points={len(data['annotations'])} "
+          f"classes={[c['name'] for c in data['categories']]}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
