@@ -50,7 +50,6 @@ from detectron2.data import MetadataCatalog
 from detectron2.data import transforms as T
 from detectron2.engine import DefaultPredictor
 from detectron2.utils.logger import setup_logger
-from detectron2.utils.visualizer import ColorMode, Visualizer
 
 from p2seg import add_p2seg_config
 from p2seg.engine.checkpointer import P2SegCheckpointer
@@ -273,21 +272,21 @@ def read_points_dir(folder: str, image_path: str, class_offset: int, n_classes: 
 
 # ------------------------------------------------------------------------------ drawing
 def draw_overlay(image_bgr: np.ndarray, output: dict, metadata, points: Optional[Points] = None,
-                 confidence_threshold: float = 0.0, point_radius: float = 3.0) -> np.ndarray:
-    """RGB uint8 ``(H, W, 3)`` overlay: Detectron2's ``Visualizer`` instances (masks, boxes,
-    classes, scores; those below ``confidence_threshold`` dropped unless points are given) and the
-    points as white-edged markers of radius ``point_radius`` (px)."""
-    visualizer = Visualizer(image_bgr[:, :, ::-1], metadata, instance_mode=ColorMode.IMAGE)
+                 confidence_threshold: float = 0.0, min_side: int = 384) -> np.ndarray:
+    """RGB uint8 overlay (:func:`p2seg.utils.visualize.draw_instances`): one coloured mask per
+    instance over the greyed image, class names inside the image, the points as red dots; those
+    below ``confidence_threshold`` are dropped unless points are given. Images whose shorter side
+    is under ``min_side`` pixels are drawn enlarged to it (0 keeps the size)."""
+    from p2seg.utils.visualize import draw_instances
+
     instances = output["instances"].to("cpu")
     if points is None and instances.has("scores"):
         instances = instances[instances.scores >= confidence_threshold]
-    vis = visualizer.draw_instance_predictions(instances)
-    if points is not None:
-        for (x, y), _ in zip(points[0], points[1]):
-            visualizer.draw_circle((float(x), float(y)), color="w", radius=point_radius + 1)
-            visualizer.draw_circle((float(x), float(y)), color="r", radius=point_radius)
-        vis = visualizer.output
-    return vis.get_image()
+    height, width = image_bgr.shape[:2]
+    masks = instances.pred_masks.numpy() if instances.has("pred_masks") else np.zeros((0, height, width), bool)
+    classes = instances.pred_classes.tolist() if instances.has("pred_classes") else None
+    return draw_instances(image_bgr[:, :, ::-1], masks, metadata, classes,
+                          None if points is None else points[0], min_side=min_side)
 
 
 def write_rgb_png(path: str, image_rgb: np.ndarray) -> None:
@@ -310,7 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--class-offset", type=int, default=0, help="--points-dir: cls - offset = contiguous class")
     p.add_argument("--confidence-threshold", type=float, default=0.5,
                    help="minimum score of drawn instances when no points are given")
-    p.add_argument("--point-radius", type=float, default=3.0, help="marker radius (px)")
+    p.add_argument("--min-side", type=int, default=384,
+                   help="draw images whose shorter side is smaller enlarged to this many pixels (0: original size)")
     p.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="KEY VALUE config overrides (last)")
     p.add_argument("overrides", nargs="*", help="KEY VALUE config overrides after '--'")
     return p
@@ -343,7 +343,7 @@ def main(argv=None) -> int:
             start = time.perf_counter()
             output = predictor(image, points)
             overlay = draw_overlay(image, output, predictor.metadata, points, args.confidence_threshold,
-                                   args.point_radius)
+                                   args.min_side)
             out_path = os.path.join(args.output, Path(path).stem + ".png")
             write_rgb_png(out_path, overlay)
             n_points = "no points" if points is None else f"{len(points[0])} points"

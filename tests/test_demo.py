@@ -74,7 +74,7 @@ def test_p2seg_with_points_one_mask_per_point_and_overlay(shapes, tmp_path, p2se
     out = predictor(image, points)
     assert len(out["instances"]) == len(points[0]) > 0
     assert out["instances"].pred_masks.shape[1:] == image.shape[:2]
-    overlay = demo.draw_overlay(image, out, predictor.metadata, points)
+    overlay = demo.draw_overlay(image, out, predictor.metadata, points, min_side=0)
     changed, area = _mask_region_changed(image, overlay, out["instances"].pred_masks.numpy())
     assert area > 0 and changed > 10
 
@@ -83,8 +83,13 @@ def test_p2seg_with_points_one_mask_per_point_and_overlay(shapes, tmp_path, p2se
                     "--points", str(json_file), "--opts", *p2seg_opts])
     assert rc == 0
     written = cv2.imread(str(tmp_path / "000001.png"))
-    assert written.shape == image.shape
-    assert np.abs(written.astype(int) - image.astype(int)).sum(-1)[out["instances"].pred_masks.numpy().any(0)].mean() > 10
+    # a small image is drawn enlarged (shorter side 384 px), aspect ratio kept
+    assert min(written.shape[:2]) >= 383 and written.shape[2] == 3
+    assert abs(written.shape[1] / written.shape[0] - image.shape[1] / image.shape[0]) < 0.02
+    big = cv2.resize(image, (written.shape[1], written.shape[0]), interpolation=cv2.INTER_NEAREST)
+    masks = out["instances"].pred_masks.numpy().astype(np.uint8).any(0).astype(np.uint8)
+    inside = cv2.resize(masks, (written.shape[1], written.shape[0]), interpolation=cv2.INTER_NEAREST).astype(bool)
+    assert np.abs(written.astype(int) - big.astype(int)).sum(-1)[inside].mean() > 10
 
 
 def test_simple_points_json_and_points_dir_give_same_masks(shapes, tmp_path, p2seg_opts):
@@ -121,7 +126,7 @@ def test_without_points_p2seg_and_mask_rcnn(shapes, tmp_path, p2seg_opts, rcnn_o
     image = cv2.imread(str(image_root / "000000.png"))
     out = predictor(image)
     assert len(out["instances"]) > 0 and out["instances"].pred_masks.shape[1:] == image.shape[:2]
-    overlay = demo.draw_overlay(image, out, predictor.metadata, confidence_threshold=0.0)
+    overlay = demo.draw_overlay(image, out, predictor.metadata, confidence_threshold=0.0, min_side=0)
     masks = out["instances"].pred_masks.numpy()
     if masks.any():
         changed, _ = _mask_region_changed(image, overlay, masks)

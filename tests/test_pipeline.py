@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 from pycocotools.coco import COCO
@@ -117,6 +118,10 @@ def test_export_resumes_from_sidecar(stage1, tmp_path, monkeypatch):
     out = tmp_path / f"pseudo_masks_{TRAIN}.json"
     Path(sidecar_path(str(out))).write_text(json.dumps({"image_id": 0, "num_points": len(anns), "annotations": anns}) + "\n")
     counting = _CountingModel(model)
+    # ... made by this model and config (the export records what produced its sidecars)
+    from p2seg.evaluation.pseudo_mask_exporter import export_provenance, provenance_path
+
+    Path(provenance_path(str(out))).write_text(json.dumps(export_provenance(counting, cfg, TRAIN)))
     import torch
 
     with torch.no_grad():
@@ -147,7 +152,11 @@ def test_pipeline_quick_runs_stage2_and_resumes(stage1):
     assert rows["Mask R-CNN on pseudo masks"]["dataset"] == "p2seg_shapes_val"
     baseline = rows["nearest-point baseline (p2seg_shapes_val)"]
     assert 0 < baseline["AP50"] <= 100
-    assert set(results["stages"]) == {"stage1", "export", "stage2", "eval", "baseline"}
+    assert set(results["stages"]) == {"stage1", "export", "stage2", "eval", "baseline", "pictures"}
+    # pictures: one row per image (4 quick training images) x 5 panels, and the training curves
+    overview = cv2.imread(results["files"]["overview"])
+    assert overview is not None and overview.shape[1] > 1.2 * overview.shape[0]  # 5 panels wide, 4 rows
+    assert cv2.imread(results["files"]["curves"]) is not None
     assert results["stages"]["stage2"]["seconds"] > 0
     assert "| Mask R-CNN on pseudo masks |" in log
     # a rerun skips every stage and prints the same table

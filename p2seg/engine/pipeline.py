@@ -12,7 +12,14 @@ Stages (each a ``train_net.py`` subprocess, output in ``<output_dir>/<stage>/`` 
    (``DATASETS.PSEUDO_LABELS``);
 4. ``eval``     ``--eval-only`` of the stage-2 model on its ``DATASETS.TEST``;
 5. ``baseline`` (in this process) the nearest-point baseline (pseudo-label pixels -> nearest
-   point of their class, :mod:`p2seg.evaluation.baseline`) on the training and test sets.
+   point of their class, :mod:`p2seg.evaluation.baseline`, what ``p2seg-baseline`` runs) on the
+   training set and on the test sets that have points and a semantic source;
+6. ``pictures`` ``overview.png`` (a few training images: points, semantic source, baseline masks,
+   P2Seg's pseudo masks, ground truth) and ``curves.png`` (losses and evaluation metrics of both
+   trainings over iterations, from their ``metrics.json``).
+
+Any dataset works: the stages use the datasets named in the two configs and the overrides (e.g.
+``DATASETS.POINT_COCO`` entries; README, "Your own data").
 
 The final table (COCO mask AP/AP50/AP75, VOC mAP50, wall time per stage) is printed and written
 to ``<output_dir>/pipeline_results.json``.
@@ -143,6 +150,18 @@ def nearest_point_metrics(cfg, dataset_name: str) -> Dict[str, float]:
                                       max_dets_per_image=cfg.TEST.DETECTIONS_PER_IMAGE))
 
 
+def _has_points_and_source(cfg, dataset_name: str) -> bool:
+    """Whether a dataset has points and a semantic source (the baseline needs both; a stage-2
+    test set may have neither)."""
+    from detectron2.data import DatasetCatalog
+
+    from p2seg.engine.trainer import register_builtin_datasets
+
+    register_builtin_datasets(cfg)
+    dicts = DatasetCatalog.get(dataset_name)
+    return any("sem_seg_file_name" in d and any("point" in a for a in d.get("annotations", [])) for d in dicts)
+
+
 def _stage(pc: PipelineConfig, name: str, done: bool, run, timings: Dict[str, dict]) -> None:
     """Run one stage unless ``done``; record its wall time (or "skipped")."""
     if done:
@@ -192,9 +211,23 @@ def run_pipeline(pc: PipelineConfig) -> dict:
     baseline_file = pc.output_dir / "baseline.json"
 
     def run_baseline():
-        write_json_atomic({n: nearest_point_metrics(cfg1, n) for n in [train_set] + test_sets}, str(baseline_file))
+        names = [n for n in dict.fromkeys([train_set] + test_sets) if _has_points_and_source(cfg1, n)]
+        write_json_atomic({n: nearest_point_metrics(cfg1, n) for n in names}, str(baseline_file))
 
     _stage(pc, "baseline", baseline_file.is_file(), run_baseline, timings)
+    pictures = {"overview": pc.output_dir / "overview.png", "curves": pc.output_dir / "curves.png"}
+
+    def run_pictures():
+        from detectron2.data import DatasetCatalog
+
+        from p2seg.evaluation.overview import write_overview
+        from p2seg.utils.visualize import save_training_curves
+
+        write_overview(train_set, DatasetCatalog.get(train_set), str(pictures["overview"]), pseudo_json=str(pseudo_json))
+        save_training_curves([("stage 1: P2Seg", str(d1 / "metrics.json")),
+                              ("stage 2: Mask R-CNN", str(d2 / "metrics.json"))], str(pictures["curves"]))
+
+    _stage(pc, "pictures", all(p.is_file() for p in pictures.values()), run_pictures, timings)
 
     export_results = _read_json(dx / "results.json")
     eval_results = _read_json(de / "results.json")
@@ -204,14 +237,14 @@ def run_pipeline(pc: PipelineConfig) -> dict:
     rows = OrderedDict()
     rows["P2Seg pseudo masks (points given)"] = dict(dataset=train_set, **_metrics(export_results))
     rows["Mask R-CNN on pseudo masks"] = dict(dataset=test_sets[0], **_metrics(eval_results))
-    for name in [train_set] + test_sets:
+    for name in baseline:
         rows[f"nearest-point baseline ({name})"] = dict(dataset=name, **baseline[name])
     out = {
         "rows": rows,
         "stages": timings,
         "total_seconds": round(sum(t["seconds"] or 0.0 for t in timings.values()), 1),
         "files": {"pseudo_masks": str(pseudo_json), "stage1_model": str(d1 / "model_final.pth"),
-                  "stage2_model": str(d2 / "model_final.pth")},
+                  "stage2_model": str(d2 / "model_final.pth"), **{k: str(v) for k, v in pictures.items()}},
         "num_pseudo_masks": export_results.get("pseudo_masks", {}).get("num_masks"),
         "quick": pc.quick,
     }

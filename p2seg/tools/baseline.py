@@ -40,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iou-thresholds", type=float, nargs="+", default=[0.25, 0.5, 0.7, 0.75],
                    help="VOC mask mAP thresholds")
     p.add_argument("--out", default=None, help="also write the JSON result here")
+    p.add_argument("--vis", default=None, metavar="DIR",
+                   help="also write DIR/baseline_overview.png: image + points, source, baseline masks, ground truth")
+    p.add_argument("--vis-images", type=int, default=4, help="images (rows) of the overview (default 4)")
     return p
 
 
@@ -58,7 +61,16 @@ def run_baseline(args) -> dict:
     with contextlib.redirect_stdout(sys.stderr):  # pycocotools prints its tables
         results = evaluate_baseline(_DATASET, dicts, tuple(args.iou_thresholds), args.max_dets,
                                     args.fallback_box_size, 0.0)
-    return {"json": args.json, "semantic": args.semantic, "images": len(dicts),
+    summary_extra = {}
+    if args.vis:
+        import os
+
+        from p2seg.evaluation.overview import write_overview
+
+        path = os.path.join(args.vis, "baseline_overview.png")
+        write_overview(_DATASET, dicts, path, num_images=args.vis_images, fallback_box_size=args.fallback_box_size)
+        summary_extra["overview"] = path
+    return {**summary_extra, "json": args.json, "semantic": args.semantic, "images": len(dicts),
             "points": sum(len(d["annotations"]) for d in dicts),
             "segm": {k: round(v, 2) for k, v in results["segm"].items()},
             "voc_mask": {k: round(v, 2) for k, v in results["voc_mask"].items()}}
