@@ -150,20 +150,44 @@ def _clean_segmentation(segm, height: int, width: int, where: str):
     return polys or None
 
 
+class _LazyWhere:
+    """``"<json>: annotation id=... (image_id=...)"``, formatted only when a message needs it."""
+
+    __slots__ = ("json_file", "ann", "img")
+
+    def __init__(self, json_file, ann, img):
+        self.json_file, self.ann, self.img = json_file, ann, img
+
+    def __str__(self):
+        return f"{self.json_file}: annotation id={self.ann.get('id')} (image_id={self.img['id']})"
+
+    def __format__(self, spec):
+        return format(str(self), spec)
+
+
 def _convert_annotation(ann: dict, img: dict, id_map: Dict[int, int], json_file: str, require_points: bool):
-    """One COCO annotation -> a Detectron2 annotation dict (contiguous category, point, GT)."""
-    where = f"{json_file}: annotation id={ann.get('id')} (image_id={img['id']})"
+    """One COCO annotation -> a Detectron2 annotation dict (contiguous category, point, GT).
+
+    The common valid case takes fast paths (exact type checks, no message strings): a COCO-sized
+    JSON has ~860k annotations; anything unusual goes through the full checks and their messages.
+    """
     category_id = ann.get("category_id")
-    if not _is_int(category_id):
+    point = ann.get("point")
+    where = _LazyWhere(json_file, ann, img)
+    if type(category_id) is int and category_id in id_map:
+        obj = {"category_id": id_map[category_id], "iscrowd": 0}
+    elif not _is_int(category_id):
         kind = "missing" if category_id is None else f"{category_id!r} ({type(category_id).__name__})"
         raise ValueError(f"{where}: field 'category_id' must be an integer category id, got {kind}")
-    if category_id not in id_map:
+    else:
         raise ValueError(f"{where}: field 'category_id'={category_id} is not in 'categories'")
-    obj = {"category_id": id_map[ann["category_id"]], "iscrowd": 0}
     if "id" in ann:
         obj["id"] = ann["id"]
-    if "point" in ann:
-        obj["point"] = _check_point(ann["point"], img["width"], img["height"], where)
+    if (type(point) is list and len(point) == 2 and type(point[0]) in _JSON_NUMBER_TYPES
+            and type(point[1]) in _JSON_NUMBER_TYPES and 0 <= point[0] <= img["width"] and 0 <= point[1] <= img["height"]):
+        obj["point"] = [float(point[0]), float(point[1])]  # NaN / inf / huge ints fail the range test
+    elif "point" in ann:
+        obj["point"] = _check_point(ann["point"], img["width"], img["height"], str(where))
     elif require_points:
         raise ValueError(
             f"{where}: missing field 'point' ([x, y] per non-crowd annotation); "

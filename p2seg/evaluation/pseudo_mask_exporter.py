@@ -24,11 +24,13 @@ Resumable, multi-process export:
   lets the export command skip those images (:func:`remaining_dataset_dicts`). A truncated last
   line (a crash during a write) is ignored and cut off the process's own sidecar before
   appending;
-* ``evaluate()``: every process sends the records of the sidecars it owns (its rank's; the main
-  process also those of ranks >= the world size, left by an earlier run) with
-  ``detectron2.utils.comm.gather``; the main process drops duplicate image ids (first record
-  kept), sorts images by id, numbers annotations 1..N in that order and writes the JSON once,
-  atomically (temp file in the same folder + ``os.replace``); then the sidecars are removed.
+* ``evaluate()``: the other processes send the records of the sidecars they own with
+  ``detectron2.utils.comm.gather`` (the main process appends them to a local file); the main
+  process indexes every record file (:func:`index_sidecars`: byte offset per image id, the first
+  record of an image kept), sorts the images by id and **streams** the JSON from the files,
+  numbering annotations 1..N in that order, atomically (temp file in the same folder +
+  ``os.replace``); then the sidecars are removed. Memory holds the index, not the masks (except
+  for the metrics when the dataset has ground-truth masks: pycocotools needs the predictions).
   Nothing exists under the final name before ``evaluate()`` has written it.
 
 What produced the sidecars is recorded beside them (``<output>.partial.provenance.json``:
@@ -64,7 +66,7 @@ from detectron2.data import MetadataCatalog
 from detectron2.evaluation import DatasetEvaluator
 from detectron2.utils import comm
 
-from p2seg.utils.atomic import write_json_atomic
+from p2seg.utils.atomic import atomic_file, write_json_atomic
 
 from .fallback_check import fallback_summary
 from .instance_evaluator import (
@@ -391,86 +393,119 @@ class PseudoMaskExporter(DatasetEvaluator):
         found = _sidecars(self._output_file)
         return [p for r, p in sorted(found.items()) if r == self._rank or (self._rank == 0 and r >= self._world_size)]
 
-    def _assemble(self, records: Iterable[dict]):
-        """COCO dict from the gathered records: dedup by image id, sorted, annotation ids 1..N.
+    def _gathered_sidecars(self, owned: List[str]) -> List[str]:
+        """The sidecar files the main process assembles from. With several processes, the others
+        send their records (``comm.gather``) and the main process appends them to a local file,
+        so that assembling streams from files whatever the file system."""
+        if not (self._distributed and self._world_size > 1):
+            return owned
+        mine = [] if self._rank == 0 else [r for path in owned for r in read_sidecar(path)]
+        parts = comm.gather(mine, dst=0)
+        if self._rank != 0:
+            return []
+        gathered = f"{self._output_file}.partial.gathered.jsonl"
+        with open(gathered, "w") as f:
+            for part in parts:
+                for r in part:
+                    f.write(json.dumps(r, separators=(",", ":")) + "\n")
+        return owned + [gathered]
+
+    def _write_coco(self, index: Dict, with_predictions: bool) -> tuple:
+        """Stream the COCO JSON from the indexed sidecar records (images sorted by id, annotation
+        ids 1..N in that order), atomically; memory holds the index, not the masks.
 
         Returns:
-            ``(coco dict, number of points of the exported images)``.
+            ``(number of images, number of annotations, predictions)``: the predictions (for the
+            metrics against ground truth) only with ``with_predictions``, else ``[]``.
         """
-        by_image: Dict = {}
-        for r in records:
-            by_image.setdefault(r["image_id"], r)
         source = self._load_source()
-        missing = [i for i in by_image if i not in source.imgs]
+        missing = [i for i in index if i not in source.imgs]
         if missing:
             raise ValueError(f"dataset '{self._dataset_name}' has no image entry for exported image ids {missing[:5]}")
-        image_ids = sorted(by_image, key=image_id_sort_key)
-        annotations = []
-        for i in image_ids:
-            for ann in by_image[i]["annotations"]:
-                annotations.append(dict({"id": len(annotations) + 1, "image_id": i}, **ann))
-        coco = {
-            "info": {"description": "P2Seg pseudo masks, one per point", "source_dataset": self._dataset_name},
-            "images": [source.imgs[i] for i in image_ids],
-            "categories": source.dataset["categories"],
-            "annotations": annotations,
-        }
-        return coco, sum(by_image[i]["num_points"] for i in image_ids)
+        image_ids = sorted(index, key=image_id_sort_key)
+        info = {"description": "P2Seg pseudo masks, one per point", "source_dataset": self._dataset_name}
+        predictions, num_annotations, files = [], 0, {}
+        try:
+            with atomic_file(self._output_file, suffix=".json") as tmp, open(tmp, "w") as out:
+                out.write('{"info": ' + json.dumps(info) + ', "images": [')
+                out.write(", ".join(json.dumps(source.imgs[i]) for i in image_ids))
+                out.write('], "categories": ' + json.dumps(source.dataset["categories"]) + ', "annotations": [')
+                for i in image_ids:
+                    path, offset = index[i]["path"], index[i]["offset"]
+                    f = files.get(path) or files.setdefault(path, open(path, "rb"))
+                    f.seek(offset)
+                    for ann in json.loads(f.readline())["annotations"]:
+                        num_annotations += 1
+                        out.write((", " if num_annotations > 1 else "") +
+                                  json.dumps(dict({"id": num_annotations, "image_id": i}, **ann)))
+                        if with_predictions:
+                            predictions.append({"image_id": i, **{k: ann[k] for k in ("category_id", "segmentation", "score")}})
+                out.write("]}")
+                out.flush()
+                os.fsync(out.fileno())
+        finally:
+            for f in files.values():
+                f.close()
+        return len(image_ids), num_annotations, predictions
 
     def evaluate(self):
         """Write the COCO JSON (main process) and return the export's metrics; others return ``{}``."""
         owned = self._owned_sidecars()
-        records = [r for path in owned for r in read_sidecar(path)]
-        if self._distributed and self._world_size > 1:
-            records = [r for part in comm.gather(records, dst=0) for r in part]
+        sources = self._gathered_sidecars(owned)
         main = self._rank == 0
         if main:
-            coco, num_points = self._assemble(records)
-            write_json_atomic(coco, self._output_file)
+            index = index_sidecars(sources)
+            source = self._load_source()
+            with_gt = has_mask_gt(source)
+            num_images, num_masks, preds = self._write_coco(index, with_gt)
             _fsync_file(self._output_file)
-            logger.info(
-                "Wrote %d pseudo masks of %d images to %s",
-                len(coco["annotations"]),
-                len(coco["images"]),
-                self._output_file,
-            )
+            logger.info("Wrote %d pseudo masks of %d images to %s", num_masks, num_images, self._output_file)
         if self._distributed and self._world_size > 1:
             comm.synchronize()  # the final file exists before any sidecar disappears
-        for path in owned:
-            os.remove(path)
+        for path in owned + [p for p in sources if p not in owned]:
+            if os.path.exists(path):
+                os.remove(path)
         if main and os.path.exists(provenance_path(self._output_file)):
             os.remove(provenance_path(self._output_file))
         self._finished = set()
         if not main:
             return {}
         results = OrderedDict()
-        source = self._load_source()
-        if has_mask_gt(source) and coco["annotations"]:
-            preds = [
-                {k: a[k] for k in ("image_id", "category_id", "segmentation", "score")} for a in coco["annotations"]
-            ]
-            img_ids = [im["id"] for im in coco["images"]]
+        num_points = sum(e["num_points"] for e in index.values())
+        if with_gt and preds:
             # One mask per point: crowded images must not be truncated at TEST.DETECTIONS_PER_IMAGE.
-            max_dets = max(self._max_dets, max_points_per_image(records))
-            results.update(evaluate_instance_masks(source, preds, img_ids, self._iou_thresholds, max_dets))
+            max_dets = max([self._max_dets] + [e["num_points"] for e in index.values()])
+            results.update(evaluate_instance_masks(source, preds, list(index), self._iou_thresholds, max_dets))
         results["pseudo_masks"] = {
-            "num_images": len(coco["images"]),
-            "num_masks": len(coco["annotations"]),
+            "num_images": num_images,
+            "num_masks": num_masks,
             "num_points": num_points,
-            **fallback_summary(
-                sum(int(r.get("num_fallback", 0)) for r in _unique_records(records)), num_points,
-                self._fallback_warn_fraction, self._output_file,
-            ),
+            **fallback_summary(sum(e["num_fallback"] for e in index.values()), num_points,
+                               self._fallback_warn_fraction, self._output_file),
         }
         return results
 
 
-def _unique_records(records: Iterable[dict]) -> List[dict]:
-    """The first record of each image id (the one ``_assemble`` keeps)."""
-    by_image: Dict = {}
-    for r in records:
-        by_image.setdefault(r["image_id"], r)
-    return list(by_image.values())
+def index_sidecars(paths: Sequence[str]) -> Dict:
+    """image id -> ``{"path", "offset", "num_points", "num_fallback"}`` of its first complete record
+    in ``paths`` (in order; later duplicates dropped, a truncated last line ignored)."""
+    index: Dict = {}
+    for path in paths:
+        offset = 0
+        with open(path, "rb") as f:
+            for k, text in enumerate(f, start=1):
+                if not text.endswith(b"\n"):
+                    break  # a write interrupted by a crash
+                try:
+                    record = json.loads(text)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}: line {k} is not valid JSON ({e.msg}); delete the file to restart the export") from e
+                if record["image_id"] not in index:
+                    index[record["image_id"]] = {"path": path, "offset": offset,
+                                                 "num_points": int(record.get("num_points", 0)),
+                                                 "num_fallback": int(record.get("num_fallback", 0))}
+                offset += len(text)
+    return index
 
 
 def max_points_per_image(records: Iterable[dict]) -> int:
