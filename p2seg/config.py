@@ -105,6 +105,10 @@ def add_p2seg_config(cfg):
     cfg.MODEL.P2SEG.INFERENCE.FALLBACK_BOX_SIZE = 64  # box mask for a point that gets no pixel
     cfg.MODEL.P2SEG.INFERENCE.FALLBACK_SCORE = 0.5
     cfg.MODEL.P2SEG.INFERENCE.FLIP_TTA = False  # average with the horizontally flipped input
+    # With points, the foreground grouped by the offsets: "model" (the semantic head) or "source"
+    # (the dataset's semantic source, pixel for pixel; the learned offsets still split the objects).
+    # "source" suits sources that are exact where they fire (thresholds, SAM masks); README, Recipe.
+    cfg.MODEL.P2SEG.INFERENCE.SEMANTICS = "model"
     cfg.MODEL.P2SEG.INFERENCE.MIN_INSTANCE_AREA = 1  # peak-path instances below this are dropped
 
     # ---------------------------------------------------------------- backbones (p2seg/modeling/backbone/)

@@ -22,7 +22,7 @@ import torch
 from detectron2.data import DatasetCatalog
 from detectron2.structures import BitMasks, Instances
 
-from p2seg.modeling.postprocessing import point_guided_instances
+from p2seg.modeling.postprocessing import one_hot_semantics, point_guided_instances
 
 from .instance_evaluator import DEFAULT_IOU_THRESHOLDS, InstanceMaskEvaluator
 
@@ -58,8 +58,7 @@ def nearest_point_instances(sem: np.ndarray, points, classes, fallback_box_size:
     classes = torch.as_tensor(np.asarray(classes, np.int64).reshape(-1))
     present, local = torch.unique(classes, return_inverse=True)  # K classes -> 0..K-1
     labels = torch.cat([torch.zeros(1, dtype=torch.int64), present + 1])
-    one_hot = (sem[None] == labels[:, None, None]).to(torch.float32)  # (K+1) x H x W
-    one_hot[0] = 0.0  # background and ignore alike: pixels of no present class stay unassigned
+    one_hot = one_hot_semantics(sem, labels)  # (K+1) x H x W
     offsets = torch.zeros((2,) + tuple(sem.shape), dtype=torch.float32)
     found = point_guided_instances(one_hot, offsets, points, local.reshape(-1), fallback_box_size, fallback_score)
     inst = Instances(tuple(sem.shape))

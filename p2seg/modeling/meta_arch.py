@@ -31,7 +31,7 @@ from detectron2.utils.events import get_event_storage
 from . import mdm
 from .heads import init_head_weights
 from .losses import center_loss, hard_mining_fraction, offset_loss, point_loss, semantic_loss
-from .postprocessing import peak_instances, point_guided_instances
+from .postprocessing import one_hot_semantics, peak_instances, point_guided_instances
 from .simple_heads import build_p2seg_heads
 
 __all__ = ["P2Seg"]
@@ -95,6 +95,7 @@ class P2Seg(nn.Module):
         fallback_score: float = 0.5,
         flip_tta: bool = False,
         channels_last: bool = False,
+        grouping_semantics: str = "model",
     ):
         """
         Args:
@@ -118,6 +119,9 @@ class P2Seg(nn.Module):
             center_threshold, nms_kernel, top_k, min_instance_area: peak grouping (no points).
             fallback_box_size, fallback_score: mask of a point that gets no pixel.
             flip_tta: average with the horizontally flipped input at inference.
+            grouping_semantics: with points, the foreground that the offsets group: "model" (the
+                semantic head's) or "source" (the input's ``sem_seg``, the semantic source:
+                MODEL.P2SEG.INFERENCE.SEMANTICS).
             channels_last: keep the parameters (hence the conv activations) in
                 ``torch.channels_last`` memory format (MODEL.P2SEG.CHANNELS_LAST).
         """
@@ -154,6 +158,11 @@ class P2Seg(nn.Module):
         self.fallback_box_size = fallback_box_size
         self.fallback_score = fallback_score
         self.flip_tta = flip_tta
+        if grouping_semantics not in ("model", "source"):
+            raise ValueError(
+                f"config MODEL.P2SEG.INFERENCE.SEMANTICS must be 'model' or 'source', got {grouping_semantics!r}"
+            )
+        self.grouping_semantics = grouping_semantics
         if channels_last:
             self.to(memory_format=torch.channels_last)
         if i2s_enabled and affinity_head is None:
@@ -211,6 +220,7 @@ class P2Seg(nn.Module):
             "fallback_score": p2.INFERENCE.FALLBACK_SCORE,
             "flip_tta": p2.INFERENCE.FLIP_TTA,
             "channels_last": p2.CHANNELS_LAST,
+            "grouping_semantics": p2.INFERENCE.SEMANTICS,
         }
 
     @property
@@ -530,8 +540,11 @@ class P2Seg(nn.Module):
             if "points" in x:
                 points = x["points"].to(self.device).reshape(-1, 2).float()
                 points = points * torch.tensor([scale_x, scale_y], device=self.device)
+                grouped = probs
+                if self.grouping_semantics == "source":
+                    grouped = self._source_probabilities(x, i, height, width) * present[i][:, None, None]
                 found = point_guided_instances(
-                    probs, offset, points, x["point_classes"].to(self.device),
+                    grouped, offset, points, x["point_classes"].to(self.device),
                     self.fallback_box_size, self.fallback_score,
                 )
             else:
@@ -542,6 +555,20 @@ class P2Seg(nn.Module):
                 )
             results.append({"instances": self._to_instances(found, height, width), "sem_seg": probs})
         return results
+
+    def _source_probabilities(self, x: Dict, index: int, height: int, width: int) -> torch.Tensor:
+        """One-hot (C+1) x ``height`` x ``width`` probabilities of the input's semantic source
+        (``x["sem_seg"]``, resized by nearest neighbour if needed; background and ignore pixels
+        belong to no class: :func:`one_hot_semantics`)."""
+        if "sem_seg" not in x:
+            raise KeyError(
+                f"{_WHERE}: MODEL.P2SEG.INFERENCE.SEMANTICS 'source' needs the semantic source of image "
+                f"{x.get('file_name', index)} ('sem_seg_file_name' in its dataset dict)"
+            )
+        sem = x["sem_seg"].to(self.device)
+        if tuple(sem.shape) != (height, width):
+            sem = F.interpolate(sem[None, None].float(), size=(height, width), mode="nearest")[0, 0].long()
+        return one_hot_semantics(sem, torch.arange(self.num_classes + 1, device=self.device))
 
     def offsets_at_output_size(self, offset: torch.Tensor, image_size, height: int, width: int) -> torch.Tensor:
         """Head offsets (float 2xhxw, 1/``common_stride`` pixels of the padded input) as float

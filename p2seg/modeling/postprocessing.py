@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from detectron2.projects.panoptic_deeplab.post_processing import find_instance_center
 
-__all__ = ["point_guided_instances", "peak_instances"]
+__all__ = ["point_guided_instances", "peak_instances", "one_hot_semantics"]
 
 _WHERE = "p2seg/modeling/postprocessing.py"
 
@@ -243,6 +243,21 @@ def point_guided_instances(
         masks[i] = _box_mask(points[i], int(fallback_box_size), height, width, device)
         scores[i] = fallback_score
     return {"masks": masks, "scores": scores, "classes": point_classes.clone(), "fallback": fallback}
+
+
+def one_hot_semantics(sem: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """A semantic label map as probabilities for :func:`point_guided_instances`.
+
+    Args:
+        sem: int ``H x W`` (0 background, ``k + 1`` class ``k``, other values ignored).
+        labels: int64 ``(K + 1,)``: the label of each output channel; channel 0 stays all zero, so
+            background and ignore pixels are grouped to no point.
+    Returns:
+        float32 ``(K + 1) x H x W``, channel ``j >= 1`` = ``sem == labels[j]``.
+    """
+    one_hot = (sem[None] == labels.to(sem.device)[:, None, None]).to(torch.float32)
+    one_hot[0] = 0.0
+    return one_hot
 
 
 # ---------------------------------------------------------------------------- without points
