@@ -16,7 +16,7 @@ of the source.
 
 Usage::
 
-    python tools/decompose_quality.py --config-file configs/nuclei/p2seg_R18_cpu.yaml \\
+    python tools/decompose_quality.py --config-file configs/nuclei/p2seg_lite0_cpu.yaml \\
         MODEL.WEIGHTS output/nuclei_p2seg/model_final.pth
 """
 import contextlib

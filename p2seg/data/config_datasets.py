@@ -5,7 +5,7 @@
 ``train_net.py``, ``demo.py`` and the pipeline call :func:`register_config_datasets` before they
 build a loader, so a user's own data needs no code::
 
-    python train_net.py --config-file configs/nuclei/p2seg_R18_cpu.yaml \\
+    python train_net.py --config-file configs/nuclei/p2seg_lite0_cpu.yaml \\
       DATASETS.POINT_COCO '(("my_train", "data/points.json", "data/images", "data/sem"),)' \\
       DATASETS.TRAIN '("my_train",)' DATASETS.TEST '("my_train",)'
 
