@@ -128,6 +128,12 @@ def test_duplicate_image_ids_name_file_and_id(tiny):
     assert "duplicate image id 2" in msg and "images[1]" in msg and "images[2]" in msg
 
 
+@pytest.mark.parametrize("bad_id", [[], {"a": 1}, 1.5, True])
+def test_annotation_id_of_the_wrong_type_names_file_and_entry(tiny, bad_id):
+    msg = _loader_error(tiny, lambda d: d["annotations"][2].__setitem__("id", bad_id))
+    assert "annotations[2] field 'id' must be an integer or a string" in msg
+
+
 def test_duplicate_annotation_ids_name_file_and_both_entries(tiny):
     # pycocotools keeps one annotation per id: a perfect prediction would score AP 77.6, not 100
     msg = _loader_error(tiny, lambda d: d["annotations"][3].__setitem__("id", d["annotations"][1]["id"]))

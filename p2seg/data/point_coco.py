@@ -329,6 +329,8 @@ def _check_unique_annotation_id(ann: dict, index: int, first_index_of_id: Dict[o
     if "id" not in ann:
         return
     key = ann["id"]
+    if not (_is_int(key) or isinstance(key, str)):
+        raise ValueError(f"{json_file}: annotations[{index}] field 'id' must be an integer or a string, got {key!r}")
     if key in first_index_of_id:
         raise ValueError(
             f"{json_file}: field 'annotations' has duplicate annotation id {key!r} "
