@@ -56,7 +56,7 @@ import logging
 import os
 import re
 from collections import OrderedDict
-from typing import Dict, Iterable, List, Optional, Sequence, Set
+from typing import Dict, List, Optional, Sequence, Set
 
 import numpy as np
 import pycocotools.mask as mask_util
@@ -89,7 +89,6 @@ __all__ = [
     "read_sidecar",
     "original_points",
     "pseudo_annotations",
-    "max_points_per_image",
     "export_provenance",
     "provenance_path",
 ]
@@ -143,29 +142,33 @@ def _sidecars(output_file: str) -> Dict[int, str]:
     return found
 
 
-def read_sidecar(path: str) -> List[dict]:
-    """Records of a sidecar file, in file order.
+def _sidecar_records(path: str):
+    """Yield ``(byte offset, record)`` of each complete line of a sidecar, in file order.
 
     A last line without its newline (interrupted write) is ignored. A malformed complete line is
     an error naming the file and line number.
     """
+    offset = 0
     with open(path, "rb") as f:
-        data = f.read()
-    lines = data.split(b"\n")
-    if lines and lines[-1]:
-        logger.info("%s: ignoring a truncated last line (%d bytes)", path, len(lines[-1]))
-    records = []
-    for k, line in enumerate(lines[:-1], start=1):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(
-                f"{path}: line {k} is not valid JSON ({e.msg}); delete the file to restart the export"
-            ) from e
-        if not isinstance(record, dict) or "image_id" not in record or "annotations" not in record:
-            raise ValueError(f"{path}: line {k} lacks field 'image_id' or 'annotations'")
-        records.append(record)
-    return records
+        for k, line in enumerate(f, start=1):
+            if not line.endswith(b"\n"):
+                logger.info("%s: ignoring a truncated last line (%d bytes)", path, len(line))
+                return
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(
+                    f"{path}: line {k} is not valid JSON ({e.msg}); delete the file to restart the export"
+                ) from e
+            if not isinstance(record, dict) or "image_id" not in record or "annotations" not in record:
+                raise ValueError(f"{path}: line {k} lacks field 'image_id' or 'annotations'")
+            yield offset, record
+            offset += len(line)
+
+
+def read_sidecar(path: str) -> List[dict]:
+    """Records of a sidecar file, in file order (:func:`_sidecar_records`)."""
+    return [record for _, record in _sidecar_records(path)]
 
 
 def _cut_truncated_line(path: str) -> None:
@@ -281,9 +284,7 @@ class PseudoMaskExporter(DatasetEvaluator):
         os.makedirs(os.path.dirname(self._output_file), exist_ok=True)
         if os.path.exists(self._sidecar):
             _cut_truncated_line(self._sidecar)
-        self._finished: Set = set()
-        for path in _sidecars(self._output_file).values():
-            self._finished.update(r["image_id"] for r in read_sidecar(path))
+        self._finished: Set = set(index_sidecars(list(_sidecars(self._output_file).values())))
         if self._finished:
             logger.info("Resuming the export to %s: %d images already done", self._output_file, len(self._finished))
         elif os.path.exists(self._output_file):
@@ -491,26 +492,12 @@ def index_sidecars(paths: Sequence[str]) -> Dict:
     in ``paths`` (in order; later duplicates dropped, a truncated last line ignored)."""
     index: Dict = {}
     for path in paths:
-        offset = 0
-        with open(path, "rb") as f:
-            for k, text in enumerate(f, start=1):
-                if not text.endswith(b"\n"):
-                    break  # a write interrupted by a crash
-                try:
-                    record = json.loads(text)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}: line {k} is not valid JSON ({e.msg}); delete the file to restart the export") from e
-                if record["image_id"] not in index:
-                    index[record["image_id"]] = {"path": path, "offset": offset,
-                                                 "num_points": int(record.get("num_points", 0)),
-                                                 "num_fallback": int(record.get("num_fallback", 0))}
-                offset += len(text)
+        for offset, record in _sidecar_records(path):
+            if record["image_id"] not in index:
+                index[record["image_id"]] = {"path": path, "offset": offset,
+                                             "num_points": int(record.get("num_points", 0)),
+                                             "num_fallback": int(record.get("num_fallback", 0))}
     return index
-
-
-def max_points_per_image(records: Iterable[dict]) -> int:
-    """Largest ``num_points`` of the sidecar records (0 without records)."""
-    return max((int(r.get("num_points", 0)) for r in records), default=0)
 
 
 def _fsync_file(path: str) -> None:
