@@ -53,6 +53,7 @@ from detectron2.utils.logger import setup_logger
 
 from p2seg import add_p2seg_config
 from p2seg.engine.checkpointer import P2SegCheckpointer
+from p2seg.utils.precision import mixed_precision
 
 logger = logging.getLogger("p2seg.demo")
 
@@ -139,7 +140,8 @@ class PointPredictor(DefaultPredictor):
                 xy = transform_points(transforms, points[0])
                 inputs["points"] = torch.as_tensor(xy, dtype=torch.float32).reshape(-1, 2)
                 inputs["point_classes"] = torch.as_tensor(points[1], dtype=torch.int64)
-            return self.model([inputs])[0]
+            with mixed_precision(self.cfg, self.model.device):  # SOLVER.AMP, as in training
+                return self.model([inputs])[0]
 
 
 # ------------------------------------------------------------------------------ inputs / points

@@ -2,7 +2,8 @@
 
 Usage: ``.venv/bin/python benchmarks/bench_export.py [--width 500] [--height 375] [--i2s on|off]
 [--runs 5] [--threads 2] [--device cpu] [--part all|forward|post]
-[--semantics sample|model] [--memory-format config|channels_last|contiguous] [--opts KEY VALUE ...]``.
+[--semantics sample|model] [--memory-format config|channels_last|contiguous] [--amp off|on]
+[--amp-dtype auto|bfloat16|float16] [--opts KEY VALUE ...]``.
 
 P2Seg from configs/Base-P2Seg.yaml (R-50 random init, BN, 20 classes) in eval mode under
 ``torch.no_grad``; ONE synthetic ``width x height`` sample (benchmarks/common.py
@@ -11,7 +12,8 @@ padded to SIZE_DIVISIBILITY: 512 x 384 for 500 x 375). Timed parts (medians of `
 warm-up):
 
 * ``forward``: backbone + heads + softmax (``predict_for_inference``) and, with I2S, the random walk
-  at 1/4 resolution (``_refine_semantics``);
+  at 1/4 resolution (``_refine_semantics``); ``--amp on``: under autocast as ``P2Seg.forward``
+  runs it (network in the autocast dtype, the walk's affinity products too, sums in float32);
 * ``post``: the rest of ``P2Seg.inference``: clean, upsample, crop/resize to 375 x 500,
   ``point_guided_instances`` (one mask per point) and the Instances. A random-init model predicts
   background under every point (each mask would be the 64 x 64 fallback box), so by default
@@ -31,8 +33,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import (NUM_CLASSES, add_memory_format_arg, benchmark_cfg, cpu_seconds, environment, make_rect_sample,
-                    max_rss_gib, print_json, timing_stats)
+from common import (NUM_CLASSES, add_amp_args, add_memory_format_arg, amp_overrides, amp_record, benchmark_cfg,
+                    cpu_seconds, environment, make_rect_sample, max_rss_gib, print_json, timing_stats)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "Base-P2Seg.yaml")
@@ -43,7 +45,7 @@ def build_model(args):
     from detectron2.modeling import build_model as d2_build
 
     cfg = benchmark_cfg(args.config, args.device, args.memory_format,
-                        ["MODEL.P2SEG.I2S.ENABLED", args.i2s == "on", *args.opts])
+                        ["MODEL.P2SEG.I2S.ENABLED", args.i2s == "on", *amp_overrides(args), *args.opts])
     model = d2_build(cfg)
     model.eval()
     return cfg, model
@@ -64,6 +66,7 @@ def main():
                         help="post-processing input: the sample's semantic map (every point on its "
                              "object, the path of a trained model) or the random-init model's output")
     add_memory_format_arg(parser)
+    add_amp_args(parser)
     parser.add_argument("--opts", nargs="*", default=[])
     args = parser.parse_args()
     load_start = round(os.getloadavg()[0], 2)
@@ -83,10 +86,15 @@ def main():
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     rss_build = max_rss_gib()
 
+    from p2seg.utils.precision import autocast_dtype, full_precision, mixed_precision
+
     def forward():
-        images = model.preprocess_image(inputs)
-        outputs = model.predict_for_inference(images)
-        outputs["sem_probs"] = model._refine_semantics(outputs["sem_probs"], outputs, inputs)
+        with mixed_precision(cfg, device):
+            images = model.preprocess_image(inputs)
+            outputs = model.predict_for_inference(images)
+            low = autocast_dtype(device)
+            with full_precision(device):
+                outputs["sem_probs"] = model._refine_semantics(outputs["sem_probs"], outputs, inputs, low)
         return images, outputs
 
     cpu = {"forward": [], "post": []}
@@ -122,7 +130,7 @@ def main():
                 times["rle"].append(t_rle)
     record = {
         "benchmark": "export", "width": args.width, "height": args.height, "i2s": args.i2s,
-        "part": args.part, "semantics": args.semantics, "channels_last": cfg.MODEL.P2SEG.CHANNELS_LAST, "opts": list(args.opts), "runs": args.runs, "warmup": 1,
+        "part": args.part, "semantics": args.semantics, "channels_last": cfg.MODEL.P2SEG.CHANNELS_LAST, **amp_record(cfg, device), "opts": list(args.opts), "runs": args.runs, "warmup": 1,
         "device": str(device), "loadavg_start": load_start,
         **{f"forward_{k}": v for k, v in timing_stats(times["forward"]).items()},
         "forward_cpu_median_s": timing_stats(cpu["forward"][1:])["median_s"],

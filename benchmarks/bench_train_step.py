@@ -2,13 +2,14 @@
 
 Usage: ``.venv/bin/python benchmarks/bench_train_step.py [--crop 416] [--batch 2] [--i2s on|off]
 [--s2i on|off] [--runs 5] [--threads 2] [--device cpu] [--memory-format config|channels_last|contiguous]
-[--profile FILE] [--opts KEY VALUE ...]``.
+[--amp off|on] [--amp-dtype auto|bfloat16|float16] [--profile FILE] [--opts KEY VALUE ...]``.
 
 ONE workload per process (run it through benchmarks/run_all.py for a fresh process per workload):
 P2Seg from configs/Base-P2Seg.yaml, ResNet-50 random init (``MODEL.WEIGHTS ""``), SyncBN -> BN,
 20 classes; a batch of ``--batch`` synthetic samples (benchmarks/common.py ``make_sample``, seeds
 0, 1, ...) at ``crop x crop`` with their training targets (``p2seg.data.targets.build_targets``);
-``torch.optim.Adam`` (``SOLVER.BASE_LR``). One warm-up step, then ``--runs`` timed steps (median /
+``torch.optim.Adam`` (``SOLVER.BASE_LR``). ``--amp on``: the forward under autocast
+(p2seg/utils/precision.py; float16 with ``torch.amp.GradScaler``, as the trainer). One warm-up step, then ``--runs`` timed steps (median /
 min / max). Peak memory = process max RSS (``ru_maxrss``; on CUDA also ``max_memory_allocated``).
 ``--profile FILE`` writes the torch.profiler table (top ops by self CPU time) of one extra step.
 Prints one JSON line.
@@ -19,8 +20,8 @@ import time
 
 import torch
 
-from common import (add_memory_format_arg, benchmark_cfg, cpu_seconds, environment, make_sample, max_rss_gib,
-                    print_json, timing_stats)
+from common import (add_amp_args, add_memory_format_arg, amp_overrides, amp_record, benchmark_cfg, cpu_seconds,
+                    environment, make_sample, max_rss_gib, print_json, timing_stats)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "Base-P2Seg.yaml")
@@ -30,7 +31,7 @@ def build_cfg(args):
     """Detectron2 config of the benchmark (Base-P2Seg, R-50 random init, BN, MDM switches)."""
     return benchmark_cfg(args.config, args.device, args.memory_format, [
         "MODEL.P2SEG.S2I.ENABLED", args.s2i == "on", "MODEL.P2SEG.I2S.ENABLED", args.i2s == "on",
-        *args.opts])
+        *amp_overrides(args), *args.opts])
 
 
 def make_batch(cfg, crop, batch):
@@ -75,6 +76,7 @@ def main():
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--profile", default="", help="write a torch.profiler table here")
     add_memory_format_arg(parser)
+    add_amp_args(parser)
     parser.add_argument("--opts", nargs="*", default=[], help="extra config KEY VALUE pairs")
     args = parser.parse_args()
     load_start = round(os.getloadavg()[0], 2)
@@ -82,6 +84,8 @@ def main():
     torch.manual_seed(0)
 
     from detectron2.modeling import build_model
+
+    from p2seg.utils.precision import amp_dtype, mixed_precision
 
     cfg = build_cfg(args)
     model = build_model(cfg)
@@ -91,13 +95,20 @@ def main():
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     rss_model = max_rss_gib()
+    scaler = torch.amp.GradScaler(device.type) if amp_dtype(cfg, device.type) == torch.float16 else None
 
     def step():
-        losses = model(batch)
+        with mixed_precision(cfg, device):
+            losses = model(batch)
         total = sum(losses.values())
         optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        optimizer.step()
+        if scaler is None:
+            total.backward()
+            optimizer.step()
+        else:
+            scaler.scale(total).backward()
+            scaler.step(optimizer)
+            scaler.update()
         return float(total.detach())
 
     step()  # warm-up
@@ -114,7 +125,7 @@ def main():
         "s2i": args.s2i, "i2s": args.i2s, "opts": list(args.opts), "runs": args.runs,
         "warmup": 1, "loss": round(loss, 4), "device": str(device), "loadavg_start": load_start,
         **timing_stats(times), **{f"cpu_{k}": v for k, v in timing_stats(cpu).items()},
-        "channels_last": cfg.MODEL.P2SEG.CHANNELS_LAST,
+        "channels_last": cfg.MODEL.P2SEG.CHANNELS_LAST, **amp_record(cfg, device),
         "rss_after_build_gib": round(rss_model, 3), "peak_rss_gib": round(max_rss_gib(), 3),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         **environment(),

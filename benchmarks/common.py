@@ -145,6 +145,27 @@ def add_memory_format_arg(parser):
                         help="MODEL.P2SEG.CHANNELS_LAST: the config's value or forced")
 
 
+def add_amp_args(parser):
+    """``--amp off|on`` (SOLVER.AMP.ENABLED) and ``--amp-dtype auto|bfloat16|float16``
+    (SOLVER.AMP.DTYPE; "auto": bfloat16 on CPU, float16 on CUDA)."""
+    parser.add_argument("--amp", choices=("off", "on"), default="off", help="mixed precision (SOLVER.AMP.ENABLED)")
+    parser.add_argument("--amp-dtype", choices=("auto", "bfloat16", "float16"), default="auto",
+                        help="SOLVER.AMP.DTYPE")
+
+
+def amp_overrides(args):
+    """The SOLVER.AMP config overrides of :func:`add_amp_args`' arguments."""
+    return ["SOLVER.AMP.ENABLED", args.amp == "on", "SOLVER.AMP.DTYPE", args.amp_dtype]
+
+
+def amp_record(cfg, device):
+    """``{"amp": "off" | dtype name}`` for the JSON record."""
+    from p2seg.utils.precision import amp_dtype
+
+    dtype = amp_dtype(cfg, device.type)
+    return {"amp": "off" if dtype is None else str(dtype).replace("torch.", "")}
+
+
 def benchmark_cfg(config_file, device, memory_format="config", overrides=()):
     """Frozen Detectron2 config of the benchmarks: ``config_file`` with random init, BN (one
     process), NUM_CLASSES classes, ``device``, MODEL.P2SEG.CHANNELS_LAST per ``memory_format``

@@ -2,7 +2,7 @@
 
 Usage: ``.venv/bin/python benchmarks/run_all.py [--only B1 B2 B3] [--crops 320 416 512 640]
 [--runs 5] [--threads 2] [--device cpu] [--malloc-env]
-[--memory-format config|channels_last|contiguous] [--no-i2s-off]``.
+[--memory-format config|channels_last|contiguous] [--no-i2s-off] [--amp [--amp-dtype auto]]``.
 
 Workloads (the authors' set, docs in each script):
 
@@ -17,6 +17,10 @@ matters on a shared 2-core machine). ``--malloc-env`` also sets ``MALLOC_MMAP_TH
 ``MALLOC_TRIM_THRESHOLD_=0`` (glibc: large buffers via mmap, returned at free; a documented option
 that lowers peak RSS of the fragmenting allocator, not a default). A failed workload prints a JSON
 line with ``error``. With ``--device cuda`` the B1/B3 workloads run on the GPU (B2 is CPU-only).
+
+``--amp``: every B1 / B3 workload runs twice in the same sitting, float32 then mixed precision
+(``--amp on``, dtype ``--amp-dtype``: bfloat16 on CPU, float16 on CUDA by default; workload names
+get ``_amp``), and a last JSON line ``{"summary": ...}`` puts the two medians side by side.
 """
 import argparse
 import json
@@ -30,7 +34,43 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def workloads(args):
-    """List of ``(name, argv)``, one per fresh process."""
+    """List of ``(name, argv)``, one per fresh process (B1 / B3 twice with ``--amp``)."""
+    plain = _plain_workloads(args)
+    if not getattr(args, "amp", False):
+        return plain
+    out = []
+    for name, argv in plain:
+        out.append((name, argv))
+        if name.startswith(("B1", "B3")):
+            out.append((name + "_amp", argv + ["--amp", "on", "--amp-dtype", args.amp_dtype]))
+    return out
+
+
+# The median that stands for a workload in the --amp summary.
+_MEDIAN_KEYS = ("median_s", "forward_median_s")
+
+
+def amp_summary(records):
+    """``{workload: {"fp32_s", "amp_s", "speedup", "amp", peak memory of both}}`` from the records
+    of one ``--amp`` run (workloads with both variants and no error)."""
+    by_name = {r["workload"]: r for r in records if "error" not in r}
+    out = {}
+    for name, amp in by_name.items():
+        base = by_name.get(name[: -len("_amp")]) if name.endswith("_amp") else None
+        if base is None:
+            continue
+        key = next(k for k in _MEDIAN_KEYS if k in base)
+        row = {"fp32_s": base[key], "amp_s": amp[key], "speedup": round(base[key] / amp[key], 2),
+               "amp": amp.get("amp"), "fp32_peak_rss_gib": base.get("peak_rss_gib"),
+               "amp_peak_rss_gib": amp.get("peak_rss_gib")}
+        if "peak_cuda_gib" in base:
+            row.update(fp32_peak_cuda_gib=base["peak_cuda_gib"], amp_peak_cuda_gib=amp.get("peak_cuda_gib"))
+        out[name[: -len("_amp")]] = row
+    return out
+
+
+def _plain_workloads(args):
+    """The float32 workloads ``(name, argv)``."""
     out = []
     common = ["--threads", str(args.threads)]
     dev = ["--device", args.device, "--memory-format", args.memory_format]
@@ -69,8 +109,11 @@ def main():
     parser.add_argument("--malloc-env", action="store_true")
     add_memory_format_arg(parser)
     parser.add_argument("--no-i2s-off", action="store_true", help="skip the B1 I2S-off workload")
+    parser.add_argument("--amp", action="store_true", help="B1 / B3 in float32 and mixed precision")
+    parser.add_argument("--amp-dtype", choices=("auto", "bfloat16", "float16"), default="auto")
     args = parser.parse_args()
     env = child_env(args.malloc_env)
+    records = []
     for name, argv in workloads(args):
         proc = subprocess.run([sys.executable] + argv, cwd=HERE, capture_output=True, text=True, env=env)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
@@ -80,7 +123,10 @@ def main():
         else:
             record = dict(json.loads(lines[-1]), workload=name)
         record["malloc_env"] = args.malloc_env
+        records.append(record)
         print(json.dumps(record, sort_keys=True), flush=True)
+    if args.amp:
+        print(json.dumps({"summary": amp_summary(records)}, sort_keys=True), flush=True)
 
 
 if __name__ == "__main__":

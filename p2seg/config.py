@@ -161,4 +161,7 @@ def add_p2seg_config(cfg):
     cfg.SOLVER.OPTIMIZER = "ADAM"
     cfg.SOLVER.POLY_LR_POWER = 0.9
     cfg.SOLVER.POLY_LR_CONSTANT_ENDING = 0.0
+    # Mixed precision (Detectron2's SOLVER.AMP.ENABLED; p2seg/utils/precision.py): "auto" = bfloat16
+    # on CPU, float16 with gradient scaling on CUDA; or "bfloat16" / "float16" on either.
+    cfg.SOLVER.AMP.DTYPE = "auto"
     return cfg

@@ -1,4 +1,5 @@
-"""The P2Seg trainer: Detectron2's ``DefaultTrainer`` with P2Seg's loaders, solver and evaluator.
+"""The P2Seg trainer: Detectron2's ``DefaultTrainer`` with P2Seg's loaders, solver, evaluator and
+mixed precision on any device (``SOLVER.AMP``: p2seg/engine/amp.py).
 
 Everything else (training loop, hooks, checkpointing, EventStorage logging, distributed training
 via ``detectron2.engine.launch``) is Detectron2's.
@@ -16,12 +17,17 @@ from detectron2.data import (
     build_detection_train_loader,
     get_detection_dataset_dicts,
 )
-from detectron2.engine import DefaultTrainer
+from detectron2.engine import DefaultTrainer, SimpleTrainer, TrainerBase, create_ddp_model
 from detectron2.evaluation import DatasetEvaluator, DatasetEvaluators, inference_on_dataset, print_csv_format
 from detectron2.projects.deeplab import build_lr_scheduler as build_deeplab_lr_scheduler
 from detectron2.solver import get_default_optimizer_params
 from detectron2.solver.build import maybe_add_gradient_clipping
 from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
+
+from p2seg.utils.precision import amp_dtype, mixed_precision
+
+from .amp import MixedPrecisionTrainer
 
 __all__ = [
     "Trainer",
@@ -214,8 +220,34 @@ class Trainer(DefaultTrainer):
     Common: optimizer ``SOLVER.OPTIMIZER`` "ADAM" (Detectron2 param groups + gradient clipping)
     or "SGD" (Detectron2's); LR schedule by ``SOLVER.LR_SCHEDULER_NAME`` (DeepLab's builder:
     "WarmupPolyLR" or Detectron2's); evaluator :meth:`build_evaluator` (COCO mask AP + VOC mask
-    mAP, or the resumable pseudo-mask export with ``TEST.EXPORT_PSEUDO_MASKS``).
+    mAP, or the resumable pseudo-mask export with ``TEST.EXPORT_PSEUDO_MASKS``); mixed precision
+    (``SOLVER.AMP.ENABLED``, dtype ``SOLVER.AMP.DTYPE``) in training and evaluation, on CPU too.
     """
+
+    def __init__(self, cfg):
+        """Detectron2's ``DefaultTrainer.__init__`` (same build order and attributes), except the
+        inner trainer: ``MixedPrecisionTrainer`` with the dtype of ``SOLVER.AMP`` on the model's
+        device when AMP is on (Detectron2's ``AMPTrainer`` is CUDA- and float16-only), else
+        ``SimpleTrainer``. The checkpointer is made by :meth:`build_hooks`."""
+        TrainerBase.__init__(self)
+        if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
+            setup_logger()
+        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+        model = create_ddp_model(model, broadcast_buffers=False)
+        dtype = amp_dtype(cfg, next(model.parameters()).device.type)
+        if dtype is None:
+            self._trainer = SimpleTrainer(model, data_loader, optimizer)
+        else:
+            self._trainer = MixedPrecisionTrainer(model, data_loader, optimizer, dtype)
+            logger.info("Mixed precision: autocast %s on %s", dtype, self._trainer.device_type)
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+        self.register_hooks(self.build_hooks())
 
     @classmethod
     def build_model(cls, cfg):
@@ -309,7 +341,14 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def _test_one(cls, cfg, model, dataset_name, evaluator):
-        """Run ``model`` over the images of ``dataset_name`` not yet exported, then evaluate."""
+        """Run ``model`` over the images of ``dataset_name`` not yet exported, then evaluate;
+        under autocast when ``SOLVER.AMP.ENABLED`` (the evaluation itself is float32)."""
+        with mixed_precision(cfg, next(model.parameters()).device):
+            return cls._run_test(cfg, model, dataset_name, evaluator)
+
+    @classmethod
+    def _run_test(cls, cfg, model, dataset_name, evaluator):
+        """:meth:`_test_one` without the precision context."""
         from p2seg.evaluation import export_provenance, remaining_dataset_dicts
 
         exporter = _find_exporter(evaluator)

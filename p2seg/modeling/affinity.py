@@ -30,9 +30,13 @@ How the work is kept small (the exact algebra; results equal the dense formulas 
   backward sigmoid, ``A(1 - A)``, weights (one broadcast row per type segment + a rank ``2K + 2``
   product for the walk) and their product.
 
-Computation dtype: float64 inputs stay float64; any other floating dtype (fp16/bf16 under autocast)
-is computed in float32 (autocast is disabled inside the Function), with float64 accumulators for the
-loss sums; gradients are returned in the input dtype. The dense formulas
+Precision: float64 inputs stay float64; any other floating dtype is accumulated in float32
+(autocast is disabled inside the Function), with float64 accumulators for the loss sums; gradients
+are returned in the input dtype. ``matmul_dtype`` (bfloat16 / float16 under mixed precision) moves
+the strips and their matrix products (the ``N^2 D`` work) to that dtype; every sum over a strip (type
+column sums, row sums, products across strips, the gradient) is still accumulated in float32. The
+operands of a low-precision product are scaled to ``max |x| = 1`` first (and the product scaled
+back), so float16's range holds the tiny loss weights ``1 / #pairs`` and random-walk gradients. The dense formulas
 (:func:`dense_affinity_loss`, :func:`dense_random_walk`) exist for tests and benchmarks only.
 """
 import bisect
@@ -80,6 +84,29 @@ def _check_block_size(block_size):
 def _compute_dtype(dtype):
     """float64 stays float64; every other dtype is computed in float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _for_products(x, dtype):
+    """``x`` (float, the accumulation dtype) prepared as a product operand in the strips' ``dtype``.
+
+    Returns ``(x', scale)`` with ``x = scale * x'``: ``(x, 1.0)`` when the dtypes agree; otherwise
+    ``x' = x / max|x|`` cast to ``dtype`` (low precision: float16 would flush ``1 / #pairs``-sized
+    values to 0 and overflow large ones). One host sync per operand, not per strip.
+    """
+    if x.dtype == dtype:
+        return x, 1.0
+    scale = float(x.abs().amax()) if x.numel() else 0.0
+    scale = scale if 0.0 < scale < float("inf") else 1.0
+    return (x / scale).to(dtype), scale
+
+
+def _add_product(out, x, strip, alpha=1.0):
+    """``out += alpha * (x @ strip)``: fused (``addmm_``) when ``x`` has ``out``'s dtype (full
+    precision); otherwise the product is formed in the strip's low dtype and accumulated in ``out``'s."""
+    if x.dtype == out.dtype:
+        out.addmm_(x, strip, alpha=alpha)
+    else:
+        out.add_(torch.mm(x, strip), alpha=alpha)
 
 
 def _strips(n, block_size):
@@ -192,40 +219,46 @@ class _SigmoidStrips:
     may overwrite what it gets on its last pass.
     """
 
-    def __init__(self, f, block_size, cache_bytes):
-        """f: float ``N x D`` features; block_size: rows per strip; cache_bytes: storage budget."""
+    def __init__(self, f, block_size, cache_bytes, matmul_dtype=None):
+        """f: float ``N x D`` features (the accumulation dtype); block_size: rows per strip;
+        cache_bytes: storage budget; matmul_dtype: dtype of the strips and their products (None:
+        ``f``'s)."""
         self.f, self.n = f, f.shape[0]
+        self.dtype = f.dtype if matmul_dtype is None else matmul_dtype
+        self.f_mm = f.to(self.dtype)
         self.ranges = _strips(self.n, block_size)
         self.budget = cache_bytes
         self.kept = {}
         self.scratch = None
 
     def get(self, i, keep=False):
-        """Strip ``i``: float ``(e - s) x (N - s)`` with ``(s, e) = self.ranges[i]``."""
+        """Strip ``i``: ``(e - s) x (N - s)`` of ``self.dtype`` with ``(s, e) = self.ranges[i]``."""
         if i in self.kept:
             return self.kept[i] if keep else self.kept.pop(i)
         s, e = self.ranges[i]
         numel = (e - s) * (self.n - s)
-        if keep and numel * self.f.element_size() <= self.budget:
-            self.budget -= numel * self.f.element_size()
-            out = self.kept[i] = torch.empty(e - s, self.n - s, dtype=self.f.dtype, device=self.f.device)
+        size = self.f_mm.element_size()
+        if keep and numel * size <= self.budget:
+            self.budget -= numel * size
+            out = self.kept[i] = torch.empty(e - s, self.n - s, dtype=self.dtype, device=self.f.device)
         else:
             if self.scratch is None:
-                self.scratch = torch.empty((self.ranges[0][1]) * self.n, dtype=self.f.dtype,
+                self.scratch = torch.empty((self.ranges[0][1]) * self.n, dtype=self.dtype,
                                            device=self.f.device)
             out = self.scratch[:numel].view(e - s, self.n - s)
-        torch.mm(self.f[s:e], self.f[s:].T, out=out)
+        torch.mm(self.f_mm[s:e], self.f_mm[s:].T, out=out)
         return out.sigmoid_()
 
 
 def _triangle_product(strips, x, keep):
     """``x A`` (``K x N``) for float ``x`` ``K x N``, one pass over the upper-triangle strips."""
     out = torch.zeros_like(x)
+    x_mm, scale = _for_products(x, strips.dtype)
     for i, (s, e) in enumerate(strips.ranges):
         sig = strips.get(i, keep)
-        out[:, s:].addmm_(x[:, s:e], sig)
+        _add_product(out[:, s:], x_mm[:, s:e], sig, scale)
         if e < strips.n:  # the block right of the diagonal block stands for its transpose too
-            out[:, s:e].addmm_(x[:, e:], sig[:, e - s:].T)
+            _add_product(out[:, s:e], x_mm[:, e:], sig[:, e - s:].T, scale)
     return out
 
 
@@ -254,6 +287,7 @@ def _first_pass(strips, bounds, t_count, p, transition, need_diag):
     if column:  # [R; d^T] = [P; 1] A
         p1 = torch.cat([p, torch.ones(1, n, dtype=dtype, device=dev)])
         acc = torch.zeros_like(p1)
+        p1_mm, p1_scale = _for_products(p1, strips.dtype)
     for i, (s, e) in enumerate(strips.ranges):
         sig = strips.get(i, keep=True)
         col_sums = None
@@ -261,19 +295,19 @@ def _first_pass(strips, bounds, t_count, p, transition, need_diag):
             if diag is not None:
                 diag[s:e] = sig.diagonal()
             for t, a, b in _segments(bounds, s, e):
-                seg_sums = sig[a:b].sum(0)
+                seg_sums = sig[a:b].sum(0, dtype=dtype)
                 y[t, s:] += seg_sums
                 y_off[t, e:] += seg_sums[e - s:]
                 if row:
                     col_sums = seg_sums if col_sums is None else col_sums.add_(seg_sums)
         if row:  # d_i = sum over this strip's row + the columns of earlier strips' rows
-            d[s:e] += sig.sum(1)
+            d[s:e] += sig.sum(1, dtype=dtype)
             if e < n:
-                d[e:] += col_sums[e - s:] if col_sums is not None else sig[:, e - s:].sum(0)
+                d[e:] += col_sums[e - s:] if col_sums is not None else sig[:, e - s:].sum(0, dtype=dtype)
         if column:
-            acc[:, s:].addmm_(p1[:, s:e], sig)
+            _add_product(acc[:, s:], p1_mm[:, s:e], sig, p1_scale)
             if e < n:
-                acc[:, s:e].addmm_(p1[:, e:], sig[:, e - s:].T)
+                _add_product(acc[:, s:e], p1_mm[:, e:], sig[:, e - s:].T, p1_scale)
     if column:
         out["r"], out["d"] = acc[:-1], acc[-1]
     return out
@@ -306,7 +340,8 @@ class _AffinityFn(torch.autograd.Function):
     """Affinity losses of ``L`` label sets and / or one random-walk step, strip by strip.
 
     forward(feats ``N x D``, probs ``K x N`` or None, block_size, transition, include_self,
-    cache_bytes, type_ids int64 ``N``, pos bool ``L x T x T``, neg bool ``L x T x T``)
+    cache_bytes, type_ids int64 ``N``, pos bool ``L x T x T``, neg bool ``L x T x T``,
+    matmul_dtype (dtype of the strips and their products, None: the inputs')
     -> (losses ``L``, numbers of counted ordered pairs ``L`` int64, walked ``K x N`` (``0 x N``
     without probs)). Pixels are sorted by type inside; see the module docstring for the algebra.
 
@@ -320,7 +355,8 @@ class _AffinityFn(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, feats, probs, block_size, transition, include_self, cache_bytes, type_ids, pos, neg):
+    def forward(ctx, feats, probs, block_size, transition, include_self, cache_bytes, type_ids, pos, neg,
+                matmul_dtype=None):
         n, dev, dtype = feats.shape[0], feats.device, feats.dtype
         walk, num_labels = probs is not None, pos.shape[0]
         row = walk and transition == "row"
@@ -331,7 +367,7 @@ class _AffinityFn(torch.autograd.Function):
         bounds = [0] + torch.cumsum(counts, 0).tolist()
         ts = type_ids[perm]
         with torch.autocast(device_type=dev.type, enabled=False):
-            strips = _SigmoidStrips(f, block_size, cache_bytes if row else 0)
+            strips = _SigmoidStrips(f, block_size, cache_bytes if row else 0, matmul_dtype)
             sums = _first_pass(strips, bounds, pos.shape[1] if num_labels else 0, p, transition,
                                need_diag=bool(num_labels) and not include_self)
             losses = torch.zeros(num_labels, dtype=torch.float64, device=dev)
@@ -346,7 +382,7 @@ class _AffinityFn(torch.autograd.Function):
                 walked[:, perm] = walked_sorted
         del strips
         ctx.block_size, ctx.transition, ctx.include_self = block_size, transition, include_self
-        ctx.walk, ctx.cache_bytes, ctx.bounds = walk, cache_bytes, bounds
+        ctx.walk, ctx.cache_bytes, ctx.bounds, ctx.matmul_dtype = walk, cache_bytes, bounds, matmul_dtype
         ctx.n_pos, ctx.n_neg = n_pos.tolist(), n_neg.tolist()
         ctx.save_for_backward(f, p, perm, ts, pos, neg, sums["d"], sums["r"])
         num_pairs = n_pos + n_neg
@@ -362,7 +398,7 @@ class _AffinityFn(torch.autograd.Function):
         need_f, need_p = ctx.needs_input_grad[0], ctx.walk and ctx.needs_input_grad[1]
         with torch.autocast(device_type=f.device.type, enabled=False):
             row = ctx.walk and ctx.transition == "row"
-            strips = _SigmoidStrips(f, ctx.block_size, ctx.cache_bytes if row else 0)
+            strips = _SigmoidStrips(f, ctx.block_size, ctx.cache_bytes if row else 0, ctx.matmul_dtype)
             w2 = _loss_weights(grad_losses, pos, neg, ctx.n_pos, ctx.n_neg)
             walk = None
             if ctx.walk and (need_f or need_p) and bool(grad_walked.ne(0).any()):
@@ -378,7 +414,7 @@ class _AffinityFn(torch.autograd.Function):
                 grad_p = grad_p / d
             grad_probs = torch.empty_like(grad_p)
             grad_probs[:, perm] = grad_p
-        return grad_feats, grad_probs, None, None, None, None, None, None, None
+        return grad_feats, grad_probs, None, None, None, None, None, None, None, None
 
 
 def _loss_weights(grad_losses, pos, neg, n_pos, n_neg):
@@ -427,7 +463,9 @@ def _gradient_pass(strips, ts, bounds, w2, walk, include_self, need_f, need_p):
     """The gradient pass over the upper-triangle strips: ``dL/dF = (A' o Omega) F``.
 
     ``Omega = 2 W[t_i, t_j]`` (losses, ``i != j`` unless ``include_self``) ``+ lf_i . rf_j`` (walk).
-    The column walk's ``dL/dQ = dR A`` is accumulated into ``walk["d_q"]`` on the way.
+    The column walk's ``dL/dQ = dR A`` is accumulated into ``walk["d_q"]`` on the way. In a low
+    ``strips.dtype``, ``Omega / c`` and ``F / max|F|`` are formed (:func:`_omega_factors`) and the
+    products scaled back in float32.
 
     Args:
         strips: :class:`_SigmoidStrips` over the sorted features; ts: int64 ``N`` sorted types;
@@ -442,46 +480,85 @@ def _gradient_pass(strips, ts, bounds, w2, walk, include_self, need_f, need_p):
     grad = torch.zeros_like(f) if need_f else None
     if not col_dq and not (need_f and (w2 is not None or has_walk)):
         return grad
-    wexp = wdiag = omega_buf = None
-    if w2 is not None:
-        wexp = w2.to(f.dtype)[:, ts]  # T x N: row t = 2 dL/dA of a type-t row against every column
-        if not include_self:
-            wdiag = w2.diagonal().to(f.dtype)[ts]
-    if has_walk:
-        omega_buf = torch.empty(strips.ranges[0][1] * n, dtype=f.dtype, device=f.device)
+    if col_dq:
+        d_q, (d_r, d_r_scale) = walk["d_q"], _for_products(walk["d_r"], strips.dtype)
+    omega = _omega_factors(strips, ts, w2, walk if has_walk else None, include_self) if need_f else None
+    if need_f:
+        f_mm, f_scale = _for_products(f, strips.dtype)
+        alpha = f_scale * omega["scale"]
     for i, (s, e) in enumerate(strips.ranges):
         sig = strips.get(i)
         if col_dq:
-            d_q, d_r = walk["d_q"], walk["d_r"]
-            d_q[:, s:].addmm_(d_r[:, s:e], sig)
+            _add_product(d_q[:, s:], d_r[:, s:e], sig, d_r_scale)
             if e < n:
-                d_q[:, s:e].addmm_(d_r[:, e:], sig[:, e - s:].T)
+                _add_product(d_q[:, s:e], d_r[:, e:], sig[:, e - s:].T, d_r_scale)
         if not need_f or (w2 is None and not has_walk):
             continue
         sig.addcmul_(sig, sig, value=-1)  # A' = A (1 - A) = dA/dZ
-        segs = _segments(bounds, s, e) if wexp is not None else []
-        if has_walk:
-            omega = omega_buf[: sig.numel()].view(sig.shape)
-            torch.mm(walk["lf"][s:e], walk["rf"][s:].T, out=omega)
-            for t, a, b in segs:
-                omega[a:b] += wexp[t, s:]
-            if wdiag is not None:
-                omega.diagonal().sub_(wdiag[s:e])
-            sig.mul_(omega)
-        else:
-            for t, a, b in segs:
-                sig[a:b].mul_(wexp[t, s:])
-            if wdiag is not None:
-                sig.diagonal().zero_()
-        grad[s:e].addmm_(sig, f[s:])
+        _weight_strip(sig, omega, bounds, s, e)
+        _add_product(grad[s:e], sig, f_mm[s:], alpha)
         if e < n:  # the block right of the diagonal block stands for its transpose too
-            grad[e:].addmm_(sig[:, e - s:].T, f[s:e])
+            _add_product(grad[e:], sig[:, e - s:].T, f_mm[s:e], alpha)
     return grad
+
+
+def _omega_factors(strips, ts, w2, walk, include_self):
+    """The pieces of ``Omega / scale`` in the strips' dtype (see :func:`_gradient_pass`).
+
+    Returns:
+        dict: ``wexp`` ``T x N`` (row t: ``2 dL/dA / scale`` of a type-t row against every column)
+        or None, ``wdiag`` ``N`` (the diagonal to remove when ``i == j`` pairs are not counted) or
+        None, ``lf``, ``rf`` ``N x (2K + 2)`` walk factors (``lf rf^T / scale``) or None,
+        ``buf`` scratch for one strip of ``Omega`` (walk) or None, ``scale`` float. Full precision:
+        ``scale = 1``; low precision: ``scale`` = the largest of ``max|W|`` and
+        ``max|lf| max|rf|``, so every factor is at most 1 in magnitude.
+    """
+    dtype, n, dev = strips.dtype, strips.n, strips.f.device
+    low = dtype != strips.f.dtype
+    w_max = float(w2.abs().max()) if (low and w2 is not None) else 0.0
+    lf = rf = None
+    scale = 1.0
+    if walk is not None:
+        lf, a = _for_products(walk["lf"], dtype)
+        rf, b = _for_products(walk["rf"], dtype)
+        scale = max(a * b, w_max) if low else 1.0
+        if low:  # lf rf^T / scale = (a b / scale) lf' rf'^T
+            lf = lf * (a * b / scale)
+    elif low:
+        scale = w_max if w_max > 0 else 1.0
+    out = {"wexp": None, "wdiag": None, "lf": lf, "rf": rf, "scale": scale, "buf": None}
+    if w2 is not None:
+        w = (w2 / scale).to(dtype)
+        out["wexp"] = w[:, ts]
+        if not include_self:
+            out["wdiag"] = w.diagonal()[ts]
+    if walk is not None:
+        out["buf"] = torch.empty(strips.ranges[0][1] * n, dtype=dtype, device=dev)
+    return out
+
+
+def _weight_strip(sig, omega, bounds, s, e):
+    """``sig *= Omega / scale`` in place for the strip rows ``[s, e)`` (columns ``>= s``)."""
+    wexp, wdiag = omega["wexp"], omega["wdiag"]
+    segs = _segments(bounds, s, e) if wexp is not None else []
+    if omega["lf"] is not None:
+        om = omega["buf"][: sig.numel()].view(sig.shape)
+        torch.mm(omega["lf"][s:e], omega["rf"][s:].T, out=om)
+        for t, a, b in segs:
+            om[a:b] += wexp[t, s:]
+        if wdiag is not None:
+            om.diagonal().sub_(wdiag[s:e])
+        sig.mul_(om)
+        return
+    for t, a, b in segs:
+        sig[a:b].mul_(wexp[t, s:])
+    if wdiag is not None:
+        sig.diagonal().zero_()
 
 
 # ------------------------------------------------------------------------------------ public API
 def affinity_terms(features, labels=(), probs=None, block_size=1024, include_self=False,
-                   transition="row", cache_mb=DEFAULT_CACHE_MB):
+                   transition="row", cache_mb=DEFAULT_CACHE_MB, matmul_dtype=None):
     """Affinity losses of several label sets and one random-walk step of ONE image, in one Function.
 
     ``A_ij = sigmoid(F_i . F_j)``. Losses: for each label set, a pair ``(i, j)`` of its valid pixels
@@ -507,6 +584,9 @@ def affinity_terms(features, labels=(), probs=None, block_size=1024, include_sel
         cache_mb: MB of affinity strips kept between the two passes of the ``row`` walk, forward
             and backward (``cfg.MODEL.P2SEG.I2S.CACHE_MB``); 0 recomputes them (about 20 % more
             time); ``N^2 / 2`` floats make every strip kept.
+        matmul_dtype: None (full precision) or ``torch.bfloat16`` / ``torch.float16``: the strips
+            and their products in that dtype, sums in float32 (mixed precision, the autocast
+            dtype of the caller); see the module docstring.
     Returns:
         ``(losses, num_pairs, walked)``: float ``L`` (dtype of ``features``), int64 ``L`` counted
         ordered pairs, float ``K x N`` (dtype of ``probs``) or None without ``probs``.
@@ -529,6 +609,8 @@ def affinity_terms(features, labels=(), probs=None, block_size=1024, include_sel
     labels = [_as_label(*lab, n, dev) for lab in labels]
     dtype = features.dtype if probs is None else torch.promote_types(features.dtype, probs.dtype)
     cdtype = _compute_dtype(dtype)
+    if matmul_dtype is not None and not (isinstance(matmul_dtype, torch.dtype) and matmul_dtype.is_floating_point):
+        raise ValueError(f"{_WHERE}: matmul_dtype must be None or a floating torch.dtype, got {matmul_dtype!r}")
     feats = features
     if probs is None:  # losses only: pixels outside every label set take no part
         keep = torch.zeros(n, dtype=torch.bool, device=dev)
@@ -544,7 +626,7 @@ def affinity_terms(features, labels=(), probs=None, block_size=1024, include_sel
     type_ids, pos, neg = _pair_types(labels, feats.shape[0], dev)
     losses, pairs, walked = _AffinityFn.apply(
         feats.to(cdtype), None if probs is None else probs.to(cdtype), block_size, transition,
-        bool(include_self), _cache_bytes(cache_mb), type_ids, pos, neg)
+        bool(include_self), _cache_bytes(cache_mb), type_ids, pos, neg, matmul_dtype)
     return losses.to(features.dtype), pairs, None if probs is None else walked.to(probs.dtype)
 
 
@@ -573,14 +655,15 @@ def affinity_loss(features, membership, valid=None, neutral=None, block_size=102
     return (losses[0], pairs[0]) if return_num_pairs else losses[0]
 
 
-def random_walk(features, probs, block_size=1024, transition="row", cache_mb=DEFAULT_CACHE_MB):
+def random_walk(features, probs, block_size=1024, transition="row", cache_mb=DEFAULT_CACHE_MB,
+                matmul_dtype=None):
     """One random-walk step of class probabilities over the affinity graph (see :func:`affinity_terms`).
 
     Args:
         features: float ``N x D`` features of ONE image.
         probs: float ``K x N`` probabilities (e.g. the present-class channels at feature resolution).
         block_size: rows of ``A`` per strip; transition: one of ``RANDOM_WALK_TRANSITIONS``;
-        cache_mb: see :func:`affinity_terms`.
+        cache_mb, matmul_dtype: see :func:`affinity_terms`.
     Returns:
         float ``K x N`` refined probabilities (dtype of ``probs``), exact gradients w.r.t.
         ``features`` and ``probs``.
@@ -590,7 +673,8 @@ def random_walk(features, probs, block_size=1024, transition="row", cache_mb=DEF
             f"{_WHERE}: random_walk expects features N x D and probs K x N, "
             f"got features {tuple(features.shape)} and probs {tuple(probs.shape)}"
         )
-    return affinity_terms(features, (), probs, block_size, transition=transition, cache_mb=cache_mb)[2]
+    return affinity_terms(features, (), probs, block_size, transition=transition, cache_mb=cache_mb,
+                          matmul_dtype=matmul_dtype)[2]
 
 
 # ------------------------------------------------------------------- dense references (tests only)

@@ -28,6 +28,8 @@ from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
 from detectron2.structures import BitMasks, Boxes, ImageList, Instances
 from detectron2.utils.events import get_event_storage
 
+from p2seg.utils.precision import autocast_dtype, full_precision
+
 from . import mdm
 from .heads import init_head_weights
 from .losses import center_loss, hard_mining_fraction, offset_loss, point_loss, semantic_loss
@@ -235,13 +237,21 @@ class P2Seg(nn.Module):
         Returns:
             training: dict name -> float scalar loss.
             inference: list of ``{"instances": Instances, "sem_seg": (C+1)xHxW}`` per image.
+
+        Under autocast (mixed precision, p2seg/utils/precision.py) the backbone and heads run in
+        the autocast dtype; the losses, MDM and post-processing run in float32, the I2S affinity
+        products in the autocast dtype (``matmul_dtype``).
         """
         images = self.preprocess_image(batched_inputs)
+        low = autocast_dtype(self.device)
         if not self.training:
-            return self.inference(self.predict_for_inference(images), batched_inputs, images)
+            outputs = self.predict_for_inference(images)
+            with full_precision(self.device):
+                return self.inference(outputs, batched_inputs, images, matmul_dtype=low)
         outputs = self.predict(self.backbone(images.tensor))
-        targets = self.prepare_targets(batched_inputs, images.tensor.shape[-2:])
-        losses = self.losses(outputs, targets)
+        with full_precision(self.device):
+            targets = self.prepare_targets(batched_inputs, images.tensor.shape[-2:])
+            losses = self.losses(outputs, targets, matmul_dtype=low)
         self._local_iter += 1
         return losses
 
@@ -260,15 +270,15 @@ class P2Seg(nn.Module):
         """Head outputs at 1/``common_stride`` of the padded input (h = H'/4, w = W'/4).
 
         Returns:
-            dict: ``sem_seg`` float Bx(C+1)xhxw logits, ``center`` float BxCxhxw,
-            ``offset`` float Bx2xhxw (dy, dx) in 1/4-resolution pixels, and with I2S
-            ``affinity`` float BxFxhxw.
+            dict: ``sem_seg`` float32 Bx(C+1)xhxw logits, ``center`` float32 BxCxhxw,
+            ``offset`` float32 Bx2xhxw (dy, dx) in 1/4-resolution pixels, and with I2S
+            ``affinity`` float32 BxFxhxw (float32 also when the heads ran in low precision).
         """
         center, offset = self.ins_embed_head.layers(features)
         outputs = {"sem_seg": self.sem_seg_head.layers(features), "center": center, "offset": offset}
         if self.affinity_head is not None:
             outputs["affinity"] = self.affinity_head.layers(features)
-        return outputs
+        return {key: value.float() for key, value in outputs.items()}
 
     def upsample(self, outputs: Dict[str, torch.Tensor], skip=()) -> Dict[str, torch.Tensor]:
         """Bilinear upsampling by ``common_stride`` to the padded input size (Panoptic-DeepLab).
@@ -322,8 +332,9 @@ class P2Seg(nn.Module):
         targets["point_classes"] = [x["point_classes"].to(self.device) for x in batched_inputs]
         return targets
 
-    def losses(self, outputs: Dict[str, torch.Tensor], targets: Dict) -> Dict[str, torch.Tensor]:
-        """All loss terms (weighted); Detectron2's trainer sums them.
+    def losses(self, outputs: Dict[str, torch.Tensor], targets: Dict, matmul_dtype=None) -> Dict[str, torch.Tensor]:
+        """All loss terms (weighted); Detectron2's trainer sums them. ``matmul_dtype``: dtype of
+        the I2S affinity products (None: float32; the autocast dtype under mixed precision).
 
         ``L = SEM*L_sem + CENTER*L_ctr + OFFSET*avg(L_off, L_off') [+ POINT*L_pt]
         [+ I2S.LOSS_WEIGHT*avg(L_aff_class, L_aff_instance)]`` where ``L_off'`` (S2I refined
@@ -334,7 +345,7 @@ class P2Seg(nn.Module):
         walk = self.i2s_enabled and self.random_walk
         up = self.upsample(outputs, skip=("sem_seg",) if walk else ())
         s2i = self._s2i(outputs, up, targets)
-        i2s = self._i2s(outputs, targets, s2i)
+        i2s = self._i2s(outputs, targets, s2i, matmul_dtype)
         terms = {}
         terms.update(self._semantic_losses(up, targets, i2s))
         terms.update(self._center_losses(up, targets))
@@ -409,7 +420,7 @@ class P2Seg(nn.Module):
         )
         return {"offset": offset, "offset_weights": weights, "instance_ids": instance_ids}
 
-    def _i2s(self, outputs, targets, s2i) -> Optional[Dict[str, torch.Tensor]]:
+    def _i2s(self, outputs, targets, s2i, matmul_dtype=None) -> Optional[Dict[str, torch.Tensor]]:
         """I2S hook: the class / instance affinity losses and, with I2S.RANDOM_WALK, the random
         walk of the 1/4-resolution softmax probabilities over the present classes, in one blockwise
         pass (``mdm.i2s_terms``). None when I2S is disabled.
@@ -437,7 +448,7 @@ class P2Seg(nn.Module):
             outputs["affinity"], sem_seg, instance_ids, self._image_classes(targets["point_classes"]),
             pool_stride=self.i2s_pool_stride, block_size=self.i2s_block_size, sem_probs=sem_probs,
             transition=self.random_walk_transition, ignore_value=self.ignore_value,
-            cache_mb=self.i2s_cache_mb,
+            cache_mb=self.i2s_cache_mb, matmul_dtype=matmul_dtype,
         )
 
     def _semantic_logits(self, up, i2s) -> torch.Tensor:
@@ -453,7 +464,7 @@ class P2Seg(nn.Module):
                               align_corners=False)
         return probs.clamp_min_(torch.finfo(probs.dtype).tiny).log()  # in place: one H'xW' copy less
 
-    def _refine_semantics(self, sem_probs, outputs, batched_inputs):
+    def _refine_semantics(self, sem_probs, outputs, batched_inputs, matmul_dtype=None):
         """Inference random walk (I2S.RANDOM_WALK) on the 1/4-resolution probabilities of the
         images that have points (their classes are the image-level labels); identity otherwise.
 
@@ -461,6 +472,7 @@ class P2Seg(nn.Module):
             sem_probs: float Bx(C+1)xhxw softmax probabilities.
             outputs: :meth:`predict_for_inference` outputs (``affinity`` with I2S).
             batched_inputs: the inputs (``point_classes`` of images with ``points``).
+            matmul_dtype: dtype of the affinity products (None: float32).
         Returns:
             float Bx(C+1)xhxw.
         """
@@ -473,7 +485,7 @@ class P2Seg(nn.Module):
         walked = mdm.refine_semantic_probs(
             sem_probs[index], outputs["affinity"][index], classes,
             block_size=self.i2s_block_size, transition=self.random_walk_transition,
-            cache_mb=self.i2s_cache_mb,
+            cache_mb=self.i2s_cache_mb, matmul_dtype=matmul_dtype,
         )
         sem_probs = sem_probs.clone()
         sem_probs[index] = walked
@@ -512,7 +524,7 @@ class P2Seg(nn.Module):
         return present
 
     def inference(self, outputs: Dict[str, torch.Tensor], batched_inputs: List[Dict],
-                  images: ImageList) -> List[Dict]:
+                  images: ImageList, matmul_dtype=None) -> List[Dict]:
         """Semantic probabilities and instances at the original size of each image.
 
         The random walk (images with points, I2S.RANDOM_WALK) and "clean" (zero the channels of
@@ -522,9 +534,10 @@ class P2Seg(nn.Module):
         ``"points"`` (x, y in the input tensor's coordinates): one instance per point
         (:func:`point_guided_instances`); without: instances from centre peaks
         (:func:`peak_instances`). The returned ``sem_seg`` is the cleaned probabilities.
+        ``matmul_dtype``: dtype of the random walk's affinity products (None: float32).
         """
         present = self.present_classes(batched_inputs)
-        walked = self._refine_semantics(outputs["sem_probs"], outputs, batched_inputs)
+        walked = self._refine_semantics(outputs["sem_probs"], outputs, batched_inputs, matmul_dtype)
         sem_probs = walked * present[:, :, None, None]
         results = []
         for i, (x, image_size) in enumerate(zip(batched_inputs, images.image_sizes)):

@@ -1,0 +1,99 @@
+"""The GPU check behind ``benchmarks/gpu_check.sh``: device tests, then B1 / B3 in float32 and AMP.
+
+Usage: ``python benchmarks/gpu_check.py [--device cuda|cpu] [--quick] [--budget-s 480]``.
+
+1. ``pytest -m device`` (tests/test_device.py: training step in float32 / bfloat16 / float16,
+   blockwise affinity against the float64 dense reference, export inference) with
+   ``P2SEG_TEST_DEVICE=<device>``;
+2. ``benchmarks/run_all.py --only B1 B3 --crops 416 --amp --device <device>``: B1 (training step,
+   R-50, batch 2, S2I + I2S on, and I2S off) and B3 (export forward) each in float32 and mixed
+   precision (float16 with gradient scaling on CUDA, bfloat16 on CPU), one fresh process each.
+
+Prints the children's JSON lines, then one summary line: test counts, per workload float32 / AMP
+median seconds, images per second, speed-up and peak memory (``peak_cuda_gib`` on CUDA). Every step
+has a timeout inside ``--budget-s`` (default 8 minutes); what did not finish is reported as such.
+``--quick`` (the CPU dry run that proves the script works): crop 160, 1 timed run, 1 thread, no
+I2S-off workload.
+"""
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+# Images per timed step: B1 trains on a batch of 2, B3 runs one image.
+_IMAGES = {"B1": 2, "B3": 1}
+
+
+def run_tests(device, timeout_s):
+    """``pytest -m device`` on ``device``: ``{"passed", "failed", "skipped", "returncode", "seconds"}``."""
+    env = dict(os.environ, P2SEG_TEST_DEVICE=device)
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "device", "tests/test_device.py"],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout_s:.0f} s"}
+    sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-2000:])
+    counts = {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|skipped|error)", proc.stdout)}
+    return {**{k: counts.get(k, 0) for k in ("passed", "failed", "skipped", "error")},
+            "returncode": proc.returncode, "seconds": round(time.perf_counter() - start, 1)}
+
+
+def run_benchmarks(device, quick, timeout_s):
+    """The run_all.py records (list of dicts) of B1 / B3 in float32 and AMP, or an error record."""
+    crop, runs, threads = ("160", "1", "1") if quick else ("416", "3", str(os.cpu_count() or 1))
+    argv = [sys.executable, "run_all.py", "--only", "B1", "B3", "--crops", crop, "--runs", runs,
+            "--threads", threads, "--device", device, "--amp"] + (["--no-i2s-off"] if quick else [])
+    try:
+        proc = subprocess.run(argv, cwd=HERE, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired as e:
+        done = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        records = [json.loads(ln) for ln in done.splitlines() if ln.startswith("{")]
+        return records + [{"error": f"benchmarks timed out after {timeout_s:.0f} s"}]
+    sys.stderr.write(proc.stderr[-2000:])
+    return [json.loads(ln) for ln in proc.stdout.splitlines() if ln.startswith("{")]
+
+
+def summarise(tests, records):
+    """One summary dict: test counts and, per workload, float32 vs AMP (s, images/s, memory)."""
+    summary = next((r["summary"] for r in records if "summary" in r), {})
+    rows = {}
+    for name, row in summary.items():
+        images = _IMAGES[name[:2]]
+        rows[name] = dict(row, fp32_images_per_s=round(images / row["fp32_s"], 2),
+                          amp_images_per_s=round(images / row["amp_s"], 2))
+    errors = [r for r in records if "error" in r]
+    return {"tests": tests, "workloads": rows, "errors": errors}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--quick", action="store_true", help="CPU dry run: crop 160, 1 run, 1 thread")
+    parser.add_argument("--budget-s", type=float, default=480.0)
+    args = parser.parse_args()
+    start = time.perf_counter()
+    tests = run_tests(args.device, 0.4 * args.budget_s)
+    left = args.budget_s - (time.perf_counter() - start)
+    records = run_benchmarks(args.device, args.quick, max(left - 10.0, 30.0))
+    for record in records:
+        print(json.dumps(record, sort_keys=True), flush=True)
+    out = summarise(tests, records)
+    out.update(device=args.device, quick=args.quick, wall_s=round(time.perf_counter() - start, 1))
+    if args.device.startswith("cuda"):
+        import torch
+
+        out["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    print(json.dumps({"gpu_check": out}, sort_keys=True), flush=True)
+    failed = tests.get("failed", 0) or tests.get("error", 0) or "error" in tests or out["errors"]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,54 @@
+"""Mixed precision: which low-precision dtype a config asks for, and the autocast context around it.
+
+``SOLVER.AMP.ENABLED`` (Detectron2's key) turns mixed precision on for training, ``--eval-only``,
+the pseudo-mask export and the demo; ``SOLVER.AMP.DTYPE`` picks the dtype: "auto" is bfloat16 on
+CPU (no gradient scaling needed: bfloat16 has float32's exponent range) and float16 on CUDA (with
+gradient scaling, p2seg/engine/amp.py). Inside P2Seg the backbone and heads run under autocast;
+the head outputs are cast to float32 and everything after them (losses, S2I, post-processing) runs
+with autocast off, except the affinity strips of I2S, whose products take the autocast dtype
+explicitly (``matmul_dtype`` of p2seg/modeling/affinity.py) with float32 sums.
+"""
+import contextlib
+
+import torch
+
+__all__ = ["AMP_DTYPES", "amp_dtype", "autocast_dtype", "full_precision", "mixed_precision"]
+
+# SOLVER.AMP.DTYPE values.
+AMP_DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def amp_dtype(cfg, device_type: str):
+    """The low-precision dtype of ``cfg.SOLVER.AMP`` on ``device_type`` ("cpu" / "cuda"), or None
+    when ``SOLVER.AMP.ENABLED`` is off. ValueError naming the key for an unknown ``DTYPE``."""
+    amp = cfg.SOLVER.AMP
+    if not amp.ENABLED:
+        return None
+    name = amp.get("DTYPE", "auto")
+    if name not in AMP_DTYPES:
+        raise ValueError(f"config SOLVER.AMP.DTYPE must be one of {sorted(AMP_DTYPES)}, got {name!r}")
+    dtype = AMP_DTYPES[name]
+    if dtype is None:
+        dtype = torch.float16 if device_type == "cuda" else torch.bfloat16
+    return dtype
+
+
+def mixed_precision(cfg, device):
+    """``torch.autocast`` on ``device`` with :func:`amp_dtype`, or a no-op context when AMP is off."""
+    device_type = torch.device(device).type
+    dtype = amp_dtype(cfg, device_type)
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device_type, dtype=dtype)
+
+
+def autocast_dtype(device):
+    """The dtype autocast is running in on ``device`` (torch.device), or None when it is off there."""
+    if not torch.is_autocast_enabled(device.type):
+        return None
+    return torch.get_autocast_dtype(device.type)
+
+
+def full_precision(device):
+    """A context that turns autocast off on ``device`` (torch.device): float32 math inside."""
+    return torch.autocast(device_type=device.type, enabled=False)

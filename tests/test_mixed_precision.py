@@ -1,0 +1,233 @@
+"""Mixed precision (SOLVER.AMP): the blockwise affinity in bfloat16 / float16 against the float64
+dense reference, one P2Seg step in low precision against float32 on the same weights, identical
+mask decisions on a hand case, and the trainer / evaluation / demo wiring on CPU.
+
+Stated tolerances (measured margins in brackets, seeds fixed):
+
+* affinity (N = 120 and 600, block 13 / 64): losses within 1e-3 relative of float64 [~1e-6];
+  walk and gradients within 2e-2 (bfloat16) / 4e-3 (float16) of the reference's max magnitude,
+  cosine >= 0.999 [bf16 ~5e-3, cos 0.99999];
+* model step (tiny ResNet-18, 64 x 96, after 20 float32 steps): every loss term within 2e-2
+  relative, gradient cosine >= 0.99 [bf16 0.999]. At random initialisation the deep-layer
+  gradients nearly cancel and bfloat16 rounding moves them more (cosine 0.97-0.99 there).
+"""
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from detectron2.config import get_cfg
+from detectron2.utils.events import EventStorage
+
+from p2seg import add_p2seg_config
+from p2seg.modeling.affinity import affinity_terms, dense_affinity_loss, dense_random_walk
+from p2seg.utils.precision import amp_dtype, autocast_dtype, mixed_precision
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_model import _eval_inputs, _force_semantics, synthetic_input, tiny_model, total  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
+
+LOW = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+WALK_TOL = {"bfloat16": 2e-2, "float16": 4e-3}
+
+
+def rel_err(a, b):
+    """Max absolute difference relative to the max magnitude of the reference ``b``."""
+    return float((a.double() - b).abs().max() / b.abs().max())
+
+
+def cosine(a, b):
+    return float(torch.nn.functional.cosine_similarity(a.double().flatten(), b.double().flatten(), 0))
+
+
+# ------------------------------------------------------------------------------------- affinity
+def _affinity_case(n, seed=3, d=8, k=3):
+    """Features, probabilities, a walk weight and two label sets (one with neutral pixels), float64."""
+    gen = torch.Generator().manual_seed(seed)
+    feats = torch.randn(n, d, generator=gen, dtype=torch.float64) * 0.5
+    probs = torch.softmax(torch.randn(k, n, generator=gen, dtype=torch.float64), 0)
+    weight = torch.randn(k, n, generator=gen, dtype=torch.float64)
+    member = torch.rand(n, 4, generator=gen) < 0.3
+    neutral = ~member.any(1) & (torch.rand(n, generator=gen) < 0.6)
+    other = torch.rand(n, 2, generator=gen) < 0.5
+    return feats, probs, weight, [(member, None, neutral), (other, None, None)]
+
+
+def _dense(feats, probs, weight, labels, transition):
+    """float64 dense losses, walk and gradients of ``0.3 L0 + 1.7 L1 + <walk, weight>``."""
+    f, p = feats.clone().requires_grad_(), probs.clone().requires_grad_()
+    losses = torch.stack([dense_affinity_loss(f, *lab) for lab in labels])
+    walked = dense_random_walk(f, p, transition)
+    (0.3 * losses[0] + 1.7 * losses[1] + (walked * weight).sum()).backward()
+    return losses.detach(), walked.detach(), f.grad, p.grad
+
+
+@pytest.mark.parametrize("n, block_size, cache_mb", [(120, 13, 0), (600, 64, 512)])
+@pytest.mark.parametrize("transition", ["row", "column"])
+@pytest.mark.parametrize("dtype", sorted(LOW))
+def test_low_precision_affinity_matches_the_float64_dense_reference(dtype, transition, n, block_size, cache_mb):
+    """Strip products in bfloat16 / float16, sums in float32: losses, walk and both gradients close
+    to the float64 dense formulas. N = 600 has 1 / #pairs ~ 3e-6, below float16's normal range:
+    the operand scaling keeps those weights."""
+    feats, probs, weight, labels = _affinity_case(n)
+    ref = _dense(feats, probs, weight, labels, transition)
+    f, p = feats.float().requires_grad_(), probs.float().requires_grad_()
+    losses, pairs, walked = affinity_terms(f, labels, p, block_size, transition=transition,
+                                           cache_mb=cache_mb, matmul_dtype=LOW[dtype])
+    assert losses.dtype == torch.float32 and walked.dtype == torch.float32
+    (0.3 * losses[0] + 1.7 * losses[1] + (walked * weight.float()).sum()).backward()
+    assert rel_err(losses.detach(), ref[0]) < 1e-3
+    for got, want in ((walked.detach(), ref[1]), (f.grad, ref[2]), (p.grad, ref[3])):
+        assert rel_err(got, want) < WALK_TOL[dtype]
+        assert cosine(got, want) >= 0.999
+
+
+def test_full_precision_path_is_unchanged_by_matmul_dtype_none():
+    """``matmul_dtype=None`` and float32 give the float32 strips (exact to float32 rounding)."""
+    feats, probs, weight, labels = _affinity_case(120)
+    ref = _dense(feats, probs, weight, labels, "row")
+    losses, _, walked = affinity_terms(feats.float(), labels, probs.float(), 13, matmul_dtype=None)
+    assert rel_err(losses, ref[0]) < 1e-5 and rel_err(walked, ref[1]) < 1e-5
+
+
+def test_matmul_dtype_must_be_a_floating_dtype():
+    with pytest.raises(ValueError, match="matmul_dtype"):
+        affinity_terms(torch.randn(6, 2), (), torch.rand(2, 6), matmul_dtype=torch.int8)
+
+
+# ----------------------------------------------------------------------------------- model step
+def _trained_tiny_model(mdm, steps=20):
+    """Tiny P2Seg (test_model's) after ``steps`` float32 Adam steps on a fixed batch, and the batch."""
+    model = tiny_model("MODEL.P2SEG.S2I.ENABLED", mdm, "MODEL.P2SEG.I2S.ENABLED", mdm)
+    model.train()
+    batch = [synthetic_input(seed=0), synthetic_input(seed=1)]
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for _ in range(steps):
+        with EventStorage():
+            loss = total(model(batch))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model, batch
+
+
+def _step(model, batch, dtype):
+    """Losses and the flat gradient of one forward / backward, under autocast ``dtype`` (None: off)."""
+    model.zero_grad()
+    with EventStorage(), torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+        losses = model(batch)
+    total(losses).backward()
+    grad = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+    return {k: v.detach() for k, v in losses.items()}, grad
+
+
+@pytest.mark.parametrize("mdm", [False, True])
+def test_one_step_in_bfloat16_matches_float32_on_the_same_weights(mdm):
+    model, batch = _trained_tiny_model(mdm)
+    ref_losses, ref_grad = _step(model, batch, None)
+    seen = {}
+
+    def record_dtype(module, inputs, output):
+        seen["dtype"] = output.dtype
+
+    hook = model.backbone.stem.conv1.register_forward_hook(record_dtype)
+    losses, grad = _step(model, batch, torch.bfloat16)
+    hook.remove()
+    assert seen["dtype"] == torch.bfloat16  # the network ran in low precision
+    assert set(losses) == set(ref_losses)
+    for name, value in losses.items():
+        assert value.dtype == torch.float32, name  # losses are computed in float32
+        assert value.item() == pytest.approx(ref_losses[name].item(), rel=2e-2, abs=1e-4), name
+    assert cosine(grad, ref_grad) >= 0.99
+
+
+@pytest.mark.parametrize("mdm", [False, True])
+def test_low_precision_inference_makes_the_same_mask_decisions(mdm):
+    """Hand case: forced semantics (class 2 wins, class 0 second) and the untrained offsets give
+    the same masks, classes and float32 probabilities in bfloat16 as in float32."""
+    model = tiny_model("MODEL.P2SEG.S2I.ENABLED", mdm, "MODEL.P2SEG.I2S.ENABLED", mdm)
+    model.eval()
+    _force_semantics(model, [0.0, 2.0, 0.0, 3.0])
+    with torch.no_grad():
+        ref = model(_eval_inputs())
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = model(_eval_inputs())
+    for a, b in zip(ref, low):
+        assert b["sem_seg"].dtype == torch.float32
+        torch.testing.assert_close(b["sem_seg"], a["sem_seg"], rtol=0, atol=2e-2)
+        assert torch.equal(a["instances"].pred_masks, b["instances"].pred_masks)
+        assert torch.equal(a["instances"].pred_classes, b["instances"].pred_classes)
+
+
+# ------------------------------------------------------------------------------- config / trainer
+def _cfg(*opts):
+    cfg = get_cfg()
+    add_p2seg_config(cfg)
+    cfg.merge_from_list(list(opts))
+    return cfg
+
+
+def test_amp_dtype_from_the_config():
+    assert amp_dtype(_cfg(), "cpu") is None
+    assert amp_dtype(_cfg("SOLVER.AMP.ENABLED", True), "cpu") == torch.bfloat16
+    assert amp_dtype(_cfg("SOLVER.AMP.ENABLED", True), "cuda") == torch.float16
+    assert amp_dtype(_cfg("SOLVER.AMP.ENABLED", True, "SOLVER.AMP.DTYPE", "bfloat16"), "cuda") == torch.bfloat16
+    with pytest.raises(ValueError, match="SOLVER.AMP.DTYPE"):
+        amp_dtype(_cfg("SOLVER.AMP.ENABLED", True, "SOLVER.AMP.DTYPE", "fp8"), "cpu")
+    with mixed_precision(_cfg("SOLVER.AMP.ENABLED", True), "cpu"):
+        assert autocast_dtype(torch.device("cpu")) == torch.bfloat16
+    with mixed_precision(_cfg(), "cpu"):
+        assert autocast_dtype(torch.device("cpu")) is None
+
+
+@pytest.mark.parametrize("dtype", sorted(LOW))
+def test_trainer_trains_and_evaluates_in_mixed_precision_on_cpu(dtype, tmp_path, monkeypatch):
+    """SOLVER.AMP.ENABLED on CPU: the inner trainer runs the step under autocast (float16 with a
+    gradient scaler whose state is checkpointed and restored on --resume), losses stay finite, and
+    evaluation runs under autocast too."""
+    from p2seg.engine import Trainer
+    from p2seg.engine.amp import MixedPrecisionTrainer
+    from p2seg.engine.pipeline import QUICK_COMMON, QUICK_STAGE1
+
+    monkeypatch.setenv("P2SEG_CACHE", str(tmp_path / "cache"))
+    config = Path(__file__).resolve().parents[1] / "configs" / "shapes" / "p2seg_R18_cpu.yaml"
+
+    def cfg_for(max_iter):
+        cfg = get_cfg()
+        add_p2seg_config(cfg)
+        cfg.merge_from_file(str(config))
+        cfg.merge_from_list(QUICK_COMMON + QUICK_STAGE1 + [
+            "DATALOADER.NUM_WORKERS", "0", "SOLVER.WARMUP_ITERS", "1", "SOLVER.MAX_ITER", str(max_iter),
+            "SOLVER.CHECKPOINT_PERIOD", "2", "OUTPUT_DIR", str(tmp_path / "out"),
+            "SOLVER.AMP.ENABLED", "True", "SOLVER.AMP.DTYPE", dtype])
+        cfg.freeze()
+        return cfg
+
+    trainer = Trainer(cfg_for(2))
+    inner = trainer._trainer
+    assert isinstance(inner, MixedPrecisionTrainer) and inner.dtype == LOW[dtype]
+    assert (inner.grad_scaler is not None) == (dtype == "float16")
+    seen = []
+    model = inner.model
+    hook = model.backbone.stem.conv1.register_forward_hook(lambda m, i, o: seen.append(o.dtype) and None)
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    assert seen and set(seen) == {LOW[dtype]}
+    losses = trainer.storage.latest()
+    assert all(torch.isfinite(torch.tensor(losses[k][0])) for k in ("loss_sem", "loss_center", "loss_offset"))
+    saved = torch.load(tmp_path / "out" / "model_final.pth", map_location="cpu", weights_only=True)
+    assert ("grad_scaler" in saved["trainer"]["_trainer"]) == (dtype == "float16")
+
+    seen.clear()
+    model.eval()
+    results = Trainer.test(cfg_for(2), model)
+    hook.remove()
+    assert set(seen) == {LOW[dtype]} and "segm" in results
+
+    resumed = Trainer(cfg_for(3))
+    resumed.resume_or_load(resume=True)
+    assert resumed.start_iter == 2
+    if dtype == "float16":
+        assert resumed._trainer.grad_scaler.get_scale() == trainer._trainer.grad_scaler.get_scale()
