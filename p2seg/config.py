@@ -164,4 +164,7 @@ def add_p2seg_config(cfg):
     # Mixed precision (Detectron2's SOLVER.AMP.ENABLED; p2seg/utils/precision.py): "auto" = bfloat16
     # on CPU, float16 with gradient scaling on CUDA; or "bfloat16" / "float16" on either.
     cfg.SOLVER.AMP.DTYPE = "auto"
+    # Under CPU autocast, keep depthwise convolutions in float32 (oneDNN's bfloat16 depthwise
+    # backward is ~3x slower than float32 here; p2seg/utils/precision.py).
+    cfg.SOLVER.AMP.CPU_FLOAT32_DEPTHWISE = True
     return cfg

@@ -118,3 +118,25 @@ def test_export_and_targets_benchmarks_run_tiny():
     assert rec["post_median_s"] > 0 and rec["rle_median_s"] > 0
     rec = _run_json("bench_targets.py", "--size", "64", "--runs", "3")
     assert rec["benchmark"] == "build_targets" and rec["instances"] == 5 and rec["assigned_pixels"] > 0
+
+
+def test_run_all_amp_runs_b1_and_b3_twice_and_summarises_side_by_side():
+    args = argparse.Namespace(only=["B1", "B2", "B3"], crops=[416], runs=3, threads=2, device="cpu",
+                              memory_format="config", no_i2s_off=True, amp=True, amp_dtype="auto")
+    plan = dict(run_all.workloads(args))
+    assert list(plan) == ["B1_train_step_crop416_s2i_i2s", "B1_train_step_crop416_s2i_i2s_amp", "B2_targets_416",
+                          "B3_export_forward_only", "B3_export_forward_only_amp", "B3_export_all",
+                          "B3_export_all_amp"]
+    assert "--amp" not in plan["B1_train_step_crop416_s2i_i2s"]
+    amp = plan["B1_train_step_crop416_s2i_i2s_amp"]
+    assert amp[amp.index("--amp") + 1] == "on" and amp[amp.index("--amp-dtype") + 1] == "auto"
+    records = [
+        {"workload": "B1_train_step_crop416_s2i_i2s", "median_s": 3.0, "peak_rss_gib": 3.1},
+        {"workload": "B1_train_step_crop416_s2i_i2s_amp", "median_s": 1.5, "peak_rss_gib": 2.0, "amp": "bfloat16"},
+        {"workload": "B3_export_forward_only", "forward_median_s": 1.0},
+        {"workload": "B3_export_forward_only_amp", "error": "boom"},
+    ]
+    summary = run_all.amp_summary(records)
+    assert list(summary) == ["B1_train_step_crop416_s2i_i2s"]
+    row = summary["B1_train_step_crop416_s2i_i2s"]
+    assert (row["fp32_s"], row["amp_s"], row["speedup"], row["amp"]) == (3.0, 1.5, 2.0, "bfloat16")

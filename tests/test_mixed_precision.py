@@ -161,6 +161,34 @@ def test_low_precision_inference_makes_the_same_mask_decisions(mdm):
         assert torch.equal(a["instances"].pred_classes, b["instances"].pred_classes)
 
 
+def test_depthwise_convolutions_stay_float32_under_cpu_autocast():
+    """SOLVER.AMP.CPU_FLOAT32_DEPTHWISE (default on): depthwise convs compute in float32 under CPU
+    autocast, dense convs in bfloat16; state-dict keys, deepcopy and float32 outputs unchanged."""
+    import copy
+
+    from p2seg.utils.precision import keep_depthwise_float32_on_cpu
+
+    plain = tiny_model("SOLVER.AMP.CPU_FLOAT32_DEPTHWISE", False)
+    model = tiny_model()
+    assert list(model.state_dict()) == list(plain.state_dict())
+    depthwise = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.groups == m.in_channels > 1]
+    assert depthwise and keep_depthwise_float32_on_cpu(model) == 0  # already done by the constructor
+    dense = model.backbone.stem.conv1
+    x = torch.randn(1, depthwise[0].in_channels, 9, 9)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert depthwise[0](x.bfloat16()).dtype == torch.float32
+        assert copy.deepcopy(depthwise[0])(x).dtype == torch.float32
+        assert dense(torch.randn(1, 3, 16, 16)).dtype == torch.bfloat16
+        plain_dw = [m for m in plain.modules() if isinstance(m, torch.nn.Conv2d) and m.groups == m.in_channels > 1]
+        assert plain_dw[0](x).dtype == torch.bfloat16
+    plain.load_state_dict(model.state_dict())
+    model.eval()
+    plain.eval()
+    with torch.no_grad():
+        for a, b in zip(model(_eval_inputs()), plain(_eval_inputs())):
+            torch.testing.assert_close(a["sem_seg"], b["sem_seg"], rtol=0, atol=0)
+
+
 # ------------------------------------------------------------------------------- config / trainer
 def _cfg(*opts):
     cfg = get_cfg()

@@ -1,31 +1,28 @@
 #!/usr/bin/env python
-"""Ablation of the Mutual Distillation Module: train none / S2I / I2S / both for the same budget.
+"""Ablation of the Mutual Distillation Module: none / S2I / I2S / both, any config, several seeds.
 
 Usage::
 
-    .venv/bin/python tools/ablation_mdm.py [--datasets shapes coco_mini] [--iters 150]
-        [--coco-iters 60] [--variants none s2i i2s both] [--threads 1] [--out output/ablation_mdm]
-        [--coco-root ../shared/data/coco_mini] [--coco-size 192] [--opts KEY VALUE ...]
+    .venv/bin/python tools/ablation_mdm.py --config configs/shapes/p2seg_R18_cpu.yaml \\
+        [--variants none s2i i2s both] [--seeds 3407 1] [--iters 800] [--parallel 2] [--threads 1] \\
+        [--dataset NAME] [--out output/ablation_mdm] [--tag shapes] [--opts KEY VALUE ...]
 
-Every (dataset, variant) trains in a FRESH subprocess (``--worker``) from
-configs/shapes/p2seg_R18_cpu.yaml (ResNet-18 from scratch, small decoders) with
-``MODEL.P2SEG.S2I.ENABLED`` / ``MODEL.P2SEG.I2S.ENABLED`` set per variant and ``SOLVER.MAX_ITER``
-= the budget (``WARMUP_ITERS`` = min(50, budget / 3)), then the pseudo masks of the TRAINING images
-(one mask per point) are evaluated with :class:`p2seg.evaluation.InstanceMaskEvaluator` (COCO mask
-AP / AP50 in percent) against their ground-truth masks.
+Every (variant, seed) trains in a FRESH subprocess (``--worker``; ``--parallel`` at a time, each
+with ``--threads`` torch threads) from ``--config`` with ``MODEL.P2SEG.S2I.ENABLED`` /
+``MODEL.P2SEG.I2S.ENABLED`` per variant, ``SEED`` and ``SOLVER.MAX_ITER`` (the config's when
+``--iters`` is 0), then scores the pseudo masks of ``--dataset`` (default: the config's first
+``DATASETS.TRAIN``, i.e. the training images with their points) with the project's
+:class:`p2seg.evaluation.InstanceMaskEvaluator`: COCO mask AP / AP50 / AP75 (percent).
 
-Datasets:
+With I2S the worker also writes the diagnosis of the module (:func:`walk_diagnostics`): the
+foreground IoU and mIoU of the model's semantics against the ground truth before and after the
+inference random walk, and the affinity's calibration (mean ``A`` over pixel pairs of the same
+ground-truth instance, of different instances, and of instance vs background).
 
-* ``shapes``: ``p2seg_shapes_train`` (the synthetic shapes, 3 classes);
-* ``coco_mini``: the 80 train2017 images of ``--coco-root`` with box-centre points
-  (``p2seg.tools.make_points --rule box-center``) and degraded semantic PNGs
-  (``p2seg.tools.render_semseg --erode 4 --dilate 4 --drop-prob 0.1 --blob-noise 2
-  --blob-radius 0.1 --seed 0``, mIoU ~0.67), both made once under ``--out/coco_mini_data``,
-  registered with :func:`p2seg.data.register_point_coco_instances`; 80 classes; images resized to
-  ``--coco-size`` (train crops 0.8 of it).
-
-Prints one JSON line per run and a final table (dataset, variant, iters, AP50, AP, train seconds).
-Results also go to ``--out/ablation.json`` (atomically).
+A finished run's JSON (``--out/<tag>_<variant>_s<seed>/ablation_run.json``) is reused, so an
+interrupted ablation resumes. Prints one JSON line per run, then one table: per variant the mean
+and spread (half the range) of AP / AP50 / AP75 over the seeds and the mean training time; the
+rows also go to ``--out/<tag>_ablation.json`` (atomically).
 """
 import argparse
 import json
@@ -35,141 +32,242 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG = os.path.join(ROOT, "configs", "shapes", "p2seg_R18_cpu.yaml")
 VARIANTS = {"none": (False, False), "s2i": (True, False), "i2s": (False, True), "both": (True, True)}
-COCO_TRAIN = "p2seg_ablation_coco_mini_train"
-DEGRADATION = ["--erode", "4", "--dilate", "4", "--drop-prob", "0.1", "--blob-noise", "2",
-               "--blob-radius", "0.1", "--seed", "0"]
+METRICS = ("AP", "AP50", "AP75")
 
 
-def prepare_coco(coco_root, out_dir):
-    """Point JSON and degraded semantic PNGs of coco_mini train2017 (made once).
-
-    Returns:
-        ``(points_json, png_dir, image_root)``.
-    """
-    from p2seg.tools import make_points, render_semseg
-
-    ann = os.path.join(coco_root, "annotations", "instances_train2017.json")
-    if not os.path.exists(ann):
-        raise FileNotFoundError(f"tools/ablation_mdm.py: --coco-root lacks {ann}")
-    data = os.path.join(out_dir, "coco_mini_data")
-    os.makedirs(data, exist_ok=True)
-    points = os.path.join(data, "points_train2017.json")
-    pngs = os.path.join(data, "sem_degraded")
-    if not os.path.exists(points):
-        make_points.main([ann, points, "--rule", "box-center"])
-    if not os.path.isdir(pngs) or not os.listdir(pngs):
-        render_semseg.main([ann, "--out", pngs, "--quiet"] + DEGRADATION)
-    return points, pngs, os.path.join(coco_root, "train2017")
+def run_dir(args, variant, seed):
+    return os.path.join(args.out, f"{args.tag}_{variant}_s{seed}")
 
 
-def variant_opts(dataset, variant, iters, args):
+def run_opts(args, variant, seed):
     """Config overrides of one run."""
     s2i, i2s = VARIANTS[variant]
-    opts = ["MODEL.P2SEG.S2I.ENABLED", str(s2i), "MODEL.P2SEG.I2S.ENABLED", str(i2s),
-            "SOLVER.MAX_ITER", str(iters), "SOLVER.WARMUP_ITERS", str(max(1, min(50, iters // 3))),
-            "TEST.EVAL_PERIOD", "0", "SEED", "0"]
-    if dataset == "coco_mini":
-        size = args.coco_size
-        crop = int(round(0.8 * size)) // 32 * 32
-        opts += ["MODEL.P2SEG.NUM_CLASSES", "80", "DATASETS.TRAIN", f"('{COCO_TRAIN}',)",
-                 "DATASETS.TEST", f"('{COCO_TRAIN}',)", "INPUT.RESIZE_TARGET", str(size),
-                 "INPUT.CROP.SIZE", f"({crop}, {crop})", "INPUT.MIN_SIZE_TEST", str(size),
-                 "INPUT.MAX_SIZE_TEST", str(size), "SOLVER.IMS_PER_BATCH", str(args.coco_batch)]
-    else:
-        opts += ["DATASETS.TEST", "('p2seg_shapes_train',)"]
+    opts = ["MODEL.P2SEG.S2I.ENABLED", str(s2i), "MODEL.P2SEG.I2S.ENABLED", str(i2s), "SEED", str(seed),
+            "TEST.EVAL_PERIOD", "0", "OUTPUT_DIR", run_dir(args, variant, seed)]
+    if args.iters:
+        opts += ["SOLVER.MAX_ITER", str(args.iters)]
     return opts + list(args.opts)
 
 
+# ------------------------------------------------------------------------------------ diagnosis
+def _gt_maps(annotations, height, width, out_h, out_w):
+    """int64 semantic (class + 1, 0 background) and instance (index + 1, 0 none) maps of the ground
+    truth (original ``height x width``) resized by nearest neighbour to the affinity grid
+    ``out_h x out_w``, as torch tensors."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    from p2seg.utils.visualize import masks_from_coco
+
+    masks = masks_from_coco(annotations, height, width)
+    sem = np.zeros((height, width), np.int64)
+    inst = np.zeros((height, width), np.int64)
+    for k, (mask, ann) in enumerate(zip(masks, annotations)):
+        sem[mask] = ann["category_id"] + 1
+        inst[mask] = k + 1
+    maps = torch.from_numpy(np.stack([sem, inst]))[None].float()
+    maps = F.interpolate(maps, size=(out_h, out_w), mode="nearest")[0].long()
+    return maps[0], maps[1]
+
+
+def _fg_iou(pred, gt):
+    """Foreground IoU of two label maps (label > 0)."""
+    a, b = pred > 0, gt > 0
+    union = (a | b).sum().item()
+    return (a & b).sum().item() / union if union else 1.0
+
+
+def walk_diagnostics(model, cfg, dataset_name, pairs_per_image=20000, seed=0):
+    """Semantics before / after the inference random walk and the affinity's calibration.
+
+    For each image of ``dataset_name`` (with points, at the test size; padded grid cropped to the
+    image): the argmax of the cleaned softmax before and after ``P2Seg._refine_semantics`` vs the
+    ground-truth semantic map at 1/4; ``A = sigmoid(f_i . f_j)`` on ``pairs_per_image`` random
+    pixel pairs grouped by ground truth. Returns a dict of means over images.
+    """
+    import torch
+
+    from detectron2.data import DatasetCatalog
+
+    from p2seg.engine import Trainer
+
+    loader = Trainer.build_test_loader(cfg, dataset_name)
+    dicts = {d["image_id"]: d for d in DatasetCatalog.get(dataset_name)}
+    gen = torch.Generator().manual_seed(seed)
+    sums = {k: 0.0 for k in ("fg_iou_before", "fg_iou_after", "acc_before", "acc_after")}
+    aff = {k: [0.0, 0] for k in ("same_instance", "other_instance", "instance_background")}
+    n_images = 0
+    model.eval()
+    with torch.no_grad():
+        for inputs in loader:
+            x = inputs[0]
+            images = model.preprocess_image(inputs)
+            outputs = model.predict_for_inference(images)
+            present = model.present_classes(inputs)[:, :, None, None]
+            before = outputs["sem_probs"] * present
+            after = model._refine_semantics(outputs["sem_probs"], outputs, inputs) * present
+            stride = model.common_stride
+            h, w = (-(-size // stride) for size in images.image_sizes[0])  # the unpadded 1/4 grid
+            d = dicts[x["image_id"]]
+            sem_gt, inst_gt = _gt_maps(d["annotations"], d["height"], d["width"], h, w)
+            for name, probs in (("before", before), ("after", after)):
+                pred = probs[0, :, :h, :w].argmax(0).cpu()
+                sums[f"fg_iou_{name}"] += _fg_iou(pred, sem_gt)
+                sums[f"acc_{name}"] += (pred == sem_gt).float().mean().item()
+            feats = outputs["affinity"][0, :, :h, :w].flatten(1).T.cpu()
+            inst = inst_gt.flatten()
+            i = torch.randint(0, len(inst), (pairs_per_image,), generator=gen)
+            j = torch.randint(0, len(inst), (pairs_per_image,), generator=gen)
+            a = torch.sigmoid((feats[i] * feats[j]).sum(1))
+            groups = {
+                "same_instance": (inst[i] > 0) & (inst[i] == inst[j]) & (i != j),
+                "other_instance": (inst[i] > 0) & (inst[j] > 0) & (inst[i] != inst[j]),
+                "instance_background": (inst[i] > 0) & (inst[j] == 0),
+            }
+            for key, sel in groups.items():
+                aff[key][0] += a[sel].sum().item()
+                aff[key][1] += int(sel.sum())
+            n_images += 1
+    out = {k: round(v / max(n_images, 1), 4) for k, v in sums.items()}
+    out.update({f"mean_A_{k}": round(s / c, 4) if c else None for k, (s, c) in aff.items()})
+    return out
+
+
+# -------------------------------------------------------------------------------------- worker
 def worker(args):
-    """Train and evaluate one run in this process; print its JSON line."""
+    """Train and evaluate one (variant, seed) in this process; write and print its JSON."""
     import torch
     from detectron2.config import get_cfg
     from detectron2.evaluation import inference_on_dataset
 
     from p2seg import add_p2seg_config
     from p2seg.engine import Trainer
+    from p2seg.engine.trainer import register_builtin_datasets
     from p2seg.evaluation import InstanceMaskEvaluator
+    from p2seg.utils import write_json_atomic
 
     torch.set_num_threads(args.threads)
-    if args.dataset == "coco_mini":
-        from p2seg.data import register_point_coco_instances
-
-        points, pngs, images = prepare_coco(args.coco_root, args.out)
-        register_point_coco_instances(COCO_TRAIN, {}, points, images, pngs)
-    run_dir = os.path.join(args.out, f"{args.dataset}_{args.variant}")
     cfg = get_cfg()
     add_p2seg_config(cfg)
-    cfg.merge_from_file(CONFIG)
-    cfg.merge_from_list(variant_opts(args.dataset, args.variant, args.iters, args)
-                        + ["OUTPUT_DIR", run_dir])
+    cfg.merge_from_file(args.config)
+    cfg.merge_from_list(run_opts(args, args.variant, args.seed))
+    name = args.dataset or cfg.DATASETS.TRAIN[0]
+    cfg.DATASETS.TEST = (name,)
     cfg.freeze()
-    os.makedirs(run_dir, exist_ok=True)
+    os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=False)
     t0 = time.perf_counter()
     trainer.train()
     train_s = time.perf_counter() - t0
-    name = cfg.DATASETS.TEST[0]
+    register_builtin_datasets(cfg)
     t0 = time.perf_counter()
-    results = inference_on_dataset(trainer.model, Trainer.build_test_loader(cfg, name),
-                                   InstanceMaskEvaluator(name, distributed=False))
+    evaluator = InstanceMaskEvaluator(name, distributed=False, max_dets_per_image=cfg.TEST.DETECTIONS_PER_IMAGE)
+    results = inference_on_dataset(trainer.model, Trainer.build_test_loader(cfg, name), evaluator)
     segm = results.get("segm", {})
-    print(json.dumps({"dataset": args.dataset, "variant": args.variant, "iters": args.iters,
-                      "AP50": segm.get("AP50"), "AP": segm.get("AP"), "train_s": round(train_s, 1),
-                      "eval_s": round(time.perf_counter() - t0, 1), "threads": args.threads,
-                      "loadavg_1min": round(os.getloadavg()[0], 2)}), flush=True)
+    row = {"tag": args.tag, "variant": args.variant, "seed": args.seed, "iters": cfg.SOLVER.MAX_ITER,
+           "dataset": name, **{k: segm.get(k) for k in METRICS}, "train_s": round(train_s, 1),
+           "eval_s": round(time.perf_counter() - t0, 1), "threads": args.threads,
+           "loadavg_1min": round(os.getloadavg()[0], 2)}
+    if VARIANTS[args.variant][1]:
+        row["diagnosis"] = walk_diagnostics(trainer.model, cfg, name)
+    write_json_atomic(row, os.path.join(cfg.OUTPUT_DIR, "ablation_run.json"))
+    print(json.dumps(row), flush=True)
 
 
-def main():
+# ---------------------------------------------------------------------------------------- table
+def summarise(rows):
+    """Per variant (in VARIANTS order): seeds, mean and spread (half the range) of each metric,
+    mean training seconds; rows with an error are left out."""
+    out = []
+    for variant in VARIANTS:
+        runs = [r for r in rows if r.get("variant") == variant and "error" not in r]
+        if not runs:
+            continue
+        row = {"variant": variant, "seeds": [r["seed"] for r in runs],
+               "train_s": round(sum(r["train_s"] for r in runs) / len(runs), 1)}
+        for m in METRICS:
+            values = [r[m] for r in runs]
+            row[m] = round(sum(values) / len(values), 2)
+            row[f"{m}_spread"] = round((max(values) - min(values)) / 2, 2)
+        out.append(row)
+    return out
+
+
+def format_table(summary):
+    lines = [f"{'variant':8} {'seeds':>10} {'AP':>13} {'AP50':>13} {'AP75':>13} {'train_s':>8}"]
+    for r in summary:
+        cells = " ".join(f"{r[m]:6.2f} ±{r[m + '_spread']:5.2f}" for m in METRICS)
+        lines.append(f"{r['variant']:8} {','.join(map(str, r['seeds'])):>10} {cells} {r['train_s']:8.1f}")
+    return "\n".join(lines)
+
+
+def _command(args, variant, seed):
+    return [sys.executable, os.path.abspath(__file__), "--worker", "--config", args.config, "--variant", variant,
+            "--seed", str(seed), "--iters", str(args.iters), "--threads", str(args.threads), "--out", args.out,
+            "--tag", args.tag, "--dataset", args.dataset, "--opts", *args.opts]
+
+
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--datasets", nargs="+", default=["shapes", "coco_mini"], choices=["shapes", "coco_mini"])
+    parser.add_argument("--config", default=os.path.join(ROOT, "configs", "shapes", "p2seg_R18_cpu.yaml"))
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument("--iters", type=int, default=600, help="training iterations on shapes")
-    parser.add_argument("--coco-iters", type=int, default=300, help="training iterations on coco_mini")
-    parser.add_argument("--coco-size", type=int, default=192, help="coco_mini image size (resize target)")
-    parser.add_argument("--coco-batch", type=int, default=8, help="coco_mini images per batch")
-    parser.add_argument("--coco-root", default=os.path.join(os.path.dirname(ROOT), "shared", "data", "coco_mini"))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[3407, 1])
+    parser.add_argument("--iters", type=int, default=0, help="SOLVER.MAX_ITER (0: the config's)")
+    parser.add_argument("--dataset", default="", help="scored dataset (default: the config's first DATASETS.TRAIN)")
+    parser.add_argument("--parallel", type=int, default=1, help="runs at a time")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
     parser.add_argument("--out", default=os.path.join(ROOT, "output", "ablation_mdm"))
+    parser.add_argument("--tag", default="", help="run-name prefix (default: the config's file name)")
     parser.add_argument("--opts", nargs="*", default=[], help="extra config KEY VALUE pairs")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--dataset", default="shapes", help=argparse.SUPPRESS)
     parser.add_argument("--variant", default="none", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    parser.add_argument("--seed", type=int, default=3407, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    args.config = os.path.abspath(args.config)
+    args.tag = args.tag or os.path.splitext(os.path.basename(args.config))[0]
     if args.worker:
         return worker(args)
     os.makedirs(args.out, exist_ok=True)
-    if "coco_mini" in args.datasets:
-        prepare_coco(args.coco_root, args.out)  # once, before the runs
-    rows, t_all = [], time.perf_counter()
-    for dataset in args.datasets:
-        iters = args.iters if dataset == "shapes" else args.coco_iters
-        for variant in args.variants:
-            cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--dataset", dataset,
-                   "--variant", variant, "--iters", str(iters), "--threads", str(args.threads),
-                   "--out", args.out, "--coco-root", args.coco_root, "--coco-size", str(args.coco_size),
-                   "--coco-batch", str(args.coco_batch), "--opts", *args.opts]
-            env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", OMP_NUM_THREADS=str(args.threads))
+    todo = [(v, s) for s in args.seeds for v in args.variants]
+    rows, running, t_all = [], [], time.perf_counter()
+    while todo or running:
+        while todo and len(running) < args.parallel:
+            variant, seed = todo.pop(0)
+            done = os.path.join(run_dir(args, variant, seed), "ablation_run.json")
+            if os.path.isfile(done):  # resumed: this run finished before
+                with open(done) as f:
+                    rows.append(json.load(f))
+                print(json.dumps(rows[-1]), flush=True)
+                continue
+            log = open(os.path.join(args.out, f"{args.tag}_{variant}_s{seed}.log"), "w")
+            proc = subprocess.Popen(_command(args, variant, seed), stdout=subprocess.PIPE, stderr=log,
+                                    text=True, env=env, cwd=ROOT)
+            running.append((variant, seed, proc, log))
+        for item in list(running):
+            variant, seed, proc, log = item
+            if proc.poll() is None:
+                continue
+            running.remove(item)
+            log.close()
+            lines = [ln for ln in proc.stdout.read().splitlines() if ln.startswith("{")]
             row = json.loads(lines[-1]) if proc.returncode == 0 and lines else {
-                "dataset": dataset, "variant": variant, "iters": iters,
-                "error": (proc.stderr.strip().splitlines() or ["?"])[-1]}
+                "tag": args.tag, "variant": variant, "seed": seed,
+                "error": f"exit {proc.returncode}; see {log.name}"}
             print(json.dumps(row), flush=True)
             rows.append(row)
-    tmp = os.path.join(args.out, "ablation.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(rows, f, indent=1)
-    os.replace(tmp, os.path.join(args.out, "ablation.json"))
-    print(f"\n{'dataset':10} {'variant':8} {'iters':>6} {'AP50':>7} {'AP':>7} {'train_s':>8}")
-    for r in rows:
-        fmt = lambda v: f"{v:7.2f}" if isinstance(v, (int, float)) else f"{'-':>7}"
-        print(f"{r['dataset']:10} {r['variant']:8} {r['iters']:6d} {fmt(r.get('AP50'))} {fmt(r.get('AP'))} "
-              f"{r.get('train_s', '-')!s:>8}" + (f"  ERROR {r['error']}" if "error" in r else ""))
+        time.sleep(2)
+    from p2seg.utils import write_json_atomic
+
+    summary = summarise(rows)
+    write_json_atomic({"runs": rows, "summary": summary}, os.path.join(args.out, f"{args.tag}_ablation.json"))
+    print(format_table(summary))
     print(f"total wall {time.perf_counter() - t_all:.0f} s")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

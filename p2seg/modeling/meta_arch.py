@@ -28,7 +28,7 @@ from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
 from detectron2.structures import BitMasks, Boxes, ImageList, Instances
 from detectron2.utils.events import get_event_storage
 
-from p2seg.utils.precision import autocast_dtype, full_precision
+from p2seg.utils.precision import autocast_dtype, full_precision, keep_depthwise_float32_on_cpu
 
 from . import mdm
 from .heads import init_head_weights
@@ -98,6 +98,7 @@ class P2Seg(nn.Module):
         flip_tta: bool = False,
         channels_last: bool = False,
         grouping_semantics: str = "model",
+        cpu_float32_depthwise: bool = False,
     ):
         """
         Args:
@@ -126,6 +127,8 @@ class P2Seg(nn.Module):
                 MODEL.P2SEG.INFERENCE.SEMANTICS).
             channels_last: keep the parameters (hence the conv activations) in
                 ``torch.channels_last`` memory format (MODEL.P2SEG.CHANNELS_LAST).
+            cpu_float32_depthwise: depthwise convolutions run in float32 under CPU autocast
+                (SOLVER.AMP.CPU_FLOAT32_DEPTHWISE; :func:`keep_depthwise_float32_on_cpu`).
         """
         super().__init__()
         self.backbone = backbone
@@ -167,6 +170,8 @@ class P2Seg(nn.Module):
         self.grouping_semantics = grouping_semantics
         if channels_last:
             self.to(memory_format=torch.channels_last)
+        if cpu_float32_depthwise:
+            keep_depthwise_float32_on_cpu(self)
         if i2s_enabled and affinity_head is None:
             raise ValueError(f"{_WHERE}: MODEL.P2SEG.I2S.ENABLED needs an affinity_head")
         if i2s_enabled and i2s_pool_stride != self.common_stride:
@@ -223,6 +228,7 @@ class P2Seg(nn.Module):
             "flip_tta": p2.INFERENCE.FLIP_TTA,
             "channels_last": p2.CHANNELS_LAST,
             "grouping_semantics": p2.INFERENCE.SEMANTICS,
+            "cpu_float32_depthwise": cfg.SOLVER.AMP.CPU_FLOAT32_DEPTHWISE,
         }
 
     @property

@@ -1,0 +1,58 @@
+"""tools/ablation_mdm.py: the per-variant table (mean and spread over seeds), resuming finished runs,
+and one tiny I2S run in process with its diagnosis (walk before / after, affinity calibration)."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from p2seg.engine.pipeline import QUICK_COMMON, QUICK_STAGE1
+
+REPO = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("ablation_mdm", REPO / "tools" / "ablation_mdm.py")
+ablation = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(ablation)
+
+
+def _row(variant, seed, ap, ap50, ap75, train_s=10.0):
+    return {"tag": "t", "variant": variant, "seed": seed, "AP": ap, "AP50": ap50, "AP75": ap75, "train_s": train_s}
+
+
+def test_summary_is_mean_and_half_range_per_variant_in_order_and_skips_errors():
+    rows = [_row("both", 1, 30.0, 60.0, 20.0, 20.0), _row("none", 1, 34.0, 74.0, 26.0),
+            _row("none", 2, 36.0, 70.0, 30.0, 14.0), {"tag": "t", "variant": "s2i", "seed": 1, "error": "exit 1"}]
+    summary = ablation.summarise(rows)
+    assert [r["variant"] for r in summary] == ["none", "both"]
+    none = summary[0]
+    assert (none["AP"], none["AP_spread"], none["AP50"], none["AP50_spread"]) == (35.0, 1.0, 72.0, 2.0)
+    assert none["seeds"] == [1, 2] and none["train_s"] == 12.0
+    table = ablation.format_table(summary)
+    assert "35.00 ± 1.00" in table and table.splitlines()[2].startswith("both")
+
+
+def test_finished_runs_are_reused_without_training(tmp_path, capsys):
+    for variant in ("none", "i2s"):
+        for seed in (1, 2):
+            run = tmp_path / f"t_{variant}_s{seed}"
+            run.mkdir()
+            (run / "ablation_run.json").write_text(json.dumps(_row(variant, seed, 10.0 + seed, 50.0, 5.0)))
+    assert ablation.main(["--variants", "none", "i2s", "--seeds", "1", "2", "--out", str(tmp_path), "--tag", "t"]) == 0
+    saved = json.loads((tmp_path / "t_ablation.json").read_text())
+    assert len(saved["runs"]) == 4 and [r["AP"] for r in saved["summary"]] == [11.5, 11.5]
+    assert not list(tmp_path.glob("*.log"))  # nothing was started
+
+
+def test_one_i2s_run_scores_the_training_images_and_diagnoses_the_walk(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("P2SEG_CACHE", str(tmp_path / "cache"))
+    opts = QUICK_COMMON + QUICK_STAGE1 + ["DATALOADER.NUM_WORKERS", "0"]
+    ablation.main(["--worker", "--variant", "i2s", "--seed", "1", "--iters", "2", "--out", str(tmp_path),
+                   "--tag", "t", "--opts", *opts])
+    row = json.loads((tmp_path / "t_i2s_s1" / "ablation_run.json").read_text())
+    assert row["dataset"] == "p2seg_shapes_train" and row["iters"] == 2
+    assert all(0.0 <= row[m] <= 100.0 for m in ("AP", "AP50", "AP75"))
+    diag = row["diagnosis"]
+    for key in ("fg_iou_before", "fg_iou_after", "acc_before", "acc_after"):
+        assert 0.0 <= diag[key] <= 1.0, key
+    for key in ("mean_A_same_instance", "mean_A_other_instance", "mean_A_instance_background"):
+        assert diag[key] is None or 0.0 < diag[key] < 1.0, key
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == row
