@@ -95,6 +95,9 @@ def add_p2seg_config(cfg):
     cfg.MODEL.P2SEG.I2S.BLOCK_SIZE = 1024  # pixels per block of the blockwise affinity computation
     cfg.MODEL.P2SEG.I2S.CACHE_MB = 512  # MB of affinity strips kept between the row walk's two passes (0: recompute)
     cfg.MODEL.P2SEG.I2S.RANDOM_WALK = True  # refine present-class semantic probabilities
+    # With RANDOM_WALK: the training semantic loss reads the walked probabilities (True) or the
+    # plain ones, the walk then refining only at inference (False).
+    cfg.MODEL.P2SEG.I2S.RANDOM_WALK_IN_LOSS = True
     cfg.MODEL.P2SEG.I2S.RANDOM_WALK_TRANSITION = "row"  # "row": P D^-1 A (docs/METHOD.md); "column": P A D^-1
 
     # Inference.

@@ -190,6 +190,34 @@ def test_mdm_terms_when_enabled():
     assert abs(walked["loss_sem"].item() - plain["loss_sem"].item()) > 1e-4
 
 
+def test_random_walk_at_inference_only_leaves_the_training_loss_plain(monkeypatch):
+    """I2S.RANDOM_WALK_IN_LOSS False: loss_sem is the plain one (as without the walk), the affinity
+    loss is unchanged, and inference still walks the images with points."""
+    opts = ("MODEL.P2SEG.I2S.ENABLED", True)
+    inference_only = tiny_model(*opts, "MODEL.P2SEG.I2S.RANDOM_WALK_IN_LOSS", False)
+    with torch.no_grad():
+        inference_only.sem_seg_head.predictor.weight.normal_(0.0, 1.0)  # spatially varying probabilities
+        inference_only.affinity_head.predictor.weight.normal_(0.0, 1.0)  # a non-uniform affinity
+    inference_only.train()
+    with EventStorage(), torch.no_grad():
+        losses = inference_only.losses(*_outputs_and_targets(inference_only, [synthetic_input()]))
+        inference_only.random_walk = False
+        plain = inference_only.losses(*_outputs_and_targets(inference_only, [synthetic_input()]))
+    assert losses["loss_sem"].item() == pytest.approx(plain["loss_sem"].item(), rel=1e-6)
+    assert losses["loss_affinity"].item() == pytest.approx(plain["loss_affinity"].item(), rel=1e-6)
+    from p2seg.modeling import meta_arch
+
+    walked = []
+    refine = meta_arch.mdm.refine_semantic_probs
+    monkeypatch.setattr(meta_arch.mdm, "refine_semantic_probs",
+                        lambda probs, *a, **k: walked.append(probs.shape[0]) or refine(probs, *a, **k))
+    inference_only.random_walk = True
+    inference_only.eval()
+    with torch.no_grad():
+        inference_only(_eval_inputs())
+    assert walked == [1]  # the one image with points
+
+
 def test_s2i_offset_loss_is_the_mean_of_initial_and_refined_target_losses():
     from p2seg.modeling.mdm import refine_offset_targets
 

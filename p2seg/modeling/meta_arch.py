@@ -87,6 +87,7 @@ class P2Seg(nn.Module):
         i2s_pool_stride: int = 4,
         i2s_block_size: int = 1024,
         random_walk: bool = False,
+        random_walk_in_loss: bool = True,
         random_walk_transition: str = "row",
         i2s_cache_mb: float = 512,
         center_threshold: float = 0.1,
@@ -119,6 +120,8 @@ class P2Seg(nn.Module):
             s2i_enabled, i2s_enabled, i2s_loss_weight, i2s_pool_stride, i2s_block_size,
                 random_walk, random_walk_transition, i2s_cache_mb: Mutual Distillation Module
                 settings (MODEL.P2SEG.S2I / MODEL.P2SEG.I2S).
+            random_walk_in_loss: with ``random_walk``, the training semantic loss reads the walked
+                probabilities (I2S.RANDOM_WALK_IN_LOSS); False walks at inference only.
             center_threshold, nms_kernel, top_k, min_instance_area: peak grouping (no points).
             fallback_box_size, fallback_score: mask of a point that gets no pixel.
             flip_tta: average with the horizontally flipped input at inference.
@@ -154,6 +157,7 @@ class P2Seg(nn.Module):
         self.i2s_pool_stride = i2s_pool_stride
         self.i2s_block_size = i2s_block_size
         self.random_walk = random_walk
+        self.random_walk_in_loss = random_walk_in_loss
         self.random_walk_transition = random_walk_transition
         self.i2s_cache_mb = i2s_cache_mb
         self.center_threshold = center_threshold
@@ -217,6 +221,7 @@ class P2Seg(nn.Module):
             "i2s_pool_stride": p2.I2S.POOL_STRIDE,
             "i2s_block_size": p2.I2S.BLOCK_SIZE,
             "random_walk": p2.I2S.RANDOM_WALK,
+            "random_walk_in_loss": p2.I2S.RANDOM_WALK_IN_LOSS,
             "random_walk_transition": p2.I2S.RANDOM_WALK_TRANSITION,
             "i2s_cache_mb": p2.I2S.CACHE_MB,
             "center_threshold": p2.INFERENCE.CENTER_THRESHOLD,
@@ -348,7 +353,7 @@ class P2Seg(nn.Module):
         """
         # With the training random walk, loss_sem reads the walked 1/4 probabilities
         # (_semantic_logits), so the full-size head logits would be an unused B x (C+1) x H' x W'.
-        walk = self.i2s_enabled and self.random_walk
+        walk = self.i2s_enabled and self.random_walk and self.random_walk_in_loss
         up = self.upsample(outputs, skip=("sem_seg",) if walk else ())
         s2i = self._s2i(outputs, up, targets)
         i2s = self._i2s(outputs, targets, s2i, matmul_dtype)
@@ -449,7 +454,8 @@ class P2Seg(nn.Module):
                 zeros, sem_seg, targets["points"], targets["point_classes"],
                 ignore_value=self.ignore_value,
             )[2]
-        sem_probs = F.softmax(outputs["sem_seg"], dim=1) if self.random_walk else None
+        walk = self.random_walk and self.random_walk_in_loss
+        sem_probs = F.softmax(outputs["sem_seg"], dim=1) if walk else None
         return mdm.i2s_terms(
             outputs["affinity"], sem_seg, instance_ids, self._image_classes(targets["point_classes"]),
             pool_stride=self.i2s_pool_stride, block_size=self.i2s_block_size, sem_probs=sem_probs,
