@@ -99,6 +99,9 @@ def add_p2seg_config(cfg):
     # plain ones, the walk then refining only at inference (False).
     cfg.MODEL.P2SEG.I2S.RANDOM_WALK_IN_LOSS = True
     cfg.MODEL.P2SEG.I2S.RANDOM_WALK_TRANSITION = "row"  # "row": P D^-1 A (docs/METHOD.md); "column": P A D^-1
+    # The walk's affinity is sigmoid(F_i . F_j) ** RANDOM_WALK_POWER (the losses keep the plain
+    # sigmoid). 1 is the paper's walk; above 1 sharpens it as AffinityNet's beta (README "MDM").
+    cfg.MODEL.P2SEG.I2S.RANDOM_WALK_POWER = 1.0
 
     # Inference.
     cfg.MODEL.P2SEG.INFERENCE = CN()

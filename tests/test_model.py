@@ -218,6 +218,34 @@ def test_random_walk_at_inference_only_leaves_the_training_loss_plain(monkeypatc
     assert walked == [1]  # the one image with points
 
 
+def test_random_walk_power_reaches_the_training_and_inference_walks(monkeypatch):
+    """I2S.RANDOM_WALK_POWER is the exponent of both walks; it changes loss_sem, not the affinity
+    loss (which reads the plain sigmoid)."""
+    from p2seg.modeling import meta_arch
+
+    sharp = tiny_model("MODEL.P2SEG.I2S.ENABLED", True, "MODEL.P2SEG.I2S.RANDOM_WALK_POWER", 8.0)
+    assert sharp.random_walk_power == 8.0
+    with torch.no_grad():
+        sharp.sem_seg_head.predictor.weight.normal_(0.0, 1.0)
+        sharp.affinity_head.predictor.weight.normal_(0.0, 1.0)
+    sharp.train()
+    with EventStorage(), torch.no_grad():
+        powered = sharp.losses(*_outputs_and_targets(sharp, [synthetic_input()]))
+        sharp.random_walk_power = 1.0
+        plain = sharp.losses(*_outputs_and_targets(sharp, [synthetic_input()]))
+    assert powered["loss_affinity"].item() == pytest.approx(plain["loss_affinity"].item(), rel=1e-6)
+    assert abs(powered["loss_sem"].item() - plain["loss_sem"].item()) > 1e-5
+    powers = []
+    refine = meta_arch.mdm.refine_semantic_probs
+    monkeypatch.setattr(meta_arch.mdm, "refine_semantic_probs",
+                        lambda *a, **k: powers.append(k["power"]) or refine(*a, **k))
+    sharp.random_walk_power = 8.0
+    sharp.eval()
+    with torch.no_grad():
+        sharp(_eval_inputs())
+    assert powers == [8.0]
+
+
 def test_s2i_offset_loss_is_the_mean_of_initial_and_refined_target_losses():
     from p2seg.modeling.mdm import refine_offset_targets
 

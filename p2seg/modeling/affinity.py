@@ -211,7 +211,7 @@ def _pair_counts(counts, include_self):
 
 # ------------------------------------------------------------------------------ autograd Function
 class _SigmoidStrips:
-    """Upper-triangle row strips ``A[s:e, s:] = sigmoid(F_I F_{s:}^T)``, kept for a later pass.
+    """Upper-triangle row strips ``A[s:e, s:] = sigmoid(F_I F_{s:}^T) ** power``, kept for a later pass.
 
     ``get(i, keep=True)`` (a first pass) computes strip ``i`` and stores it while the byte budget
     lasts; ``get(i)`` (the last pass) hands a stored strip over and forgets it, or recomputes it.
@@ -219,11 +219,11 @@ class _SigmoidStrips:
     may overwrite what it gets on its last pass.
     """
 
-    def __init__(self, f, block_size, cache_bytes, matmul_dtype=None):
+    def __init__(self, f, block_size, cache_bytes, matmul_dtype=None, power=1.0):
         """f: float ``N x D`` features (the accumulation dtype); block_size: rows per strip;
         cache_bytes: storage budget; matmul_dtype: dtype of the strips and their products (None:
-        ``f``'s)."""
-        self.f, self.n = f, f.shape[0]
+        ``f``'s); power: exponent of the sigmoid (the walk's sharpening, 1: the plain affinity)."""
+        self.f, self.n, self.power = f, f.shape[0], float(power)
         self.dtype = f.dtype if matmul_dtype is None else matmul_dtype
         self.f_mm = f.to(self.dtype)
         self.ranges = _strips(self.n, block_size)
@@ -247,7 +247,19 @@ class _SigmoidStrips:
                                            device=self.f.device)
             out = self.scratch[:numel].view(e - s, self.n - s)
         torch.mm(self.f_mm[s:e], self.f_mm[s:].T, out=out)
-        return out.sigmoid_()
+        out.sigmoid_()
+        return out if self.power == 1.0 else out.pow_(self.power)
+
+    def derivative_(self, strip):
+        """``strip`` (values ``W = sigmoid(Z) ** power``) replaced in place by ``dW/dZ``.
+
+        ``power * W * (1 - sigmoid(Z))`` with ``sigmoid(Z) = W ** (1 / power)``; ``A (1 - A)`` for
+        power 1. Returns ``strip``.
+        """
+        if self.power == 1.0:
+            return strip.addcmul_(strip, strip, value=-1)
+        one_minus_a = strip.pow(1.0 / self.power).neg_().add_(1)
+        return strip.mul_(one_minus_a).mul_(self.power)
 
 
 def _triangle_product(strips, x, keep):
@@ -341,7 +353,8 @@ class _AffinityFn(torch.autograd.Function):
 
     forward(feats ``N x D``, probs ``K x N`` or None, block_size, transition, include_self,
     cache_bytes, type_ids int64 ``N``, pos bool ``L x T x T``, neg bool ``L x T x T``,
-    matmul_dtype (dtype of the strips and their products, None: the inputs')
+    matmul_dtype (dtype of the strips and their products, None: the inputs'), power (the walk's
+    ``A = sigmoid(Z) ** power``; 1 whenever there are label sets, whose losses read the plain sigmoid)
     -> (losses ``L``, numbers of counted ordered pairs ``L`` int64, walked ``K x N`` (``0 x N``
     without probs)). Pixels are sorted by type inside; see the module docstring for the algebra.
 
@@ -356,7 +369,7 @@ class _AffinityFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, feats, probs, block_size, transition, include_self, cache_bytes, type_ids, pos, neg,
-                matmul_dtype=None):
+                matmul_dtype=None, power=1.0):
         n, dev, dtype = feats.shape[0], feats.device, feats.dtype
         walk, num_labels = probs is not None, pos.shape[0]
         row = walk and transition == "row"
@@ -367,7 +380,7 @@ class _AffinityFn(torch.autograd.Function):
         bounds = [0] + torch.cumsum(counts, 0).tolist()
         ts = type_ids[perm]
         with torch.autocast(device_type=dev.type, enabled=False):
-            strips = _SigmoidStrips(f, block_size, cache_bytes if row else 0, matmul_dtype)
+            strips = _SigmoidStrips(f, block_size, cache_bytes if row else 0, matmul_dtype, power)
             sums = _first_pass(strips, bounds, pos.shape[1] if num_labels else 0, p, transition,
                                need_diag=bool(num_labels) and not include_self)
             losses = torch.zeros(num_labels, dtype=torch.float64, device=dev)
@@ -383,6 +396,7 @@ class _AffinityFn(torch.autograd.Function):
         del strips
         ctx.block_size, ctx.transition, ctx.include_self = block_size, transition, include_self
         ctx.walk, ctx.cache_bytes, ctx.bounds, ctx.matmul_dtype = walk, cache_bytes, bounds, matmul_dtype
+        ctx.power = power
         ctx.n_pos, ctx.n_neg = n_pos.tolist(), n_neg.tolist()
         ctx.save_for_backward(f, p, perm, ts, pos, neg, sums["d"], sums["r"])
         num_pairs = n_pos + n_neg
@@ -398,7 +412,8 @@ class _AffinityFn(torch.autograd.Function):
         need_f, need_p = ctx.needs_input_grad[0], ctx.walk and ctx.needs_input_grad[1]
         with torch.autocast(device_type=f.device.type, enabled=False):
             row = ctx.walk and ctx.transition == "row"
-            strips = _SigmoidStrips(f, ctx.block_size, ctx.cache_bytes if row else 0, ctx.matmul_dtype)
+            strips = _SigmoidStrips(f, ctx.block_size, ctx.cache_bytes if row else 0, ctx.matmul_dtype,
+                                    ctx.power)
             w2 = _loss_weights(grad_losses, pos, neg, ctx.n_pos, ctx.n_neg)
             walk = None
             if ctx.walk and (need_f or need_p) and bool(grad_walked.ne(0).any()):
@@ -414,7 +429,7 @@ class _AffinityFn(torch.autograd.Function):
                 grad_p = grad_p / d
             grad_probs = torch.empty_like(grad_p)
             grad_probs[:, perm] = grad_p
-        return grad_feats, grad_probs, None, None, None, None, None, None, None, None
+        return grad_feats, grad_probs, None, None, None, None, None, None, None, None, None
 
 
 def _loss_weights(grad_losses, pos, neg, n_pos, n_neg):
@@ -494,7 +509,7 @@ def _gradient_pass(strips, ts, bounds, w2, walk, include_self, need_f, need_p):
                 _add_product(d_q[:, s:e], d_r[:, e:], sig[:, e - s:].T, d_r_scale)
         if not need_f or (w2 is None and not has_walk):
             continue
-        sig.addcmul_(sig, sig, value=-1)  # A' = A (1 - A) = dA/dZ
+        strips.derivative_(sig)  # A' = dA/dZ: A (1 - A) for power 1
         _weight_strip(sig, omega, bounds, s, e)
         _add_product(grad[s:e], sig, f_mm[s:], alpha)
         if e < n:  # the block right of the diagonal block stands for its transpose too
@@ -558,16 +573,17 @@ def _weight_strip(sig, omega, bounds, s, e):
 
 # ------------------------------------------------------------------------------------ public API
 def affinity_terms(features, labels=(), probs=None, block_size=1024, include_self=False,
-                   transition="row", cache_mb=DEFAULT_CACHE_MB, matmul_dtype=None):
+                   transition="row", cache_mb=DEFAULT_CACHE_MB, matmul_dtype=None, walk_power=1.0):
     """Affinity losses of several label sets and one random-walk step of ONE image, in one Function.
 
     ``A_ij = sigmoid(F_i . F_j)``. Losses: for each label set, a pair ``(i, j)`` of its valid pixels
     is *positive* when the two pixels share a region (``M_i . M_j > 0``), *negative* otherwise,
     except pairs of two ``neutral`` pixels, which are not counted;
     ``loss = 0.5 * mean_pos(1 - A) + 0.5 * mean_neg(A)`` over ordered pairs (a term whose pair set
-    is empty is 0; a single sigmoid, the reference applies it twice). Walk: ``A`` with ``A_ii``,
-    ``D = diag(A 1)``, ``P' = P D^-1 A`` (``"row"``) or ``P A D^-1`` (``"column"``).
-    Everything shares the strip logits, forward and backward; no ``N x N`` tensor is held.
+    is empty is 0; a single sigmoid, the reference applies it twice). Walk: ``W = A ** walk_power``
+    with ``W_ii``, ``D = diag(W 1)``, ``P' = P D^-1 W`` (``"row"``) or ``P W D^-1`` (``"column"``).
+    With ``walk_power`` 1 everything shares the strip logits, forward and backward; otherwise the
+    losses and the walk are two passes. No ``N x N`` tensor is held.
 
     Args:
         features: float ``N x D`` features of ONE image (``N = h * w``, row-major pixels).
@@ -587,6 +603,9 @@ def affinity_terms(features, labels=(), probs=None, block_size=1024, include_sel
         matmul_dtype: None (full precision) or ``torch.bfloat16`` / ``torch.float16``: the strips
             and their products in that dtype, sums in float32 (mixed precision, the autocast
             dtype of the caller); see the module docstring.
+        walk_power: exponent of the walk's affinity (``cfg.MODEL.P2SEG.I2S.RANDOM_WALK_POWER``,
+            > 0). Powers above 1 sharpen it, as AffinityNet's ``beta``: the many small affinities
+            between an object and the background no longer outweigh the few large ones inside it.
     Returns:
         ``(losses, num_pairs, walked)``: float ``L`` (dtype of ``features``), int64 ``L`` counted
         ordered pairs, float ``K x N`` (dtype of ``probs``) or None without ``probs``.
@@ -606,6 +625,15 @@ def affinity_terms(features, labels=(), probs=None, block_size=1024, include_sel
         )
     if probs is None and not labels:
         raise ValueError(f"{_WHERE}: affinity_terms needs labels, probs or both")
+    if not walk_power > 0:
+        raise ValueError(
+            f"{_WHERE}: walk_power (cfg.MODEL.P2SEG.I2S.RANDOM_WALK_POWER) must be > 0, got {walk_power!r}")
+    if probs is not None and labels and walk_power != 1:  # the losses read the plain sigmoid
+        losses, pairs, _ = affinity_terms(features, labels, None, block_size, include_self, transition,
+                                          cache_mb, matmul_dtype)
+        walked = affinity_terms(features, (), probs, block_size, include_self, transition, cache_mb,
+                                matmul_dtype, walk_power)[2]
+        return losses, pairs, walked
     labels = [_as_label(*lab, n, dev) for lab in labels]
     dtype = features.dtype if probs is None else torch.promote_types(features.dtype, probs.dtype)
     cdtype = _compute_dtype(dtype)
@@ -626,7 +654,7 @@ def affinity_terms(features, labels=(), probs=None, block_size=1024, include_sel
     type_ids, pos, neg = _pair_types(labels, feats.shape[0], dev)
     losses, pairs, walked = _AffinityFn.apply(
         feats.to(cdtype), None if probs is None else probs.to(cdtype), block_size, transition,
-        bool(include_self), _cache_bytes(cache_mb), type_ids, pos, neg, matmul_dtype)
+        bool(include_self), _cache_bytes(cache_mb), type_ids, pos, neg, matmul_dtype, float(walk_power))
     return losses.to(features.dtype), pairs, None if probs is None else walked.to(probs.dtype)
 
 
@@ -656,14 +684,14 @@ def affinity_loss(features, membership, valid=None, neutral=None, block_size=102
 
 
 def random_walk(features, probs, block_size=1024, transition="row", cache_mb=DEFAULT_CACHE_MB,
-                matmul_dtype=None):
+                matmul_dtype=None, power=1.0):
     """One random-walk step of class probabilities over the affinity graph (see :func:`affinity_terms`).
 
     Args:
         features: float ``N x D`` features of ONE image.
         probs: float ``K x N`` probabilities (e.g. the present-class channels at feature resolution).
         block_size: rows of ``A`` per strip; transition: one of ``RANDOM_WALK_TRANSITIONS``;
-        cache_mb, matmul_dtype: see :func:`affinity_terms`.
+        cache_mb, matmul_dtype: see :func:`affinity_terms`; power: its ``walk_power``.
     Returns:
         float ``K x N`` refined probabilities (dtype of ``probs``), exact gradients w.r.t.
         ``features`` and ``probs``.
@@ -674,7 +702,7 @@ def random_walk(features, probs, block_size=1024, transition="row", cache_mb=DEF
             f"got features {tuple(features.shape)} and probs {tuple(probs.shape)}"
         )
     return affinity_terms(features, (), probs, block_size, transition=transition, cache_mb=cache_mb,
-                          matmul_dtype=matmul_dtype)[2]
+                          matmul_dtype=matmul_dtype, walk_power=power)[2]
 
 
 # ------------------------------------------------------------------- dense references (tests only)
@@ -703,9 +731,9 @@ def dense_affinity_loss(features, membership, valid=None, neutral=None, include_
     return loss
 
 
-def dense_random_walk(features, probs, transition="row"):
+def dense_random_walk(features, probs, transition="row", power=1.0):
     """Dense ``N x N`` reference of :func:`random_walk`. Tests/benchmarks only."""
-    a = torch.sigmoid(features @ features.T)
+    a = torch.sigmoid(features @ features.T) ** power
     d = a.sum(1)
     if transition == "row":
         return probs @ (a / d[:, None])

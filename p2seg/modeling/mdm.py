@@ -208,7 +208,7 @@ def _check_batch(features, sem_seg, instance_ids, image_classes, pool_stride):
 
 def i2s_terms(features, sem_seg, instance_ids, image_classes, pool_stride, block_size, sem_probs=None,
               transition="row", ignore_value=255, include_self=False, reduction="mean",
-              cache_mb=DEFAULT_CACHE_MB, matmul_dtype=None):
+              cache_mb=DEFAULT_CACHE_MB, matmul_dtype=None, walk_power=1.0):
     """Class and instance affinity losses and (optionally) the random walk of a batch, in ONE pass.
 
     Per image, one :func:`affinity_terms` call computes both losses and the walk of the
@@ -226,6 +226,7 @@ def i2s_terms(features, sem_seg, instance_ids, image_classes, pool_stride, block
         reduction: ``"mean"`` (over images with at least one counted pair) or ``"none"`` (``B``).
         cache_mb: see :func:`affinity_terms` (``cfg.MODEL.P2SEG.I2S.CACHE_MB``).
         matmul_dtype: see :func:`affinity_terms` (the autocast dtype under mixed precision).
+        walk_power: see :func:`affinity_terms` (``cfg.MODEL.P2SEG.I2S.RANDOM_WALK_POWER``).
     Returns:
         dict ``loss_aff_class``, ``loss_aff_instance``: scalars (or ``B`` tensors for "none"), and
         with ``sem_probs``: ``sem_probs`` float ``B x (C+1) x h x w`` as :func:`refine_semantic_probs`.
@@ -246,7 +247,7 @@ def i2s_terms(features, sem_seg, instance_ids, image_classes, pool_stride, block
             probs = sem_probs[b].flatten(1)  # (C+1) x N
         # One strip pass serves both labels and the walk (the logits are shared).
         loss, n, out = affinity_terms(feats, labels, None if probs is None else probs[channels],
-                                      block_size, include_self, transition, cache_mb, matmul_dtype)
+                                      block_size, include_self, transition, cache_mb, matmul_dtype, walk_power)
         losses.append(loss)
         pairs.append(n)
         if probs is not None:
@@ -295,7 +296,7 @@ def _merge_walked(probs, channels, walked):
 
 
 def refine_semantic_probs(sem_probs, features, image_classes, block_size, transition="row",
-                          cache_mb=DEFAULT_CACHE_MB, matmul_dtype=None):
+                          cache_mb=DEFAULT_CACHE_MB, matmul_dtype=None, power=1.0):
     """Random-walk refinement of the present-class semantic probabilities (before upsampling).
 
     Args:
@@ -304,7 +305,8 @@ def refine_semantic_probs(sem_probs, features, image_classes, block_size, transi
         image_classes: list of B int64 tensors of present classes (0..C-1); background (channel 0)
             is always walked.
         block_size: ``cfg.MODEL.P2SEG.I2S.BLOCK_SIZE``; transition: see :func:`random_walk`;
-        cache_mb, matmul_dtype: see :func:`affinity_terms`.
+        cache_mb, matmul_dtype: see :func:`affinity_terms`; power: its ``walk_power``
+        (``cfg.MODEL.P2SEG.I2S.RANDOM_WALK_POWER``).
     Returns:
         float ``B x (C+1) x h x w``: present channels walked, absent channels unchanged, each
         pixel renormalised to sum 1. Differentiable w.r.t. ``sem_probs`` and ``features``.
@@ -315,6 +317,6 @@ def refine_semantic_probs(sem_probs, features, image_classes, block_size, transi
         channels = _walk_channels(image_classes[b], sem_probs.device)
         probs = sem_probs[b].flatten(1)  # (C+1) x N
         walked = random_walk(features[b].flatten(1).T, probs[channels], block_size, transition, cache_mb,
-                             matmul_dtype)
+                             matmul_dtype, power)
         out.append(_merge_walked(probs, channels, walked).view_as(sem_probs[b]))
     return torch.stack(out)
