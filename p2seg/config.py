@@ -87,6 +87,9 @@ def add_p2seg_config(cfg):
     cfg.MODEL.P2SEG.I2S = CN()
     cfg.MODEL.P2SEG.I2S.ENABLED = True  # affinity branch, affinity losses and random walk
     cfg.MODEL.P2SEG.I2S.LOSS_WEIGHT = 1.0  # weight of avg(L_aff, L_aff')
+    # "l1": 0.5 mean_pos(1 - A) + 0.5 mean_neg(A) (the paper's); "log": -log A / -log(1 - A), whose
+    # gradient does not vanish on saturated wrong pairs (README "MDM").
+    cfg.MODEL.P2SEG.I2S.LOSS_TYPE = "l1"
     cfg.MODEL.P2SEG.I2S.FEATURE_CHANNELS = 256  # affinity feature channels (at 1/4 resolution)
     # AffinityHead (ResNet): a light DeepLabV3+ decoder on SEM_SEG_HEAD.IN_FEATURES.
     cfg.MODEL.P2SEG.I2S.PROJECT_CHANNELS = [16, 32, 64]  # low-level projections (res2, res3, res4)

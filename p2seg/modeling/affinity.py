@@ -42,6 +42,7 @@ back), so float16's range holds the tiny loss weights ``1 / #pairs`` and random-
 import bisect
 
 import torch
+import torch.nn.functional as F
 
 __all__ = [
     "affinity_terms",
@@ -51,6 +52,7 @@ __all__ = [
     "dense_affinity_loss",
     "dense_random_walk",
     "RANDOM_WALK_TRANSITIONS",
+    "AFFINITY_LOSS_TYPES",
 ]
 
 # ``row``: P' = P D^-1 A (docs/METHOD.md's formula, row-normalised affinity: each source pixel spreads its
@@ -59,6 +61,13 @@ __all__ = [
 #          combination of the input pixels' probabilities).
 # With A symmetric both use the same D (row sums == column sums).
 RANDOM_WALK_TRANSITIONS = ("row", "column")
+
+# ``l1``: ``0.5 mean_pos(1 - A) + 0.5 mean_neg(A)`` (the paper's). Its gradient ``A (1 - A)`` vanishes
+#         where the sigmoid saturates, on wrong pairs too: logits of thousands, measured on shapes,
+#         leave instance-background pairs at A = 1 for good.
+# ``log``: ``0.5 mean_pos(-log A) + 0.5 mean_neg(-log(1 - A))`` (AffinityNet's): the gradient of a
+#         wrong pair tends to its weight instead of 0.
+AFFINITY_LOSS_TYPES = ("l1", "log")
 
 _WHERE = "p2seg/modeling/affinity.py"
 DEFAULT_CACHE_MB = 512  # cfg.MODEL.P2SEG.I2S.CACHE_MB: a 416 crop (N = 10816) needs 234 MB
@@ -231,8 +240,12 @@ class _SigmoidStrips:
         self.kept = {}
         self.scratch = None
 
-    def get(self, i, keep=False):
-        """Strip ``i``: ``(e - s) x (N - s)`` of ``self.dtype`` with ``(s, e) = self.ranges[i]``."""
+    def get(self, i, keep=False, on_logits=None):
+        """Strip ``i``: ``(e - s) x (N - s)`` of ``self.dtype`` with ``(s, e) = self.ranges[i]``.
+
+        ``on_logits(z, s, e)`` is called with the logits ``Z = F_I F_{s:}^T`` before the sigmoid
+        (computed strips only: a first pass, which stores nothing yet).
+        """
         if i in self.kept:
             return self.kept[i] if keep else self.kept.pop(i)
         s, e = self.ranges[i]
@@ -247,6 +260,8 @@ class _SigmoidStrips:
                                            device=self.f.device)
             out = self.scratch[:numel].view(e - s, self.n - s)
         torch.mm(self.f_mm[s:e], self.f_mm[s:].T, out=out)
+        if on_logits is not None:
+            on_logits(out, s, e)
         out.sigmoid_()
         return out if self.power == 1.0 else out.pow_(self.power)
 
@@ -274,16 +289,33 @@ def _triangle_product(strips, x, keep):
     return out
 
 
-def _first_pass(strips, bounds, t_count, p, transition, need_diag):
-    """The forward triangle pass: per-type column sums of ``A`` (losses) and the walk's sums.
+def _type_column_sums(values, bounds, s, e, y, y_off, diag, dtype):
+    """Add the per-type column sums of one strip's ``values`` (rows ``[s, e)``, columns ``>= s``)
+    to ``y`` / ``y_off`` (see :func:`_first_pass`) and its diagonal to ``diag`` (if not None).
+
+    Returns the strip's column sums over all its rows (float ``N - s``) or None (no segment)."""
+    if diag is not None:
+        diag[s:e] = values.diagonal()
+    col_sums = None
+    for t, a, b in _segments(bounds, s, e):
+        seg_sums = values[a:b].sum(0, dtype=dtype)
+        y[t, s:] += seg_sums
+        y_off[t, e:] += seg_sums[e - s:]
+        col_sums = seg_sums if col_sums is None else col_sums.add_(seg_sums)
+    return col_sums
+
+
+def _first_pass(strips, bounds, t_count, p, transition, need_diag, loss_type="l1"):
+    """The forward triangle pass: per-type column sums of the loss terms and the walk's sums.
 
     Args:
         strips: :class:`_SigmoidStrips` over the sorted features; bounds: type boundaries;
         t_count: number of types T (0: no loss); p: float ``K x N`` sorted probabilities or None;
-        transition: "row" / "column"; need_diag: collect ``A_ii`` (losses without self pairs).
+        transition: "row" / "column"; need_diag: collect the diagonal (losses without self pairs);
+        loss_type: ``"l1"`` sums ``A``, ``"log"`` sums ``-log A = softplus(-Z)``.
     Returns:
-        dict: ``y``, ``y_off`` float64 ``T x N`` (``y[t, j]``: sum of ``A_ij`` over the type-t rows
-        ``i`` whose strip covers column ``j``; ``y_off``: only columns after the rows' strip),
+        dict: ``y``, ``y_off`` float64 ``T x N`` (``y[t, j]``: sum of the summed term over the type-t
+        rows ``i`` whose strip covers column ``j``; ``y_off``: only columns after the rows' strip),
         ``diag`` float ``N`` or None, ``d`` float ``N`` row sums of ``A`` (walk), ``r`` float
         ``K x N`` ``P A`` (column walk).
     """
@@ -292,6 +324,10 @@ def _first_pass(strips, bounds, t_count, p, transition, need_diag):
     y_off = torch.zeros_like(y)
     diag = torch.empty(n, dtype=dtype, device=dev) if need_diag else None
     out = {"y": y, "y_off": y_off, "diag": diag, "d": None, "r": None}
+    on_logits = None
+    if t_count and loss_type == "log":
+        def on_logits(z, s, e):
+            _type_column_sums(F.softplus(-z), bounds, s, e, y, y_off, diag, dtype)
     row = p is not None and transition == "row"
     column = p is not None and not row
     if row:
@@ -301,17 +337,10 @@ def _first_pass(strips, bounds, t_count, p, transition, need_diag):
         acc = torch.zeros_like(p1)
         p1_mm, p1_scale = _for_products(p1, strips.dtype)
     for i, (s, e) in enumerate(strips.ranges):
-        sig = strips.get(i, keep=True)
+        sig = strips.get(i, keep=True, on_logits=on_logits)
         col_sums = None
-        if t_count:
-            if diag is not None:
-                diag[s:e] = sig.diagonal()
-            for t, a, b in _segments(bounds, s, e):
-                seg_sums = sig[a:b].sum(0, dtype=dtype)
-                y[t, s:] += seg_sums
-                y_off[t, e:] += seg_sums[e - s:]
-                if row:
-                    col_sums = seg_sums if col_sums is None else col_sums.add_(seg_sums)
+        if t_count and on_logits is None:
+            col_sums = _type_column_sums(sig, bounds, s, e, y, y_off, diag, dtype)
         if row:  # d_i = sum over this strip's row + the columns of earlier strips' rows
             d[s:e] += sig.sum(1, dtype=dtype)
             if e < n:
@@ -325,11 +354,27 @@ def _first_pass(strips, bounds, t_count, p, transition, need_diag):
     return out
 
 
-def _loss_values(sums, ts, counts, pos, neg, include_self):
+def _logit_sums(f, ts, t_count, include_self):
+    """float64 ``T x T``: sum of ``Z_ij = F_i . F_j`` over the ordered counted pairs of types ``(t, u)``,
+    in closed form (``S_t . S_u`` with ``S_t`` the sum of the type-t features, less ``|F_i|^2`` on the
+    diagonal unless ``include_self``)."""
+    f64 = f.to(torch.float64)
+    per_type = torch.zeros(t_count, f.shape[1], dtype=torch.float64, device=f.device).index_add_(0, ts, f64)
+    out = per_type @ per_type.T
+    if not include_self:
+        norms = torch.zeros(t_count, dtype=torch.float64, device=f.device).index_add_(0, ts, f64.square().sum(1))
+        out -= torch.diag(norms)
+    return out
+
+
+def _loss_values(sums, ts, counts, pos, neg, include_self, loss_type="l1", f=None):
     """Losses and pair counts from the first pass' type sums.
 
-    ``C[t, u]`` = sum of ``A_ij`` over ordered counted pairs of types ``(t, u)``;
-    ``loss_l = 0.5 * sum(pos_l o (pairs - C)) / n_pos_l + 0.5 * sum(neg_l o C) / n_neg_l``.
+    ``C[t, u]`` = sum of the first pass' term over ordered counted pairs of types ``(t, u)``:
+    ``l1``: ``loss_l = 0.5 * sum(pos_l o (pairs - C)) / n_pos_l + 0.5 * sum(neg_l o C) / n_neg_l``
+    (``C`` sums ``A``); ``log``: ``C`` sums ``-log A`` and ``-log(1 - A) = -log A + Z``, so
+    ``loss_l = 0.5 * sum(pos_l o C) / n_pos_l + 0.5 * sum(neg_l o (C + C_Z)) / n_neg_l`` with
+    ``C_Z`` from :func:`_logit_sums` (``f``: the sorted features).
 
     Returns:
         ``(losses float64 L, n_pos int64 L, n_neg int64 L)``.
@@ -342,8 +387,12 @@ def _loss_values(sums, ts, counts, pos, neg, include_self):
                         .index_add_(0, ts, sums["diag"].to(torch.float64)))
     pairs = _pair_counts(counts, include_self)
     n_pos, n_neg = (pos * pairs).sum((1, 2)), (neg * pairs).sum((1, 2))
-    s_pos = (pos * (pairs - c)).sum((1, 2))  # sum over positive pairs of (1 - A)
-    s_neg = (neg * c).sum((1, 2))
+    if loss_type == "log":
+        s_pos = (pos * c).sum((1, 2))  # sum over positive pairs of -log A
+        s_neg = (neg * (c + _logit_sums(f, ts, t_count, include_self))).sum((1, 2))
+    else:
+        s_pos = (pos * (pairs - c)).sum((1, 2))  # sum over positive pairs of (1 - A)
+        s_neg = (neg * c).sum((1, 2))
     # A term whose pair set is empty is 0.
     return 0.5 * (s_pos / n_pos.clamp_min(1) + s_neg / n_neg.clamp_min(1)), n_pos, n_neg
 
@@ -354,7 +403,8 @@ class _AffinityFn(torch.autograd.Function):
     forward(feats ``N x D``, probs ``K x N`` or None, block_size, transition, include_self,
     cache_bytes, type_ids int64 ``N``, pos bool ``L x T x T``, neg bool ``L x T x T``,
     matmul_dtype (dtype of the strips and their products, None: the inputs'), power (the walk's
-    ``A = sigmoid(Z) ** power``; 1 whenever there are label sets, whose losses read the plain sigmoid)
+    ``A = sigmoid(Z) ** power``; 1 whenever there are label sets, whose losses read the plain sigmoid),
+    loss_type (one of ``AFFINITY_LOSS_TYPES``)
     -> (losses ``L``, numbers of counted ordered pairs ``L`` int64, walked ``K x N`` (``0 x N``
     without probs)). Pixels are sorted by type inside; see the module docstring for the algebra.
 
@@ -369,7 +419,7 @@ class _AffinityFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, feats, probs, block_size, transition, include_self, cache_bytes, type_ids, pos, neg,
-                matmul_dtype=None, power=1.0):
+                matmul_dtype=None, power=1.0, loss_type="l1"):
         n, dev, dtype = feats.shape[0], feats.device, feats.dtype
         walk, num_labels = probs is not None, pos.shape[0]
         row = walk and transition == "row"
@@ -382,11 +432,11 @@ class _AffinityFn(torch.autograd.Function):
         with torch.autocast(device_type=dev.type, enabled=False):
             strips = _SigmoidStrips(f, block_size, cache_bytes if row else 0, matmul_dtype, power)
             sums = _first_pass(strips, bounds, pos.shape[1] if num_labels else 0, p, transition,
-                               need_diag=bool(num_labels) and not include_self)
+                               need_diag=bool(num_labels) and not include_self, loss_type=loss_type)
             losses = torch.zeros(num_labels, dtype=torch.float64, device=dev)
             n_pos = n_neg = torch.zeros(num_labels, dtype=torch.int64, device=dev)
             if num_labels:
-                losses, n_pos, n_neg = _loss_values(sums, ts, counts, pos, neg, include_self)
+                losses, n_pos, n_neg = _loss_values(sums, ts, counts, pos, neg, include_self, loss_type, f)
             walked = torch.zeros(0, n, dtype=dtype, device=dev)
             if walk:
                 d = sums["d"]
@@ -396,7 +446,7 @@ class _AffinityFn(torch.autograd.Function):
         del strips
         ctx.block_size, ctx.transition, ctx.include_self = block_size, transition, include_self
         ctx.walk, ctx.cache_bytes, ctx.bounds, ctx.matmul_dtype = walk, cache_bytes, bounds, matmul_dtype
-        ctx.power = power
+        ctx.power, ctx.loss_type = power, loss_type
         ctx.n_pos, ctx.n_neg = n_pos.tolist(), n_neg.tolist()
         ctx.save_for_backward(f, p, perm, ts, pos, neg, sums["d"], sums["r"])
         num_pairs = n_pos + n_neg
@@ -414,7 +464,7 @@ class _AffinityFn(torch.autograd.Function):
             row = ctx.walk and ctx.transition == "row"
             strips = _SigmoidStrips(f, ctx.block_size, ctx.cache_bytes if row else 0, ctx.matmul_dtype,
                                     ctx.power)
-            w2 = _loss_weights(grad_losses, pos, neg, ctx.n_pos, ctx.n_neg)
+            w2 = _loss_weights(grad_losses, pos, neg, ctx.n_pos, ctx.n_neg, ctx.loss_type)
             walk = None
             if ctx.walk and (need_f or need_p) and bool(grad_walked.ne(0).any()):
                 walk = _walk_factors(strips, p, d, r, grad_walked[:, perm].to(f.dtype), row, need_f)
@@ -429,20 +479,27 @@ class _AffinityFn(torch.autograd.Function):
                 grad_p = grad_p / d
             grad_probs = torch.empty_like(grad_p)
             grad_probs[:, perm] = grad_p
-        return grad_feats, grad_probs, None, None, None, None, None, None, None, None, None
+        return grad_feats, grad_probs, None, None, None, None, None, None, None, None, None, None
 
 
-def _loss_weights(grad_losses, pos, neg, n_pos, n_neg):
-    """``2 dL/dA`` per type pair, float64 ``T x T``, or None when no loss term has a gradient.
+def _loss_weights(grad_losses, pos, neg, n_pos, n_neg, loss_type="l1"):
+    """The losses' gradient per type pair as float64 ``T x T`` tables, or None when no loss term has
+    a gradient (``g_l`` the incoming gradient of loss ``l``; counted pairs only).
 
-    ``dL/dA_ij = sum_l g_l (0.5 [neg_l] / n_neg_l - 0.5 [pos_l] / n_pos_l)`` for counted pairs.
+    ``l1``: ``(2 dL/dA,)`` with ``dL/dA_ij = sum_l g_l (0.5 [neg_l] / n_neg_l - 0.5 [pos_l] / n_pos_l)``.
+    ``log``: ``(2 U, 2 V)`` with ``dL/dZ_ij = A_ij U_ij - V_ij``,
+    ``U = sum_l g_l (0.5 [pos_l] / n_pos_l + 0.5 [neg_l] / n_neg_l)``, ``V = sum_l g_l 0.5 [pos_l] / n_pos_l``.
     """
     if not pos.shape[0] or not bool(grad_losses.ne(0).any()):
         return None
     go = grad_losses.to(torch.float64)
     c_pos = torch.tensor([1.0 / q if q else 0.0 for q in n_pos], dtype=torch.float64, device=go.device)
     c_neg = torch.tensor([1.0 / q if q else 0.0 for q in n_neg], dtype=torch.float64, device=go.device)
-    return ((go * c_neg)[:, None, None] * neg - (go * c_pos)[:, None, None] * pos).sum(0)
+    w_pos = ((go * c_pos)[:, None, None] * pos).sum(0)
+    w_neg = ((go * c_neg)[:, None, None] * neg).sum(0)
+    if loss_type == "log":
+        return w_pos + w_neg, w_pos
+    return (w_neg - w_pos,)
 
 
 def _walk_factors(strips, p, d, r, g, row, need_f):
@@ -477,14 +534,16 @@ def _walk_factors(strips, p, d, r, g, row, need_f):
 def _gradient_pass(strips, ts, bounds, w2, walk, include_self, need_f, need_p):
     """The gradient pass over the upper-triangle strips: ``dL/dF = (A' o Omega) F``.
 
-    ``Omega = 2 W[t_i, t_j]`` (losses, ``i != j`` unless ``include_self``) ``+ lf_i . rf_j`` (walk).
+    ``Omega = 2 W[t_i, t_j]`` (losses, ``i != j`` unless ``include_self``) ``+ lf_i . rf_j`` (walk);
+    the ``log`` loss' term is not a multiple of ``A'``: that strip is
+    ``A o 2U - 2V + A' o (lf rf^T)`` (:func:`_loss_weights`, :func:`_weight_strip_log`).
     The column walk's ``dL/dQ = dR A`` is accumulated into ``walk["d_q"]`` on the way. In a low
     ``strips.dtype``, ``Omega / c`` and ``F / max|F|`` are formed (:func:`_omega_factors`) and the
     products scaled back in float32.
 
     Args:
         strips: :class:`_SigmoidStrips` over the sorted features; ts: int64 ``N`` sorted types;
-        bounds: type boundaries; w2: float64 ``T x T`` ``2 dL/dA`` per type pair or None;
+        bounds: type boundaries; w2: the tables of :func:`_loss_weights` or None;
         walk: :func:`_walk_factors` or None; include_self, need_f, need_p: as in the Function.
     Returns:
         float ``N x D`` gradient (sorted pixels), or None if not ``need_f``.
@@ -509,8 +568,11 @@ def _gradient_pass(strips, ts, bounds, w2, walk, include_self, need_f, need_p):
                 _add_product(d_q[:, s:e], d_r[:, e:], sig[:, e - s:].T, d_r_scale)
         if not need_f or (w2 is None and not has_walk):
             continue
-        strips.derivative_(sig)  # A' = dA/dZ: A (1 - A) for power 1
-        _weight_strip(sig, omega, bounds, s, e)
+        if omega["log"]:
+            _weight_strip_log(sig, omega, bounds, s, e)
+        else:
+            strips.derivative_(sig)  # A' = dA/dZ: A (1 - A) for power 1
+            _weight_strip(sig, omega, bounds, s, e)
         _add_product(grad[s:e], sig, f_mm[s:], alpha)
         if e < n:  # the block right of the diagonal block stands for its transpose too
             _add_product(grad[e:], sig[:, e - s:].T, f_mm[s:e], alpha)
@@ -521,16 +583,17 @@ def _omega_factors(strips, ts, w2, walk, include_self):
     """The pieces of ``Omega / scale`` in the strips' dtype (see :func:`_gradient_pass`).
 
     Returns:
-        dict: ``wexp`` ``T x N`` (row t: ``2 dL/dA / scale`` of a type-t row against every column)
-        or None, ``wdiag`` ``N`` (the diagonal to remove when ``i == j`` pairs are not counted) or
-        None, ``lf``, ``rf`` ``N x (2K + 2)`` walk factors (``lf rf^T / scale``) or None,
-        ``buf`` scratch for one strip of ``Omega`` (walk) or None, ``scale`` float. Full precision:
-        ``scale = 1``; low precision: ``scale`` = the largest of ``max|W|`` and
-        ``max|lf| max|rf|``, so every factor is at most 1 in magnitude.
+        dict: ``wexp`` ``T x N`` (row t: the first table of ``w2`` / scale, ``2 dL/dA`` or ``2 U``,
+        of a type-t row against every column) or None, ``vexp`` likewise for ``2 V`` (``log``) or
+        None, ``log`` bool, ``wdiag`` ``N`` (the diagonal to remove when ``i == j`` pairs are not
+        counted) or None, ``lf``, ``rf`` ``N x (2K + 2)`` walk factors (``lf rf^T / scale``) or
+        None, ``buf`` scratch for one strip of ``Omega`` (walk) or None, ``scale`` float. Full
+        precision: ``scale = 1``; low precision: ``scale`` = the largest of the tables' ``max|.|``
+        and ``max|lf| max|rf|``, so every factor is at most 1 in magnitude.
     """
     dtype, n, dev = strips.dtype, strips.n, strips.f.device
     low = dtype != strips.f.dtype
-    w_max = float(w2.abs().max()) if (low and w2 is not None) else 0.0
+    w_max = max(float(w.abs().max()) for w in w2) if (low and w2 is not None) else 0.0
     lf = rf = None
     scale = 1.0
     if walk is not None:
@@ -541,10 +604,13 @@ def _omega_factors(strips, ts, w2, walk, include_self):
             lf = lf * (a * b / scale)
     elif low:
         scale = w_max if w_max > 0 else 1.0
-    out = {"wexp": None, "wdiag": None, "lf": lf, "rf": rf, "scale": scale, "buf": None}
+    out = {"wexp": None, "vexp": None, "log": w2 is not None and len(w2) == 2, "wdiag": None, "lf": lf,
+           "rf": rf, "scale": scale, "buf": None}
     if w2 is not None:
-        w = (w2 / scale).to(dtype)
+        w = (w2[0] / scale).to(dtype)
         out["wexp"] = w[:, ts]
+        if out["log"]:
+            out["vexp"] = (w2[1] / scale).to(dtype)[:, ts]
         if not include_self:
             out["wdiag"] = w.diagonal()[ts]
     if walk is not None:
@@ -571,9 +637,28 @@ def _weight_strip(sig, omega, bounds, s, e):
         sig.diagonal().zero_()
 
 
+def _weight_strip_log(sig, omega, bounds, s, e):
+    """``sig`` (``A``) replaced in place by ``(A o 2U - 2V + A (1 - A) o lf rf^T) / scale`` for the
+    strip rows ``[s, e)`` (the ``log`` loss, see :func:`_loss_weights`); ``i == j`` pairs keep only
+    the walk's term unless counted."""
+    walk = None
+    if omega["lf"] is not None:
+        walk = omega["buf"][: sig.numel()].view(sig.shape)
+        torch.mm(omega["lf"][s:e], omega["rf"][s:].T, out=walk)
+        walk.mul_(sig)
+        walk.addcmul_(walk, sig, value=-1)
+    for t, a, b in _segments(bounds, s, e):
+        sig[a:b].mul_(omega["wexp"][t, s:]).sub_(omega["vexp"][t, s:])
+    if omega["wdiag"] is not None:
+        sig.diagonal().zero_()
+    if walk is not None:
+        sig.add_(walk)
+
+
 # ------------------------------------------------------------------------------------ public API
 def affinity_terms(features, labels=(), probs=None, block_size=1024, include_self=False,
-                   transition="row", cache_mb=DEFAULT_CACHE_MB, matmul_dtype=None, walk_power=1.0):
+                   transition="row", cache_mb=DEFAULT_CACHE_MB, matmul_dtype=None, walk_power=1.0,
+                   loss_type="l1"):
     """Affinity losses of several label sets and one random-walk step of ONE image, in one Function.
 
     ``A_ij = sigmoid(F_i . F_j)``. Losses: for each label set, a pair ``(i, j)`` of its valid pixels
@@ -606,6 +691,8 @@ def affinity_terms(features, labels=(), probs=None, block_size=1024, include_sel
         walk_power: exponent of the walk's affinity (``cfg.MODEL.P2SEG.I2S.RANDOM_WALK_POWER``,
             > 0). Powers above 1 sharpen it, as AffinityNet's ``beta``: the many small affinities
             between an object and the background no longer outweigh the few large ones inside it.
+        loss_type: one of ``AFFINITY_LOSS_TYPES`` (``cfg.MODEL.P2SEG.I2S.LOSS_TYPE``): ``"l1"`` as
+            above, ``"log"``: ``0.5 * mean_pos(-log A) + 0.5 * mean_neg(-log(1 - A))``.
     Returns:
         ``(losses, num_pairs, walked)``: float ``L`` (dtype of ``features``), int64 ``L`` counted
         ordered pairs, float ``K x N`` (dtype of ``probs``) or None without ``probs``.
@@ -625,12 +712,16 @@ def affinity_terms(features, labels=(), probs=None, block_size=1024, include_sel
         )
     if probs is None and not labels:
         raise ValueError(f"{_WHERE}: affinity_terms needs labels, probs or both")
+    if loss_type not in AFFINITY_LOSS_TYPES:
+        raise ValueError(
+            f"{_WHERE}: loss_type (cfg.MODEL.P2SEG.I2S.LOSS_TYPE) must be one of {AFFINITY_LOSS_TYPES}, "
+            f"got {loss_type!r}")
     if not walk_power > 0:
         raise ValueError(
             f"{_WHERE}: walk_power (cfg.MODEL.P2SEG.I2S.RANDOM_WALK_POWER) must be > 0, got {walk_power!r}")
     if probs is not None and labels and walk_power != 1:  # the losses read the plain sigmoid
         losses, pairs, _ = affinity_terms(features, labels, None, block_size, include_self, transition,
-                                          cache_mb, matmul_dtype)
+                                          cache_mb, matmul_dtype, loss_type=loss_type)
         walked = affinity_terms(features, (), probs, block_size, include_self, transition, cache_mb,
                                 matmul_dtype, walk_power)[2]
         return losses, pairs, walked
@@ -654,32 +745,33 @@ def affinity_terms(features, labels=(), probs=None, block_size=1024, include_sel
     type_ids, pos, neg = _pair_types(labels, feats.shape[0], dev)
     losses, pairs, walked = _AffinityFn.apply(
         feats.to(cdtype), None if probs is None else probs.to(cdtype), block_size, transition,
-        bool(include_self), _cache_bytes(cache_mb), type_ids, pos, neg, matmul_dtype, float(walk_power))
+        bool(include_self), _cache_bytes(cache_mb), type_ids, pos, neg, matmul_dtype, float(walk_power),
+        loss_type)
     return losses.to(features.dtype), pairs, None if probs is None else walked.to(probs.dtype)
 
 
-def affinity_losses(features, labels, block_size=1024, include_self=False):
+def affinity_losses(features, labels, block_size=1024, include_self=False, loss_type="l1"):
     """I2S affinity losses of one image for several label sets (see :func:`affinity_terms`).
 
     Returns:
         ``(losses, num_pairs)``: float ``L`` (dtype of ``features``), int64 ``L`` counted pairs.
     """
-    losses, pairs, _ = affinity_terms(features, labels, None, block_size, include_self)
+    losses, pairs, _ = affinity_terms(features, labels, None, block_size, include_self, loss_type=loss_type)
     return losses, pairs
 
 
 def affinity_loss(features, membership, valid=None, neutral=None, block_size=1024,
-                  include_self=False, return_num_pairs=False):
+                  include_self=False, return_num_pairs=False, loss_type="l1"):
     """I2S affinity loss of one image for ONE label set (see :func:`affinity_terms`).
 
     Args:
         features: float ``N x D``; membership: bool/float ``N x K``; valid, neutral: bool ``N`` or
-            None; block_size, include_self: as :func:`affinity_terms`.
+            None; block_size, include_self, loss_type: as :func:`affinity_terms`.
         return_num_pairs: also return the int64 scalar number of counted ordered pairs.
     Returns:
         scalar loss (dtype of ``features``), and the number of pairs if ``return_num_pairs``.
     """
-    losses, pairs = affinity_losses(features, [(membership, valid, neutral)], block_size, include_self)
+    losses, pairs = affinity_losses(features, [(membership, valid, neutral)], block_size, include_self, loss_type)
     return (losses[0], pairs[0]) if return_num_pairs else losses[0]
 
 
@@ -706,14 +798,15 @@ def random_walk(features, probs, block_size=1024, transition="row", cache_mb=DEF
 
 
 # ------------------------------------------------------------------- dense references (tests only)
-def dense_affinity_loss(features, membership, valid=None, neutral=None, include_self=False):
+def dense_affinity_loss(features, membership, valid=None, neutral=None, include_self=False, loss_type="l1"):
     """Dense ``N x N`` reference of :func:`affinity_loss` (same arguments). Tests/benchmarks only."""
     member = membership.bool()
     if valid is None:
         valid = member.any(1) if neutral is None else member.any(1) | neutral.bool()
     f = features[valid]
     m = member[valid].to(f.dtype)
-    a = torch.sigmoid(f @ f.T)
+    z = f @ f.T
+    a = torch.sigmoid(z)
     pos = (m @ m.T) > 0.5
     neg = ~pos
     if neutral is not None:
@@ -724,10 +817,11 @@ def dense_affinity_loss(features, membership, valid=None, neutral=None, include_
         pos &= ~eye
         neg &= ~eye
     loss = features.sum() * 0
+    pos_term, neg_term = (1 - a, a) if loss_type == "l1" else (F.softplus(-z), F.softplus(z))
     if pos.any():
-        loss = loss + 0.5 * (1 - a[pos]).mean()
+        loss = loss + 0.5 * pos_term[pos].mean()
     if neg.any():
-        loss = loss + 0.5 * a[neg].mean()
+        loss = loss + 0.5 * neg_term[neg].mean()
     return loss
 
 

@@ -208,7 +208,7 @@ def _check_batch(features, sem_seg, instance_ids, image_classes, pool_stride):
 
 def i2s_terms(features, sem_seg, instance_ids, image_classes, pool_stride, block_size, sem_probs=None,
               transition="row", ignore_value=255, include_self=False, reduction="mean",
-              cache_mb=DEFAULT_CACHE_MB, matmul_dtype=None, walk_power=1.0):
+              cache_mb=DEFAULT_CACHE_MB, matmul_dtype=None, walk_power=1.0, loss_type="l1"):
     """Class and instance affinity losses and (optionally) the random walk of a batch, in ONE pass.
 
     Per image, one :func:`affinity_terms` call computes both losses and the walk of the
@@ -227,6 +227,7 @@ def i2s_terms(features, sem_seg, instance_ids, image_classes, pool_stride, block
         cache_mb: see :func:`affinity_terms` (``cfg.MODEL.P2SEG.I2S.CACHE_MB``).
         matmul_dtype: see :func:`affinity_terms` (the autocast dtype under mixed precision).
         walk_power: see :func:`affinity_terms` (``cfg.MODEL.P2SEG.I2S.RANDOM_WALK_POWER``).
+        loss_type: see :func:`affinity_terms` (``cfg.MODEL.P2SEG.I2S.LOSS_TYPE``).
     Returns:
         dict ``loss_aff_class``, ``loss_aff_instance``: scalars (or ``B`` tensors for "none"), and
         with ``sem_probs``: ``sem_probs`` float ``B x (C+1) x h x w`` as :func:`refine_semantic_probs`.
@@ -247,7 +248,8 @@ def i2s_terms(features, sem_seg, instance_ids, image_classes, pool_stride, block
             probs = sem_probs[b].flatten(1)  # (C+1) x N
         # One strip pass serves both labels and the walk (the logits are shared).
         loss, n, out = affinity_terms(feats, labels, None if probs is None else probs[channels],
-                                      block_size, include_self, transition, cache_mb, matmul_dtype, walk_power)
+                                      block_size, include_self, transition, cache_mb, matmul_dtype, walk_power,
+                                      loss_type)
         losses.append(loss)
         pairs.append(n)
         if probs is not None:
@@ -262,7 +264,7 @@ def i2s_terms(features, sem_seg, instance_ids, image_classes, pool_stride, block
 
 
 def i2s_losses(features, sem_seg, instance_ids, image_classes, pool_stride, block_size,
-               ignore_value=255, include_self=False, reduction="mean"):
+               ignore_value=255, include_self=False, reduction="mean", loss_type="l1"):
     """Class and instance affinity losses of a batch, labels built per image (no walk).
 
     Args: as :func:`i2s_terms` without ``sem_probs``.
@@ -270,7 +272,8 @@ def i2s_losses(features, sem_seg, instance_ids, image_classes, pool_stride, bloc
         dict ``loss_aff_class``, ``loss_aff_instance``: scalars (or ``B`` tensors for "none").
     """
     return i2s_terms(features, sem_seg, instance_ids, image_classes, pool_stride, block_size,
-                     ignore_value=ignore_value, include_self=include_self, reduction=reduction)
+                     ignore_value=ignore_value, include_self=include_self, reduction=reduction,
+                     loss_type=loss_type)
 
 
 def _check_probs(sem_probs, features):

@@ -90,6 +90,7 @@ class P2Seg(nn.Module):
         random_walk_in_loss: bool = True,
         random_walk_transition: str = "row",
         random_walk_power: float = 1.0,
+        i2s_loss_type: str = "l1",
         i2s_cache_mb: float = 512,
         center_threshold: float = 0.1,
         nms_kernel: int = 41,
@@ -119,7 +120,8 @@ class P2Seg(nn.Module):
             center_weight, offset_weight, point_weight: weights of ``loss_center``,
                 ``loss_offset`` and ``loss_point`` (0 = no point loss term).
             s2i_enabled, i2s_enabled, i2s_loss_weight, i2s_pool_stride, i2s_block_size,
-                random_walk, random_walk_transition, random_walk_power, i2s_cache_mb: Mutual Distillation Module
+                random_walk, random_walk_transition, random_walk_power, i2s_cache_mb, i2s_loss_type:
+                Mutual Distillation Module
                 settings (MODEL.P2SEG.S2I / MODEL.P2SEG.I2S).
             random_walk_in_loss: with ``random_walk``, the training semantic loss reads the walked
                 probabilities (I2S.RANDOM_WALK_IN_LOSS); False walks at inference only.
@@ -161,6 +163,7 @@ class P2Seg(nn.Module):
         self.random_walk_in_loss = random_walk_in_loss
         self.random_walk_transition = random_walk_transition
         self.random_walk_power = random_walk_power
+        self.i2s_loss_type = i2s_loss_type
         self.i2s_cache_mb = i2s_cache_mb
         self.center_threshold = center_threshold
         self.nms_kernel = nms_kernel
@@ -226,6 +229,7 @@ class P2Seg(nn.Module):
             "random_walk_in_loss": p2.I2S.RANDOM_WALK_IN_LOSS,
             "random_walk_transition": p2.I2S.RANDOM_WALK_TRANSITION,
             "random_walk_power": p2.I2S.RANDOM_WALK_POWER,
+            "i2s_loss_type": p2.I2S.LOSS_TYPE,
             "i2s_cache_mb": p2.I2S.CACHE_MB,
             "center_threshold": p2.INFERENCE.CENTER_THRESHOLD,
             "nms_kernel": p2.INFERENCE.NMS_KERNEL,
@@ -464,6 +468,7 @@ class P2Seg(nn.Module):
             pool_stride=self.i2s_pool_stride, block_size=self.i2s_block_size, sem_probs=sem_probs,
             transition=self.random_walk_transition, ignore_value=self.ignore_value,
             cache_mb=self.i2s_cache_mb, matmul_dtype=matmul_dtype, walk_power=self.random_walk_power,
+            loss_type=self.i2s_loss_type,
         )
 
     def _semantic_logits(self, up, i2s) -> torch.Tensor:
