@@ -336,24 +336,26 @@ def _joint_case(seed, n=120, d=5, k=3):
     return feats, probs, weight, labels
 
 
-def _dense_joint(feats, probs, weight, labels, transition, include_self=False):
-    losses = [dense_affinity_loss(feats, *lab, include_self=include_self) for lab in labels]
+def _dense_joint(feats, probs, weight, labels, transition, include_self=False, loss_type="l1"):
+    losses = [dense_affinity_loss(feats, *lab, include_self=include_self, loss_type=loss_type) for lab in labels]
     walked = dense_random_walk(feats, probs, transition)
     return 0.3 * losses[0] + 1.7 * losses[1] + (walked * weight).sum(), torch.stack(losses), walked
 
 
 # strips of 13 rows x <= 120 columns in float64 are <= 12.5 kB: 0.02 MB keeps only some of them
+@pytest.mark.parametrize("loss_type", ["l1", "log"])
 @pytest.mark.parametrize("cache_mb", [0, 0.02, 512])
 @pytest.mark.parametrize("block_size", [1, 13, 120, 500])
 @pytest.mark.parametrize("transition", ["row", "column"])
-def test_affinity_terms_joint_equal_dense(transition, block_size, cache_mb):
+def test_affinity_terms_joint_equal_dense(transition, block_size, cache_mb, loss_type):
     feats, probs, weight, labels = _joint_case(block_size)
     f_ref, p_ref = feats.clone().requires_grad_(), probs.clone().requires_grad_()
-    total_ref, losses_ref, walked_ref = _dense_joint(f_ref, p_ref, weight, labels, transition)
+    total_ref, losses_ref, walked_ref = _dense_joint(f_ref, p_ref, weight, labels, transition,
+                                                     loss_type=loss_type)
     total_ref.backward()
     f, p = feats.clone().requires_grad_(), probs.clone().requires_grad_()
     losses, pairs, walked = affinity_terms(f, labels, p, block_size, transition=transition,
-                                           cache_mb=cache_mb)
+                                           cache_mb=cache_mb, loss_type=loss_type)
     (0.3 * losses[0] + 1.7 * losses[1] + (walked * weight).sum()).backward()
     assert rel_err(losses, losses_ref) < REL_TOL
     assert rel_err(walked, walked_ref) < REL_TOL
@@ -363,15 +365,18 @@ def test_affinity_terms_joint_equal_dense(transition, block_size, cache_mb):
         assert int(n) == int(affinity_loss(feats, *lab, return_num_pairs=True)[1])
 
 
+@pytest.mark.parametrize("loss_type", ["l1", "log"])
 @pytest.mark.parametrize("transition", ["row", "column"])
-def test_affinity_terms_include_self_and_partial_gradients(transition):
+def test_affinity_terms_include_self_and_partial_gradients(transition, loss_type):
     feats, probs, weight, labels = _joint_case(3, n=60)
     f_ref, p_ref = feats.clone().requires_grad_(), probs.clone().requires_grad_()
-    total_ref, _, _ = _dense_joint(f_ref, p_ref, weight, labels, transition, include_self=True)
+    total_ref, _, _ = _dense_joint(f_ref, p_ref, weight, labels, transition, include_self=True,
+                                   loss_type=loss_type)
     total_ref.backward()
     # Only the features need a gradient, then only the probabilities.
     f = feats.clone().requires_grad_()
-    losses, _, walked = affinity_terms(f, labels, probs, 7, include_self=True, transition=transition)
+    losses, _, walked = affinity_terms(f, labels, probs, 7, include_self=True, transition=transition,
+                                       loss_type=loss_type)
     (0.3 * losses[0] + 1.7 * losses[1] + (walked * weight).sum()).backward()
     assert rel_err(f.grad, f_ref.grad) < REL_TOL
     p = probs.clone().requires_grad_()
@@ -407,10 +412,33 @@ def test_gradcheck_joint_tiny():
     feats.requires_grad_()
     probs.requires_grad_()
     for transition in ("row", "column"):
-        def fn(f, p):
-            losses, _, walked = affinity_terms(f, labels, p, 4, transition=transition, cache_mb=1e-3)
-            return losses, walked
-        assert torch.autograd.gradcheck(fn, (feats, probs))
+        for loss_type in ("l1", "log"):
+            def fn(f, p):
+                losses, _, walked = affinity_terms(f, labels, p, 4, transition=transition, cache_mb=1e-3,
+                                                   loss_type=loss_type)
+                return losses, walked
+            assert torch.autograd.gradcheck(fn, (feats, probs))
+
+
+def test_log_loss_keeps_the_gradient_of_a_saturated_wrong_pair():
+    """Two pixels of different regions with logit +40 (A = 1, a wrong pair): the l1 loss' gradient
+    A (1 - A) is ~0 there; the log loss' stays at the pair's weight."""
+    feats = torch.tensor([[0.0, 40.0 ** 0.5], [0.0, 40.0 ** 0.5]], dtype=torch.float64)
+    member = torch.tensor([[True, False], [False, True]])
+    grads = {}
+    for loss_type in ("l1", "log"):
+        f = feats.clone().requires_grad_()
+        loss = affinity_loss(f, member, block_size=2, loss_type=loss_type)
+        loss.backward()
+        assert rel_err(loss, dense_affinity_loss(feats, member, loss_type=loss_type)) < REL_TOL
+        grads[loss_type] = float(f.grad.abs().max())
+    assert grads["l1"] < 1e-15
+    assert grads["log"] > 0.5  # 0.5 / 2 pairs * 2 (both orders) * |F| (6.3)
+
+
+def test_affinity_loss_type_is_checked():
+    with pytest.raises(ValueError, match="LOSS_TYPE"):
+        affinity_loss(torch.randn(4, 2), torch.ones(4, 1, dtype=torch.bool), loss_type="bce")
 
 
 def test_float32_sums_stay_exact_when_positive_pairs_saturate():

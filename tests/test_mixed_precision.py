@@ -55,27 +55,29 @@ def _affinity_case(n, seed=3, d=8, k=3):
     return feats, probs, weight, [(member, None, neutral), (other, None, None)]
 
 
-def _dense(feats, probs, weight, labels, transition):
+def _dense(feats, probs, weight, labels, transition, loss_type="l1"):
     """float64 dense losses, walk and gradients of ``0.3 L0 + 1.7 L1 + <walk, weight>``."""
     f, p = feats.clone().requires_grad_(), probs.clone().requires_grad_()
-    losses = torch.stack([dense_affinity_loss(f, *lab) for lab in labels])
+    losses = torch.stack([dense_affinity_loss(f, *lab, loss_type=loss_type) for lab in labels])
     walked = dense_random_walk(f, p, transition)
     (0.3 * losses[0] + 1.7 * losses[1] + (walked * weight).sum()).backward()
     return losses.detach(), walked.detach(), f.grad, p.grad
 
 
+@pytest.mark.parametrize("loss_type", ["l1", "log"])
 @pytest.mark.parametrize("n, block_size, cache_mb", [(120, 13, 0), (600, 64, 512)])
 @pytest.mark.parametrize("transition", ["row", "column"])
 @pytest.mark.parametrize("dtype", sorted(LOW))
-def test_low_precision_affinity_matches_the_float64_dense_reference(dtype, transition, n, block_size, cache_mb):
+def test_low_precision_affinity_matches_the_float64_dense_reference(dtype, transition, n, block_size, cache_mb,
+                                                                     loss_type):
     """Strip products in bfloat16 / float16, sums in float32: losses, walk and both gradients close
     to the float64 dense formulas. N = 600 has 1 / #pairs ~ 3e-6, below float16's normal range:
     the operand scaling keeps those weights."""
     feats, probs, weight, labels = _affinity_case(n)
-    ref = _dense(feats, probs, weight, labels, transition)
+    ref = _dense(feats, probs, weight, labels, transition, loss_type)
     f, p = feats.float().requires_grad_(), probs.float().requires_grad_()
     losses, pairs, walked = affinity_terms(f, labels, p, block_size, transition=transition,
-                                           cache_mb=cache_mb, matmul_dtype=LOW[dtype])
+                                           cache_mb=cache_mb, matmul_dtype=LOW[dtype], loss_type=loss_type)
     assert losses.dtype == torch.float32 and walked.dtype == torch.float32
     (0.3 * losses[0] + 1.7 * losses[1] + (walked * weight.float()).sum()).backward()
     assert rel_err(losses.detach(), ref[0]) < 1e-3

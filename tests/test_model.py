@@ -246,6 +246,20 @@ def test_random_walk_power_reaches_the_training_and_inference_walks(monkeypatch)
     assert powers == [8.0]
 
 
+def test_affinity_loss_type_reaches_the_affinity_losses_only():
+    """I2S.LOSS_TYPE "log" changes loss_affinity (the -log form is larger: -log A >= 1 - A) and
+    leaves loss_sem (same walk) unchanged."""
+    model = tiny_model("MODEL.P2SEG.I2S.ENABLED", True, "MODEL.P2SEG.I2S.LOSS_TYPE", "log")
+    assert model.i2s_loss_type == "log"
+    model.train()
+    with EventStorage(), torch.no_grad():
+        log = model.losses(*_outputs_and_targets(model, [synthetic_input()]))
+        model.i2s_loss_type = "l1"
+        l1 = model.losses(*_outputs_and_targets(model, [synthetic_input()]))
+    assert log["loss_affinity"].item() > l1["loss_affinity"].item() + 1e-4
+    assert log["loss_sem"].item() == pytest.approx(l1["loss_sem"].item(), rel=1e-6)
+
+
 def test_s2i_offset_loss_is_the_mean_of_initial_and_refined_target_losses():
     from p2seg.modeling.mdm import refine_offset_targets
 
