@@ -17,7 +17,8 @@ with ``--threads`` torch threads) from ``--config`` with ``MODEL.P2SEG.S2I.ENABL
 With I2S the worker also writes the diagnosis of the module (:func:`walk_diagnostics`): the
 foreground IoU and mIoU of the model's semantics against the ground truth before and after the
 inference random walk, and the affinity's calibration (mean ``A`` over pixel pairs of the same
-ground-truth instance, of different instances, and of instance vs background).
+ground-truth instance, of different instances, and of instance vs background; the fraction above
+0.5; the median absolute logit).
 
 A finished run's JSON (``--out/<tag>_<variant>_s<seed>/ablation_run.json``) is reused, so an
 interrupted ablation resumes. Prints one JSON line per run, then one table: per variant the mean
@@ -85,7 +86,9 @@ def walk_diagnostics(model, cfg, dataset_name, pairs_per_image=20000, seed=0):
     For each image of ``dataset_name`` (with points, at the test size; padded grid cropped to the
     image): the argmax of the cleaned softmax before and after ``P2Seg._refine_semantics`` vs the
     ground-truth semantic map at 1/4; ``A = sigmoid(f_i . f_j)`` on ``pairs_per_image`` random
-    pixel pairs grouped by ground truth. Returns a dict of means over images.
+    pixel pairs grouped by ground truth: its mean, the fraction of pairs above 0.5, and the median
+    ``|f_i . f_j|`` (a saturated sigmoid -- logits of tens or more -- makes ``A`` binary and the
+    l1 loss' gradient vanish). Returns a dict of means over images (pair fractions over pairs).
     """
     import torch
 
@@ -98,6 +101,8 @@ def walk_diagnostics(model, cfg, dataset_name, pairs_per_image=20000, seed=0):
     gen = torch.Generator().manual_seed(seed)
     sums = {k: 0.0 for k in ("fg_iou_before", "fg_iou_after", "acc_before", "acc_after")}
     aff = {k: [0.0, 0] for k in ("same_instance", "other_instance", "instance_background")}
+    saturated = {k: [0, 0] for k in aff}
+    logit_abs = []
     n_images = 0
     model.eval()
     with torch.no_grad():
@@ -120,7 +125,9 @@ def walk_diagnostics(model, cfg, dataset_name, pairs_per_image=20000, seed=0):
             inst = inst_gt.flatten()
             i = torch.randint(0, len(inst), (pairs_per_image,), generator=gen)
             j = torch.randint(0, len(inst), (pairs_per_image,), generator=gen)
-            a = torch.sigmoid((feats[i] * feats[j]).sum(1))
+            logits = (feats[i] * feats[j]).sum(1)
+            a = torch.sigmoid(logits)
+            logit_abs.append(logits.abs())
             groups = {
                 "same_instance": (inst[i] > 0) & (inst[i] == inst[j]) & (i != j),
                 "other_instance": (inst[i] > 0) & (inst[j] > 0) & (inst[i] != inst[j]),
@@ -129,9 +136,13 @@ def walk_diagnostics(model, cfg, dataset_name, pairs_per_image=20000, seed=0):
             for key, sel in groups.items():
                 aff[key][0] += a[sel].sum().item()
                 aff[key][1] += int(sel.sum())
+                saturated[key][0] += int((a[sel] > 0.5).sum())
+                saturated[key][1] += int(sel.sum())
             n_images += 1
     out = {k: round(v / max(n_images, 1), 4) for k, v in sums.items()}
     out.update({f"mean_A_{k}": round(s / c, 4) if c else None for k, (s, c) in aff.items()})
+    out.update({f"frac_A_above_half_{k}": round(s / c, 4) if c else None for k, (s, c) in saturated.items()})
+    out["median_abs_logit"] = round(float(torch.cat(logit_abs).median()), 2) if logit_abs else None
     return out
 
 

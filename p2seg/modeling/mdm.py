@@ -1,11 +1,12 @@
-"""Mutual Distillation Module (MDM): S2I refined offsets, I2S affinity labels/losses, random walk.
+"""Mutual Distillation Module (MDM): the I2S affinity labels of a batch, its losses and random walk.
 
-The math lives in :mod:`p2seg.modeling.s2i` (refined offsets) and :mod:`p2seg.modeling.affinity`
-(blockwise affinity loss and random walk, no ``N x N`` memory); this module builds the I2S labels
-per image and offers the batch-level entry points the meta-architecture calls.
+The math lives in :mod:`p2seg.modeling.s2i` (S2I refined offsets) and
+:mod:`p2seg.modeling.affinity` (blockwise affinity losses and random walk, no ``N x N`` memory);
+this module builds the I2S labels per image and offers the batch entry points that
+``P2Seg._s2i`` / ``P2Seg._i2s`` (training) and ``P2Seg._refine_semantics`` (inference) call.
 
-Decisions (docs/METHOD.md leaves them open or the reference differs)
----------------------------------------------------------------
+Labels (docs/METHOD.md leaves them open or the reference differs)
+------------------------------------------------------------------
 * Class label: regions are the **background** (``sem_seg == 0``, its own region) and each present
   class (``image_classes``, the classes with points). Pixels labelled ``ignore_value`` and pixels of
   a class that has no point in the image are excluded from every pair. After max-pooling
@@ -13,66 +14,18 @@ Decisions (docs/METHOD.md leaves them open or the reference differs)
   a pair is positive when the two cells share a region, negative otherwise.
 * Instance label: regions are ALL pseudo instances of the image (S2I ``instance_ids``; the reference
   keeps only the last one -- a bug). Same instance: positive; different instances or
-  instance/background: negative; background/background pairs are not counted (docs/METHOD.md names
-  them neither positive nor negative). Cells with neither an instance nor background are excluded.
-* ``i == j`` pairs are not counted (``include_self=False``); a single sigmoid is applied (the
-  reference applies two). A loss term whose pair set is empty is 0.
-* Labels are built per image and never mixed across the batch. The batch loss is the mean over the
-  images that have at least one counted pair (0, with a graph, when none has).
-* Random walk: on the **softmax semantic probabilities at feature resolution (1/4), before
-  upsampling**, only the channels of the present classes (background + classes with points) are
-  walked: ``P' = P D^-1 A`` (``transition="row"``, docs/METHOD.md's formula; ``"column"`` =
-  ``P A D^-1``, AffinityNet's convex form, is available). Absent-class channels keep their softmax
-  values; each pixel's channels are then renormalised to sum to 1 (the row walk does not preserve
-  per-pixel sums). docs/METHOD.md puts the walk in the semantic path "before upsampling" and its
-  pseudo-mask inference lists the plain softmax + "clean", hence: the refined probabilities replace
-  the softmax in the TRAINING semantic loss, gradients flowing into both the semantic logits and the
-  affinity features.
+  instance/background: negative; background/background pairs are not counted. Cells with neither
+  an instance nor background are excluded.
+* ``i == j`` pairs are not counted; a single sigmoid (the reference applies two). A loss term whose
+  pair set is empty is 0. Labels are built per image; the batch loss is the mean over the images
+  that have at least one counted pair.
 
-Integration recipe (for ``meta_arch.py``)
------------------------------------------
-``_s2i_losses`` (training, ``cfg.MODEL.P2SEG.S2I.ENABLED``)::
-
-    offset_r, weights_r, instance_ids = refine_offset_targets(
-        pred_offset,            # B x 2 x H x W, predicted offsets upsampled to the input size
-        sem_seg,                # B x H x W int64 (batched "sem_seg", padding = ignore)
-        [x["points"] for x in batched_inputs], [x["point_classes"] for x in batched_inputs],
-        ignore_value=cfg.INPUT.IGNORE_VALUE)
-    loss_off_refined = weighted L1(pred_offset, offset_r, weights_r)   # same form as L_off
-    L_off_total = 0.5 * (L_off + loss_off_refined)                     # times OFFSET_WEIGHT
-
-``_i2s_losses`` (training, ``cfg.MODEL.P2SEG.I2S.ENABLED``)::
-
-    image_classes = [x["point_classes"].unique() for x in batched_inputs]
-    losses = i2s_losses(aff_features,   # B x D x h x w (affinity branch, 1/4 of the padded input)
-                        sem_seg, instance_ids, image_classes,   # instance_ids from _s2i_losses
-                        pool_stride=cfg.MODEL.P2SEG.I2S.POOL_STRIDE,
-                        block_size=cfg.MODEL.P2SEG.I2S.BLOCK_SIZE,
-                        ignore_value=cfg.INPUT.IGNORE_VALUE)
-    L_aff = I2S.LOSS_WEIGHT * 0.5 * (losses["loss_aff_class"] + losses["loss_aff_instance"])
-    # If S2I is disabled, build instance_ids with the same function from the ground-truth points
-    # (pred_offset = zeros gives the nearest-point assignment).
-
-Semantic loss with the random walk (training, ``cfg.MODEL.P2SEG.I2S.RANDOM_WALK``)::
-
-    probs = sem_logits_quarter.softmax(1)                    # B x (C+1) x h x w, BEFORE upsampling
-    refined = refine_semantic_probs(probs, aff_features, image_classes,
-                                    block_size=..., transition=cfg.MODEL.P2SEG.I2S.RANDOM_WALK_TRANSITION)
-    up = F.interpolate(refined, size=(H, W), mode="bilinear", align_corners=False)
-    log_p = up.clamp_min(torch.finfo(up.dtype).tiny).log()   # a valid "logits" input:
-    L_sem = DeepLabCE(...)(log_p, sem_seg)                   # log_softmax(log p) == log p
-
-Training with both (the fast path, ~half the time of the two calls above): ONE call computes the
-two affinity losses and the walk from the same affinity strips::
-
-    terms = i2s_terms(aff_features, sem_seg, instance_ids, image_classes, pool_stride, block_size,
-                      sem_probs=sem_logits_quarter.softmax(1), transition=..., ignore_value=...,
-                      cache_mb=cfg.MODEL.P2SEG.I2S.CACHE_MB)
-    terms["loss_aff_class"], terms["loss_aff_instance"], terms["sem_probs"]  # = the refined probs
-
-Inference: no random walk (docs/METHOD.md's pseudo-mask steps use the plain softmax, "clean" by the
-image-level labels); ``refine_semantic_probs`` with the points' classes can be switched on there
-too if wanted (it needs the image-level classes, so not for point-free inference).
+Random walk: on the softmax probabilities at feature resolution (1/4, before upsampling), only
+the present channels (background + classes with points) are walked, ``P' = P D^-1 W`` with
+``W = sigmoid(F F^T) ** I2S.RANDOM_WALK_POWER`` (``transition="row"``; ``"column"`` is AffinityNet's
+convex ``P W D^-1``); absent channels keep their values and each pixel is renormalised. In training
+(``I2S.RANDOM_WALK_IN_LOSS``) ``loss_sem`` reads ``log P'`` upsampled; at inference the walk refines
+the images that have points (their classes are the image-level labels).
 """
 from typing import NamedTuple, Optional
 
