@@ -91,6 +91,8 @@ def add_p2seg_config(cfg):
     # gradient does not vanish on saturated wrong pairs (README "MDM").
     cfg.MODEL.P2SEG.I2S.LOSS_TYPE = "l1"
     cfg.MODEL.P2SEG.I2S.FEATURE_CHANNELS = 256  # affinity feature channels (at 1/4 resolution)
+    # Affinity head by name: "AffinityHead" (DeepLabV3+ decoder) or "SimpleAffinityHead" (HRNet: 3x3 conv).
+    cfg.MODEL.P2SEG.I2S.HEAD_NAME = "AffinityHead"
     # AffinityHead (ResNet): a light DeepLabV3+ decoder on SEM_SEG_HEAD.IN_FEATURES.
     cfg.MODEL.P2SEG.I2S.PROJECT_CHANNELS = [16, 32, 64]  # low-level projections (res2, res3, res4)
     cfg.MODEL.P2SEG.I2S.DECODER_CHANNELS = 128  # decoder (and ASPP) channels
@@ -140,8 +142,6 @@ def add_p2seg_config(cfg):
     cfg.MODEL.EFFICIENTNET.DROP_CONNECT_RATE = 0.0  # stochastic depth of the last block (ImageNet: 0.2)
     # Simple heads (p2seg/modeling/simple_heads.py): norm after the 3x3 conv ("" = none, as the authors).
     cfg.MODEL.P2SEG.SIMPLE_HEAD_NORM = ""
-    # Affinity head by name: "AffinityHead" (DeepLabV3+ decoder) or "SimpleAffinityHead" (HRNet: 3x3 conv).
-    cfg.MODEL.P2SEG.I2S.HEAD_NAME = "AffinityHead"
 
     # ---------------------------------------------------------------- datasets
     # Point datasets declared here, registered before use (p2seg/data/config_datasets.py): a tuple of
