@@ -6,6 +6,8 @@ labels) densely: ``(416 / 4)^4 * 4 B ~ 470 MB`` per matrix at a 416 crop, severa
 backward pass. Here ONE custom ``torch.autograd.Function`` (:func:`affinity_terms`) computes any of
 the affinity losses of several label sets and the random walk, visiting ``A`` one *row strip*
 (``block_size`` rows) at a time; nothing of size ``N x N`` is saved (backward recomputes the strips).
+The losses come in two forms (``AFFINITY_LOSS_TYPES``: the paper's ``l1`` on ``A``, or ``log`` on
+``log A``); the walk may read ``A ** power`` (a sharpened walk, computed in its own pass).
 
 How the work is kept small (the exact algebra; results equal the dense formulas up to summation order):
 
