@@ -12,7 +12,7 @@ padded to SIZE_DIVISIBILITY: 512 x 384 for 500 x 375). Timed parts (medians of `
 warm-up):
 
 * ``forward``: backbone + heads + softmax (``predict_for_inference``) and, with I2S, the random walk
-  at 1/4 resolution (``_refine_semantics``); ``--amp on``: under autocast as ``P2Seg.forward``
+  at 1/4 resolution (``refine_semantics``); ``--amp on``: under autocast as ``P2Seg.forward``
   runs it (network in the autocast dtype, the walk's affinity products too, sums in float32);
 * ``post``: the rest of ``P2Seg.inference``: clean, upsample, crop/resize to 375 x 500,
   ``point_guided_instances`` (one mask per point) and the Instances. A random-init model predicts
@@ -94,7 +94,7 @@ def main():
             outputs = model.predict_for_inference(images)
             low = autocast_dtype(device)
             with full_precision(device):
-                outputs["sem_probs"] = model._refine_semantics(outputs["sem_probs"], outputs, inputs, low)
+                outputs["sem_probs"] = model.refine_semantics(outputs["sem_probs"], outputs, inputs, low)
         return images, outputs
 
     cpu = {"forward": [], "post": []}
@@ -120,8 +120,9 @@ def main():
             if args.semantics == "sample":  # untimed: the post-processing input of a trained model
                 outputs["sem_probs"] = sample_semantics(s["sem_seg"], images.tensor.shape[-2:],
                                                         NUM_CLASSES, model.common_stride).to(device)
-            # _refine_semantics already ran; inference must not walk again
-            t_post, results = timed(lambda: _inference_no_walk(model, outputs, inputs, images), "post")
+            # the random walk already ran in forward()
+            t_post, results = timed(lambda: model.postprocess(outputs["sem_probs"], outputs, inputs,
+                                                              images.image_sizes), "post")
             masks = results[0]["instances"].pred_masks.cpu().numpy()
             t_rle, rles = timed(lambda: mask_util.encode(np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8))))
             if i:
@@ -166,15 +167,6 @@ def sample_semantics(sem_seg, padded_size, num_classes, stride, confidence=0.9):
     onehot = F.one_hot(labels, num_classes + 1).permute(2, 0, 1).float()[None]
     return confidence * F.avg_pool2d(onehot, stride) + (1.0 - confidence) / (num_classes + 1)
 
-
-def _inference_no_walk(model, outputs, inputs, images):
-    """``model.inference`` with the random walk switched off (it already ran in ``forward``)."""
-    saved = model.random_walk
-    model.random_walk = False
-    try:
-        return model.inference(outputs, inputs, images)
-    finally:
-        model.random_walk = saved
 
 
 if __name__ == "__main__":

@@ -15,12 +15,9 @@ from detectron2.utils.events import EventStorage
 
 from p2seg import add_p2seg_config
 from p2seg.modeling.backbone.hrnet import HRNet
-from p2seg.modeling.simple_heads import (
-    SimpleAffinityHead,
-    SimpleInsEmbedHead,
-    SimpleSemSegHead,
-    build_p2seg_heads,
-)
+from p2seg.modeling.heads import build_p2seg_heads
+from p2seg.modeling.meta_arch import P2Seg
+from p2seg.modeling.simple_heads import SimpleAffinityHead, SimpleInsEmbedHead, SimpleSemSegHead
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -240,26 +237,12 @@ def synthetic_training_input(height=64, width=64, seed=0):
     }
 
 
-def build_p2seg_with_simple_heads(cfg, monkeypatch):
-    """P2Seg from ``cfg``. When the meta-architecture does not select heads by name
-    (``build_p2seg_heads``), its head builders are replaced by the simple heads for this test."""
-    from p2seg.modeling import meta_arch
-
-    if not hasattr(meta_arch, "build_p2seg_heads"):
-        monkeypatch.setattr(meta_arch, "build_p2seg_sem_seg_head", SimpleSemSegHead)
-        monkeypatch.setattr(meta_arch, "P2SegInsEmbedHead", SimpleInsEmbedHead)
-        monkeypatch.setattr(meta_arch, "AffinityHead", SimpleAffinityHead)
-    return meta_arch.P2Seg(cfg)
-
-
-def test_p2seg_with_hrnet_w32_and_simple_heads_trains_and_predicts(monkeypatch):
-    if importlib.util.find_spec("p2seg.modeling.meta_arch") is None:
-        pytest.skip("p2seg/modeling/meta_arch.py (the P2Seg meta-architecture) does not exist yet")
+def test_p2seg_with_hrnet_w32_and_simple_heads_trains_and_predicts():
     torch.manual_seed(0)
     cfg = hrnet_cfg(32, *simple_head_opts(), "MODEL.META_ARCHITECTURE", "P2Seg",
                     "MODEL.P2SEG.S2I.ENABLED", True, "MODEL.P2SEG.I2S.RANDOM_WALK", True,
                     "MODEL.BACKBONE.FREEZE_AT", 0)
-    model = build_p2seg_with_simple_heads(cfg, monkeypatch)
+    model = P2Seg(cfg)
     assert isinstance(model.sem_seg_head, SimpleSemSegHead)
     assert isinstance(model.ins_embed_head, SimpleInsEmbedHead)
     assert isinstance(model.affinity_head, SimpleAffinityHead)

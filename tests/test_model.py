@@ -183,9 +183,9 @@ def test_mdm_terms_when_enabled():
     # the random walk alone changes the semantic loss
     with EventStorage(), torch.no_grad():
         model.sem_seg_head.predictor.weight.normal_(0.0, 1.0)  # spatially varying probabilities
-        walked = model.losses(*_outputs_and_targets(model, [synthetic_input()]))
-        model.random_walk = False
-        plain = model.losses(*_outputs_and_targets(model, [synthetic_input()]))
+        walked = model.criterion(*_outputs_and_targets(model, [synthetic_input()]))
+        model.i2s.random_walk = False
+        plain = model.criterion(*_outputs_and_targets(model, [synthetic_input()]))
     assert walked["loss_affinity"].item() == pytest.approx(plain["loss_affinity"].item(), rel=1e-5)
     assert abs(walked["loss_sem"].item() - plain["loss_sem"].item()) > 1e-4
 
@@ -200,9 +200,9 @@ def test_random_walk_at_inference_only_leaves_the_training_loss_plain(monkeypatc
         inference_only.affinity_head.predictor.weight.normal_(0.0, 1.0)  # a non-uniform affinity
     inference_only.train()
     with EventStorage(), torch.no_grad():
-        losses = inference_only.losses(*_outputs_and_targets(inference_only, [synthetic_input()]))
-        inference_only.random_walk = False
-        plain = inference_only.losses(*_outputs_and_targets(inference_only, [synthetic_input()]))
+        losses = inference_only.criterion(*_outputs_and_targets(inference_only, [synthetic_input()]))
+        inference_only.i2s.random_walk = False
+        plain = inference_only.criterion(*_outputs_and_targets(inference_only, [synthetic_input()]))
     assert losses["loss_sem"].item() == pytest.approx(plain["loss_sem"].item(), rel=1e-6)
     assert losses["loss_affinity"].item() == pytest.approx(plain["loss_affinity"].item(), rel=1e-6)
     from p2seg.modeling import meta_arch
@@ -211,7 +211,7 @@ def test_random_walk_at_inference_only_leaves_the_training_loss_plain(monkeypatc
     refine = meta_arch.mdm.refine_semantic_probs
     monkeypatch.setattr(meta_arch.mdm, "refine_semantic_probs",
                         lambda probs, *a, **k: walked.append(probs.shape[0]) or refine(probs, *a, **k))
-    inference_only.random_walk = True
+    inference_only.i2s.random_walk = True
     inference_only.eval()
     with torch.no_grad():
         inference_only(_eval_inputs())
@@ -224,22 +224,22 @@ def test_random_walk_power_reaches_the_training_and_inference_walks(monkeypatch)
     from p2seg.modeling import meta_arch
 
     sharp = tiny_model("MODEL.P2SEG.I2S.ENABLED", True, "MODEL.P2SEG.I2S.RANDOM_WALK_POWER", 8.0)
-    assert sharp.random_walk_power == 8.0
+    assert sharp.i2s.power == 8.0
     with torch.no_grad():
         sharp.sem_seg_head.predictor.weight.normal_(0.0, 1.0)
         sharp.affinity_head.predictor.weight.normal_(0.0, 1.0)
     sharp.train()
     with EventStorage(), torch.no_grad():
-        powered = sharp.losses(*_outputs_and_targets(sharp, [synthetic_input()]))
-        sharp.random_walk_power = 1.0
-        plain = sharp.losses(*_outputs_and_targets(sharp, [synthetic_input()]))
+        powered = sharp.criterion(*_outputs_and_targets(sharp, [synthetic_input()]))
+        sharp.i2s.power = 1.0
+        plain = sharp.criterion(*_outputs_and_targets(sharp, [synthetic_input()]))
     assert powered["loss_affinity"].item() == pytest.approx(plain["loss_affinity"].item(), rel=1e-6)
     assert abs(powered["loss_sem"].item() - plain["loss_sem"].item()) > 1e-5
     powers = []
     refine = meta_arch.mdm.refine_semantic_probs
     monkeypatch.setattr(meta_arch.mdm, "refine_semantic_probs",
                         lambda *a, **k: powers.append(k["power"]) or refine(*a, **k))
-    sharp.random_walk_power = 8.0
+    sharp.i2s.power = 8.0
     sharp.eval()
     with torch.no_grad():
         sharp(_eval_inputs())
@@ -250,12 +250,12 @@ def test_affinity_loss_type_reaches_the_affinity_losses_only():
     """I2S.LOSS_TYPE "log" changes loss_affinity (the -log form is larger: -log A >= 1 - A) and
     leaves loss_sem (same walk) unchanged."""
     model = tiny_model("MODEL.P2SEG.I2S.ENABLED", True, "MODEL.P2SEG.I2S.LOSS_TYPE", "log")
-    assert model.i2s_loss_type == "log"
+    assert model.i2s.loss_type == "log"
     model.train()
     with EventStorage(), torch.no_grad():
-        log = model.losses(*_outputs_and_targets(model, [synthetic_input()]))
-        model.i2s_loss_type = "l1"
-        l1 = model.losses(*_outputs_and_targets(model, [synthetic_input()]))
+        log = model.criterion(*_outputs_and_targets(model, [synthetic_input()]))
+        model.i2s.loss_type = "l1"
+        l1 = model.criterion(*_outputs_and_targets(model, [synthetic_input()]))
     assert log["loss_affinity"].item() > l1["loss_affinity"].item() + 1e-4
     assert log["loss_sem"].item() == pytest.approx(l1["loss_sem"].item(), rel=1e-6)
 
@@ -270,9 +270,9 @@ def test_s2i_offset_loss_is_the_mean_of_initial_and_refined_target_losses():
     batch[0]["points"] = torch.cat([batch[0]["points"], torch.tensor([[10.0, 10.0]])])
     batch[0]["point_classes"] = torch.tensor([0, 2, 0])
     with EventStorage(), torch.no_grad():
-        losses = model.losses(*_outputs_and_targets(model, batch))
+        losses = model.criterion(*_outputs_and_targets(model, batch))
         outputs, targets = _outputs_and_targets(model, batch)
-        pred = model.upsample(outputs)["offset"]
+        pred = model.criterion.upsample(outputs)["offset"]
     refined, weights, _ = refine_offset_targets(pred, targets["sem_seg"], targets["points"],
                                                 targets["point_classes"], ignore_value=255)
     initial = offset_loss(pred, targets["offset"], targets["offset_weights"])
@@ -284,7 +284,7 @@ def test_s2i_offset_loss_is_the_mean_of_initial_and_refined_target_losses():
 def _outputs_and_targets(model, batch):
     images = model.preprocess_image(batch)
     outputs = model.predict(model.backbone(images.tensor))
-    return outputs, model.prepare_targets(batch, images.tensor.shape[-2:])
+    return outputs, model.criterion.prepare_targets(batch, images.tensor.shape[-2:], model.device)
 
 
 def test_overfits_a_fixed_batch():

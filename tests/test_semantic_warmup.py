@@ -67,11 +67,11 @@ def test_one_class_semantic_loss_falls_below_ln2_with_the_warm_up():
 def test_the_trainer_iteration_drives_the_schedule():
     model = tiny_model("MODEL.P2SEG.LOSS.SEM_TOP_K_WARMUP_ITERS", 100)
     with EventStorage(start_iter=50) as storage:
-        assert model._training_iteration() == 50
+        assert model.criterion.training_iteration() == 50
         model.train()
         model([_three_class(one_class_input(0))])
         assert storage.latest()["p2seg/sem_top_k"][0] == pytest.approx(hard_mining_fraction(0.2, 50, 100))
-    assert model._training_iteration() == 1  # no storage: the module's own count of training forwards
+    assert model.criterion.training_iteration() == 1  # no storage: the module's own count of training forwards
 
 
 def _three_class(inp):

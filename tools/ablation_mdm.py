@@ -84,7 +84,7 @@ def walk_diagnostics(model, cfg, dataset_name, pairs_per_image=20000, seed=0):
     """Semantics before / after the inference random walk and the affinity's calibration.
 
     For each image of ``dataset_name`` (with points, at the test size; padded grid cropped to the
-    image): the argmax of the cleaned softmax before and after ``P2Seg._refine_semantics`` vs the
+    image): the argmax of the cleaned softmax before and after ``P2Seg.refine_semantics`` vs the
     ground-truth semantic map at 1/4; ``A = sigmoid(f_i . f_j)`` on ``pairs_per_image`` random
     pixel pairs grouped by ground truth: its mean, the fraction of pairs above 0.5, and the median
     ``|f_i . f_j|`` (a saturated sigmoid -- logits of tens or more -- makes ``A`` binary and the
@@ -110,9 +110,9 @@ def walk_diagnostics(model, cfg, dataset_name, pairs_per_image=20000, seed=0):
             x = inputs[0]
             images = model.preprocess_image(inputs)
             outputs = model.predict_for_inference(images)
-            present = model.present_classes(inputs)[:, :, None, None]
+            present = model.postprocess.present_classes(inputs, model.device)[:, :, None, None]
             before = outputs["sem_probs"] * present
-            after = model._refine_semantics(outputs["sem_probs"], outputs, inputs) * present
+            after = model.refine_semantics(outputs["sem_probs"], outputs, inputs) * present
             stride = model.common_stride
             h, w = (-(-size // stride) for size in images.image_sizes[0])  # the unpadded 1/4 grid
             d = dicts[x["image_id"]]

@@ -64,8 +64,9 @@ def main(argv=None):
         with torch.no_grad():  # the model's own inference, keeping the offsets its grouping used
             images = model.preprocess_image([inp])
             outputs = model.predict_for_inference(images)
-            probs_model = model.inference(outputs, [inp], images)[0]["sem_seg"]
-            offset = model.offsets_at_output_size(outputs["offset"][0], images.image_sizes[0], h, w)
+            sem_probs = model.refine_semantics(outputs["sem_probs"], outputs, [inp])
+            probs_model = model.postprocess(sem_probs, outputs, [inp], images.image_sizes)[0]["sem_seg"]
+            offset = model.postprocess.offsets_at_output_size(outputs["offset"][0], images.image_sizes[0], h, w)
         anns = [a for a in d["annotations"] if not a.get("iscrowd", 0)]
         points = torch.tensor([a["point"] for a in anns], dtype=torch.float32).reshape(-1, 2)
         classes = torch.tensor([a["category_id"] for a in anns], dtype=torch.int64)
@@ -79,7 +80,8 @@ def main(argv=None):
         for s, o in combos:
             probs = probs_model if s == "model" else probs_source
             offs = offset if o == "model" else torch.zeros_like(offset)
-            found = point_guided_instances(probs, offs, points, classes, model.fallback_box_size, model.fallback_score)
+            found = point_guided_instances(probs, offs, points, classes, model.postprocess.fallback_box_size,
+                                           model.postprocess.fallback_score)
             inst = Instances((h, w), pred_masks=found["masks"], scores=found["scores"].float(),
                              pred_classes=found["classes"])
             evaluators[(s, o)].process([{"image_id": d["image_id"], "points": points}], [{"instances": inst}])

@@ -69,7 +69,7 @@ def main(argv=None):
                           p2.TARGETS.SIGMA, p2.TARGETS.MIN_COMPONENT_AREA, p2.TARGETS.CONNECTIVITY, cfg.INPUT.IGNORE_VALUE)
         with torch.no_grad():
             images = model.preprocess_image([inp])
-            up = model.upsample(model.predict(model.backbone(images.tensor)))
+            up = model.criterion.upsample(model.predict(model.backbone(images.tensor)))
         h, w = inp["image"].shape[-2:]
         offset = up["offset"][0, :, :h, :w].numpy()
         keep = t["offset_weights"] > 0

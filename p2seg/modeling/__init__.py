@@ -1,8 +1,10 @@
-"""P2Seg meta-architecture, heads, Mutual Distillation Module, losses and post-processing.
+"""P2Seg meta-architecture, heads, criterion, Mutual Distillation Module and post-processing.
 
 Importing the package registers the meta-architecture and heads in Detectron2's registries.
 """
-from .heads import AffinityHead, P2SegInsEmbedHead, build_p2seg_sem_seg_head, init_head_weights
+from .heads import AffinityHead, P2SegInsEmbedHead, build_p2seg_heads, init_head_weights
+from .simple_heads import SimpleAffinityHead, SimpleInsEmbedHead, SimpleSemSegHead  # noqa: F401  (registers)
+from .criterion import P2SegCriterion
+from .instance_inference import InstanceInference
 from .meta_arch import P2Seg
 from . import backbone  # registers HRNet / EfficientNet-Lite0
-from .simple_heads import SimpleAffinityHead, SimpleInsEmbedHead, SimpleSemSegHead, build_p2seg_heads  # noqa: F401  (HRNet heads)

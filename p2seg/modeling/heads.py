@@ -7,7 +7,7 @@ return predictions at the decoder's output stride (``common_stride`` = 4). The m
 the loss modules the Detectron2 heads construct are unused.
 
 * Semantic head: Panoptic-DeepLab's ``PanopticDeepLabSemSegHead`` reused as is, with C+1
-  outputs (background + C classes), see :func:`build_p2seg_sem_seg_head`.
+  outputs (background + C classes), built on :func:`head_cfg` by :func:`build_p2seg_heads`.
 * Centre/offset head: :class:`P2SegInsEmbedHead`, Panoptic-DeepLab's ``PanopticDeepLabInsEmbedHead``
   with a C-channel centre predictor (one heatmap per class) instead of 1.
 * Affinity head (I2S): :class:`AffinityHead`, a light DeepLabV3+ decoder giving
@@ -29,7 +29,7 @@ Where the Detectron2 heads differ from docs/METHOD.md (configure with ``MODEL.SE
   N(0, ``MODEL.P2SEG.HEAD_INIT_STD``) with zero bias, norm layers weight 1 / bias 0 (docs/METHOD.md);
   Detectron2's heads use Xavier/MSRA fills for the decoder convs.
 """
-from typing import Callable, Dict, List, Union
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -37,20 +37,47 @@ from torch.nn import functional as F
 
 from detectron2.config import configurable
 from detectron2.layers import Conv2d, ShapeSpec, get_norm
+from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
 from detectron2.projects.deeplab import DeepLabV3PlusHead
 from detectron2.projects.panoptic_deeplab.panoptic_seg import (
     INS_EMBED_BRANCHES_REGISTRY,
     PanopticDeepLabInsEmbedHead,
-    PanopticDeepLabSemSegHead,
 )
+from detectron2.utils.registry import Registry
 
 __all__ = [
+    "P2SEG_AFFINITY_HEAD_REGISTRY",
+    "build_p2seg_heads",
     "head_cfg",
-    "build_p2seg_sem_seg_head",
     "P2SegInsEmbedHead",
     "AffinityHead",
     "init_head_weights",
 ]
+
+P2SEG_AFFINITY_HEAD_REGISTRY = Registry("P2SEG_AFFINITY_HEAD")
+P2SEG_AFFINITY_HEAD_REGISTRY.__doc__ = """Affinity (I2S) feature heads, chosen by MODEL.P2SEG.I2S.HEAD_NAME.
+Called as ``head(cfg, input_shape)``; ``head.layers(features)`` returns float BxFxhxw."""
+
+
+def build_p2seg_heads(cfg, input_shape: Dict[str, ShapeSpec]) -> Tuple[nn.Module, nn.Module, Optional[nn.Module]]:
+    """The heads named by the config, each from its Detectron2 registry:
+
+    * semantic: ``SEM_SEG_HEADS_REGISTRY[MODEL.SEM_SEG_HEAD.NAME]`` built on :func:`head_cfg`
+      (C+1 outputs), e.g. Panoptic-DeepLab's "PanopticDeepLabSemSegHead" or "SimpleSemSegHead";
+    * centre/offset: ``INS_EMBED_BRANCHES_REGISTRY[MODEL.INS_EMBED_HEAD.NAME]``
+      ("P2SegInsEmbedHead" or "SimpleInsEmbedHead": one centre heatmap per class);
+    * affinity (only when ``MODEL.P2SEG.I2S.ENABLED``):
+      ``P2SEG_AFFINITY_HEAD_REGISTRY[MODEL.P2SEG.I2S.HEAD_NAME]``.
+
+    Returns:
+        (sem_seg_head, ins_embed_head, affinity_head or None); weights not re-initialised.
+    """
+    sem = SEM_SEG_HEADS_REGISTRY.get(cfg.MODEL.SEM_SEG_HEAD.NAME)(head_cfg(cfg), input_shape)
+    ins = INS_EMBED_BRANCHES_REGISTRY.get(cfg.MODEL.INS_EMBED_HEAD.NAME)(cfg, input_shape)
+    aff = None
+    if cfg.MODEL.P2SEG.I2S.ENABLED:
+        aff = P2SEG_AFFINITY_HEAD_REGISTRY.get(cfg.MODEL.P2SEG.I2S.HEAD_NAME)(cfg, input_shape)
+    return sem, ins, aff
 
 
 def head_cfg(cfg):
@@ -66,14 +93,6 @@ def head_cfg(cfg):
     c.MODEL.SEM_SEG_HEAD.NUM_CLASSES = cfg.MODEL.P2SEG.NUM_CLASSES + 1
     c.MODEL.SEM_SEG_HEAD.IGNORE_VALUE = cfg.INPUT.IGNORE_VALUE
     return c
-
-
-def build_p2seg_sem_seg_head(cfg, input_shape: Dict[str, ShapeSpec]) -> nn.Module:
-    """Panoptic-DeepLab's semantic head with C+1 outputs.
-
-    ``head.layers(features)`` returns float logits Bx(C+1)x(H/4)x(W/4) (H, W = padded input size).
-    """
-    return PanopticDeepLabSemSegHead(head_cfg(cfg), input_shape)
 
 
 @INS_EMBED_BRANCHES_REGISTRY.register()
@@ -135,6 +154,7 @@ class P2SegInsEmbedHead(PanopticDeepLabInsEmbedHead):
         return ret
 
 
+@P2SEG_AFFINITY_HEAD_REGISTRY.register()
 class AffinityHead(DeepLabV3PlusHead):
     """Affinity features for I2S: a light DeepLabV3+ decoder plus a 3x3 conv, at 1/4 resolution.
 

@@ -2,8 +2,9 @@
 
 The math lives in :mod:`p2seg.modeling.s2i` (S2I refined offsets) and
 :mod:`p2seg.modeling.affinity` (blockwise affinity losses and random walk, no ``N x N`` memory);
-this module builds the I2S labels per image and offers the batch entry points that
-``P2Seg._s2i`` / ``P2Seg._i2s`` (training) and ``P2Seg._refine_semantics`` (inference) call.
+this module holds the I2S settings, builds the I2S labels per image and offers the batch entry
+points that :class:`~p2seg.modeling.criterion.P2SegCriterion` (training) and
+:meth:`P2Seg.refine_semantics <p2seg.modeling.meta_arch.P2Seg.refine_semantics>` (inference) call.
 
 Labels (docs/METHOD.md leaves them open or the reference differs)
 ------------------------------------------------------------------
@@ -27,6 +28,7 @@ convex ``P W D^-1``); absent channels keep their values and each pixel is renorm
 (``I2S.RANDOM_WALK_IN_LOSS``) ``loss_sem`` reads ``log P'`` upsampled; at inference the walk refines
 the images that have points (their classes are the image-level labels).
 """
+from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
 import torch
@@ -36,6 +38,8 @@ from .affinity import DEFAULT_CACHE_MB, affinity_loss, affinity_losses, affinity
 from .s2i import refine_offset_targets
 
 __all__ = [
+    "I2SSettings",
+    "image_classes",
     "refine_offset_targets",
     "affinity_loss",
     "affinity_losses",
@@ -49,6 +53,49 @@ __all__ = [
     "i2s_terms",
     "refine_semantic_probs",
 ]
+
+
+@dataclass
+class I2SSettings:
+    """``MODEL.P2SEG.I2S``: what the affinity branch learns and how the random walk reads it.
+
+    One instance is shared by the criterion (losses, training walk) and the model (inference walk).
+    """
+
+    enabled: bool = False
+    loss_weight: float = 1.0
+    pool_stride: int = 4
+    block_size: int = 1024
+    random_walk: bool = False
+    random_walk_in_loss: bool = True
+    transition: str = "row"
+    power: float = 1.0
+    loss_type: str = "l1"
+    cache_mb: float = DEFAULT_CACHE_MB
+
+    @classmethod
+    def from_config(cls, cfg) -> "I2SSettings":
+        i2s = cfg.MODEL.P2SEG.I2S
+        return cls(
+            enabled=i2s.ENABLED, loss_weight=i2s.LOSS_WEIGHT, pool_stride=i2s.POOL_STRIDE,
+            block_size=i2s.BLOCK_SIZE, random_walk=i2s.RANDOM_WALK, random_walk_in_loss=i2s.RANDOM_WALK_IN_LOSS,
+            transition=i2s.RANDOM_WALK_TRANSITION, power=i2s.RANDOM_WALK_POWER, loss_type=i2s.LOSS_TYPE,
+            cache_mb=i2s.CACHE_MB,
+        )
+
+    @property
+    def walks_at_inference(self) -> bool:
+        return self.enabled and self.random_walk
+
+    @property
+    def walks_in_training(self) -> bool:
+        """The training semantic loss reads the walked probabilities."""
+        return self.enabled and self.random_walk and self.random_walk_in_loss
+
+
+def image_classes(point_classes):
+    """Image-level labels: per image the int64 sorted unique classes of its points (list of B)."""
+    return [c.reshape(-1).long().unique() for c in point_classes]
 
 
 class AffinityLabel(NamedTuple):

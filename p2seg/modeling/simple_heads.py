@@ -1,4 +1,4 @@
-"""Simple heads of the P2Seg authors' HRNet models, and head selection by name.
+"""Simple heads of the P2Seg authors' HRNet models.
 
 With HRNet the authors feed the stride-4 branch straight to light heads (docs/METHOD.md):
 
@@ -25,10 +25,10 @@ Config (channel counts reuse the Panoptic-DeepLab keys; an HRNet config sets the
   ``MODEL.P2SEG.I2S.FEATURE_CHANNELS``;
 * ``MODEL.P2SEG.SIMPLE_HEAD_NORM``: norm after each 3x3 conv ("" = none, conv with bias).
 
-:func:`build_p2seg_heads` picks the heads of a config by these names (the ResNet DeepLabV3+
-heads of p2seg/modeling/heads.py otherwise).
+:func:`p2seg.modeling.heads.build_p2seg_heads` picks the heads of a config by these names from
+Detectron2's registries.
 """
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -38,22 +38,15 @@ from detectron2.config import configurable
 from detectron2.layers import Conv2d, ShapeSpec, get_norm
 from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
 from detectron2.projects.panoptic_deeplab.panoptic_seg import INS_EMBED_BRANCHES_REGISTRY
-from detectron2.utils.registry import Registry
+
+from .heads import P2SEG_AFFINITY_HEAD_REGISTRY
 
 __all__ = [
     "SimpleSemSegHead",
     "SimpleInsEmbedHead",
     "SimpleAffinityHead",
-    "P2SEG_AFFINITY_HEAD_REGISTRY",
-    "build_p2seg_heads",
     "gather_features",
 ]
-
-_WHERE = "p2seg/modeling/simple_heads.py"
-
-P2SEG_AFFINITY_HEAD_REGISTRY = Registry("P2SEG_AFFINITY_HEAD")
-P2SEG_AFFINITY_HEAD_REGISTRY.__doc__ = """Affinity (I2S) feature heads, chosen by MODEL.P2SEG.I2S.HEAD_NAME.
-Called as ``head(cfg, input_shape)``; ``head.layers(features)`` returns float BxFxhxw."""
 
 
 def _check_in_features(input_shape: Dict[str, ShapeSpec], in_features: Sequence[str],
@@ -64,14 +57,14 @@ def _check_in_features(input_shape: Dict[str, ShapeSpec], in_features: Sequence[
     missing or the first one's stride is not ``common_stride``.
     """
     if not in_features:
-        raise ValueError(f"{_WHERE}: {key} is empty")
+        raise ValueError(f"config {key} is empty")
     missing = [f for f in in_features if f not in input_shape]
     if missing:
-        raise ValueError(f"{_WHERE}: {key} names {missing}, which the backbone does not output "
+        raise ValueError(f"config {key} names {missing}, which the backbone does not output "
                          f"(it outputs {sorted(input_shape)})")
     first = input_shape[in_features[0]].stride
     if first != common_stride:
-        raise ValueError(f"{_WHERE}: the first feature of {key} ({in_features[0]!r}) has stride {first}, "
+        raise ValueError(f"config {key}: the first feature ({in_features[0]!r}) has stride {first}, "
                          f"but COMMON_STRIDE is {common_stride}")
     return sum(input_shape[f].channels for f in in_features)
 
@@ -239,44 +232,3 @@ class SimpleAffinityHead(nn.Module):
     def forward(self, features: Dict[str, torch.Tensor]) -> torch.Tensor:
         """Same as :meth:`layers`."""
         return self.layers(features)
-
-
-def _register_resnet_affinity_head() -> None:
-    """Make the DeepLabV3+ ``AffinityHead`` of heads.py selectable as "AffinityHead"."""
-    from .heads import AffinityHead
-
-    if "AffinityHead" not in P2SEG_AFFINITY_HEAD_REGISTRY:
-        P2SEG_AFFINITY_HEAD_REGISTRY.register(AffinityHead)
-
-
-_register_resnet_affinity_head()
-
-
-def build_p2seg_heads(cfg, input_shape: Dict[str, ShapeSpec]) -> Tuple[nn.Module, nn.Module, Optional[nn.Module]]:
-    """The heads named by the config.
-
-    * semantic: :class:`SimpleSemSegHead` when ``MODEL.SEM_SEG_HEAD.NAME == "SimpleSemSegHead"``,
-      else Panoptic-DeepLab's head with C+1 outputs (heads.build_p2seg_sem_seg_head);
-    * centre/offset: ``INS_EMBED_BRANCHES_REGISTRY[MODEL.INS_EMBED_HEAD.NAME]``
-      ("P2SegInsEmbedHead" or "SimpleInsEmbedHead");
-    * affinity (only when ``MODEL.P2SEG.I2S.ENABLED``):
-      ``P2SEG_AFFINITY_HEAD_REGISTRY[MODEL.P2SEG.I2S.HEAD_NAME]``.
-
-    Returns:
-        (sem_seg_head, ins_embed_head, affinity_head or None); weights not re-initialised.
-    """
-    from .heads import build_p2seg_sem_seg_head
-
-    if cfg.MODEL.SEM_SEG_HEAD.NAME == "SimpleSemSegHead":
-        sem = SimpleSemSegHead(cfg, input_shape)
-    else:
-        sem = build_p2seg_sem_seg_head(cfg, input_shape)
-    name = cfg.MODEL.INS_EMBED_HEAD.NAME
-    if name not in ("P2SegInsEmbedHead", "SimpleInsEmbedHead"):
-        raise ValueError(f"{_WHERE}: MODEL.INS_EMBED_HEAD.NAME must be 'P2SegInsEmbedHead' or "
-                         f"'SimpleInsEmbedHead' (one centre heatmap per class), got {name!r}")
-    ins = INS_EMBED_BRANCHES_REGISTRY.get(name)(cfg, input_shape)
-    aff = None
-    if cfg.MODEL.P2SEG.I2S.ENABLED:
-        aff = P2SEG_AFFINITY_HEAD_REGISTRY.get(cfg.MODEL.P2SEG.I2S.HEAD_NAME)(cfg, input_shape)
-    return sem, ins, aff

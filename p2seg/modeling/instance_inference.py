@@ -1,0 +1,172 @@
+"""P2Seg post-processing: from the 1/4-resolution head outputs to one result per image at its output size.
+
+:class:`InstanceInference` cleans the semantic probabilities with the image-level labels (the
+classes of the points), brings probabilities and offsets to the output size (Detectron2's
+``sem_seg_postprocess``) and groups pixels into instances: one per point when the input has points
+(:func:`~p2seg.modeling.postprocessing.point_guided_instances`), from centre peaks otherwise
+(:func:`~p2seg.modeling.postprocessing.peak_instances`).
+"""
+from typing import Dict, List
+
+import torch
+from torch.nn import functional as F
+
+from detectron2.config import configurable
+from detectron2.modeling.postprocessing import sem_seg_postprocess
+from detectron2.structures import BitMasks, Boxes, Instances
+
+from .postprocessing import one_hot_semantics, peak_instances, point_guided_instances
+
+__all__ = ["InstanceInference", "GROUPING_SEMANTICS"]
+
+GROUPING_SEMANTICS = ("model", "source")
+
+
+class InstanceInference:
+    """Per-image results ``{"instances": Instances, "sem_seg": (C+1)xHxW}`` from the head outputs."""
+
+    @configurable
+    def __init__(self, *, num_classes: int, common_stride: int, center_threshold: float = 0.1,
+                 nms_kernel: int = 41, top_k: int = 200, min_instance_area: int = 1,
+                 fallback_box_size: int = 64, fallback_score: float = 0.5, grouping_semantics: str = "model"):
+        """
+        Args:
+            num_classes: C.
+            common_stride: output stride of the heads.
+            center_threshold, nms_kernel, top_k, min_instance_area: peak grouping (no points).
+            fallback_box_size, fallback_score: mask of a point that gets no pixel.
+            grouping_semantics: with points, the foreground that the offsets group: "model" (the
+                semantic head's) or "source" (the input's ``sem_seg``, the semantic source).
+        """
+        if grouping_semantics not in GROUPING_SEMANTICS:
+            raise ValueError(
+                f"config MODEL.P2SEG.INFERENCE.SEMANTICS must be 'model' or 'source', got {grouping_semantics!r}"
+            )
+        self.num_classes = num_classes
+        self.common_stride = common_stride
+        self.center_threshold = center_threshold
+        self.nms_kernel = nms_kernel
+        self.top_k = top_k
+        self.min_instance_area = min_instance_area
+        self.fallback_box_size = fallback_box_size
+        self.fallback_score = fallback_score
+        self.grouping_semantics = grouping_semantics
+
+    @classmethod
+    def from_config(cls, cfg, common_stride: int):
+        inference = cfg.MODEL.P2SEG.INFERENCE
+        return {
+            "num_classes": cfg.MODEL.P2SEG.NUM_CLASSES,
+            "common_stride": common_stride,
+            "center_threshold": inference.CENTER_THRESHOLD,
+            "nms_kernel": inference.NMS_KERNEL,
+            "top_k": inference.TOP_K,
+            "min_instance_area": inference.MIN_INSTANCE_AREA,
+            "fallback_box_size": inference.FALLBACK_BOX_SIZE,
+            "fallback_score": inference.FALLBACK_SCORE,
+            "grouping_semantics": inference.SEMANTICS,
+        }
+
+    def present_classes(self, batched_inputs: List[Dict], device) -> torch.Tensor:
+        """Image-level labels: float Bx(C+1), channel 0 (background) always 1; for an image with
+        ``"points"`` 1 exactly for the classes that have points, otherwise all 1."""
+        present = torch.ones(len(batched_inputs), self.num_classes + 1, device=device)
+        for i, x in enumerate(batched_inputs):
+            if "points" in x:
+                classes = x["point_classes"].to(device).long()
+                present[i, 1:] = 0.0
+                present[i, classes + 1] = 1.0
+        return present
+
+    def __call__(self, sem_probs: torch.Tensor, outputs: Dict[str, torch.Tensor], batched_inputs: List[Dict],
+                 image_sizes) -> List[Dict]:
+        """Semantic probabilities and instances at the original size of each image.
+
+        Args:
+            sem_probs: float Bx(C+1)xhxw probabilities at 1/``common_stride`` of the padded input
+                (already refined by the random walk, if any).
+            outputs: head outputs (``center`` BxCxhxw, ``offset`` Bx2xhxw in 1/``common_stride`` pixels).
+            batched_inputs: the inputs (``height``/``width``, optional ``points``/``point_classes``
+                in the input tensor's x, y coordinates, ``sem_seg`` for "source" grouping).
+            image_sizes: unpadded (H, W) per image.
+        Returns:
+            per image ``{"instances": Instances, "sem_seg": (C+1)xHxW}``; "clean" (the channels of
+            classes without points are 0) is applied at 1/4 before upsampling, and the returned
+            ``sem_seg`` is the cleaned probabilities.
+        """
+        present = self.present_classes(batched_inputs, sem_probs.device)
+        sem_probs = sem_probs * present[:, :, None, None]
+        return [self._image_result(sem_probs[i], outputs["center"][i], outputs["offset"][i], present[i], x, size)
+                for i, (x, size) in enumerate(zip(batched_inputs, image_sizes))]
+
+    def _image_result(self, sem_probs, center, offset, present, x: Dict, image_size) -> Dict:
+        """One image: sem_probs (C+1)xhxw, center Cxhxw, offset 2xhxw, present (C+1)."""
+        device = sem_probs.device
+        height = x.get("height", image_size[0])
+        width = x.get("width", image_size[1])
+        # Cleaned channels are 0 everywhere and stay 0 when resized: only the present ones
+        # (with the image-level labels of the points, usually 2-4 of C+1) are resized.
+        keep = torch.nonzero(present).squeeze(1)
+        probs = sem_probs.new_zeros((sem_probs.shape[0], height, width))
+        probs[keep] = self.to_output_size(sem_probs[keep], image_size, height, width)
+        offset = self.offsets_at_output_size(offset, image_size, height, width)
+        if "points" in x:
+            scale = torch.tensor([width / image_size[1], height / image_size[0]], device=device)
+            points = x["points"].to(device).reshape(-1, 2).float() * scale
+            grouped = probs
+            if self.grouping_semantics == "source":
+                grouped = self._source_probabilities(x, height, width, device) * present[:, None, None]
+            found = point_guided_instances(grouped, offset, points, x["point_classes"].to(device),
+                                           self.fallback_box_size, self.fallback_score)
+        else:
+            center = self.to_output_size(center, image_size, height, width)
+            found = peak_instances(probs, center, offset, self.center_threshold, self.nms_kernel, self.top_k,
+                                   self.min_instance_area)
+        return {"instances": _to_instances(found, height, width), "sem_seg": probs}
+
+    def _source_probabilities(self, x: Dict, height: int, width: int, device) -> torch.Tensor:
+        """One-hot (C+1) x ``height`` x ``width`` probabilities of the input's semantic source
+        (``x["sem_seg"]``, resized by nearest neighbour if needed; background and ignore pixels
+        belong to no class: :func:`one_hot_semantics`)."""
+        if "sem_seg" not in x:
+            raise KeyError(
+                f"MODEL.P2SEG.INFERENCE.SEMANTICS 'source' needs the semantic source of image "
+                f"{x.get('file_name', '?')} ('sem_seg_file_name' in its dataset dict)"
+            )
+        sem = x["sem_seg"].to(device)
+        if tuple(sem.shape) != (height, width):
+            sem = F.interpolate(sem[None, None].float(), size=(height, width), mode="nearest")[0, 0].long()
+        return one_hot_semantics(sem, torch.arange(self.num_classes + 1, device=device))
+
+    def to_output_size(self, x: torch.Tensor, image_size, height: int, width: int) -> torch.Tensor:
+        """A 1/``common_stride`` map of the padded input at the output size: bilinear upsampling by
+        ``common_stride``, then Detectron2's ``sem_seg_postprocess`` (crop to the unpadded
+        ``image_size``, bilinear resize to ``height`` x ``width``).
+
+        Args:
+            x: float Kxhxw. Returns: float KxHxW (values not rescaled).
+        """
+        up = F.interpolate(x[None], scale_factor=self.common_stride, mode="bilinear", align_corners=False)[0]
+        return sem_seg_postprocess(up, image_size, height, width)
+
+    def offsets_at_output_size(self, offset: torch.Tensor, image_size, height: int, width: int) -> torch.Tensor:
+        """Head offsets (float 2xhxw, 1/``common_stride`` pixels of the padded input) as float
+        2 x ``height`` x ``width`` offsets in output pixels."""
+        up = self.to_output_size(offset, image_size, height, width)
+        scale = torch.tensor([height / image_size[0], width / image_size[1]], device=up.device)
+        return up * (scale * self.common_stride).view(2, 1, 1)
+
+
+def _to_instances(found: Dict[str, torch.Tensor], height: int, width: int) -> Instances:
+    """dict(masks RxHxW bool, scores R, classes R[, fallback R]) -> Instances with pred_masks /
+    pred_boxes (tight boxes of the masks) / scores / pred_classes [/ fallback: bool R, the
+    mask is a point's fallback box]."""
+    masks = found["masks"]
+    instances = Instances((height, width))
+    instances.pred_masks = masks
+    instances.pred_boxes = Boxes(BitMasks(masks).get_bounding_boxes().tensor.to(masks.device))
+    instances.scores = found["scores"].float()
+    instances.pred_classes = found["classes"].long()
+    if "fallback" in found:
+        instances.fallback = found["fallback"]
+    return instances
