@@ -26,6 +26,9 @@ from functools import lru_cache
 
 import cv2
 import numpy as np
+import torch
+
+from p2seg.utils.nearest_point import nearest_point
 
 __all__ = [
     "build_targets",
@@ -138,31 +141,6 @@ def class_components(class_mask, connectivity=8):
     return labels, stats
 
 
-def _nearest_point(ys, xs, pixels, candidates):
-    """Index (into ``candidates``) of the point nearest to each pixel, ties to the lowest index.
-
-    Args:
-        ys, xs: int64 arrays ``N`` of pixel coordinates.
-        pixels: int64 ``P x 2`` point pixels ``(x, y)``.
-        candidates: int array ``K`` of point indices to choose from.
-    Returns:
-        int array ``N`` of point indices (values of ``candidates``).
-    """
-    best_d = None
-    best = np.empty(len(ys), dtype=np.int64)
-    for i in candidates.tolist():  # loop over the component's points; pixels stay vectorised
-        px, py = pixels[i]
-        d = (ys - py) ** 2 + (xs - px) ** 2
-        if best_d is None:
-            best_d = d
-            best.fill(i)
-        else:
-            closer = d < best_d
-            best_d = np.where(closer, d, best_d)
-            best[closer] = i
-    return best
-
-
 def offset_assignment(sem_seg, pixels, point_classes, min_component_area=50, connectivity=8):
     """Assign each foreground pixel to a point (distance grouping inside pseudo-label components).
 
@@ -206,7 +184,10 @@ def offset_assignment(sem_seg, pixels, point_classes, min_component_area=50, con
                 comp_box[in_comp] = members[0]
             else:
                 ys, xs = np.nonzero(in_comp)
-                comp_box[ys, xs] = _nearest_point(ys + (y + y0), xs + (x + x0), pixels, members)
+                # exact int64 distances; ties to the lowest point index
+                pixel_yx = torch.from_numpy(np.stack((ys + (y + y0), xs + (x + x0)), 1).astype(np.int64))
+                member_yx = torch.from_numpy(np.ascontiguousarray(pixels[members][:, ::-1], dtype=np.int64))
+                comp_box[ys, xs] = members[nearest_point(pixel_yx, member_yx).numpy()]
     return assignment
 
 

@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from detectron2.projects.panoptic_deeplab.post_processing import find_instance_center
 
+from p2seg.utils.nearest_point import nearest_point
+
 __all__ = ["point_guided_instances", "peak_instances", "one_hot_semantics"]
 
 _WHERE = "p2seg/modeling/postprocessing.py"
@@ -95,40 +97,6 @@ def _voted_positions(flat_index, offsets):
     ys = torch.div(flat_index, width, rounding_mode="floor").to(offsets.dtype)
     xs = (flat_index % width).to(offsets.dtype)
     return torch.stack((ys + flat_offsets[0], xs + flat_offsets[1]), dim=1)
-
-
-def _nearest_point(targets, points, target_groups=None, point_groups=None, chunk_elements=2**22):
-    """Index of the nearest point (Euclidean) for each target, optionally within the same group.
-
-    Distances are computed chunk by chunk so that at most ~``chunk_elements`` distance entries
-    (targets x points) exist at a time. Ties go to the lower point index.
-
-    Args:
-        targets: float (N, 2).
-        points: float (K, 2), same dtype/device as ``targets``.
-        target_groups: optional int64 (N,) group id of each target.
-        point_groups: optional int64 (K,) group id of each point (given iff ``target_groups``).
-        chunk_elements: int, bound on targets x points entries per chunk.
-    Returns:
-        int64 (N,) index into ``points``; -1 where no point exists (K == 0 or none in the group).
-    """
-    num_targets, num_points = targets.shape[0], points.shape[0]
-    nearest = torch.full((num_targets,), -1, dtype=torch.int64, device=targets.device)
-    if num_targets == 0 or num_points == 0:
-        return nearest
-    step = max(1, int(chunk_elements) // num_points)
-    for start in range(0, num_targets, step):
-        chunk = targets[start:start + step]
-        dist = (chunk[:, None, 0] - points[None, :, 0]) ** 2
-        dist += (chunk[:, None, 1] - points[None, :, 1]) ** 2
-        if target_groups is not None:
-            other = target_groups[start:start + step, None] != point_groups[None, :]
-            dist.masked_fill_(other, float("inf"))
-        best, index = dist.min(dim=1)
-        if target_groups is not None:
-            index[torch.isinf(best)] = -1
-        nearest[start:start + step] = index
-    return nearest
 
 
 def _masks_from_ids(instance_ids, num_instances, height, width):
@@ -228,7 +196,7 @@ def point_guided_instances(
         if pixel_index.numel() == 0:
             continue
         point_index = torch.nonzero(point_classes == k).squeeze(1)
-        nearest = _nearest_point(
+        nearest = nearest_point(
             _voted_positions(pixel_index, offsets), points_yx[point_index],
             chunk_elements=chunk_elements,
         )
@@ -347,7 +315,7 @@ def _group_to_peaks(pixel_index, offsets, peak_flat, components, num_ids, chunk_
             (torch.div(peak_flat[multi_peaks], width, rounding_mode="floor"),
              peak_flat[multi_peaks] % width), dim=1,
         ).to(offsets.dtype)
-        nearest = _nearest_point(
+        nearest = nearest_point(
             _voted_positions(pixel_index[multi_pixels], offsets), peak_yx,
             target_groups=pixel_comp[multi_pixels], point_groups=peak_comp[multi_peaks],
             chunk_elements=chunk_elements,

@@ -11,6 +11,8 @@ the same pixels.
 """
 import torch
 
+from p2seg.utils.nearest_point import nearest_point
+
 __all__ = ["refine_offset_targets"]
 
 
@@ -48,18 +50,16 @@ def _assign_image(pred, sem, pts, cls, ignore_value):
         pts: float ``P x 2`` points (x, y); cls: int64 ``P`` classes (P >= 1).
     Returns:
         ``(ys, xs, j, py, px)``: int64 ``F`` coordinates of the assigned pixels, int64 ``F`` index of
-        their point, and float ``P`` point pixel rows/columns. Memory ``O(F * P)``.
+        their point, and float ``P`` point pixel rows/columns.
     """
     h, w = sem.shape
     px = pts[:, 0].round().clamp(0, w - 1)
     py = pts[:, 1].round().clamp(0, h - 1)
     fg = torch.isin(sem, cls.unique() + 1) & (sem != ignore_value)
     ys, xs = fg.nonzero(as_tuple=True)
-    ty = ys.to(pred.dtype) + pred[0, ys, xs]
-    tx = xs.to(pred.dtype) + pred[1, ys, xs]
-    dist = (ty[:, None] - py[None, :]).square() + (tx[:, None] - px[None, :]).square()
-    dist.masked_fill_((sem[ys, xs] - 1)[:, None] != cls[None, :], float("inf"))
-    j = dist.argmin(1)  # every fg pixel has at least one point of its class (by construction of fg)
+    voted = torch.stack((ys.to(pred.dtype) + pred[0, ys, xs], xs.to(pred.dtype) + pred[1, ys, xs]), 1)
+    # every fg pixel has at least one point of its class (by construction of fg): no -1
+    j = nearest_point(voted, torch.stack((py, px), 1), sem[ys, xs] - 1, cls)
     return ys, xs, j, py, px
 
 
