@@ -98,12 +98,12 @@ class PointPredictor(DefaultPredictor):
 
     def __init__(self, cfg):
         from p2seg.engine import Trainer
-        from p2seg.engine.trainer import register_builtin_datasets
+        from p2seg.datasets.registration import register_datasets
 
         self.cfg = cfg.clone()
         self.model = Trainer.build_model(self.cfg)
         self.model.eval()
-        register_builtin_datasets(self.cfg)
+        register_datasets(self.cfg)
         name = cfg.DATASETS.TEST[0] if len(cfg.DATASETS.TEST) else "__p2seg_demo"
         self.metadata = MetadataCatalog.get(name)
         if not getattr(self.metadata, "thing_classes", None):
@@ -293,7 +293,7 @@ def draw_overlay(image_bgr: np.ndarray, output: dict, metadata, points: Optional
 
 def write_rgb_png(path: str, image_rgb: np.ndarray) -> None:
     """Write an RGB uint8 image as a PNG atomically (folders created)."""
-    from p2seg.data.semantic_sources import write_png_atomic
+    from p2seg.utils.atomic import write_png_atomic
 
     write_png_atomic(path, np.ascontiguousarray(image_rgb[:, :, ::-1]))
 

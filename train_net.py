@@ -34,6 +34,7 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from p2seg import add_p2seg_config
+from p2seg.datasets.registration import register_datasets
 from p2seg.utils.atomic import write_json_atomic
 from p2seg.engine import Trainer
 from p2seg.engine.checkpointer import P2SegCheckpointer
@@ -49,6 +50,7 @@ def setup(args):
     default_setup(cfg, args)
     # The project's own logger, like Detectron2's: console (main process) and OUTPUT_DIR/log.txt.
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="p2seg", abbrev_name="p2seg")
+    register_datasets(cfg)  # once per process: the datasets the config names, with its settings
     return cfg
 
 

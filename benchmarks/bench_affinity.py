@@ -60,6 +60,7 @@ def _inputs(crop, dim, device, seed):
 def _step(method, feats, probs, labels, block, cache_mb, transition):
     """One forward + backward; returns (forward seconds, backward seconds)."""
     from p2seg.modeling import affinity as aff
+    from p2seg.modeling import affinity_reference as ref
 
     f = feats.detach().clone().requires_grad_()
     p = probs.detach().clone().requires_grad_()
@@ -73,8 +74,8 @@ def _step(method, feats, probs, labels, block, cache_mb, transition):
         losses, _ = aff.affinity_losses(f, [tuple(lab) for lab in labels], block_size=block)
         walked = aff.random_walk(f, p, block_size=block, transition=transition, cache_mb=cache_mb)
     else:
-        losses = [aff.dense_affinity_loss(f, lab.membership, lab.valid, lab.neutral) for lab in labels]
-        walked = aff.dense_random_walk(f, p, transition)
+        losses = [ref.dense_affinity_loss(f, lab.membership, lab.valid, lab.neutral) for lab in labels]
+        walked = ref.dense_random_walk(f, p, transition)
     total = 0.5 * (losses[0] + losses[1]) + walked.log().mean()
     sync()
     t1 = time.perf_counter()

@@ -144,7 +144,7 @@ def add_p2seg_config(cfg):
     cfg.MODEL.P2SEG.SIMPLE_HEAD_NORM = ""
 
     # ---------------------------------------------------------------- datasets
-    # Point datasets declared here, registered before use (p2seg/data/config_datasets.py): a tuple of
+    # Point datasets declared here, registered before use (p2seg/datasets/config_datasets.py): a tuple of
     # (name, json_file, image_root, semantic_source) 4-tuples; semantic_source a PNG folder, a COCO
     # JSON of masks, or "" (none). Relative paths resolve against the working directory.
     cfg.DATASETS.POINT_COCO = ()

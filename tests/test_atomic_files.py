@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from p2seg.checkpoint import save_checkpoint
-from p2seg.data.semantic_sources import write_png_atomic
+from p2seg.utils.atomic import write_png_atomic
 from p2seg.utils.atomic import atomic_file, write_json_atomic, write_text_atomic
 
 

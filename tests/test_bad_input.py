@@ -503,7 +503,7 @@ def test_skipping_every_sample_is_an_error_that_says_so(tiny):
 
 def test_truncated_pseudo_mask_json_names_file_and_key(tiny):
     # before: a bare JSONDecodeError from Detectron2's load_coco_json in stage 2
-    from p2seg.engine.trainer import register_pseudo_label_dataset
+    from p2seg.datasets.registration import register_pseudo_label_dataset
 
     root, path, _ = tiny
     source = "test_pseudo_source"

@@ -10,7 +10,7 @@ from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from p2seg import add_p2seg_config
-from p2seg.data.config_datasets import register_config_datasets, register_point_coco_spec
+from p2seg.datasets.config_datasets import register_config_datasets, register_point_coco_spec
 from p2seg.tools import baseline as baseline_tool
 
 

@@ -8,7 +8,7 @@ image. Mask R-CNN configs (META_ARCHITECTURE "GeneralizedRCNN", stage 2) are bui
 Detectron2's ``build_model`` and get the same one-step check with a synthetic instance.
 
 The paper configs are also checked against the reference settings of docs/METHOD.md, and the coco_mini
-registration (``p2seg.data.builtin.register_coco_mini``) against the shared data when present.
+registration (``p2seg.datasets.coco_mini.register_coco_mini``) against the shared data when present.
 """
 import importlib.util
 import json
@@ -201,7 +201,7 @@ def test_syncbn_of_hrnet_and_lite0_becomes_bn_on_one_process():
 def test_coco_mini_registration_builds_points_and_degraded_pngs(coco_mini, tmp_path):
     from detectron2.data import DatasetCatalog, MetadataCatalog
 
-    from p2seg.data.builtin import build_coco_mini_train_cache, register_coco_mini
+    from p2seg.datasets.coco_mini import build_coco_mini_train_cache, register_coco_mini
 
     assert register_coco_mini(str(coco_mini), prefix="test_cfg_coco_mini_", cache_root=str(tmp_path))
     dicts = DatasetCatalog.get("test_cfg_coco_mini_train")

@@ -10,18 +10,17 @@ from PIL import Image
 from scipy import ndimage
 
 from p2seg.data.point_coco import load_point_coco_json
-from p2seg.data.semantic_sources import (
+from p2seg.data.semantic_sources import render_semantic_map
+from p2seg.datasets.degradation import (
     Degradation,
     add_blob_noise,
-    confusion_matrix,
     drop_instances,
-    mean_iou,
     perturb_mask_boundaries,
     render_degraded_semantic_map,
-    render_semantic_map,
 )
+from p2seg.datasets.points import box_center_point, mask_interior_point, random_point_in_mask
+from p2seg.evaluation.semantic_miou import confusion_matrix, mean_iou
 from p2seg.tools import convert_voc, make_points, render_semseg
-from p2seg.tools.make_points import box_center_point, mask_interior_point, random_point_in_mask
 
 
 def _rle(mask):

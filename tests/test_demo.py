@@ -7,7 +7,7 @@ import cv2
 import numpy as np
 import pytest
 
-from p2seg.data.shapes import ensure_shapes_dataset, split_paths
+from p2seg.datasets.shapes import ensure_shapes_dataset, split_paths
 from p2seg.engine.pipeline import QUICK_STAGE1
 
 REPO = Path(__file__).resolve().parents[1]

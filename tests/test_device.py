@@ -15,7 +15,8 @@ import torch
 
 from detectron2.utils.events import EventStorage
 
-from p2seg.modeling.affinity import affinity_terms, dense_affinity_loss, dense_random_walk
+from p2seg.modeling.affinity import affinity_terms
+from p2seg.modeling.affinity_reference import dense_affinity_loss, dense_random_walk
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_model import _eval_inputs, synthetic_input, tiny_model, total  # noqa: E402

@@ -13,13 +13,13 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
 from detectron2.structures import Boxes, Instances
 
+from p2seg.data.coco_format import segmentation_to_rle
 from p2seg.evaluation.instance_evaluator import (
     InstanceMaskEvaluator,
     coco_from_dict,
     dataset_dicts_to_coco_dict,
     evaluate_instance_masks,
     load_source_coco,
-    segmentation_to_rle,
 )
 from p2seg.evaluation.voc_mask_ap import (
     calc_instance_segmentation_voc_prec_rec,

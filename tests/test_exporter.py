@@ -16,7 +16,7 @@ from detectron2.data.datasets import register_coco_instances
 from detectron2.evaluation import inference_on_dataset
 from detectron2.structures import Boxes, Instances
 
-from p2seg.evaluation.instance_evaluator import segmentation_to_rle
+from p2seg.data.coco_format import segmentation_to_rle
 from p2seg.evaluation.pseudo_mask_exporter import (
     PseudoMaskExporter,
     original_points,

@@ -3,12 +3,11 @@ import numpy as np
 import pytest
 import torch
 
+from p2seg.modeling.affinity_reference import dense_affinity_loss, dense_random_walk
 from p2seg.modeling.affinity import (
     affinity_loss,
     affinity_losses,
     affinity_terms,
-    dense_affinity_loss,
-    dense_random_walk,
     random_walk,
 )
 from p2seg.modeling.mdm import (

@@ -21,7 +21,8 @@ from detectron2.config import get_cfg
 from detectron2.utils.events import EventStorage
 
 from p2seg import add_p2seg_config
-from p2seg.modeling.affinity import affinity_terms, dense_affinity_loss, dense_random_walk
+from p2seg.modeling.affinity import affinity_terms
+from p2seg.modeling.affinity_reference import dense_affinity_loss, dense_random_walk
 from p2seg.utils.precision import amp_dtype, autocast_dtype, mixed_precision
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -217,6 +218,7 @@ def test_trainer_trains_and_evaluates_in_mixed_precision_on_cpu(dtype, tmp_path,
     """SOLVER.AMP.ENABLED on CPU: the inner trainer runs the step under autocast (float16 with a
     gradient scaler whose state is checkpointed and restored on --resume), losses stay finite, and
     evaluation runs under autocast too."""
+    from p2seg.datasets.registration import register_datasets
     from p2seg.engine import Trainer
     from p2seg.engine.amp import MixedPrecisionTrainer
     from p2seg.engine.pipeline import QUICK_COMMON, QUICK_STAGE1
@@ -233,6 +235,7 @@ def test_trainer_trains_and_evaluates_in_mixed_precision_on_cpu(dtype, tmp_path,
             "SOLVER.CHECKPOINT_PERIOD", "2", "OUTPUT_DIR", str(tmp_path / "out"),
             "SOLVER.AMP.ENABLED", "True", "SOLVER.AMP.DTYPE", dtype])
         cfg.freeze()
+        register_datasets(cfg)  # as train_net.py does once per process
         return cfg
 
     trainer = Trainer(cfg_for(2))

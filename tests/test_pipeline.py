@@ -99,6 +99,7 @@ class _CountingModel:
 def test_export_resumes_from_sidecar(stage1, tmp_path, monkeypatch):
     from detectron2.checkpoint import DetectionCheckpointer
 
+    from p2seg.datasets.registration import register_datasets
     from p2seg.engine import Trainer
     from p2seg.evaluation.pseudo_mask_exporter import sidecar_path
 
@@ -109,6 +110,7 @@ def test_export_resumes_from_sidecar(stage1, tmp_path, monkeypatch):
     cfg.merge_from_list(TINY + ["OUTPUT_DIR", str(tmp_path), "DATASETS.TEST", f'("{TRAIN}",)',
                                 "TEST.EXPORT_PSEUDO_MASKS", True])
     cfg.freeze()
+    register_datasets(cfg)  # as train_net.py does once per process
     model = Trainer.build_model(cfg)
     DetectionCheckpointer(model).load(str(stage1["weights"]))
     model.eval()

@@ -9,7 +9,7 @@ import pycocotools.mask as mask_util
 import pytest
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
-from p2seg.data import builtin
+from p2seg.datasets import builtin
 from p2seg.data.point_coco import load_point_coco_json, register_point_coco_instances
 
 

@@ -1,12 +1,10 @@
 """Training targets (p2seg/data/targets.py) on tiny hand-made semantic maps."""
 import numpy as np
 import pytest
-import torch
 
 from p2seg.data.targets import (
     build_targets,
     center_heatmaps,
-    class_masks,
     gaussian_kernel,
     offset_assignment,
     point_pixels,
@@ -171,16 +169,6 @@ def test_random_maps_offsets_always_land_on_same_class_points():
         assert t["offset_weights"].sum() > 0
         _assert_offsets_land_on_points(t, points, classes, sem)
 
-
-def test_class_masks_numpy_and_torch():
-    sem = np.array([[0, 1, 2], [255, 2, 3]], np.uint8)
-    m = class_masks(sem, [1, 0])
-    assert m.shape == (2, 2, 3) and m.dtype == bool
-    np.testing.assert_array_equal(m[0], sem == 2)
-    np.testing.assert_array_equal(m[1], sem == 1)
-    mt = class_masks(torch.from_numpy(sem.astype(np.int64)), torch.tensor([1, 0]))
-    assert mt.dtype == torch.bool
-    np.testing.assert_array_equal(mt.numpy(), m)
 
 
 def test_ignore_unpointed_components_keeps_only_components_with_a_point_of_their_class():

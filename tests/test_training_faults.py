@@ -16,6 +16,7 @@ import torch
 from detectron2.config import get_cfg
 
 from p2seg import add_p2seg_config
+from p2seg.datasets.registration import register_datasets
 from p2seg.engine import Trainer
 from p2seg.engine.checkpointer import P2SegCheckpointer
 from p2seg.engine.hooks import NonFiniteLossError, NonFiniteLossGuard, nonfinite_terms
@@ -41,6 +42,7 @@ def tiny_cfg(out_dir, *opts):
     cfg.merge_from_file(str(CONFIG))
     cfg.merge_from_list(TINY + ["OUTPUT_DIR", str(out_dir), *opts])
     cfg.freeze()
+    register_datasets(cfg)  # as train_net.py does once per process
     return cfg
 
 

@@ -155,7 +155,7 @@ def worker(args):
 
     from p2seg import add_p2seg_config
     from p2seg.engine import Trainer
-    from p2seg.engine.trainer import register_builtin_datasets
+    from p2seg.datasets.registration import register_datasets
     from p2seg.evaluation import InstanceMaskEvaluator
     from p2seg.utils import write_json_atomic
 
@@ -173,7 +173,7 @@ def worker(args):
     t0 = time.perf_counter()
     trainer.train()
     train_s = time.perf_counter() - t0
-    register_builtin_datasets(cfg)
+    register_datasets(cfg)
     t0 = time.perf_counter()
     evaluator = InstanceMaskEvaluator(name, distributed=False, max_dets_per_image=cfg.TEST.DETECTIONS_PER_IMAGE)
     results = inference_on_dataset(trainer.model, Trainer.build_test_loader(cfg, name), evaluator)

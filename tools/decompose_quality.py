@@ -36,16 +36,17 @@ def main(argv=None):
     from detectron2.engine import default_argument_parser
     from detectron2.structures import Instances
 
-    from p2seg.engine.trainer import Trainer, _mapper, register_builtin_datasets
-    from p2seg.evaluation.baseline import read_semantic_png
+    from p2seg.datasets.registration import register_datasets
+    from p2seg.engine.trainer import Trainer, _mapper
+    from p2seg.data.semantic_sources import read_semantic_png
     from p2seg.evaluation.instance_evaluator import InstanceMaskEvaluator
     from p2seg.modeling.postprocessing import point_guided_instances
-    from p2seg.data.semantic_sources import decode_annotation_masks
+    from p2seg.data.coco_format import decode_annotation_masks
     from train_net import setup
 
     args = default_argument_parser().parse_args(argv)
     cfg = setup(args)
-    register_builtin_datasets(cfg)
+    register_datasets(cfg)
     name = cfg.DATASETS.TEST[0]
     model = Trainer.build_model(cfg)
     P2SegCheckpointer(model).load(cfg.MODEL.WEIGHTS)

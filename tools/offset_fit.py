@@ -49,12 +49,13 @@ def main(argv=None):
     from detectron2.engine import default_argument_parser
 
     from p2seg.data.targets import build_targets
-    from p2seg.engine.trainer import Trainer, register_builtin_datasets, _mapper
+    from p2seg.datasets.registration import register_datasets
+    from p2seg.engine.trainer import Trainer, _mapper
     from train_net import setup
 
     args = default_argument_parser().parse_args(argv)
     cfg = setup(args)
-    register_builtin_datasets(cfg)
+    register_datasets(cfg)
     model = Trainer.build_model(cfg)
     P2SegCheckpointer(model).load(cfg.MODEL.WEIGHTS)
     model.eval()

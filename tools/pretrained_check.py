@@ -153,12 +153,14 @@ def run_variant(args, name: str) -> Dict[str, float]:
     from detectron2.evaluation import DatasetEvaluators, inference_on_dataset
     from detectron2.utils.logger import setup_logger
 
+    from p2seg.datasets.registration import register_datasets
     from p2seg.engine import Trainer
     from p2seg.evaluation import InstanceMaskEvaluator
 
     out_dir = os.path.join(args.out, name)
     os.makedirs(out_dir, exist_ok=True)
     cfg = variant_cfg(args, VARIANTS[name], out_dir)
+    register_datasets(cfg)
     setup_logger(out_dir, name="p2seg")
     torch.manual_seed(cfg.SEED)
     t0 = time.perf_counter()

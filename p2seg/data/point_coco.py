@@ -55,7 +55,8 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BoxMode
 
 
-from .semantic_sources import category_labels, ensure_semantic_png_dir, read_coco_json
+from .coco_format import category_labels, image_id_sort_key, read_coco_json, segmentation_to_rle
+from .semantic_sources import ensure_semantic_png_dir
 
 logger = logging.getLogger(__name__)
 
@@ -110,26 +111,6 @@ def _check_point(point, width: int, height: int, where: str) -> List[float]:
     return [x, y]
 
 
-def _clean_rle(segm: dict, height: int, width: int, where: str) -> dict:
-    """Check an RLE ``{"size": [height, width], "counts": list | str}``; list counts compressed."""
-    import pycocotools.mask as mask_util
-
-    size, counts = segm.get("size"), segm.get("counts")
-    if not (isinstance(size, (list, tuple)) and list(size) == [height, width] and all(map(_is_int, size))):
-        raise ValueError(
-            f"{where}: field 'segmentation' is an RLE whose 'size' {size!r} is not the image's "
-            f"[height, width] = [{height}, {width}]"
-        )
-    if isinstance(counts, str):
-        return segm
-    if not (isinstance(counts, list) and all(_is_int(c) and c >= 0 for c in counts)):
-        raise ValueError(f"{where}: field 'segmentation' RLE 'counts' must be a string or a list of integers >= 0")
-    try:
-        return mask_util.frPyObjects(segm, height, width)
-    except Exception as e:  # pycocotools' C parser: any failure means a malformed RLE
-        raise ValueError(f"{where}: field 'segmentation' is a malformed RLE ({e})") from e
-
-
 def _clean_segmentation(segm, height: int, width: int, where: str):
     """Detectron2-compatible segmentation: valid polygons only, RLE counts compressed; None if empty.
 
@@ -138,7 +119,7 @@ def _clean_segmentation(segm, height: int, width: int, where: str):
     image size raises a ValueError naming ``where`` and the field.
     """
     if isinstance(segm, dict):
-        return _clean_rle(segm, height, width, where) if segm else None
+        return segmentation_to_rle(segm, height, width, where) if segm else None
     if segm is None or (isinstance(segm, list) and not segm):
         return None
     if not (isinstance(segm, list) and all(_finite_numbers(p) for p in segm)):
@@ -429,7 +410,7 @@ def load_point_coco_json(
             "image_id": i,
             "annotations": anns_per_image[i],
         }
-        for i in sorted(images, key=str if any(isinstance(k, str) for k in images) else None)
+        for i in sorted(images, key=image_id_sort_key)
     ]
     png_dir = _resolve_sem_seg_root(sem_seg_root, id_map, json_file)
     if png_dir is not None:

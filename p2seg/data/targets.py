@@ -39,7 +39,6 @@ __all__ = [
     "class_components",
     "offset_assignment",
     "offsets_from_assignment",
-    "class_masks",
     "ignore_unpointed_components",
 ]
 
@@ -314,21 +313,3 @@ def ignore_unpointed_components(sem_seg, pixels, point_classes, ignore_value=255
     return out
 
 
-def class_masks(sem_seg, classes):
-    """Binary mask of each requested class: ``masks[i] = sem_seg == classes[i] + 1``.
-
-    Works on numpy arrays and on torch tensors (the result stays on ``sem_seg``'s device).
-
-    Args:
-        sem_seg: integer array/tensor ``H x W`` (0 bg, ``k + 1`` class ``k``, ignore otherwise).
-        classes: sequence / array / tensor of K class indices (0-based).
-    Returns:
-        bool array/tensor ``K x H x W`` (ignore and background pixels are False everywhere).
-    """
-    if isinstance(sem_seg, np.ndarray):
-        labels = np.asarray(classes, dtype=np.int64).reshape(-1) + 1
-        return sem_seg[None] == labels[:, None, None]
-    import torch
-
-    labels = torch.as_tensor(classes, dtype=torch.int64, device=sem_seg.device).reshape(-1) + 1
-    return sem_seg[None] == labels[:, None, None]

@@ -1,4 +1,4 @@
 """p2seg.engine"""
-from .trainer import Trainer, register_builtin_datasets, single_process_norm
+from .trainer import Trainer, single_process_norm
 from .checkpointer import P2SegCheckpointer
 from .hooks import NonFiniteLossError, NonFiniteLossGuard

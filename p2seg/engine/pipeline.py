@@ -142,10 +142,10 @@ def nearest_point_metrics(cfg, dataset_name: str) -> Dict[str, float]:
     """Metrics (:func:`_metrics`) of the nearest-point baseline on ``dataset_name`` (registered
     with ``cfg``'s counts), with the same evaluator and grouping as the models
     (:func:`p2seg.evaluation.baseline.evaluate_baseline`)."""
-    from p2seg.engine.trainer import register_builtin_datasets
+    from p2seg.datasets.registration import register_datasets
     from p2seg.evaluation.baseline import evaluate_baseline
 
-    register_builtin_datasets(cfg)
+    register_datasets(cfg)
     return _metrics(evaluate_baseline(dataset_name, iou_thresholds=tuple(cfg.TEST.VOC_IOU_THRESHOLDS),
                                       max_dets_per_image=cfg.TEST.DETECTIONS_PER_IMAGE))
 
@@ -155,9 +155,9 @@ def _has_points_and_source(cfg, dataset_name: str) -> bool:
     test set may have neither)."""
     from detectron2.data import DatasetCatalog
 
-    from p2seg.engine.trainer import register_builtin_datasets
+    from p2seg.datasets.registration import register_datasets
 
-    register_builtin_datasets(cfg)
+    register_datasets(cfg)
     dicts = DatasetCatalog.get(dataset_name)
     return any("sem_seg_file_name" in d and any("point" in a for a in d.get("annotations", [])) for d in dicts)
 

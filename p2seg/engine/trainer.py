@@ -32,8 +32,6 @@ from .amp import MixedPrecisionTrainer
 __all__ = [
     "Trainer",
     "single_process_norm",
-    "register_builtin_datasets",
-    "register_pseudo_label_dataset",
     "is_p2seg",
     "pseudo_masks_path",
 ]
@@ -76,79 +74,6 @@ def _get(cfg, path):
             return None
         node = node[name]
     return node
-
-
-def register_builtin_datasets(cfg):
-    """(Re-)register the built-in datasets named in ``cfg.DATASETS`` with the config's settings.
-
-    Names starting with ``p2seg_shapes`` are (re-)registered with ``cfg.DATASETS.SHAPES``
-    (NUM_TRAIN, NUM_VAL, SEED) via ``p2seg.data.shapes.register_shapes``; the entries of
-    ``cfg.DATASETS.POINT_COCO`` are registered (``p2seg.data.config_datasets``).
-    """
-    from p2seg.data.config_datasets import register_config_datasets
-
-    register_config_datasets(cfg)
-    names = list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST) + [cfg.DATASETS.PSEUDO_LABELS.SOURCE]
-    if any(n.startswith("p2seg_shapes") for n in names):
-        try:
-            from p2seg.data.shapes import register_shapes
-        except ImportError as e:
-            raise ImportError(
-                f"p2seg/engine/trainer.py: DATASETS names {names} need p2seg/data/shapes.py ({e})"
-            ) from e
-        s = cfg.DATASETS.SHAPES
-        register_shapes(s.NUM_TRAIN, s.NUM_VAL, s.SEED)
-    register_pseudo_label_dataset(cfg)
-
-
-def register_pseudo_label_dataset(cfg):
-    """Register ``DATASETS.PSEUDO_LABELS.JSON`` (an exported pseudo-mask COCO JSON) as
-    ``DATASETS.PSEUDO_LABELS.NAME`` as Detectron2's ``register_coco_instances`` does.
-
-    Images are read from the ``image_root`` metadata of ``DATASETS.PSEUDO_LABELS.SOURCE`` (the
-    dataset the masks were exported from); the classes come from the JSON's categories. Nothing
-    happens when JSON is "". Returns the registered name or None.
-    """
-    p = cfg.DATASETS.PSEUDO_LABELS
-    if not p.JSON:
-        return None
-    if not os.path.isfile(p.JSON):
-        raise FileNotFoundError(f"config DATASETS.PSEUDO_LABELS.JSON: file not found: {p.JSON}")
-    if p.SOURCE not in DatasetCatalog.list():
-        raise KeyError(
-            f"config DATASETS.PSEUDO_LABELS.SOURCE: {p.SOURCE!r} is not a registered dataset "
-            f"(the dataset {p.JSON} was exported from)"
-        )
-    image_root = getattr(MetadataCatalog.get(p.SOURCE), "image_root", None)
-    if not image_root:
-        raise KeyError(f"config DATASETS.PSEUDO_LABELS.SOURCE: dataset {p.SOURCE!r} has no 'image_root' metadata")
-    if p.NAME in DatasetCatalog.list():
-        DatasetCatalog.remove(p.NAME)
-    if p.NAME in MetadataCatalog.list():
-        MetadataCatalog.remove(p.NAME)
-    # Detectron2's register_coco_instances, with a loader whose parse errors name the file.
-    json_file, name = p.JSON, p.NAME
-    DatasetCatalog.register(name, lambda: _load_pseudo_label_json(json_file, image_root, name))
-    MetadataCatalog.get(name).set(json_file=json_file, image_root=image_root, evaluator_type="coco")
-    logger.info("Registered %s: %s (images in %s)", p.NAME, p.JSON, image_root)
-    return p.NAME
-
-
-def _load_pseudo_label_json(json_file, image_root, name):
-    """Detectron2's ``load_coco_json``; a JSON that does not parse (e.g. truncated) is a ValueError
-    naming the file and the config key, not a bare ``JSONDecodeError``."""
-    import json
-
-    from detectron2.data.datasets import load_coco_json
-
-    try:
-        return load_coco_json(json_file, image_root, name)
-    except json.JSONDecodeError as e:
-        raise ValueError(
-            f"config DATASETS.PSEUDO_LABELS.JSON: {json_file}: line {e.lineno} column {e.colno}: not valid "
-            f"JSON ({e.msg}); a truncated file? Export it again (train_net.py --eval-only "
-            f"TEST.EXPORT_PSEUDO_MASKS True)"
-        ) from e
 
 
 def is_p2seg(cfg):
@@ -258,7 +183,6 @@ class Trainer(DefaultTrainer):
     def build_train_loader(cls, cfg):
         """Detectron2 train loader over ``DATASETS.TRAIN``: ``P2SegDatasetMapper(is_train=True)``
         for P2Seg, :func:`_mapper`'s stage-2 mapper otherwise."""
-        register_builtin_datasets(cfg)
         if not is_p2seg(cfg):
             loader = build_detection_train_loader(cfg, mapper=_mapper(cfg, True))
             check_num_classes(cfg, cfg.DATASETS.TRAIN)  # metadata filled by loading the dicts
@@ -275,7 +199,6 @@ class Trainer(DefaultTrainer):
     def build_test_loader(cls, cfg, dataset_name, dataset_dicts=None):
         """Detectron2 test loader (batch 1) over ``dataset_name`` (or the given ``dataset_dicts``
         of it), mapper :func:`_mapper` (``is_train=False``)."""
-        register_builtin_datasets(cfg)
         mapper = _mapper(cfg, False)
         if dataset_dicts is None:
             return build_detection_test_loader(cfg, dataset_name, mapper=mapper)
@@ -295,7 +218,6 @@ class Trainer(DefaultTrainer):
         """
         from p2seg.evaluation import InstanceMaskEvaluator, PseudoMaskExporter
 
-        register_builtin_datasets(cfg)
         thresholds = tuple(cfg.TEST.VOC_IOU_THRESHOLDS)
         max_dets = cfg.TEST.DETECTIONS_PER_IMAGE
         if cfg.TEST.EXPORT_PSEUDO_MASKS:

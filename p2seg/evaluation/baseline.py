@@ -15,26 +15,18 @@ from __future__ import annotations
 
 from typing import Dict, Iterable, Optional, Sequence
 
-import cv2
 import numpy as np
 import torch
 
 from detectron2.data import DatasetCatalog
 from detectron2.structures import BitMasks, Instances
 
+from p2seg.data.semantic_sources import read_semantic_png
 from p2seg.modeling.postprocessing import one_hot_semantics, point_guided_instances
 
 from .instance_evaluator import DEFAULT_IOU_THRESHOLDS, InstanceMaskEvaluator
 
-__all__ = ["read_semantic_png", "nearest_point_instances", "baseline_prediction", "evaluate_baseline"]
-
-
-def read_semantic_png(file_name: str) -> np.ndarray:
-    """A semantic PNG as uint8 ``(H, W)``; raises OSError naming the file when it is not one."""
-    sem = cv2.imread(str(file_name), cv2.IMREAD_UNCHANGED)
-    if sem is None or sem.ndim != 2:
-        raise OSError(f"sem_seg_file_name {file_name}: not a single-channel PNG")
-    return sem
+__all__ = ["nearest_point_instances", "baseline_prediction", "evaluate_baseline"]
 
 
 def nearest_point_instances(sem: np.ndarray, points, classes, fallback_box_size: int = 0,

@@ -44,7 +44,7 @@ from detectron2.utils import comm
 from detectron2.utils.logger import create_small_table
 
 from p2seg.utils.atomic import write_json_atomic
-from p2seg.data.semantic_sources import read_coco_json
+from p2seg.data.coco_format import image_id_sort_key, read_coco_json, segmentation_to_rle
 
 from .fallback_check import fallback_summary
 from .voc_mask_ap import encode_masks, eval_instance_segmentation_voc_multi, threshold_key
@@ -53,7 +53,6 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "InstanceMaskEvaluator",
-    "segmentation_to_rle",
     "dataset_dicts_to_coco_dict",
     "coco_from_dict",
     "load_source_coco",
@@ -64,41 +63,9 @@ __all__ = [
     "coco_mask_metrics",
     "voc_mask_metrics",
     "evaluate_instance_masks",
-    "image_id_sort_key",
 ]
 
 DEFAULT_IOU_THRESHOLDS = (0.25, 0.5, 0.7, 0.75)
-
-
-def image_id_sort_key(image_id):
-    """Sort key for image ids that may be ints or strings (ints first, numerically)."""
-    return (isinstance(image_id, str), image_id)
-
-
-def segmentation_to_rle(segm, height: int, width: int, where: str) -> dict:
-    """Convert a COCO segmentation (polygons, uncompressed or compressed RLE) to a compressed RLE.
-
-    Args:
-        segm: list of polygons ``[[x0, y0, x1, y1, ...], ...]`` or an RLE dict.
-        height, width: image size in pixels.
-        where: description of the annotation, used in errors.
-    Returns:
-        ``{"size": [height, width], "counts": str}``.
-    """
-    if isinstance(segm, dict):
-        if tuple(segm.get("size", ())) != (height, width):
-            raise ValueError(f"{where}: field 'segmentation' has size {segm.get('size')}, image is {[height, width]}")
-        rle = mask_util.frPyObjects(segm, height, width) if isinstance(segm["counts"], list) else dict(segm)
-    elif isinstance(segm, list) and segm:
-        polys = [p for p in segm if len(p) % 2 == 0 and len(p) >= 6]
-        if not polys:
-            raise ValueError(f"{where}: field 'segmentation' has no valid polygon (>= 3 points)")
-        rle = mask_util.merge(mask_util.frPyObjects(polys, height, width))
-    else:
-        raise ValueError(f"{where}: field 'segmentation' must be polygons or an RLE dict, got {type(segm).__name__}")
-    if isinstance(rle["counts"], bytes):
-        rle["counts"] = rle["counts"].decode("ascii")
-    return rle
 
 
 def contiguous_to_dataset_ids(metadata, num_classes: Optional[int] = None) -> List[int]:

@@ -14,14 +14,16 @@ from detectron2.data import MetadataCatalog
 from p2seg.data.image_io import read_image_any_depth
 from p2seg.utils.visualize import draw_instances, draw_semantic, masks_from_coco, save_overview
 
-from .baseline import baseline_prediction, read_semantic_png
+from p2seg.data.semantic_sources import read_semantic_png
+
+from .baseline import baseline_prediction
 
 __all__ = ["write_overview"]
 
 
 def _pseudo_masks_by_image(pseudo_json: str):
     """image id -> annotations of an exported pseudo-mask JSON (in point order)."""
-    from p2seg.data.semantic_sources import read_coco_json
+    from p2seg.data.coco_format import read_coco_json
 
     by_image = defaultdict(list)
     for ann in read_coco_json(pseudo_json)["annotations"]:

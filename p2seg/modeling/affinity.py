@@ -39,7 +39,7 @@ the strips and their matrix products (the ``N^2 D`` work) to that dtype; every s
 column sums, row sums, products across strips, the gradient) is still accumulated in float32. The
 operands of a low-precision product are scaled to ``max |x| = 1`` first (and the product scaled
 back), so float16's range holds the tiny loss weights ``1 / #pairs`` and random-walk gradients. The dense formulas
-(:func:`dense_affinity_loss`, :func:`dense_random_walk`) exist for tests and benchmarks only.
+(p2seg/modeling/affinity_reference.py) are the ground truth of the tests.
 """
 import bisect
 
@@ -51,8 +51,6 @@ __all__ = [
     "affinity_loss",
     "affinity_losses",
     "random_walk",
-    "dense_affinity_loss",
-    "dense_random_walk",
     "RANDOM_WALK_TRANSITIONS",
     "AFFINITY_LOSS_TYPES",
 ]
@@ -797,40 +795,3 @@ def random_walk(features, probs, block_size=1024, transition="row", cache_mb=DEF
         )
     return affinity_terms(features, (), probs, block_size, transition=transition, cache_mb=cache_mb,
                           matmul_dtype=matmul_dtype, walk_power=power)[2]
-
-
-# ------------------------------------------------------------------- dense references (tests only)
-def dense_affinity_loss(features, membership, valid=None, neutral=None, include_self=False, loss_type="l1"):
-    """Dense ``N x N`` reference of :func:`affinity_loss` (same arguments). Tests/benchmarks only."""
-    member = membership.bool()
-    if valid is None:
-        valid = member.any(1) if neutral is None else member.any(1) | neutral.bool()
-    f = features[valid]
-    m = member[valid].to(f.dtype)
-    z = f @ f.T
-    a = torch.sigmoid(z)
-    pos = (m @ m.T) > 0.5
-    neg = ~pos
-    if neutral is not None:
-        nv = neutral.bool()[valid]
-        neg &= ~(nv[:, None] & nv[None, :])
-    if not include_self:
-        eye = torch.eye(f.shape[0], dtype=torch.bool, device=f.device)
-        pos &= ~eye
-        neg &= ~eye
-    loss = features.sum() * 0
-    pos_term, neg_term = (1 - a, a) if loss_type == "l1" else (F.softplus(-z), F.softplus(z))
-    if pos.any():
-        loss = loss + 0.5 * pos_term[pos].mean()
-    if neg.any():
-        loss = loss + 0.5 * neg_term[neg].mean()
-    return loss
-
-
-def dense_random_walk(features, probs, transition="row", power=1.0):
-    """Dense ``N x N`` reference of :func:`random_walk`. Tests/benchmarks only."""
-    a = torch.sigmoid(features @ features.T) ** power
-    d = a.sum(1)
-    if transition == "row":
-        return probs @ (a / d[:, None])
-    return (probs @ a) / d[None, :]

@@ -21,13 +21,9 @@ from __future__ import annotations
 import argparse
 import os
 
-from p2seg.data.semantic_sources import (
-    Degradation,
-    category_labels,
-    mean_iou,
-    read_coco_json,
-    render_mask_json,
-)
+from p2seg.data.coco_format import category_labels, read_coco_json
+from p2seg.datasets.degradation import Degradation, render_degraded_mask_json
+from p2seg.evaluation.semantic_miou import mean_iou
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,7 +62,7 @@ def render_semseg(args):
         blob_noise=args.blob_noise, blob_radius=args.blob_radius,
     )
     os.makedirs(args.out, exist_ok=True)
-    conf = render_mask_json(
+    conf = render_degraded_mask_json(
         data, args.out, category_labels(data["categories"]), degradation, args.seed,
         args.ignore_label, source=args.json, progress=not args.quiet,
     )

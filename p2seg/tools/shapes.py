@@ -38,7 +38,8 @@ def split_stats(name, dicts, num_classes):
     """Counts, touching same-class pairs and semantic mIoU of one registered split."""
     from pycocotools import mask as mask_util
 
-    from p2seg.data import shapes
+    from p2seg.datasets import shapes
+    from p2seg.evaluation.semantic_miou import semantic_miou
 
     pairs = 0
     for d in dicts:
@@ -47,7 +48,7 @@ def split_stats(name, dicts, num_classes):
             masks = np.stack([mask_util.decode(a["segmentation"]).astype(bool) for a in anns])
             pairs += len(shapes.touching_pairs(masks, [a["category_id"] for a in anns]))
     return {"dataset": name, "images": len(dicts), "instances": sum(len(d["annotations"]) for d in dicts),
-            "touching_same_class_pairs": pairs, "sem_pseudo": shapes.semantic_miou(dicts, num_classes)}
+            "touching_same_class_pairs": pairs, "sem_pseudo": semantic_miou(dicts, num_classes)}
 
 
 def main(argv=None):
@@ -55,7 +56,7 @@ def main(argv=None):
     args = parse_args(argv)
     from detectron2.data import DatasetCatalog
 
-    from p2seg.data import shapes
+    from p2seg.datasets import shapes
     from p2seg.evaluation.baseline import evaluate_baseline
 
     names = shapes.register_shapes(args.num_train, args.num_val, args.seed, root=args.root)
@@ -82,7 +83,7 @@ def main(argv=None):
 
 def _counts(args):
     """``(num_train, num_val, seed)`` with the cfg defaults filled in."""
-    from p2seg.data import shapes
+    from p2seg.datasets import shapes
 
     defaults = shapes._default_shapes_counts()
     return tuple(d if v is None else v for v, d in zip((args.num_train, args.num_val, args.seed), defaults))

@@ -12,7 +12,11 @@ import shutil
 import tempfile
 from pathlib import Path
 
-__all__ = ["atomic_file", "plain_file_mode", "write_text_atomic", "write_json_atomic", "atomic_directory"]
+import cv2
+import numpy as np
+
+__all__ = ["atomic_file", "plain_file_mode", "write_text_atomic", "write_json_atomic", "write_png_atomic",
+           "atomic_directory"]
 
 
 def plain_file_mode() -> int:
@@ -78,3 +82,11 @@ def atomic_directory(final, mode: int = 0o755):
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------- files
+def write_png_atomic(path: str, array: np.ndarray) -> None:
+    """Write a uint8 ``HxW`` (grey) or ``HxWx3`` (BGR) array as a PNG atomically (``atomic_file``)."""
+    with atomic_file(path, suffix=".png") as tmp:
+        if not cv2.imwrite(tmp, np.ascontiguousarray(array, dtype=np.uint8)):
+            raise OSError(f"cannot write PNG {path}")

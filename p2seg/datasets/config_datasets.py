@@ -21,7 +21,7 @@ from typing import List, Sequence, Tuple
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
-from .point_coco import load_point_coco_json
+from p2seg.data.point_coco import load_point_coco_json
 
 __all__ = ["FIELDS", "register_config_datasets", "register_point_coco_spec"]
 

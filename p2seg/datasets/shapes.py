@@ -14,14 +14,14 @@ On disk (one folder per generator version / seed / counts / parameters, written 
         {train,val}/sem_pseudo/<id>.png  semantic pseudo-labels: 0 bg, k+1 class k, 255 ignore
         stats.json                     generation time and counts
 
-The files load with ``p2seg.data.point_coco.load_point_coco_json``. The datasets
+The files load with ``p2seg.data.point_coco.load_point_coco_json``; their mIoU against the GT:
+:func:`p2seg.evaluation.semantic_miou.semantic_miou`. The datasets
 ``p2seg_shapes_train`` / ``p2seg_shapes_val`` are registered at import with the default counts of
 ``cfg.DATASETS.SHAPES``; registration never generates: generation happens in the loader function.
 """
 import dataclasses
 import hashlib
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +30,8 @@ import cv2
 import numpy as np
 from pycocotools import mask as mask_util
 
-from p2seg.utils.atomic import atomic_directory
+from p2seg.data.cache import default_cache_root
+from p2seg.utils.atomic import atomic_directory, write_png_atomic
 
 GENERATOR_VERSION = 1
 SHAPES_CLASSES = ("disc", "box", "triangle")
@@ -362,14 +363,6 @@ def generate_sample(seed, split, index, params=None):
             "points": points, "sem_pseudo": sem, "anchors": layout["anchors"]}
 
 
-def gt_semantic(masks, classes, height, width):
-    """GT semantic map from non-overlapping instance masks: uint8 (H, W), 0 bg, k+1 class k."""
-    sem = np.zeros((height, width), np.uint8)
-    for m, k in zip(masks, classes):
-        sem[m] = int(k) + 1
-    return sem
-
-
 def touching_pairs(masks, classes):
     """Pairs of same-class instances that touch or overlap (8-neighbourhood).
 
@@ -397,13 +390,6 @@ def _coco_annotation(mask, k, point, ann_id, image_id):
             "point": [float(point[0]), float(point[1])]}
 
 
-def _write_png(path, array):
-    """Write ``array`` (H, W) or (H, W, 3) RGB uint8 to a PNG; raises naming the file on failure."""
-    data = array[..., ::-1] if array.ndim == 3 else array
-    if not cv2.imwrite(str(path), np.ascontiguousarray(data)):
-        raise OSError(f"shapes: could not write {path}")
-
-
 def write_split(out_dir, split, num_images, seed, params=None):
     """Generate ``num_images`` images of ``split`` into ``out_dir`` (images, pseudo-labels, JSON).
 
@@ -417,8 +403,8 @@ def write_split(out_dir, split, num_images, seed, params=None):
     for i in range(num_images):
         s = generate_sample(seed, split, i, params)
         name = f"{i:06d}.png"
-        _write_png(img_dir / name, s["image"])
-        _write_png(sem_dir / name, s["sem_pseudo"])
+        write_png_atomic(str(img_dir / name), s["image"][..., ::-1])  # RGB -> BGR
+        write_png_atomic(str(sem_dir / name), s["sem_pseudo"])
         h, w = s["sem_pseudo"].shape
         images.append({"id": i, "file_name": name, "height": h, "width": w})
         for m, k, pt in zip(s["masks"], s["classes"], s["points"]):
@@ -429,13 +415,6 @@ def write_split(out_dir, split, num_images, seed, params=None):
     with open(out_dir / "annotations" / f"{split}.json", "w") as f:
         json.dump(coco, f)
     return len(annotations)
-
-
-# ------------------------------------------------------------------------------------ cache
-def default_cache_root():
-    """``$P2SEG_CACHE`` if set, else ``<repo>/.cache/p2seg``."""
-    env = os.environ.get("P2SEG_CACHE")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / ".cache" / "p2seg"
 
 
 def params_hash(params=None):
@@ -479,38 +458,6 @@ def ensure_shapes_dataset(num_train, num_val, seed, root=None, params=None):
     return final
 
 
-# ------------------------------------------------------------------------------------ statistics
-def semantic_miou(dataset_dicts, num_classes, ignore_label=IGNORE_LABEL):
-    """mIoU (background + ``num_classes`` classes) of the semantic PNGs vs the GT instance masks.
-
-    GT = union of the annotations' "segmentation" per class. Returns ``{"mIoU", "IoU",
-    "mIoU_excl_ignore", "ignore_frac"}``: ``mIoU`` counts ignore pixels as wrong,
-    ``mIoU_excl_ignore`` leaves them out. A label absent from both maps counts IoU 0. Uses the
-    project's one mIoU implementation (:func:`p2seg.data.semantic_sources.confusion_matrix` /
-    :func:`~p2seg.data.semantic_sources.mean_iou`).
-    """
-    from p2seg.evaluation.baseline import read_semantic_png
-
-    from .semantic_sources import confusion_matrix, mean_iou
-
-    n = num_classes + 1
-    conf = np.zeros((n, n + 1), np.int64)  # rows GT, columns pseudo-label (last: ignore / other)
-    for d in dataset_dicts:
-        sem = read_semantic_png(d["sem_seg_file_name"]).astype(np.int64)
-        gt = np.zeros_like(sem)
-        for a in d["annotations"]:
-            if "segmentation" not in a:
-                raise KeyError(f"{d['file_name']}: annotation lacks field 'segmentation' (GT)")
-            gt[mask_util.decode(a["segmentation"]).astype(bool)] = a["category_id"] + 1
-        pl = np.where(sem == ignore_label, n, sem)  # ignore -> the "other" column
-        conf += confusion_matrix(pl, gt, n, ignore_label=-1)  # the GT has no ignore pixels
-    iou = np.nan_to_num(mean_iou(conf)[1])
-    iou_ex = np.nan_to_num(mean_iou(conf[:, :n])[1])
-    return {"mIoU": round(float(iou.mean()), 4), "IoU": [round(float(v), 4) for v in iou],
-            "mIoU_excl_ignore": round(float(iou_ex.mean()), 4),
-            "ignore_frac": round(float(conf[:, n].sum() / max(conf.sum(), 1)), 4)}
-
-
 # ------------------------------------------------------------------------------------ registration
 def _default_shapes_counts():
     """``(NUM_TRAIN, NUM_VAL, SEED)`` defaults of ``cfg.DATASETS.SHAPES`` (p2seg/config.py)."""
@@ -524,7 +471,7 @@ def _default_shapes_counts():
 
 def load_shapes(split, num_train, num_val, seed, root=None, params=None, dataset_name=None):
     """Generate on first use, then load ``split`` as Detectron2 dataset dicts (docs/INTERNALS.md)."""
-    from .point_coco import load_point_coco_json
+    from p2seg.data.point_coco import load_point_coco_json
 
     d = ensure_shapes_dataset(num_train, num_val, seed, root, params)
     json_file, image_root, sem_root = split_paths(d, split)
