@@ -263,7 +263,7 @@ def read_points_dir(folder: str, image_path: str, class_offset: int, n_classes: 
 
     Raises ValueError naming the file and line of a line that does not parse.
     """
-    from p2seg.tools.convert_voc import read_points
+    from p2seg.cli.convert_voc import read_points
 
     path = os.path.join(folder, Path(image_path).stem + ".txt")
     if not os.path.isfile(path):

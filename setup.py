@@ -24,14 +24,14 @@ setup(
     extras_require={"test": ["pytest", "pytest-timeout", "hypothesis"]},
     entry_points={
         "console_scripts": [
-            "p2seg-make-points=p2seg.tools.make_points:main",
-            "p2seg-points-from-csv=p2seg.tools.points_from_csv:main",
-            "p2seg-convert-voc=p2seg.tools.convert_voc:main",
-            "p2seg-render-semseg=p2seg.tools.render_semseg:main",
-            "p2seg-threshold-semseg=p2seg.tools.threshold_semseg:main",
-            "p2seg-baseline=p2seg.tools.baseline:main",
-            "p2seg-shapes=p2seg.tools.shapes:main",
-            "p2seg-import-weights=p2seg.tools.import_weights:main",
+            "p2seg-make-points=p2seg.cli.make_points:main",
+            "p2seg-points-from-csv=p2seg.cli.points_from_csv:main",
+            "p2seg-convert-voc=p2seg.cli.convert_voc:main",
+            "p2seg-render-semseg=p2seg.cli.render_semseg:main",
+            "p2seg-threshold-semseg=p2seg.cli.threshold_semseg:main",
+            "p2seg-baseline=p2seg.cli.baseline:main",
+            "p2seg-shapes=p2seg.cli.shapes:main",
+            "p2seg-import-weights=p2seg.cli.import_weights:main",
         ]
     },
 )

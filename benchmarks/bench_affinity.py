@@ -10,9 +10,9 @@ runs the whole I2S computation of ONE image: class loss + instance loss + random
 present-class probabilities (background + 2 classes), forward then backward. Methods:
 
 * ``joint`` (default): :func:`p2seg.modeling.affinity.affinity_terms`, one Function for the two
-  losses and the walk (what ``mdm.i2s_terms`` runs per image);
+  losses and the walk (what ``i2s.i2s_terms`` runs per image);
 * ``blockwise``: the two separate calls ``affinity_losses`` (both labels) + ``random_walk`` (what
-  ``mdm.i2s_losses`` + ``mdm.refine_semantic_probs`` run per image);
+  ``i2s.i2s_losses`` + ``i2s.refine_semantic_probs`` run per image);
 * ``dense``: the N x N references.
 
 One JSON line per (S, method): forward / backward / total seconds (the single cold run with
@@ -39,7 +39,7 @@ DENSE_BYTES_PER_PAIR = 40  # dense reference, fwd + bwd, fp32: measured ~35 B pe
 
 def _inputs(crop, dim, device, seed):
     """Features N x D (requires grad), the two labels and the walked probabilities K x N."""
-    from p2seg.modeling.mdm import i2s_labels
+    from p2seg.modeling.i2s import i2s_labels
     from p2seg.modeling.s2i import refine_offset_targets
 
     sample = make_sample(crop)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from p2seg.checkpoint import save_checkpoint
+from p2seg.utils.atomic import torch_save_atomic
 from p2seg.utils.atomic import write_png_atomic
 from p2seg.utils.atomic import atomic_file, write_json_atomic, write_text_atomic
 
@@ -26,7 +26,7 @@ def test_atomic_writes_respect_the_umask(tmp_path, umask):
     expected = 0o666 & ~umask
     write_text_atomic("x", str(tmp_path / "a.txt"))
     write_json_atomic({"a": 1}, str(tmp_path / "b.json"))
-    save_checkpoint({"model": {"w": torch.zeros(2)}}, str(tmp_path / "model.pth"))
+    torch_save_atomic({"model": {"w": torch.zeros(2)}}, str(tmp_path / "model.pth"))
     write_png_atomic(str(tmp_path / "c.png"), np.zeros((4, 4), np.uint8))
     plain = tmp_path / "plain.txt"
     plain.write_text("x")

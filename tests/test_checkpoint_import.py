@@ -9,7 +9,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.layers import FrozenBatchNorm2d
 from detectron2.modeling import build_backbone
 
-from p2seg.checkpoint import (
+from p2seg.modeling.backbone.imagenet_weights import (
     convert_checkpoint,
     detect_kind,
     load_backbone_weights,
@@ -18,7 +18,7 @@ from p2seg.checkpoint import (
     torchvision_resnet_to_detectron2,
 )
 from p2seg.modeling.backbone.hrnet import HRNet
-from p2seg.tools.import_weights import infer_hrnet_arch, main, resnet_cfg
+from p2seg.cli.import_weights import infer_hrnet_arch, main, resnet_cfg
 
 # A small HRNet (official module layout, fewer modules/blocks) keeps the tests fast.
 SMALL = dict(num_modules=(1, 1, 2, 1), num_blocks=(2, 1, 2, 1))

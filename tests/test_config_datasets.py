@@ -11,7 +11,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from p2seg import add_p2seg_config
 from p2seg.datasets.config_datasets import register_config_datasets, register_point_coco_spec
-from p2seg.tools import baseline as baseline_tool
+from p2seg.cli import baseline as baseline_tool
 
 
 def write_dataset(root, num_points=3):

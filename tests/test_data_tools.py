@@ -20,7 +20,7 @@ from p2seg.datasets.degradation import (
 )
 from p2seg.datasets.points import box_center_point, mask_interior_point, random_point_in_mask
 from p2seg.evaluation.semantic_miou import confusion_matrix, mean_iou
-from p2seg.tools import convert_voc, make_points, render_semseg
+from p2seg.cli import convert_voc, make_points, render_semseg
 
 
 def _rle(mask):
@@ -352,7 +352,7 @@ def test_render_semseg_refuses_out_of_range_degradation(tmp_path, capsys, flag, 
 
 @pytest.mark.parametrize("flag", ["--num-train", "--num-val"])
 def test_shapes_tool_refuses_non_positive_counts(flag, capsys, tmp_path):
-    from p2seg.tools import shapes as shapes_tool
+    from p2seg.cli import shapes as shapes_tool
 
     with pytest.raises(SystemExit) as e:
         shapes_tool.main([flag, "-3", "--root", str(tmp_path)])
@@ -371,7 +371,7 @@ def _csv_layout(tmp_path, rows):
 
 
 def test_points_from_csv_then_load(tmp_path, capsys):
-    from p2seg.tools import points_from_csv
+    from p2seg.cli import points_from_csv
 
     images, csv_file = _csv_layout(tmp_path, ["a.png,3,4,nucleus,first", "a.png,39.5,29,mitosis,", "b.tif,0,0,nucleus,"])
     out = tmp_path / "points.json"
@@ -391,7 +391,7 @@ def test_points_from_csv_then_load(tmp_path, capsys):
                                         ("a.png,one,1,nucleus", "line 2: x, y must be numbers"),
                                         ("a.png,1,1,cell", "line 2: class 'cell' is not one of --classes")])
 def test_points_from_csv_errors_name_file_and_line(tmp_path, row, words):
-    from p2seg.tools import points_from_csv
+    from p2seg.cli import points_from_csv
 
     images, csv_file = _csv_layout(tmp_path, [row])
     out = tmp_path / "points.json"

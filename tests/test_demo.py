@@ -24,11 +24,11 @@ RCNN_BASE = SHAPES + ["MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0", "INPUT.MIN_SIZ
 
 def _random_weights(config, opts, path):
     """Save a randomly initialised model of ``config`` as a checkpoint (the demo needs weights)."""
-    from p2seg.checkpoint import save_checkpoint
+    from p2seg.utils.atomic import torch_save_atomic
     from p2seg.engine import Trainer
 
     cfg = demo.setup_cfg(str(config), opts + ["MODEL.WEIGHTS", ""])
-    save_checkpoint({"model": Trainer.build_model(cfg).state_dict()}, str(path))
+    torch_save_atomic({"model": Trainer.build_model(cfg).state_dict()}, str(path))
     return opts + ["MODEL.WEIGHTS", str(path)]
 
 

@@ -56,7 +56,7 @@ def _random_weights(path, seed):
     from detectron2.config import get_cfg
 
     from p2seg import add_p2seg_config
-    from p2seg.checkpoint import save_checkpoint
+    from p2seg.utils.atomic import torch_save_atomic
     from p2seg.engine import Trainer
 
     cfg = get_cfg()
@@ -64,7 +64,7 @@ def _random_weights(path, seed):
     cfg.merge_from_file(str(CONFIG))
     cfg.merge_from_list(TINY)
     torch.manual_seed(seed)
-    save_checkpoint({"model": Trainer.build_model(cfg).state_dict()}, str(path))
+    torch_save_atomic({"model": Trainer.build_model(cfg).state_dict()}, str(path))
     return str(path)
 
 

@@ -3,14 +3,14 @@ import numpy as np
 import pytest
 import torch
 
-from p2seg.modeling.affinity_reference import dense_affinity_loss, dense_random_walk
 from p2seg.modeling.affinity import (
     affinity_loss,
     affinity_losses,
     affinity_terms,
     random_walk,
 )
-from p2seg.modeling.mdm import (
+from p2seg.modeling.affinity_reference import dense_affinity_loss, dense_random_walk
+from p2seg.modeling.i2s import (
     class_region_map,
     i2s_labels,
     i2s_losses,

@@ -208,8 +208,8 @@ def test_random_walk_at_inference_only_leaves_the_training_loss_plain(monkeypatc
     from p2seg.modeling import meta_arch
 
     walked = []
-    refine = meta_arch.mdm.refine_semantic_probs
-    monkeypatch.setattr(meta_arch.mdm, "refine_semantic_probs",
+    refine = meta_arch.i2s.refine_semantic_probs
+    monkeypatch.setattr(meta_arch.i2s, "refine_semantic_probs",
                         lambda probs, *a, **k: walked.append(probs.shape[0]) or refine(probs, *a, **k))
     inference_only.i2s.random_walk = True
     inference_only.eval()
@@ -236,8 +236,8 @@ def test_random_walk_power_reaches_the_training_and_inference_walks(monkeypatch)
     assert powered["loss_affinity"].item() == pytest.approx(plain["loss_affinity"].item(), rel=1e-6)
     assert abs(powered["loss_sem"].item() - plain["loss_sem"].item()) > 1e-5
     powers = []
-    refine = meta_arch.mdm.refine_semantic_probs
-    monkeypatch.setattr(meta_arch.mdm, "refine_semantic_probs",
+    refine = meta_arch.i2s.refine_semantic_probs
+    monkeypatch.setattr(meta_arch.i2s, "refine_semantic_probs",
                         lambda *a, **k: powers.append(k["power"]) or refine(*a, **k))
     sharp.i2s.power = 8.0
     sharp.eval()
@@ -261,7 +261,7 @@ def test_affinity_loss_type_reaches_the_affinity_losses_only():
 
 
 def test_s2i_offset_loss_is_the_mean_of_initial_and_refined_target_losses():
-    from p2seg.modeling.mdm import refine_offset_targets
+    from p2seg.modeling.s2i import refine_offset_targets
 
     model = tiny_model("MODEL.P2SEG.S2I.ENABLED", True)
     model.eval()  # same BN statistics for the manual pass below

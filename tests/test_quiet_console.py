@@ -12,7 +12,7 @@ def _run(*args):
     return subprocess.run([sys.executable, *args], cwd=str(REPO), capture_output=True, text=True, timeout=120)
 
 
-@pytest.mark.parametrize("args", [["-c", "import p2seg"], ["-m", "p2seg.tools.make_points", "--help"],
+@pytest.mark.parametrize("args", [["-c", "import p2seg"], ["-m", "p2seg.cli.make_points", "--help"],
                                   ["train_net.py", "--help"], ["demo.py", "--help"]])
 def test_no_deprecation_warnings_at_startup(args):
     proc = _run(*args)

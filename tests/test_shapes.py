@@ -272,7 +272,7 @@ def test_baseline_on_degraded_shapes_is_not_trivial(dataset_dir, val_dicts):
 
 
 def test_cli_prints_stats_and_baseline(tmp_path, capsys):
-    from p2seg.tools.shapes import main
+    from p2seg.cli.shapes import main
 
     try:
         out = main(["--root", str(tmp_path), "--num-train", "1", "--num-val", "2", "--seed", "5",

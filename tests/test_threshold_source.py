@@ -7,7 +7,7 @@ import pycocotools.mask as mask_util
 import pytest
 
 from p2seg.datasets.threshold import remove_small_blobs, threshold_foreground
-from p2seg.tools import threshold_semseg
+from p2seg.cli import threshold_semseg
 
 
 def blobs_image(bright_objects, dtype=np.uint8, high=200):

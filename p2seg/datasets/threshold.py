@@ -14,7 +14,7 @@ Polarity rules (``polarity``):
 * ``"bright"`` / ``"dark"``: the objects are brighter / darker than the threshold in every image.
 
 All functions are pure numpy / OpenCV (:func:`threshold_foreground`); the command-line tool is
-``p2seg-threshold-semseg`` (:mod:`p2seg.tools.threshold_semseg`).
+``p2seg-threshold-semseg`` (:mod:`p2seg.cli.threshold_semseg`).
 """
 from __future__ import annotations
 

@@ -24,10 +24,10 @@ import torch
 
 from detectron2.checkpoint import DetectionCheckpointer
 
-from p2seg.checkpoint import save_checkpoint
+from p2seg.utils.atomic import torch_save_atomic
 from p2seg.utils.atomic import write_text_atomic
 
-__all__ = ["P2SegCheckpointer", "write_text_atomic"]
+__all__ = ["P2SegCheckpointer"]
 
 # Names this checkpointer writes (Detectron2's PeriodicCheckpointer: model_{iter:07d}, model_final).
 _CHECKPOINT_NAME = re.compile(r"model_(\d{7}|final)\.pth")
@@ -155,7 +155,7 @@ class P2SegCheckpointer(DetectionCheckpointer):
         if os.path.basename(save_file) != basename:
             raise ValueError(f"checkpoint name {name!r} must not contain a folder")
         self.logger.info("Saving checkpoint to %s", save_file)
-        save_checkpoint(data, save_file)
+        torch_save_atomic(data, save_file)
         self.tag_last_checkpoint(basename)
 
     def tag_last_checkpoint(self, last_filename_basename: str) -> None:

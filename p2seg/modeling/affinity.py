@@ -69,14 +69,13 @@ RANDOM_WALK_TRANSITIONS = ("row", "column")
 #         wrong pair tends to its weight instead of 0.
 AFFINITY_LOSS_TYPES = ("l1", "log")
 
-_WHERE = "p2seg/modeling/affinity.py"
 DEFAULT_CACHE_MB = 512  # cfg.MODEL.P2SEG.I2S.CACHE_MB: a 416 crop (N = 10816) needs 234 MB
 
 
 def _cache_bytes(cache_mb):
     """``cache_mb`` (MB, >= 0) in bytes, or ValueError naming the argument."""
     if not cache_mb >= 0:
-        raise ValueError(f"{_WHERE}: cache_mb (cfg.MODEL.P2SEG.I2S.CACHE_MB) must be >= 0, got {cache_mb!r}")
+        raise ValueError(f"I2S affinity: cache_mb (cfg.MODEL.P2SEG.I2S.CACHE_MB) must be >= 0, got {cache_mb!r}")
     return int(cache_mb * 2 ** 20)
 
 
@@ -84,7 +83,7 @@ def _check_block_size(block_size):
     """Return ``block_size`` as a positive int or raise ValueError naming the argument."""
     if int(block_size) != block_size or int(block_size) < 1:
         raise ValueError(
-            f"{_WHERE}: block_size must be a positive integer "
+            f"I2S affinity: block_size must be a positive integer "
             f"(cfg.MODEL.P2SEG.I2S.BLOCK_SIZE), got {block_size!r}"
         )
     return int(block_size)
@@ -143,7 +142,7 @@ def _as_label(membership, valid, neutral, n, device):
     """Normalise one label set to (member bool N x K, valid bool N, neutral bool N or None)."""
     if membership.dim() != 2 or membership.shape[0] != n:
         raise ValueError(
-            f"{_WHERE}: membership must be N x K with N = {n} (features rows), "
+            f"I2S affinity: membership must be N x K with N = {n} (features rows), "
             f"got {tuple(membership.shape)}"
         )
     member = membership.to(device).bool()
@@ -324,10 +323,10 @@ def _first_pass(strips, bounds, t_count, p, transition, need_diag, loss_type="l1
     y_off = torch.zeros_like(y)
     diag = torch.empty(n, dtype=dtype, device=dev) if need_diag else None
     out = {"y": y, "y_off": y_off, "diag": diag, "d": None, "r": None}
-    on_logits = None
-    if t_count and loss_type == "log":
-        def on_logits(z, s, e):
-            _type_column_sums(F.softplus(-z), bounds, s, e, y, y_off, diag, dtype)
+    def log_column_sums(z, s, e):
+        _type_column_sums(F.softplus(-z), bounds, s, e, y, y_off, diag, dtype)
+
+    on_logits = log_column_sums if t_count and loss_type == "log" else None
     row = p is not None and transition == "row"
     column = p is not None and not row
     if row:
@@ -700,25 +699,25 @@ def affinity_terms(features, labels=(), probs=None, block_size=1024, include_sel
     block_size = _check_block_size(block_size)
     if transition not in RANDOM_WALK_TRANSITIONS:
         raise ValueError(
-            f"{_WHERE}: transition (cfg.MODEL.P2SEG.I2S.RANDOM_WALK_TRANSITION) "
+            f"I2S affinity: transition (cfg.MODEL.P2SEG.I2S.RANDOM_WALK_TRANSITION) "
             f"must be one of {RANDOM_WALK_TRANSITIONS}, got {transition!r}"
         )
     if features.dim() != 2:
-        raise ValueError(f"{_WHERE}: features must be N x D, got {tuple(features.shape)}")
+        raise ValueError(f"I2S affinity: features must be N x D, got {tuple(features.shape)}")
     n, dev = features.shape[0], features.device
     if probs is not None and (probs.dim() != 2 or probs.shape[1] != n):
         raise ValueError(
-            f"{_WHERE}: probs must be K x N with N = {n} (features rows), got {tuple(probs.shape)}"
+            f"I2S affinity: probs must be K x N with N = {n} (features rows), got {tuple(probs.shape)}"
         )
     if probs is None and not labels:
-        raise ValueError(f"{_WHERE}: affinity_terms needs labels, probs or both")
+        raise ValueError("I2S affinity: affinity_terms needs labels, probs or both")
     if loss_type not in AFFINITY_LOSS_TYPES:
         raise ValueError(
-            f"{_WHERE}: loss_type (cfg.MODEL.P2SEG.I2S.LOSS_TYPE) must be one of {AFFINITY_LOSS_TYPES}, "
+            f"I2S affinity: loss_type (cfg.MODEL.P2SEG.I2S.LOSS_TYPE) must be one of {AFFINITY_LOSS_TYPES}, "
             f"got {loss_type!r}")
     if not walk_power > 0:
         raise ValueError(
-            f"{_WHERE}: walk_power (cfg.MODEL.P2SEG.I2S.RANDOM_WALK_POWER) must be > 0, got {walk_power!r}")
+            f"I2S affinity: walk_power (cfg.MODEL.P2SEG.I2S.RANDOM_WALK_POWER) must be > 0, got {walk_power!r}")
     if probs is not None and labels and walk_power != 1:  # the losses read the plain sigmoid
         losses, pairs, _ = affinity_terms(features, labels, None, block_size, include_self, transition,
                                           cache_mb, matmul_dtype, loss_type=loss_type)
@@ -729,7 +728,7 @@ def affinity_terms(features, labels=(), probs=None, block_size=1024, include_sel
     dtype = features.dtype if probs is None else torch.promote_types(features.dtype, probs.dtype)
     cdtype = _compute_dtype(dtype)
     if matmul_dtype is not None and not (isinstance(matmul_dtype, torch.dtype) and matmul_dtype.is_floating_point):
-        raise ValueError(f"{_WHERE}: matmul_dtype must be None or a floating torch.dtype, got {matmul_dtype!r}")
+        raise ValueError(f"I2S affinity: matmul_dtype must be None or a floating torch.dtype, got {matmul_dtype!r}")
     feats = features
     if probs is None:  # losses only: pixels outside every label set take no part
         keep = torch.zeros(n, dtype=torch.bool, device=dev)
@@ -790,7 +789,7 @@ def random_walk(features, probs, block_size=1024, transition="row", cache_mb=DEF
     """
     if features.dim() != 2 or probs.dim() != 2 or probs.shape[1] != features.shape[0]:
         raise ValueError(
-            f"{_WHERE}: random_walk expects features N x D and probs K x N, "
+            f"I2S affinity: random_walk expects features N x D and probs K x N, "
             f"got features {tuple(features.shape)} and probs {tuple(probs.shape)}"
         )
     return affinity_terms(features, (), probs, block_size, transition=transition, cache_mb=cache_mb,

@@ -7,7 +7,7 @@ head outputs at 1/4 resolution and the mapper's targets and returns Detectron2's
         [+ I2S.LOSS_WEIGHT * avg(L_aff_class, L_aff_instance)]
 
 ``L_off'`` reads the S2I refined offset targets, the affinity losses and the training random walk
-(whose walked probabilities feed ``L_sem``) come from I2S (p2seg/modeling/mdm.py). The loss math
+(whose walked probabilities feed ``L_sem``) come from I2S (p2seg/modeling/i2s.py). The loss math
 lives in p2seg/modeling/losses.py.
 """
 from typing import Dict, List, Optional
@@ -20,8 +20,9 @@ from detectron2.config import configurable
 from detectron2.structures import ImageList
 from detectron2.utils.events import get_event_storage
 
-from . import mdm
+from .i2s import I2SSettings, i2s_terms, image_classes
 from .losses import center_loss, hard_mining_fraction, offset_loss, point_loss, semantic_loss
+from .s2i import refine_offset_targets
 
 __all__ = ["P2SegCriterion", "TARGET_KEYS"]
 
@@ -48,7 +49,7 @@ class P2SegCriterion(nn.Module):
     def __init__(self, *, common_stride: int, size_divisibility: int, ignore_value: int, sem_weight: float,
                  sem_top_k: float, sem_top_k_warmup_iters: int = 0, center_weight: float, offset_weight: float,
                  point_weight: float = 0.0, s2i_enabled: bool = False,
-                 i2s: Optional[mdm.I2SSettings] = None):
+                 i2s: Optional[I2SSettings] = None):
         """
         Args:
             common_stride: output stride of the heads (the outputs are at 1/``common_stride``).
@@ -73,11 +74,11 @@ class P2SegCriterion(nn.Module):
         self.offset_weight = offset_weight
         self.point_weight = point_weight
         self.s2i_enabled = s2i_enabled
-        self.i2s = i2s if i2s is not None else mdm.I2SSettings()
+        self.i2s = i2s if i2s is not None else I2SSettings()
         self._local_iter = 0  # training batches seen, when no EventStorage gives the iteration
 
     @classmethod
-    def from_config(cls, cfg, common_stride: int, i2s: Optional[mdm.I2SSettings] = None):
+    def from_config(cls, cfg, common_stride: int, i2s: Optional[I2SSettings] = None):
         loss = cfg.MODEL.P2SEG.LOSS
         return {
             "common_stride": common_stride,
@@ -90,7 +91,7 @@ class P2SegCriterion(nn.Module):
             "offset_weight": loss.OFFSET_WEIGHT,
             "point_weight": loss.POINT_WEIGHT,
             "s2i_enabled": cfg.MODEL.P2SEG.S2I.ENABLED,
-            "i2s": i2s if i2s is not None else mdm.I2SSettings.from_config(cfg),
+            "i2s": i2s if i2s is not None else I2SSettings.from_config(cfg),
         }
 
     # ------------------------------------------------------------------ targets
@@ -203,7 +204,7 @@ class P2SegCriterion(nn.Module):
 
     # ------------------------------------------------------------------ MDM
     def _s2i(self, up, targets) -> Optional[Dict[str, torch.Tensor]]:
-        """S2I: refined offset targets from the predicted offsets (mdm.refine_offset_targets).
+        """S2I: refined offset targets from the predicted offsets (:func:`refine_offset_targets`).
 
         Returns None when S2I is disabled, else a dict at the padded input size:
         ``offset`` float Bx2xH'xW' refined targets, ``offset_weights`` float BxH'xW', and
@@ -211,7 +212,7 @@ class P2SegCriterion(nn.Module):
         """
         if not self.s2i_enabled:
             return None
-        offset, weights, instance_ids = mdm.refine_offset_targets(
+        offset, weights, instance_ids = refine_offset_targets(
             up["offset"], targets["sem_seg"], targets["points"], targets["point_classes"],
             ignore_value=self.ignore_value,
         )
@@ -220,7 +221,7 @@ class P2SegCriterion(nn.Module):
     def _i2s(self, outputs, targets, s2i, matmul_dtype=None) -> Optional[Dict[str, torch.Tensor]]:
         """I2S: the class / instance affinity losses and, with the training walk, the random walk
         of the 1/4-resolution softmax probabilities over the present classes, in one blockwise
-        pass (``mdm.i2s_terms``). None when I2S is disabled.
+        pass (:func:`~p2seg.modeling.i2s.i2s_terms`). None when I2S is disabled.
 
         The pseudo instances are the S2I assignment; without S2I, the nearest-point assignment of
         the foreground pixels (``refine_offset_targets`` with zero offsets).
@@ -236,13 +237,13 @@ class P2SegCriterion(nn.Module):
             instance_ids = s2i["instance_ids"]
         else:
             zeros = torch.zeros((sem_seg.shape[0], 2) + tuple(sem_seg.shape[1:]), device=sem_seg.device)
-            instance_ids = mdm.refine_offset_targets(
+            instance_ids = refine_offset_targets(
                 zeros, sem_seg, targets["points"], targets["point_classes"], ignore_value=self.ignore_value,
             )[2]
         settings = self.i2s
         sem_probs = F.softmax(outputs["sem_seg"], dim=1) if settings.walks_in_training else None
-        return mdm.i2s_terms(
-            outputs["affinity"], sem_seg, instance_ids, mdm.image_classes(targets["point_classes"]),
+        return i2s_terms(
+            outputs["affinity"], sem_seg, instance_ids, image_classes(targets["point_classes"]),
             pool_stride=settings.pool_stride, block_size=settings.block_size, sem_probs=sem_probs,
             transition=settings.transition, ignore_value=self.ignore_value, cache_mb=settings.cache_mb,
             matmul_dtype=matmul_dtype, walk_power=settings.power, loss_type=settings.loss_type,

@@ -12,7 +12,7 @@ Data flow (docs/INTERNALS.md)::
                     (InstanceInference: clean, resize, grouping)
 
 ``P2Seg`` only wires the pieces: the losses live in p2seg/modeling/criterion.py (math in
-losses.py, the Mutual Distillation Module in mdm.py with s2i.py and affinity.py), the grouping in
+losses.py, the Mutual Distillation Module in s2i.py and i2s.py with affinity.py), the grouping in
 p2seg/modeling/instance_inference.py (math in postprocessing.py).
 """
 from typing import Dict, List, Optional
@@ -27,7 +27,7 @@ from detectron2.structures import ImageList
 
 from p2seg.utils.precision import autocast_dtype, full_precision, keep_depthwise_float32_on_cpu
 
-from . import mdm
+from . import i2s
 from .criterion import P2SegCriterion
 from .heads import build_p2seg_heads, init_head_weights
 from .instance_inference import InstanceInference
@@ -140,7 +140,7 @@ class P2Seg(nn.Module):
         return self.pixel_mean.device
 
     @property
-    def i2s(self) -> mdm.I2SSettings:
+    def i2s(self) -> i2s.I2SSettings:
         """MODEL.P2SEG.I2S settings (shared with the criterion)."""
         return self.criterion.i2s
 
@@ -216,8 +216,8 @@ class P2Seg(nn.Module):
         index = [i for i, x in enumerate(batched_inputs) if "points" in x]
         if not index:
             return sem_probs
-        classes = mdm.image_classes([batched_inputs[i]["point_classes"].to(self.device) for i in index])
-        walked = mdm.refine_semantic_probs(
+        classes = i2s.image_classes([batched_inputs[i]["point_classes"].to(self.device) for i in index])
+        walked = i2s.refine_semantic_probs(
             sem_probs[index], outputs["affinity"][index], classes,
             block_size=self.i2s.block_size, transition=self.i2s.transition,
             cache_mb=self.i2s.cache_mb, matmul_dtype=matmul_dtype, power=self.i2s.power,

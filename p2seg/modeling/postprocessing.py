@@ -23,22 +23,21 @@ from p2seg.utils.nearest_point import nearest_point
 
 __all__ = ["point_guided_instances", "peak_instances", "one_hot_semantics"]
 
-_WHERE = "p2seg/modeling/postprocessing.py"
 
 
 # ---------------------------------------------------------------------------- helpers
 def _check_maps(fn, sem_probs, offsets, center=None):
     """Validate shapes; raise ValueError naming the function and the wrong argument."""
     if sem_probs.dim() != 3 or sem_probs.shape[0] < 1:
-        raise ValueError(f"{_WHERE} {fn}: sem_probs must be (C+1)xHxW, got {tuple(sem_probs.shape)}")
+        raise ValueError(f"{fn}: sem_probs must be (C+1)xHxW, got {tuple(sem_probs.shape)}")
     height, width = sem_probs.shape[1:]
     if tuple(offsets.shape) != (2, height, width):
         raise ValueError(
-            f"{_WHERE} {fn}: offsets must be 2x{height}x{width} (dy, dx), got {tuple(offsets.shape)}"
+            f"{fn}: offsets must be 2x{height}x{width} (dy, dx), got {tuple(offsets.shape)}"
         )
     if center is not None and tuple(center.shape) != (sem_probs.shape[0] - 1, height, width):
         raise ValueError(
-            f"{_WHERE} {fn}: center must be {sem_probs.shape[0] - 1}x{height}x{width} "
+            f"{fn}: center must be {sem_probs.shape[0] - 1}x{height}x{width} "
             f"(one heatmap per class), got {tuple(center.shape)}"
         )
 
@@ -178,13 +177,13 @@ def point_guided_instances(
     num_points = points.shape[0]
     if point_classes.shape[0] != num_points:
         raise ValueError(
-            f"{_WHERE} {fn}: point_classes has {point_classes.shape[0]} entries for {num_points} points"
+            f"{fn}: point_classes has {point_classes.shape[0]} entries for {num_points} points"
         )
     if num_points == 0:
         return _empty_result(sem_probs)
     if int(point_classes.min()) < 0 or int(point_classes.max()) >= num_classes:
         raise ValueError(
-            f"{_WHERE} {fn}: point_classes must lie in 0..{num_classes - 1}, "
+            f"{fn}: point_classes must lie in 0..{num_classes - 1}, "
             f"got {point_classes.tolist()}"
         )
 

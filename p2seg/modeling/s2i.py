@@ -20,23 +20,23 @@ def _check_inputs(pred_offset, sem_seg, points, point_classes):
     """Raise ValueError naming the argument whose shape does not match."""
     if pred_offset.dim() != 4 or pred_offset.shape[1] != 2:
         raise ValueError(
-            f"p2seg/modeling/s2i.py: pred_offset must be B x 2 x H x W, got {tuple(pred_offset.shape)}"
+            f"refine_offset_targets: pred_offset must be B x 2 x H x W, got {tuple(pred_offset.shape)}"
         )
     b, _, h, w = pred_offset.shape
     if tuple(sem_seg.shape) != (b, h, w):
         raise ValueError(
-            f"p2seg/modeling/s2i.py: sem_seg must be B x H x W = {(b, h, w)} like pred_offset, "
+            f"refine_offset_targets: sem_seg must be B x H x W = {(b, h, w)} like pred_offset, "
             f"got {tuple(sem_seg.shape)}"
         )
     if len(points) != b or len(point_classes) != b:
         raise ValueError(
-            f"p2seg/modeling/s2i.py: points / point_classes need one entry per image ({b}), "
+            f"refine_offset_targets: points / point_classes need one entry per image ({b}), "
             f"got {len(points)} / {len(point_classes)}"
         )
     for i, (p, c) in enumerate(zip(points, point_classes)):
         if p.reshape(-1, 2).shape[0] != c.reshape(-1).shape[0]:
             raise ValueError(
-                f"p2seg/modeling/s2i.py: image {i}: points has {p.reshape(-1, 2).shape[0]} rows but "
+                f"refine_offset_targets: image {i}: points has {p.reshape(-1, 2).shape[0]} rows but "
                 f"point_classes has {c.reshape(-1).shape[0]} entries"
             )
 

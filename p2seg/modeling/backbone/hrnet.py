@@ -13,7 +13,7 @@ Module and parameter names (``conv1``, ``bn1``, ``layer1.0.conv1``, ``transition
 ``stage2.0.branches.0.0.conv1``, ``stage2.0.fuse_layers.0.1.0`` ...) are those of the official
 checkpoints, so ImageNet weights (``hrnetv2_w48_imagenet_pretrained.pth``, timm's
 ``hrnet_w48-*.pth``) load by name once the classification head is dropped
-(:func:`p2seg.checkpoint.hrnet_imagenet_to_backbone`).
+(:func:`p2seg.modeling.backbone.imagenet_weights.hrnet_imagenet_to_backbone`).
 
 Outputs (``MODEL.HRNET.OUT_FEATURES``, ``MODEL.HRNET.EXPOSE_ALL_BRANCHES``):
 
@@ -265,7 +265,7 @@ class HRNet(Backbone):
     @staticmethod
     def _check_args(width, out_features, num_modules, num_blocks, upsample_mode):
         """ValueError naming the MODEL.HRNET key that is wrong."""
-        where = "p2seg/modeling/backbone/hrnet.py"
+        where = "config"
         if width <= 0:
             raise ValueError(f"{where}: MODEL.HRNET.WIDTH must be > 0, got {width}")
         unknown = [f for f in out_features if f not in BRANCH_NAMES + (CAT_NAME,)]

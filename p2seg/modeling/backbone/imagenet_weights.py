@@ -20,7 +20,7 @@ and a load matching less than ``min_fraction`` (default 0.9) of the backbone's t
 and norm statistics, ``num_batches_tracked`` excluded) is refused with a ValueError naming the file.
 
 :func:`convert_checkpoint` writes a Detectron2 checkpoint (keys prefixed ``backbone.``) usable as
-``MODEL.WEIGHTS``; the CLI is ``p2seg-import-weights`` (p2seg/tools/import_weights.py).
+``MODEL.WEIGHTS``; the CLI is ``p2seg-import-weights`` (p2seg/cli/import_weights.py).
 """
 import logging
 import os
@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from p2seg.utils.atomic import atomic_file
+from p2seg.utils.atomic import torch_save_atomic
 
 __all__ = [
     "KINDS",
@@ -47,7 +47,6 @@ __all__ = [
     "check_fraction",
     "load_backbone_weights",
     "to_detectron2_checkpoint",
-    "save_checkpoint",
     "convert_checkpoint",
 ]
 
@@ -319,12 +318,6 @@ def to_detectron2_checkpoint(backbone_state: Mapping[str, torch.Tensor], author:
     return {"model": model, "__author__": author, "matching_heuristics": False}
 
 
-def save_checkpoint(obj: Dict, output: str) -> None:
-    """``torch.save`` atomically (:func:`p2seg.utils.atomic.atomic_file`)."""
-    with atomic_file(output, suffix=".pth") as tmp:
-        torch.save(obj, tmp)
-
-
 def convert_checkpoint(path: str, output: str, backbone: nn.Module, kind: str = "auto",
                        min_fraction: float = DEFAULT_MIN_FRACTION) -> Dict:
     """Convert ``path`` to a Detectron2 checkpoint for ``backbone`` and write it to ``output``.
@@ -334,7 +327,7 @@ def convert_checkpoint(path: str, output: str, backbone: nn.Module, kind: str = 
     """
     converted, report = _prepare(backbone, path, kind, min_fraction)
     kept = {k: converted[k] for k in report["matched"]}
-    save_checkpoint(to_detectron2_checkpoint(kept, f"p2seg-import-weights ({report['kind']}: "
+    torch_save_atomic(to_detectron2_checkpoint(kept, f"p2seg-import-weights ({report['kind']}: "
                                                    f"{os.path.basename(path)})"), output)
     report["output"] = output
     logger.info("Wrote %d tensors to %s", len(kept), output)

@@ -13,7 +13,7 @@ randomly initialised when it is loaded. The target backbone is built from ``--co
 trailing ``KEY VALUE`` overrides) when given; otherwise it is inferred from the checkpoint
 (HRNet width / modules / blocks, or the torchvision ResNet depth). A checkpoint matching less than
 ``--min-fraction`` of the backbone's tensors is refused (exit status 1, nothing written).
-Conversion is done by :mod:`p2seg.checkpoint`.
+Conversion is done by :mod:`p2seg.modeling.backbone.imagenet_weights`.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
-from p2seg.checkpoint import (
+from p2seg.modeling.backbone.imagenet_weights import (
     DEFAULT_MIN_FRACTION,
     KINDS,
     convert_checkpoint,

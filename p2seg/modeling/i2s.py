@@ -1,7 +1,7 @@
-"""Mutual Distillation Module (MDM): the I2S affinity labels of a batch, its losses and random walk.
+"""I2S, the instance-to-semantic half of the Mutual Distillation Module: settings, labels, batch entry points.
 
-The math lives in :mod:`p2seg.modeling.s2i` (S2I refined offsets) and
-:mod:`p2seg.modeling.affinity` (blockwise affinity losses and random walk, no ``N x N`` memory);
+The blockwise math (affinity losses and random walk, no ``N x N`` memory) lives in
+:mod:`p2seg.modeling.affinity`, the other half (S2I refined offsets) in :mod:`p2seg.modeling.s2i`;
 this module holds the I2S settings, builds the I2S labels per image and offers the batch entry
 points that :class:`~p2seg.modeling.criterion.P2SegCriterion` (training) and
 :meth:`P2Seg.refine_semantics <p2seg.modeling.meta_arch.P2Seg.refine_semantics>` (inference) call.
@@ -34,17 +34,11 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
-from .affinity import DEFAULT_CACHE_MB, affinity_loss, affinity_losses, affinity_terms, random_walk
-from .s2i import refine_offset_targets
+from .affinity import DEFAULT_CACHE_MB, affinity_terms, random_walk
 
 __all__ = [
     "I2SSettings",
     "image_classes",
-    "refine_offset_targets",
-    "affinity_loss",
-    "affinity_losses",
-    "affinity_terms",
-    "random_walk",
     "AffinityLabel",
     "pool_labels",
     "class_region_map",
@@ -129,7 +123,7 @@ def pool_labels(label_map, num_regions, stride):
     """
     if label_map.numel() and (int(label_map.min()) < -1 or int(label_map.max()) >= num_regions):
         raise ValueError(
-            f"p2seg/modeling/mdm.py: label_map values must be in -1..{num_regions - 1}, got "
+            f"I2S: label_map values must be in -1..{num_regions - 1}, got "
             f"{int(label_map.min())}..{int(label_map.max())}"
         )
     height, width = label_map.shape
@@ -153,7 +147,7 @@ def class_region_map(sem_seg, image_classes, ignore_value):
         (sorted), -1 = ignore or a class absent from ``image_classes``; ``K = U + 1``.
     """
     if sem_seg.numel() and int(sem_seg.min()) < 0:
-        raise ValueError(f"p2seg/modeling/mdm.py: sem_seg has negative labels ({int(sem_seg.min())})")
+        raise ValueError(f"I2S: sem_seg has negative labels ({int(sem_seg.min())})")
     classes = image_classes.reshape(-1).to(device=sem_seg.device, dtype=torch.int64).unique()
     top = int(sem_seg.max()) if sem_seg.numel() else 0
     size = max(top, ignore_value, int(classes.max()) + 1 if classes.numel() else 0) + 1
@@ -189,21 +183,21 @@ def i2s_labels(sem_seg, instance_ids, image_classes, pool_stride, ignore_value):
 def _check_batch(features, sem_seg, instance_ids, image_classes, pool_stride):
     """Raise ValueError naming the argument whose shape does not match."""
     if features.dim() != 4:
-        raise ValueError(f"p2seg/modeling/mdm.py: features must be B x D x h x w, got {tuple(features.shape)}")
+        raise ValueError(f"I2S: features must be B x D x h x w, got {tuple(features.shape)}")
     b, _, h, w = features.shape
     if sem_seg.dim() != 3 or sem_seg.shape[0] != b or tuple(instance_ids.shape) != tuple(sem_seg.shape):
         raise ValueError(
-            f"p2seg/modeling/mdm.py: sem_seg and instance_ids must both be B x H x W with B = {b}, got "
+            f"I2S: sem_seg and instance_ids must both be B x H x W with B = {b}, got "
             f"{tuple(sem_seg.shape)} and {tuple(instance_ids.shape)}"
         )
     if pooled_size(sem_seg.shape[1], sem_seg.shape[2], pool_stride) != (h, w):
         raise ValueError(
-            f"p2seg/modeling/mdm.py: sem_seg {tuple(sem_seg.shape[1:])} pooled by POOL_STRIDE="
+            f"I2S: sem_seg {tuple(sem_seg.shape[1:])} pooled by POOL_STRIDE="
             f"{pool_stride} gives {pooled_size(sem_seg.shape[1], sem_seg.shape[2], pool_stride)}, but the "
             f"affinity features are {(h, w)}"
         )
     if len(image_classes) != b:
-        raise ValueError(f"p2seg/modeling/mdm.py: image_classes needs {b} entries, got {len(image_classes)}")
+        raise ValueError(f"I2S: image_classes needs {b} entries, got {len(image_classes)}")
 
 
 def i2s_terms(features, sem_seg, instance_ids, image_classes, pool_stride, block_size, sem_probs=None,
@@ -234,7 +228,7 @@ def i2s_terms(features, sem_seg, instance_ids, image_classes, pool_stride, block
     """
     _check_batch(features, sem_seg, instance_ids, image_classes, pool_stride)
     if reduction not in ("mean", "none"):
-        raise ValueError(f"p2seg/modeling/mdm.py: reduction must be 'mean' or 'none', got {reduction!r}")
+        raise ValueError(f"I2S: reduction must be 'mean' or 'none', got {reduction!r}")
     if sem_probs is not None:
         _check_probs(sem_probs, features)
     losses, pairs, walked = [], [], []
@@ -281,7 +275,7 @@ def _check_probs(sem_probs, features):
     if sem_probs.dim() != 4 or features.dim() != 4 or sem_probs.shape[0] != features.shape[0] \
             or sem_probs.shape[2:] != features.shape[2:]:
         raise ValueError(
-            f"p2seg/modeling/mdm.py: sem_probs B x (C+1) x h x w and features B x D x h x w must share "
+            f"I2S: sem_probs B x (C+1) x h x w and features B x D x h x w must share "
             f"B, h, w; got {tuple(sem_probs.shape)} and {tuple(features.shape)}"
         )
 
