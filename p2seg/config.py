@@ -46,7 +46,9 @@ def add_p2seg_config(cfg):
     cfg.MODEL.P2SEG.SIZE_DIVISIBILITY = 32
     # Std of the N(0, std) init of decoder/head convs (BN weight 1, bias 0).
     cfg.MODEL.P2SEG.HEAD_INIT_STD = 0.001
-    cfg.MODEL.P2SEG.CHANNELS_LAST = True  # model in torch.channels_last (CPU oneDNN convs: B1 step 2.87 -> 2.30 s; same math, other summation order)
+    # Model in torch.channels_last: faster oneDNN convolutions on CPU (benchmarks/bench_train_step.py);
+    # same math, another summation order.
+    cfg.MODEL.P2SEG.CHANNELS_LAST = True
     # Channels of the centre head convs (Panoptic-DeepLab uses INS_EMBED_HEAD.HEAD_CHANNELS).
     cfg.MODEL.INS_EMBED_HEAD.CENTER_HEAD_CHANNELS = 128
     # Centre/offset head with one centre heatmap per class (p2seg/modeling/heads.py).

@@ -86,18 +86,6 @@ def pseudo_masks_path(cfg, dataset_name):
     return os.path.join(cfg.OUTPUT_DIR, f"pseudo_masks_{dataset_name}.json")
 
 
-def _find_exporter(evaluator):
-    """The ``PseudoMaskExporter`` in ``evaluator`` (itself or inside a ``DatasetEvaluators``), or None."""
-    from p2seg.evaluation import PseudoMaskExporter
-
-    if isinstance(evaluator, PseudoMaskExporter):
-        return evaluator
-    for e in getattr(evaluator, "_evaluators", []):
-        if isinstance(e, PseudoMaskExporter):
-            return e
-    return None
-
-
 def _mapper(cfg, is_train):
     """``P2SegDatasetMapper`` for P2Seg, the stage-2 ``DetectionDatasetMapper`` (Detectron2's
     mapper reading images of any bit depth) otherwise (imported here: p2seg/data is a separate
@@ -206,14 +194,14 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
-        """A ``DatasetEvaluators`` for ``dataset_name``.
+        """The evaluator of ``dataset_name``.
 
-        * ``TEST.EXPORT_PSEUDO_MASKS`` (P2Seg): a resumable ``PseudoMaskExporter`` writing
+        * ``TEST.EXPORT_PSEUDO_MASKS`` (P2Seg): a resumable ``PseudoMaskExporter`` (alone) writing
           ``OUTPUT_DIR/pseudo_masks_<dataset_name>.json``; it reports the exported masks' COCO AP
           and VOC mAP against the ground truth over every exported image (resumed ones included),
           so no ``InstanceMaskEvaluator`` runs beside it (both would report "segm"; the masks are
           the same predictions);
-        * otherwise ``InstanceMaskEvaluator``: COCO mask AP / AP50 / AP75 and VOC mask mAP at
+        * otherwise ``DatasetEvaluators([InstanceMaskEvaluator])``: COCO mask AP / AP50 / AP75 and VOC mask mAP at
           ``TEST.VOC_IOU_THRESHOLDS``; predictions in ``OUTPUT_DIR/inference/<dataset_name>/``.
         """
         from p2seg.evaluation import InstanceMaskEvaluator, PseudoMaskExporter
@@ -226,11 +214,10 @@ class Trainer(DefaultTrainer):
                     "config TEST.EXPORT_PSEUDO_MASKS needs MODEL.META_ARCHITECTURE 'P2Seg' (point-guided "
                     f"masks), got {cfg.MODEL.META_ARCHITECTURE!r}"
                 )
-            exporter = PseudoMaskExporter(
+            return PseudoMaskExporter(
                 dataset_name, pseudo_masks_path(cfg, dataset_name), iou_thresholds=thresholds, max_dets_per_image=max_dets,
                 fallback_warn_fraction=cfg.TEST.FALLBACK_WARN_FRACTION,
             )
-            return DatasetEvaluators([exporter])
         if output_folder is None:
             output_folder = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
         return DatasetEvaluators(
@@ -273,7 +260,9 @@ class Trainer(DefaultTrainer):
         """:meth:`_test_one` without the precision context."""
         from p2seg.evaluation import export_provenance, remaining_dataset_dicts
 
-        exporter = _find_exporter(evaluator)
+        from p2seg.evaluation import PseudoMaskExporter
+
+        exporter = evaluator if isinstance(evaluator, PseudoMaskExporter) else None
         if exporter is None:
             return inference_on_dataset(model, cls.build_test_loader(cfg, dataset_name), evaluator)
         exporter.bind_provenance(export_provenance(model, cfg, dataset_name))

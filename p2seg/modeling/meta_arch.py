@@ -61,7 +61,7 @@ class P2Seg(nn.Module):
         pixel_std: List[float],
         size_divisibility: int,
         flip_tta: bool = False,
-        channels_last: bool = False,
+        channels_last: bool = True,
         cpu_float32_depthwise: bool = False,
     ):
         """
