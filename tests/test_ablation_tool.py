@@ -1,5 +1,6 @@
 """tools/ablation_mdm.py: the per-variant table (mean and spread over seeds), resuming finished runs,
-and one tiny I2S run in process with its diagnosis (walk before / after, affinity calibration)."""
+one tiny I2S run in process with its diagnosis (walk before / after, affinity calibration), and a
+run on a dataset that only the config registers (``DATASETS.POINT_COCO``)."""
 import importlib.util
 import json
 from pathlib import Path
@@ -7,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from p2seg.engine.pipeline import QUICK_COMMON, QUICK_STAGE1
+from test_config_datasets import unique, write_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("ablation_mdm", REPO / "tools" / "ablation_mdm.py")
@@ -58,3 +60,21 @@ def test_one_i2s_run_scores_the_training_images_and_diagnoses_the_walk(tmp_path,
         assert diag[f"frac_A_above_half_{group}"] is None or 0.0 <= diag[f"frac_A_above_half_{group}"] <= 1.0
     assert diag["median_abs_logit"] >= 0.0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == row
+
+
+def test_a_run_trains_and_scores_a_dataset_that_only_the_config_registers(tmp_path, monkeypatch):
+    monkeypatch.setenv("P2SEG_CACHE", str(tmp_path / "cache"))
+    data = tmp_path / "data"
+    data.mkdir()
+    points = write_dataset(data, num_points=6)
+    name = unique("abl")
+    opts = QUICK_COMMON + QUICK_STAGE1 + [
+        "DATALOADER.NUM_WORKERS", "0", "MODEL.P2SEG.NUM_CLASSES", "1",
+        "DATASETS.POINT_COCO", repr(((name, str(points), str(data / "img"), str(data / "sem")),)),
+        "DATASETS.TRAIN", repr((name,)),
+    ]
+    ablation.main(["--worker", "--variant", "none", "--seed", "1", "--iters", "2", "--out", str(tmp_path),
+                   "--tag", "t", "--opts", *opts])
+    row = json.loads((tmp_path / "t_none_s1" / "ablation_run.json").read_text())
+    assert row["dataset"] == name and row["iters"] == 2
+    assert all(0.0 <= row[m] <= 100.0 for m in ("AP", "AP50", "AP75"))

@@ -168,12 +168,12 @@ def worker(args):
     cfg.DATASETS.TEST = (name,)
     cfg.freeze()
     os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
+    register_datasets(cfg)  # before the Trainer: its loaders read the datasets the config names
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=False)
     t0 = time.perf_counter()
     trainer.train()
     train_s = time.perf_counter() - t0
-    register_datasets(cfg)
     t0 = time.perf_counter()
     evaluator = InstanceMaskEvaluator(name, distributed=False, max_dets_per_image=cfg.TEST.DETECTIONS_PER_IMAGE)
     results = inference_on_dataset(trainer.model, Trainer.build_test_loader(cfg, name), evaluator)
