@@ -84,6 +84,9 @@ def add_p2seg_config(cfg):
     cfg.MODEL.P2SEG.LOSS.POINT_WEIGHT = 0.0
 
     # Mutual Distillation Module.
+    # S2I and I2S act from this training iteration on (0: from the start, the paper's); before it
+    # the heads learn from the initial targets only.
+    cfg.MODEL.P2SEG.MDM_START_ITER = 0
     cfg.MODEL.P2SEG.S2I = CN()
     cfg.MODEL.P2SEG.S2I.ENABLED = True  # refined offset targets from the predicted offsets
     cfg.MODEL.P2SEG.I2S = CN()
@@ -92,6 +95,9 @@ def add_p2seg_config(cfg):
     # "l1": 0.5 mean_pos(1 - A) + 0.5 mean_neg(A) (the paper's); "log": -log A / -log(1 - A), whose
     # gradient does not vanish on saturated wrong pairs (README "MDM").
     cfg.MODEL.P2SEG.I2S.LOSS_TYPE = "l1"
+    # Class-affinity label: "region" (the background is one region: background pairs positive) or
+    # "negative" (the authors': regions are the present classes only, background pairs negative).
+    cfg.MODEL.P2SEG.I2S.CLASS_LABEL_BACKGROUND = "region"
     cfg.MODEL.P2SEG.I2S.FEATURE_CHANNELS = 256  # affinity feature channels (at 1/4 resolution)
     # Affinity head by name: "AffinityHead" (DeepLabV3+ decoder) or "SimpleAffinityHead" (HRNet: 3x3 conv).
     cfg.MODEL.P2SEG.I2S.HEAD_NAME = "AffinityHead"

@@ -166,6 +166,27 @@ def test_i2s_labels_use_every_instance_and_leave_background_pairs_out():
     assert cpos[0, 1] and cneg[0, 2] and cpos[3, 7] and cneg[0, 3]
 
 
+def test_class_label_with_negative_background_keeps_its_cells_and_makes_their_pairs_negative():
+    """I2S.CLASS_LABEL_BACKGROUND "negative" (the authors' label): the background is no region, so
+    background-background pairs become negative; class pairs and the instance label are unchanged."""
+    sem = torch.zeros(4, 8, dtype=torch.int64)
+    sem[:, 0:4] = 1
+    sem[:, 4:6] = 2
+    sem[3, 6:8] = 255
+    ids = torch.full((4, 8), -1)
+    ids[:, 0:2], ids[:, 2:4], ids[:, 4:6] = 0, 1, 2
+    region, inst_region = i2s_labels(sem, ids, torch.tensor([0, 1]), 2, 255)
+    negative, inst_negative = i2s_labels(sem, ids, torch.tensor([0, 1]), 2, 255, class_label_background="negative")
+    assert negative.membership.shape == (8, 2) and torch.equal(negative.valid, region.valid)
+    pos, neg = _pair_matrices(negative)
+    assert pos[0, 1] and neg[0, 2] and neg[0, 3]
+    assert neg[3, 7] and neg[3, 3]  # background pairs: positive under "region", negative here
+    assert _pair_matrices(region)[0][3, 7]
+    assert all(torch.equal(a, b) for a, b in zip(inst_negative[:2], inst_region[:2]))
+    with pytest.raises(ValueError, match="CLASS_LABEL_BACKGROUND"):
+        i2s_labels(sem, ids, torch.tensor([0, 1]), 2, 255, class_label_background="ignore")
+
+
 # ------------------------------------------------------------------- blockwise loss == dense loss
 def _random_case(n, d, k, seed, dtype=torch.float64):
     gen = torch.Generator().manual_seed(seed)

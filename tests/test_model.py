@@ -190,6 +190,36 @@ def test_mdm_terms_when_enabled():
     assert abs(walked["loss_sem"].item() - plain["loss_sem"].item()) > 1e-4
 
 
+def test_mdm_start_iter_holds_s2i_and_i2s_back_until_that_iteration():
+    """Before MDM_START_ITER the losses are those of a model without S2I and I2S (loss_affinity 0,
+    the affinity head in the graph with a zero gradient); from it on, S2I and I2S act."""
+    opts = ("MODEL.P2SEG.S2I.ENABLED", True, "MODEL.P2SEG.I2S.ENABLED", True, "MODEL.P2SEG.MDM_START_ITER", 5)
+    model = tiny_model(*opts)
+    with torch.no_grad():
+        model.sem_seg_head.predictor.weight.normal_(0.0, 1.0)  # spatially varying probabilities
+        model.affinity_head.predictor.weight.normal_(0.0, 1.0)  # a non-uniform affinity
+    model.train()
+    batch = [synthetic_input()]
+    with EventStorage(start_iter=4) as storage:
+        early = model.criterion(*_outputs_and_targets(model, batch))
+        total(early).backward()
+    assert "p2seg/offset_refined" not in storage.histories()  # no S2I yet
+    assert early["loss_affinity"].item() == 0.0
+    assert model.affinity_head.predictor.weight.grad is not None
+    assert model.affinity_head.predictor.weight.grad.abs().sum() == 0
+    with EventStorage(start_iter=4), torch.no_grad():
+        model.criterion.s2i_enabled, model.i2s.enabled = False, False
+        plain = model.criterion(*_outputs_and_targets(model, batch))
+        model.criterion.s2i_enabled, model.i2s.enabled = True, True
+    for key in ("loss_sem", "loss_offset", "loss_center"):
+        assert early[key].item() == pytest.approx(plain[key].item(), rel=1e-6), key
+    with EventStorage(start_iter=5) as storage, torch.no_grad():
+        late = model.criterion(*_outputs_and_targets(model, batch))
+    assert late["loss_affinity"].item() > 0
+    assert abs(late["loss_sem"].item() - plain["loss_sem"].item()) > 1e-5  # the training walk
+    assert "p2seg/offset_refined" in storage.histories()  # S2I's refined targets in loss_offset
+
+
 def test_random_walk_at_inference_only_leaves_the_training_loss_plain(monkeypatch):
     """I2S.RANDOM_WALK_IN_LOSS False: loss_sem is the plain one (as without the walk), the affinity
     loss is unchanged, and inference still walks the images with points."""

@@ -49,7 +49,7 @@ class P2SegCriterion(nn.Module):
     def __init__(self, *, common_stride: int, size_divisibility: int, ignore_value: int, sem_weight: float,
                  sem_top_k: float, sem_top_k_warmup_iters: int = 0, center_weight: float, offset_weight: float,
                  point_weight: float = 0.0, s2i_enabled: bool = False,
-                 i2s: Optional[I2SSettings] = None):
+                 i2s: Optional[I2SSettings] = None, mdm_start_iter: int = 0):
         """
         Args:
             common_stride: output stride of the heads (the outputs are at 1/``common_stride``).
@@ -62,6 +62,9 @@ class P2SegCriterion(nn.Module):
                 ``loss_offset`` and ``loss_point`` (0 = no point loss term).
             s2i_enabled: average the offset loss with the loss against the S2I refined targets.
             i2s: MODEL.P2SEG.I2S settings (None: I2S off).
+            mdm_start_iter: S2I and I2S act from this training iteration on; before it the
+                offset loss reads the initial targets only, the affinity loss is 0 and the
+                semantic loss reads the head's own probabilities.
         """
         super().__init__()
         self.common_stride = common_stride
@@ -75,6 +78,7 @@ class P2SegCriterion(nn.Module):
         self.point_weight = point_weight
         self.s2i_enabled = s2i_enabled
         self.i2s = i2s if i2s is not None else I2SSettings()
+        self.mdm_start_iter = mdm_start_iter
         self._local_iter = 0  # training batches seen, when no EventStorage gives the iteration
 
     @classmethod
@@ -92,6 +96,7 @@ class P2SegCriterion(nn.Module):
             "point_weight": loss.POINT_WEIGHT,
             "s2i_enabled": cfg.MODEL.P2SEG.S2I.ENABLED,
             "i2s": i2s if i2s is not None else I2SSettings.from_config(cfg),
+            "mdm_start_iter": cfg.MODEL.P2SEG.MDM_START_ITER,
         }
 
     # ------------------------------------------------------------------ targets
@@ -141,11 +146,13 @@ class P2SegCriterion(nn.Module):
         Returns:
             dict name -> float scalar.
         """
+        mdm_active = self.training_iteration() >= self.mdm_start_iter
         # With the training walk, loss_sem reads the walked 1/4 probabilities (_semantic_logits),
         # so the full-size head logits would be an unused B x (C+1) x H' x W'.
-        up = self.upsample(outputs, skip=("sem_seg",) if self.i2s.walks_in_training else ())
-        s2i = self._s2i(up, targets)
-        i2s = self._i2s(outputs, targets, s2i, matmul_dtype)
+        walks = mdm_active and self.i2s.walks_in_training
+        up = self.upsample(outputs, skip=("sem_seg",) if walks else ())
+        s2i = self._s2i(up, targets) if mdm_active else None
+        i2s = self._i2s(outputs, targets, s2i, matmul_dtype, walks) if mdm_active else None
         terms = {}
         terms.update(self._semantic_losses(up, targets, i2s))
         terms["loss_center"] = self.center_weight * center_loss(
@@ -155,6 +162,10 @@ class P2SegCriterion(nn.Module):
             terms["loss_affinity"] = self.i2s.loss_weight * 0.5 * (i2s["loss_aff_class"] + i2s["loss_aff_instance"])
             _put_scalar("p2seg/aff_class", i2s["loss_aff_class"].detach())
             _put_scalar("p2seg/aff_instance", i2s["loss_aff_instance"].detach())
+        elif self.i2s.enabled:
+            # Before MDM_START_ITER: the same loss keys every iteration, and the affinity head
+            # stays in the graph (DistributedDataParallel expects a gradient for every parameter).
+            terms["loss_affinity"] = outputs["affinity"].sum() * 0.0
         num_points = sum(len(p) for p in targets["points"])
         _put_scalar("p2seg/points_per_image", num_points / max(len(targets["points"]), 1))
         self._local_iter += 1
@@ -218,10 +229,10 @@ class P2SegCriterion(nn.Module):
         )
         return {"offset": offset, "offset_weights": weights, "instance_ids": instance_ids}
 
-    def _i2s(self, outputs, targets, s2i, matmul_dtype=None) -> Optional[Dict[str, torch.Tensor]]:
+    def _i2s(self, outputs, targets, s2i, matmul_dtype=None, walk=False) -> Optional[Dict[str, torch.Tensor]]:
         """I2S: the class / instance affinity losses and, with the training walk, the random walk
         of the 1/4-resolution softmax probabilities over the present classes, in one blockwise
-        pass (:func:`~p2seg.modeling.i2s.i2s_terms`). None when I2S is disabled.
+        pass (:func:`~p2seg.modeling.i2s.i2s_terms`), the walk when ``walk``. None when I2S is disabled.
 
         The pseudo instances are the S2I assignment; without S2I, the nearest-point assignment of
         the foreground pixels (``refine_offset_targets`` with zero offsets).
@@ -241,12 +252,13 @@ class P2SegCriterion(nn.Module):
                 zeros, sem_seg, targets["points"], targets["point_classes"], ignore_value=self.ignore_value,
             )[2]
         settings = self.i2s
-        sem_probs = F.softmax(outputs["sem_seg"], dim=1) if settings.walks_in_training else None
+        sem_probs = F.softmax(outputs["sem_seg"], dim=1) if walk else None
         return i2s_terms(
             outputs["affinity"], sem_seg, instance_ids, image_classes(targets["point_classes"]),
             pool_stride=settings.pool_stride, block_size=settings.block_size, sem_probs=sem_probs,
             transition=settings.transition, ignore_value=self.ignore_value, cache_mb=settings.cache_mb,
             matmul_dtype=matmul_dtype, walk_power=settings.power, loss_type=settings.loss_type,
+            class_label_background=settings.class_label_background,
         )
 
     def _semantic_logits(self, up, i2s) -> torch.Tensor:

@@ -12,7 +12,10 @@ Labels (docs/METHOD.md leaves them open or the reference differs)
   class (``image_classes``, the classes with points). Pixels labelled ``ignore_value`` and pixels of
   a class that has no point in the image are excluded from every pair. After max-pooling
   ``POOL_STRIDE x POOL_STRIDE`` a cell belongs to every region that has a pixel in it (multi-hot);
-  a pair is positive when the two cells share a region, negative otherwise.
+  a pair is positive when the two cells share a region, negative otherwise. With
+  ``I2S.CLASS_LABEL_BACKGROUND "negative"`` (the authors' label) the background is no region: its
+  cells stay in the pairs, and every pair with a background-only cell, background-background
+  included, is negative.
 * Instance label: regions are ALL pseudo instances of the image (S2I ``instance_ids``; the reference
   keeps only the last one -- a bug). Same instance: positive; different instances or
   instance/background: negative; background/background pairs are not counted. Cells with neither
@@ -42,6 +45,7 @@ __all__ = [
     "AffinityLabel",
     "pool_labels",
     "class_region_map",
+    "CLASS_LABEL_BACKGROUNDS",
     "i2s_labels",
     "i2s_losses",
     "i2s_terms",
@@ -65,6 +69,7 @@ class I2SSettings:
     transition: str = "row"
     power: float = 1.0
     loss_type: str = "l1"
+    class_label_background: str = "region"
     cache_mb: float = DEFAULT_CACHE_MB
 
     @classmethod
@@ -74,7 +79,7 @@ class I2SSettings:
             enabled=i2s.ENABLED, loss_weight=i2s.LOSS_WEIGHT, pool_stride=i2s.POOL_STRIDE,
             block_size=i2s.BLOCK_SIZE, random_walk=i2s.RANDOM_WALK, random_walk_in_loss=i2s.RANDOM_WALK_IN_LOSS,
             transition=i2s.RANDOM_WALK_TRANSITION, power=i2s.RANDOM_WALK_POWER, loss_type=i2s.LOSS_TYPE,
-            cache_mb=i2s.CACHE_MB,
+            class_label_background=i2s.CLASS_LABEL_BACKGROUND, cache_mb=i2s.CACHE_MB,
         )
 
     @property
@@ -158,19 +163,29 @@ def class_region_map(sem_seg, image_classes, ignore_value):
     return lut[sem_seg], classes.numel() + 1
 
 
-def i2s_labels(sem_seg, instance_ids, image_classes, pool_stride, ignore_value):
+CLASS_LABEL_BACKGROUNDS = ("region", "negative")
+
+
+def i2s_labels(sem_seg, instance_ids, image_classes, pool_stride, ignore_value, class_label_background="region"):
     """Class and instance affinity labels of ONE image (see the module docstring for the rules).
 
     Args:
         sem_seg: int64 ``H x W``; instance_ids: int64 ``H x W`` (-1 none, else 0..P-1, from
             :func:`refine_offset_targets`); image_classes: int64 ``U``; pool_stride: int;
         ignore_value: ignore label.
+        class_label_background: ``"region"`` (background pairs positive) or ``"negative"`` (the
+            authors': the background is no region; ``cfg.MODEL.P2SEG.I2S.CLASS_LABEL_BACKGROUND``).
     Returns:
         ``(class_label, instance_label)``: two :class:`AffinityLabel` over the pooled cells.
     """
+    if class_label_background not in CLASS_LABEL_BACKGROUNDS:
+        raise ValueError(f"I2S.CLASS_LABEL_BACKGROUND must be one of {CLASS_LABEL_BACKGROUNDS}, "
+                         f"got {class_label_background!r}")
     regions, k = class_region_map(sem_seg, image_classes, ignore_value)
     cls_member = pool_labels(regions, k, pool_stride)
-    class_label = AffinityLabel(cls_member, cls_member.any(1), None)
+    # Column 0 is the background region; "negative" keeps its cells valid but in no region.
+    class_regions = cls_member if class_label_background == "region" else cls_member[:, 1:]
+    class_label = AffinityLabel(class_regions, cls_member.any(1), None)
 
     num_inst = int(instance_ids.max()) + 1 if instance_ids.numel() else 0
     inst_member = pool_labels(instance_ids, max(num_inst, 0), pool_stride)
@@ -202,7 +217,8 @@ def _check_batch(features, sem_seg, instance_ids, image_classes, pool_stride):
 
 def i2s_terms(features, sem_seg, instance_ids, image_classes, pool_stride, block_size, sem_probs=None,
               transition="row", ignore_value=255, include_self=False, reduction="mean",
-              cache_mb=DEFAULT_CACHE_MB, matmul_dtype=None, walk_power=1.0, loss_type="l1"):
+              cache_mb=DEFAULT_CACHE_MB, matmul_dtype=None, walk_power=1.0, loss_type="l1",
+              class_label_background="region"):
     """Class and instance affinity losses and (optionally) the random walk of a batch, in ONE pass.
 
     Per image, one :func:`affinity_terms` call computes both losses and the walk of the
@@ -222,6 +238,7 @@ def i2s_terms(features, sem_seg, instance_ids, image_classes, pool_stride, block
         matmul_dtype: see :func:`affinity_terms` (the autocast dtype under mixed precision).
         walk_power: see :func:`affinity_terms` (``cfg.MODEL.P2SEG.I2S.RANDOM_WALK_POWER``).
         loss_type: see :func:`affinity_terms` (``cfg.MODEL.P2SEG.I2S.LOSS_TYPE``).
+        class_label_background: see :func:`i2s_labels`.
     Returns:
         dict ``loss_aff_class``, ``loss_aff_instance``: scalars (or ``B`` tensors for "none"), and
         with ``sem_probs``: ``sem_probs`` float ``B x (C+1) x h x w`` as :func:`refine_semantic_probs`.
@@ -235,7 +252,7 @@ def i2s_terms(features, sem_seg, instance_ids, image_classes, pool_stride, block
     for b in range(features.shape[0]):
         feats = features[b].flatten(1).T  # N x D, row-major cells like pool_labels
         labels = i2s_labels(sem_seg[b], instance_ids[b].to(sem_seg.device), image_classes[b],
-                            pool_stride, ignore_value)
+                            pool_stride, ignore_value, class_label_background)
         probs = channels = None
         if sem_probs is not None:
             channels = _walk_channels(image_classes[b], sem_probs.device)
