@@ -146,19 +146,24 @@ def _pair_matrices(label):
     return pos & v, neg & v
 
 
-def test_i2s_labels_use_every_instance_and_leave_background_pairs_out():
+def _strip_image():
+    """4 x 8 maps pooled by 2 into cells (row-major 2 x 4): c0, c4 = class 0 (sem 1) instance 0;
+    c1, c5 = class 0 instance 1; c2, c6 = class 1 (sem 2) instance 2; c3 = bg; c7 = bg + ignore."""
     sem = torch.zeros(4, 8, dtype=torch.int64)
-    sem[:, 0:2] = 1
-    sem[:, 2:4] = 1
+    sem[:, 0:4] = 1
     sem[:, 4:6] = 2
     sem[3, 6:8] = 255
     ids = torch.full((4, 8), -1)
     ids[:, 0:2], ids[:, 2:4], ids[:, 4:6] = 0, 1, 2
+    return sem, ids
+
+
+def test_i2s_labels_use_every_instance_and_leave_background_pairs_out():
+    sem, ids = _strip_image()
     cls_label, inst_label = i2s_labels(sem, ids, torch.tensor([0, 1]), 2, 255)
     assert inst_label.membership.shape == (8, 3)
     assert inst_label.membership.any(0).all()  # all three instances are regions
     pos, neg = _pair_matrices(inst_label)
-    # cells (row-major 2 x 4): c0, c4 = inst 0; c1, c5 = inst 1; c2, c6 = inst 2; c3 = bg; c7 = bg+ignore
     assert pos[0, 4] and pos[1, 5] and pos[2, 6]
     assert neg[0, 1] and neg[0, 2] and neg[0, 3]  # across instances and instance/background
     assert not pos[3, 7] and not neg[3, 7]  # background/background: not counted
@@ -169,12 +174,7 @@ def test_i2s_labels_use_every_instance_and_leave_background_pairs_out():
 def test_class_label_with_negative_background_keeps_its_cells_and_makes_their_pairs_negative():
     """I2S.CLASS_LABEL_BACKGROUND "negative" (the authors' label): the background is no region, so
     background-background pairs become negative; class pairs and the instance label are unchanged."""
-    sem = torch.zeros(4, 8, dtype=torch.int64)
-    sem[:, 0:4] = 1
-    sem[:, 4:6] = 2
-    sem[3, 6:8] = 255
-    ids = torch.full((4, 8), -1)
-    ids[:, 0:2], ids[:, 2:4], ids[:, 4:6] = 0, 1, 2
+    sem, ids = _strip_image()
     region, inst_region = i2s_labels(sem, ids, torch.tensor([0, 1]), 2, 255)
     negative, inst_negative = i2s_labels(sem, ids, torch.tensor([0, 1]), 2, 255, class_label_background="negative")
     assert negative.membership.shape == (8, 2) and torch.equal(negative.valid, region.valid)
