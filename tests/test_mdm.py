@@ -12,6 +12,7 @@ from p2seg.modeling.affinity import (
 from p2seg.modeling.affinity_reference import dense_affinity_loss, dense_random_walk
 from p2seg.modeling.i2s import (
     class_region_map,
+    I2SSettings,
     i2s_labels,
     i2s_losses,
     i2s_terms,
@@ -185,6 +186,8 @@ def test_class_label_with_negative_background_keeps_its_cells_and_makes_their_pa
     assert all(torch.equal(a, b) for a, b in zip(inst_negative[:2], inst_region[:2]))
     with pytest.raises(ValueError, match="CLASS_LABEL_BACKGROUND"):
         i2s_labels(sem, ids, torch.tensor([0, 1]), 2, 255, class_label_background="ignore")
+    with pytest.raises(ValueError, match="CLASS_LABEL_BACKGROUND"):  # from the config, before training
+        I2SSettings(class_label_background="ignore")
 
 
 # ------------------------------------------------------------------- blockwise loss == dense loss

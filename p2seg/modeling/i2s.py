@@ -53,6 +53,9 @@ __all__ = [
 ]
 
 
+CLASS_LABEL_BACKGROUNDS = ("region", "negative")
+
+
 @dataclass
 class I2SSettings:
     """``MODEL.P2SEG.I2S``: what the affinity branch learns and how the random walk reads it.
@@ -81,6 +84,12 @@ class I2SSettings:
             transition=i2s.RANDOM_WALK_TRANSITION, power=i2s.RANDOM_WALK_POWER, loss_type=i2s.LOSS_TYPE,
             class_label_background=i2s.CLASS_LABEL_BACKGROUND, cache_mb=i2s.CACHE_MB,
         )
+
+    def __post_init__(self):
+        # At build time: with MDM_START_ITER the labels are first built many iterations later.
+        if self.class_label_background not in CLASS_LABEL_BACKGROUNDS:
+            raise ValueError(f"I2S.CLASS_LABEL_BACKGROUND must be one of {CLASS_LABEL_BACKGROUNDS}, "
+                             f"got {self.class_label_background!r}")
 
     @property
     def walks_at_inference(self) -> bool:
@@ -161,9 +170,6 @@ def class_region_map(sem_seg, image_classes, ignore_value):
     lut[classes + 1] = torch.arange(1, classes.numel() + 1, device=sem_seg.device)
     lut[ignore_value] = -1
     return lut[sem_seg], classes.numel() + 1
-
-
-CLASS_LABEL_BACKGROUNDS = ("region", "negative")
 
 
 def i2s_labels(sem_seg, instance_ids, image_classes, pool_stride, ignore_value, class_label_background="region"):
