@@ -89,6 +89,8 @@ def add_p2seg_config(cfg):
     cfg.MODEL.P2SEG.MDM_START_ITER = 0
     cfg.MODEL.P2SEG.S2I = CN()
     cfg.MODEL.P2SEG.S2I.ENABLED = True  # refined offset targets from the predicted offsets
+    # Share of the refined-target loss in the offset loss: (1 - w) initial + w refined (0.5: the paper's).
+    cfg.MODEL.P2SEG.S2I.REFINED_WEIGHT = 0.5
     cfg.MODEL.P2SEG.I2S = CN()
     cfg.MODEL.P2SEG.I2S.ENABLED = True  # affinity branch, affinity losses and random walk
     cfg.MODEL.P2SEG.I2S.LOSS_WEIGHT = 1.0  # weight of avg(L_aff, L_aff')

@@ -290,10 +290,12 @@ def test_affinity_loss_type_reaches_the_affinity_losses_only():
     assert log["loss_sem"].item() == pytest.approx(l1["loss_sem"].item(), rel=1e-6)
 
 
-def test_s2i_offset_loss_is_the_mean_of_initial_and_refined_target_losses():
+@pytest.mark.parametrize("refined_weight", [0.5, 0.8])
+def test_s2i_offset_loss_mixes_initial_and_refined_target_losses(refined_weight):
+    """0.5 (the default) is the paper's mean; another share weighs the two terms accordingly."""
     from p2seg.modeling.s2i import refine_offset_targets
 
-    model = tiny_model("MODEL.P2SEG.S2I.ENABLED", True)
+    model = tiny_model("MODEL.P2SEG.S2I.ENABLED", True, "MODEL.P2SEG.S2I.REFINED_WEIGHT", refined_weight)
     model.eval()  # same BN statistics for the manual pass below
     batch = [synthetic_input(seed=0), synthetic_input(seed=1)]
     # a second class-0 point in the class-0 square: the refined targets split the square
@@ -306,9 +308,14 @@ def test_s2i_offset_loss_is_the_mean_of_initial_and_refined_target_losses():
     refined, weights, _ = refine_offset_targets(pred, targets["sem_seg"], targets["points"],
                                                 targets["point_classes"], ignore_value=255)
     initial = offset_loss(pred, targets["offset"], targets["offset_weights"])
-    expected = 0.01 * 0.5 * (initial + offset_loss(pred, refined, weights))
+    expected = 0.01 * ((1 - refined_weight) * initial + refined_weight * offset_loss(pred, refined, weights))
     assert losses["loss_offset"].item() == pytest.approx(expected.item(), rel=1e-5)
     assert abs(expected.item() - 0.01 * initial.item()) > 1e-4  # the refined term matters here
+
+
+def test_s2i_refined_weight_outside_zero_one_is_rejected_naming_the_key():
+    with pytest.raises(ValueError, match="MODEL.P2SEG.S2I.REFINED_WEIGHT"):
+        tiny_model("MODEL.P2SEG.S2I.ENABLED", True, "MODEL.P2SEG.S2I.REFINED_WEIGHT", 1.5)
 
 
 def _outputs_and_targets(model, batch):

@@ -48,7 +48,7 @@ class P2SegCriterion(nn.Module):
     @configurable
     def __init__(self, *, common_stride: int, size_divisibility: int, ignore_value: int, sem_weight: float,
                  sem_top_k: float, sem_top_k_warmup_iters: int = 0, center_weight: float, offset_weight: float,
-                 point_weight: float = 0.0, s2i_enabled: bool = False,
+                 point_weight: float = 0.0, s2i_enabled: bool = False, s2i_refined_weight: float = 0.5,
                  i2s: Optional[I2SSettings] = None, mdm_start_iter: int = 0):
         """
         Args:
@@ -61,6 +61,8 @@ class P2SegCriterion(nn.Module):
             center_weight, offset_weight, point_weight: weights of ``loss_center``,
                 ``loss_offset`` and ``loss_point`` (0 = no point loss term).
             s2i_enabled: average the offset loss with the loss against the S2I refined targets.
+            s2i_refined_weight: share ``w`` of the refined-target loss in that average,
+                ``(1 - w) * initial + w * refined`` (0.5: the paper's mean).
             i2s: MODEL.P2SEG.I2S settings (None: I2S off).
             mdm_start_iter: S2I and I2S act from this training iteration on; before it the
                 offset loss reads the initial targets only, the affinity loss is 0 and the
@@ -77,6 +79,9 @@ class P2SegCriterion(nn.Module):
         self.offset_weight = offset_weight
         self.point_weight = point_weight
         self.s2i_enabled = s2i_enabled
+        if not 0.0 <= s2i_refined_weight <= 1.0:
+            raise ValueError(f"MODEL.P2SEG.S2I.REFINED_WEIGHT must be in [0, 1], got {s2i_refined_weight}")
+        self.s2i_refined_weight = s2i_refined_weight
         self.i2s = i2s if i2s is not None else I2SSettings()
         self.mdm_start_iter = mdm_start_iter
         self._local_iter = 0  # training batches seen, when no EventStorage gives the iteration
@@ -95,6 +100,7 @@ class P2SegCriterion(nn.Module):
             "offset_weight": loss.OFFSET_WEIGHT,
             "point_weight": loss.POINT_WEIGHT,
             "s2i_enabled": cfg.MODEL.P2SEG.S2I.ENABLED,
+            "s2i_refined_weight": cfg.MODEL.P2SEG.S2I.REFINED_WEIGHT,
             "i2s": i2s if i2s is not None else I2SSettings.from_config(cfg),
             "mdm_start_iter": cfg.MODEL.P2SEG.MDM_START_ITER,
         }
@@ -203,15 +209,16 @@ class P2SegCriterion(nn.Module):
         return terms
 
     def _offset_loss(self, up, targets, s2i):
-        """Weighted L1 against the initial targets, averaged with the loss against the S2I
-        refined targets when ``s2i`` is given (docs/METHOD.md)."""
+        """Weighted L1 against the initial targets, averaged (share ``s2i_refined_weight``) with
+        the loss against the S2I refined targets when ``s2i`` is given (docs/METHOD.md)."""
         initial = offset_loss(up["offset"], targets["offset"], targets["offset_weights"])
         if s2i is None:
             return self.offset_weight * initial
         refined = offset_loss(up["offset"], s2i["offset"], s2i["offset_weights"])
         _put_scalar("p2seg/offset_initial", initial.detach())
         _put_scalar("p2seg/offset_refined", refined.detach())
-        return self.offset_weight * 0.5 * (initial + refined)
+        w = self.s2i_refined_weight
+        return self.offset_weight * ((1.0 - w) * initial + w * refined)
 
     # ------------------------------------------------------------------ MDM
     def _s2i(self, up, targets) -> Optional[Dict[str, torch.Tensor]]:
