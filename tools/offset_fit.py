@@ -10,10 +10,22 @@ and over all target pixels the tool reports:
   origin (1 = right length; < 1 = too short);
 * ``median_error_px`` (Euclidean), ``median_target_px`` and ``median_cosine`` (direction).
 
+With ``--assignment`` it also scores the two groupings S2I trains between against the ground-truth
+instances (the dataset's masks, resized to the input like the image): ``initial`` (the targets'
+grouping, nearest point inside pseudo-label components) and ``refined`` (S2I's: nearest point to
+``pixel + predicted offset``, :func:`p2seg.modeling.s2i.refine_offset_targets`). For each, over
+the pixels it assigns that lie inside a ground-truth instance: the fraction assigned to a point
+that lies in that same instance (``accuracy``). A refined accuracy under the initial one means the
+S2I targets move pixels to the wrong point. The two assign different pixel sets (the initial
+grouping skips components without a point), so both are also scored on the pixels both assign
+(``*_on_common_pixels``).
+
 Usage::
 
     python tools/offset_fit.py --config-file configs/shapes/p2seg_R18_cpu.yaml \\
         MODEL.WEIGHTS output/shapes_p2seg/model_final.pth DATASETS.TEST '("p2seg_shapes_train",)'
+    python tools/offset_fit.py --assignment --config-file configs/nuclei/p2seg_lite0_cpu.yaml \
+        MODEL.WEIGHTS output/nuclei_p2seg/model_final.pth
 """
 import json
 import os
@@ -43,17 +55,60 @@ def offset_statistics(pred, target):
             "median_cosine": round(float(np.median(cosine)), 3) if moving.any() else None}
 
 
+def instance_id_map(annotations, height, width, out_h, out_w):
+    """Ground-truth instance index per pixel at the input resolution.
+
+    Args:
+        annotations: the dataset dict's annotations (COCO ``segmentation``; crowd ones skipped).
+        height, width: the original image size; out_h, out_w: the input (mapper) size.
+    Returns:
+        int64 array ``out_h x out_w``: index of the first non-crowd annotation covering the pixel,
+        -1 outside every instance.
+    """
+    import cv2
+
+    from p2seg.data.coco_format import decode_annotation_masks
+
+    masks = decode_annotation_masks([a for a in annotations if not a.get("iscrowd", 0)], height, width)
+    ids = np.where(masks.any(0), masks.argmax(0), -1) if len(masks) else np.full((height, width), -1)
+    return cv2.resize(ids.astype(np.int32), (out_w, out_h), interpolation=cv2.INTER_NEAREST).astype(np.int64)
+
+
+def assignment_counts(assignment, gt_ids, point_pixels, where=None):
+    """Pixels of ground-truth instances assigned to a point, and how many of them to a point of
+    their own instance.
+
+    Args:
+        assignment: int ``H x W``, index of the assigned point, -1 unassigned.
+        gt_ids: int64 ``H x W`` from :func:`instance_id_map`.
+        point_pixels: int ``P x 2`` point pixels ``(x, y)``.
+        where: optional bool ``H x W``: count only these pixels.
+    Returns:
+        ``(correct, assigned)`` ints.
+    """
+    point_gt = gt_ids[point_pixels[:, 1], point_pixels[:, 0]] if len(point_pixels) else np.zeros(0, np.int64)
+    scored = (assignment >= 0) & (gt_ids >= 0)
+    if where is not None:
+        scored &= where
+    owner = point_gt[assignment[scored]]
+    return int((owner == gt_ids[scored]).sum()), int(scored.sum())
+
+
 def main(argv=None):
     from p2seg.engine.checkpointer import P2SegCheckpointer
     from detectron2.data import DatasetCatalog
     from detectron2.engine import default_argument_parser
 
-    from p2seg.data.targets import build_targets
+    from p2seg.data.targets import build_targets, offset_assignment, point_pixels
+    from p2seg.modeling.s2i import refine_offset_targets
     from p2seg.datasets.registration import register_datasets
     from p2seg.engine.trainer import Trainer, _mapper
     from train_net import setup
 
-    args = default_argument_parser().parse_args(argv)
+    parser = default_argument_parser()
+    parser.add_argument("--assignment", action="store_true",
+                        help="also score the initial and S2I groupings against the ground-truth instances")
+    args = parser.parse_args(argv)
     cfg = setup(args)
     register_datasets(cfg)
     model = Trainer.build_model(cfg)
@@ -62,6 +117,7 @@ def main(argv=None):
     mapper = _mapper(cfg, False)
     p2 = cfg.MODEL.P2SEG
     preds, targets = [], []
+    counts = {}  # grouping -> [correct, assigned] pixels
     for d in DatasetCatalog.get(cfg.DATASETS.TEST[0]):
         inp = mapper(d)
         if "points" not in inp or "sem_seg" not in inp:
@@ -76,7 +132,28 @@ def main(argv=None):
         keep = t["offset_weights"] > 0
         preds.append(offset[:, keep].T)
         targets.append(t["offset"][:, keep].T)
-    print(json.dumps(offset_statistics(np.concatenate(preds), np.concatenate(targets))))
+        if args.assignment:
+            sem, points, classes = inp["sem_seg"], inp["points"], inp["point_classes"]
+            pixels = point_pixels(points.numpy(), h, w)
+            gt_ids = instance_id_map(d["annotations"], d["height"], d["width"], h, w)
+            groupings = {
+                "initial": offset_assignment(sem.numpy(), pixels, classes.numpy(), p2.TARGETS.MIN_COMPONENT_AREA,
+                                             p2.TARGETS.CONNECTIVITY),
+                "refined": refine_offset_targets(up["offset"][:, :, :h, :w], sem[None], [points], [classes],
+                                                 ignore_value=cfg.INPUT.IGNORE_VALUE)[2][0].numpy(),
+            }
+            both = (groupings["initial"] >= 0) & (groupings["refined"] >= 0)
+            for name, assignment in groupings.items():
+                for key, where in ((name, None), (f"{name}_on_common_pixels", both)):
+                    correct, assigned = assignment_counts(assignment, gt_ids, pixels, where)
+                    counts.setdefault(key, [0, 0])
+                    counts[key][0] += correct
+                    counts[key][1] += assigned
+    result = offset_statistics(np.concatenate(preds), np.concatenate(targets))
+    if args.assignment:
+        result["assignment"] = {name: {"pixels": n, "accuracy": round(c / max(n, 1), 4)}
+                                for name, (c, n) in counts.items()}
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":
