@@ -55,7 +55,7 @@ def test_one_i2s_run_scores_the_training_images_and_diagnoses_the_walk(tmp_path,
     diag = row["diagnosis"]
     for key in ("fg_iou_before", "fg_iou_after", "acc_before", "acc_after"):
         assert 0.0 <= diag[key] <= 1.0, key
-    for group in ("same_instance", "other_instance", "instance_background"):
+    for group in ("same_instance", "other_instance", "instance_background", "background_background"):
         assert diag[f"mean_A_{group}"] is None or 0.0 < diag[f"mean_A_{group}"] < 1.0, group
         assert diag[f"frac_A_above_half_{group}"] is None or 0.0 <= diag[f"frac_A_above_half_{group}"] <= 1.0
     assert diag["median_abs_logit"] >= 0.0

@@ -17,7 +17,8 @@ with ``--threads`` torch threads) from ``--config`` with ``MODEL.P2SEG.S2I.ENABL
 With I2S the worker also writes the diagnosis of the module (:func:`walk_diagnostics`): the
 foreground IoU and mIoU of the model's semantics against the ground truth before and after the
 inference random walk, and the affinity's calibration (mean ``A`` over pixel pairs of the same
-ground-truth instance, of different instances, and of instance vs background; the fraction above
+ground-truth instance, of different instances, of instance vs background and of two background
+pixels; the fraction above
 0.5; the median absolute logit).
 
 A finished run's JSON (``--out/<tag>_<variant>_s<seed>/ablation_run.json``) is reused, so an
@@ -100,7 +101,7 @@ def walk_diagnostics(model, cfg, dataset_name, pairs_per_image=20000, seed=0):
     dicts = {d["image_id"]: d for d in DatasetCatalog.get(dataset_name)}
     gen = torch.Generator().manual_seed(seed)
     sums = {k: 0.0 for k in ("fg_iou_before", "fg_iou_after", "acc_before", "acc_after")}
-    aff = {k: [0.0, 0] for k in ("same_instance", "other_instance", "instance_background")}
+    aff = {k: [0.0, 0] for k in ("same_instance", "other_instance", "instance_background", "background_background")}
     saturated = {k: [0, 0] for k in aff}
     logit_abs = []
     n_images = 0
@@ -132,6 +133,7 @@ def walk_diagnostics(model, cfg, dataset_name, pairs_per_image=20000, seed=0):
                 "same_instance": (inst[i] > 0) & (inst[i] == inst[j]) & (i != j),
                 "other_instance": (inst[i] > 0) & (inst[j] > 0) & (inst[i] != inst[j]),
                 "instance_background": (inst[i] > 0) & (inst[j] == 0),
+                "background_background": (inst[i] == 0) & (inst[j] == 0) & (i != j),
             }
             for key, sel in groups.items():
                 aff[key][0] += a[sel].sum().item()
