@@ -18,8 +18,7 @@ With I2S the worker also writes the diagnosis of the module (:func:`walk_diagnos
 foreground IoU and mIoU of the model's semantics against the ground truth before and after the
 inference random walk, and the affinity's calibration (mean ``A`` over pixel pairs of the same
 ground-truth instance, of different instances, of instance vs background and of two background
-pixels; the fraction above
-0.5; the median absolute logit).
+pixels; the fraction above 0.5; the median absolute logit).
 
 A finished run's JSON (``--out/<tag>_<variant>_s<seed>/ablation_run.json``) is reused, so an
 interrupted ablation resumes. Prints one JSON line per run, then one table: per variant the mean

@@ -24,7 +24,7 @@ Usage::
 
     python tools/offset_fit.py --config-file configs/shapes/p2seg_R18_cpu.yaml \\
         MODEL.WEIGHTS output/shapes_p2seg/model_final.pth DATASETS.TEST '("p2seg_shapes_train",)'
-    python tools/offset_fit.py --assignment --config-file configs/nuclei/p2seg_lite0_cpu.yaml \
+    python tools/offset_fit.py --assignment --config-file configs/nuclei/p2seg_lite0_cpu.yaml \\
         MODEL.WEIGHTS output/nuclei_p2seg/model_final.pth
 """
 import json
