@@ -2,9 +2,9 @@
 """How well do a trained P2Seg's offsets fit their training targets? Prints one JSON line.
 
 For every image of a point dataset (test mapper: the inference resize, no crop), the training
-targets are built from its semantic pseudo-labels and points at the input resolution
-(:func:`p2seg.data.targets.build_targets`), the model predicts offsets at the same resolution,
-and over all target pixels the tool reports:
+offset targets are built from its semantic pseudo-labels and points at the input resolution (as
+:func:`p2seg.data.targets.build_targets` builds them), the model predicts offsets at the same
+resolution, and over all target pixels the tool reports:
 
 * ``slope_dy`` / ``slope_dx``: least-squares slope of the prediction on the target through the
   origin (1 = right length; < 1 = too short);
@@ -99,7 +99,7 @@ def main(argv=None):
     from detectron2.data import DatasetCatalog
     from detectron2.engine import default_argument_parser
 
-    from p2seg.data.targets import build_targets, offset_assignment, point_pixels
+    from p2seg.data.targets import offset_assignment, offsets_from_assignment, point_pixels
     from p2seg.modeling.s2i import refine_offset_targets
     from p2seg.datasets.registration import register_datasets
     from p2seg.engine.trainer import Trainer, _mapper
@@ -122,23 +122,24 @@ def main(argv=None):
         inp = mapper(d)
         if "points" not in inp or "sem_seg" not in inp:
             continue
-        t = build_targets(inp["sem_seg"].numpy(), inp["points"].numpy(), inp["point_classes"].numpy(), p2.NUM_CLASSES,
-                          p2.TARGETS.SIGMA, p2.TARGETS.MIN_COMPONENT_AREA, p2.TARGETS.CONNECTIVITY, cfg.INPUT.IGNORE_VALUE)
+        sem, points, classes = inp["sem_seg"], inp["points"], inp["point_classes"]
+        h, w = inp["image"].shape[-2:]
+        # the training targets' offsets (p2seg.data.targets.build_targets), keeping their grouping
+        pixels = point_pixels(points.numpy(), h, w)
+        initial = offset_assignment(sem.numpy(), pixels, classes.numpy(), p2.TARGETS.MIN_COMPONENT_AREA,
+                                    p2.TARGETS.CONNECTIVITY)
+        target, target_weights = offsets_from_assignment(initial, pixels)
         with torch.no_grad():
             images = model.preprocess_image([inp])
             up = model.criterion.upsample(model.predict(model.backbone(images.tensor)))
-        h, w = inp["image"].shape[-2:]
         offset = up["offset"][0, :, :h, :w].numpy()
-        keep = t["offset_weights"] > 0
+        keep = target_weights > 0
         preds.append(offset[:, keep].T)
-        targets.append(t["offset"][:, keep].T)
+        targets.append(target[:, keep].T)
         if args.assignment:
-            sem, points, classes = inp["sem_seg"], inp["points"], inp["point_classes"]
-            pixels = point_pixels(points.numpy(), h, w)
             gt_ids = instance_id_map(d["annotations"], d["height"], d["width"], h, w)
             groupings = {
-                "initial": offset_assignment(sem.numpy(), pixels, classes.numpy(), p2.TARGETS.MIN_COMPONENT_AREA,
-                                             p2.TARGETS.CONNECTIVITY),
+                "initial": initial,
                 "refined": refine_offset_targets(up["offset"][:, :, :h, :w], sem[None], [points], [classes],
                                                  ignore_value=cfg.INPUT.IGNORE_VALUE)[2][0].numpy(),
             }
