@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from common import (NUM_CLASSES, add_amp_args, add_memory_format_arg, amp_overrides, amp_record, benchmark_cfg,
-                    cpu_seconds, environment, make_rect_sample, max_rss_gib, print_json, timing_stats)
+                    cpu_seconds, environment, make_rect_sample, matmul_gflops, max_rss_gib, print_json, timing_stats)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "Base-P2Seg.yaml")
@@ -138,7 +138,7 @@ def main():
         "rss_after_build_gib": round(rss_build, 3), "peak_rss_forward_gib": round(rss_forward, 3),
         "peak_rss_gib": round(max_rss_gib(), 3),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-        **environment(),
+        **environment(), **matmul_gflops(args.device),
     }
     if args.part != "forward":
         record.update({f"post_{k}": v for k, v in timing_stats(times["post"]).items()})

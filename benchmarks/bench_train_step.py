@@ -8,7 +8,8 @@ ONE workload per process (run it through benchmarks/run_all.py for a fresh proce
 P2Seg from configs/Base-P2Seg.yaml, ResNet-50 random init (``MODEL.WEIGHTS ""``), SyncBN -> BN,
 20 classes; a batch of ``--batch`` synthetic samples (benchmarks/common.py ``make_sample``, seeds
 0, 1, ...) at ``crop x crop`` with their training targets (``p2seg.data.targets.build_targets``);
-``torch.optim.Adam`` (``SOLVER.BASE_LR``). ``--amp on``: the forward under autocast
+the trainer's Adam (``Trainer.build_optimizer``: Detectron2's param groups, ``SOLVER.BASE_LR``,
+the fused kernel per ``SOLVER.ADAM_FUSED``). ``--amp on``: the forward under autocast
 (p2seg/utils/precision.py; float16 with ``torch.amp.GradScaler``, as the trainer). One warm-up step, then ``--runs`` timed steps (median /
 min / max). Peak memory = process max RSS (``ru_maxrss``; on CUDA also ``max_memory_allocated``).
 ``--profile FILE`` writes the torch.profiler table (top ops by self CPU time) of one extra step.
@@ -21,7 +22,7 @@ import time
 import torch
 
 from common import (add_amp_args, add_memory_format_arg, amp_overrides, amp_record, benchmark_cfg, cpu_seconds,
-                    environment, make_sample, max_rss_gib, print_json, timing_stats)
+                    environment, make_sample, matmul_gflops, max_rss_gib, print_json, timing_stats)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "Base-P2Seg.yaml")
@@ -85,12 +86,13 @@ def main():
 
     from detectron2.modeling import build_model
 
+    from p2seg.engine import Trainer
     from p2seg.utils.precision import amp_dtype, mixed_precision
 
     cfg = build_cfg(args)
     model = build_model(cfg)
     model.train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.SOLVER.BASE_LR)
+    optimizer = Trainer.build_optimizer(cfg, model)  # training's Adam (param groups, SOLVER.ADAM_FUSED)
     batch = make_batch(cfg, args.crop, args.batch)
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -107,6 +109,7 @@ def main():
             optimizer.step()
         else:
             scaler.scale(total).backward()
+            scaler.unscale_(optimizer)  # as p2seg/engine/amp.py
             scaler.step(optimizer)
             scaler.update()
         return float(total.detach())
@@ -128,7 +131,7 @@ def main():
         "channels_last": cfg.MODEL.P2SEG.CHANNELS_LAST, **amp_record(cfg, device),
         "rss_after_build_gib": round(rss_model, 3), "peak_rss_gib": round(max_rss_gib(), 3),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-        **environment(),
+        **environment(), **matmul_gflops(args.device),
     }
     if device.type == "cuda":
         record["peak_cuda_gib"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 3)

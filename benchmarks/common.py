@@ -14,6 +14,7 @@ per disc at its centre.
 """
 import json
 import os
+import time
 
 import numpy as np
 
@@ -91,6 +92,35 @@ def environment():
     except ImportError:  # pragma: no cover
         info["torch_threads"] = None
     return info
+
+
+def matmul_gflops(device="cpu", size=4096, depth=256, min_seconds=0.5):
+    """The machine's matrix-product throughput right now, to compare timings taken at different
+    moments of a shared machine: GFLOP/s of ``(size x depth) @ (depth x size)`` products in float32
+    and bfloat16 (the issue-15 reference: 154 / 514 GFLOP/s on 2 threads when it was filed).
+
+    Returns:
+        ``{"matmul_gflops_float32": float, "matmul_gflops_bfloat16": float}``.
+    """
+    import torch
+
+    dev = torch.device(device)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    out = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        a = torch.randn(size, depth, device=dev).to(dtype)
+        b = torch.randn(depth, size, device=dev).to(dtype)
+        for _ in range(2):  # warm-up
+            a @ b
+        sync()
+        count, start = 0, time.perf_counter()
+        while time.perf_counter() - start < min_seconds:
+            a @ b
+            count += 1
+            sync()
+        seconds = (time.perf_counter() - start) / count
+        out[f"matmul_gflops_{str(dtype).replace('torch.', '')}"] = round(2 * size * depth * size / seconds / 1e9, 1)
+    return out
 
 
 def max_rss_gib():

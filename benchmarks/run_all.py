@@ -2,7 +2,8 @@
 
 Usage: ``.venv/bin/python benchmarks/run_all.py [--only B1 B2 B3] [--crops 320 416 512 640]
 [--runs 5] [--threads 2] [--device cpu] [--malloc-env]
-[--memory-format config|channels_last|contiguous] [--no-i2s-off] [--amp [--amp-dtype auto]]``.
+[--memory-format config|channels_last|contiguous] [--no-i2s-off] [--amp [--amp-dtype auto]]
+[--rounds 1]``.
 
 Workloads (the authors' set, docs in each script):
 
@@ -21,6 +22,9 @@ line with ``error``. With ``--device cuda`` the B1/B3 workloads run on the GPU (
 ``--amp``: every B1 / B3 workload runs twice in the same sitting, float32 then mixed precision
 (``--amp on``, dtype ``--amp-dtype``: bfloat16 on CPU, float16 on CUDA by default; workload names
 get ``_amp``), and a last JSON line ``{"summary": ...}`` puts the two medians side by side.
+``--rounds R`` runs the whole plan R times (the machine is shared: its speed drifts by up to 2x
+within an hour), each record with its ``round``; the summary takes the median over the rounds.
+Each B1 / B3 record carries the machine's matrix-product throughput measured in that process.
 """
 import argparse
 import json
@@ -51,22 +55,47 @@ _MEDIAN_KEYS = ("median_s", "forward_median_s")
 
 
 def amp_summary(records):
-    """``{workload: {"fp32_s", "amp_s", "speedup", "amp", peak memory of both}}`` from the records
-    of one ``--amp`` run (workloads with both variants and no error)."""
-    by_name = {r["workload"]: r for r in records if "error" not in r}
+    """``{workload: {"fp32_s", "amp_s", "speedup", "amp", peak memory of both, ...}}`` from the
+    records of one ``--amp`` run (workloads with both variants and no error).
+
+    With several ``--rounds`` (records carry ``round``), ``fp32_s`` / ``amp_s`` are the medians over
+    the rounds of each round's median (the per-round values in ``fp32_rounds_s`` / ``amp_rounds_s``);
+    ``matmul_gflops_*`` are the medians of the machine's throughput measured by the workloads
+    (benchmarks/common.py ``matmul_gflops``), to compare runs taken at different moments.
+    """
+    by_name = {}
+    for r in records:
+        if "error" not in r:
+            by_name.setdefault(r["workload"], []).append(r)
     out = {}
-    for name, amp in by_name.items():
-        base = by_name.get(name[: -len("_amp")]) if name.endswith("_amp") else None
-        if base is None:
+    for name, amp_runs in by_name.items():
+        base_runs = by_name.get(name[: -len("_amp")]) if name.endswith("_amp") else None
+        if base_runs is None:
             continue
-        key = next(k for k in _MEDIAN_KEYS if k in base)
-        row = {"fp32_s": base[key], "amp_s": amp[key], "speedup": round(base[key] / amp[key], 2),
-               "amp": amp.get("amp"), "fp32_peak_rss_gib": base.get("peak_rss_gib"),
-               "amp_peak_rss_gib": amp.get("peak_rss_gib")}
+        key = next(k for k in _MEDIAN_KEYS if k in base_runs[0])
+        fp32_s = [r[key] for r in base_runs]
+        amp_s = [r[key] for r in amp_runs]
+        base, amp = base_runs[-1], amp_runs[-1]
+        row = {"fp32_s": _median(fp32_s), "amp_s": _median(amp_s), "amp": amp.get("amp"),
+               "fp32_peak_rss_gib": base.get("peak_rss_gib"), "amp_peak_rss_gib": amp.get("peak_rss_gib")}
+        row["speedup"] = round(row["fp32_s"] / row["amp_s"], 2)
+        if len(base_runs) > 1 or len(amp_runs) > 1:
+            row.update(fp32_rounds_s=fp32_s, amp_rounds_s=amp_s)
+        for gflops in ("matmul_gflops_float32", "matmul_gflops_bfloat16"):
+            values = [r[gflops] for r in base_runs + amp_runs if gflops in r]
+            if values:
+                row[gflops] = _median(values)
         if "peak_cuda_gib" in base:
             row.update(fp32_peak_cuda_gib=base["peak_cuda_gib"], amp_peak_cuda_gib=amp.get("peak_cuda_gib"))
         out[name[: -len("_amp")]] = row
     return out
+
+
+def _median(values):
+    """Median of a non-empty list of numbers (the mean of the two middle ones for an even count)."""
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
 
 
 def _plain_workloads(args):
@@ -111,10 +140,15 @@ def main():
     parser.add_argument("--no-i2s-off", action="store_true", help="skip the B1 I2S-off workload")
     parser.add_argument("--amp", action="store_true", help="B1 / B3 in float32 and mixed precision")
     parser.add_argument("--amp-dtype", choices=("auto", "bfloat16", "float16"), default="auto")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="repeat the whole plan (fp32 / AMP alternate within each round)")
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error(f"--rounds must be >= 1, got {args.rounds}")
     env = child_env(args.malloc_env)
     records = []
-    for name, argv in workloads(args):
+    plan = [(r, name, argv) for r in range(args.rounds) for name, argv in workloads(args)]
+    for round_index, name, argv in plan:
         proc = subprocess.run([sys.executable] + argv, cwd=HERE, capture_output=True, text=True, env=env)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
         if proc.returncode != 0 or not lines:
@@ -123,6 +157,8 @@ def main():
         else:
             record = dict(json.loads(lines[-1]), workload=name)
         record["malloc_env"] = args.malloc_env
+        if args.rounds > 1:
+            record["round"] = round_index
         records.append(record)
         print(json.dumps(record, sort_keys=True), flush=True)
     if args.amp:

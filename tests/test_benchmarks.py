@@ -107,6 +107,7 @@ def test_train_step_benchmark_runs_tiny():
     assert rec["i2s"] == "on" and rec["channels_last"] is False and rec["torch_threads"] == 1
     assert np.isfinite(rec["loss"]) and 0 < rec["min_s"] <= rec["median_s"] <= rec["max_s"]
     assert rec["peak_rss_gib"] >= rec["rss_after_build_gib"] > 0
+    assert rec["matmul_gflops_float32"] > 0 and rec["matmul_gflops_bfloat16"] > 0
 
 
 def test_export_and_targets_benchmarks_run_tiny():
@@ -140,3 +141,16 @@ def test_run_all_amp_runs_b1_and_b3_twice_and_summarises_side_by_side():
     assert list(summary) == ["B1_train_step_crop416_s2i_i2s"]
     row = summary["B1_train_step_crop416_s2i_i2s"]
     assert (row["fp32_s"], row["amp_s"], row["speedup"], row["amp"]) == (3.0, 1.5, 2.0, "bfloat16")
+    assert "fp32_rounds_s" not in row
+
+
+def test_run_all_amp_summary_takes_the_median_over_rounds():
+    name = "B1_train_step_crop416_i2s_off"
+    records = [{"workload": name, "median_s": s, "round": i, "matmul_gflops_float32": g}
+               for i, (s, g) in enumerate([(3.0, 100.0), (5.0, 60.0), (4.0, 90.0)])]
+    records += [{"workload": name + "_amp", "median_s": s, "round": i, "amp": "bfloat16"}
+                for i, s in enumerate([2.0, 1.0, 1.6])]
+    row = run_all.amp_summary(records)[name]
+    assert (row["fp32_s"], row["amp_s"], row["speedup"]) == (4.0, 1.6, 2.5)
+    assert row["fp32_rounds_s"] == [3.0, 5.0, 4.0] and row["amp_rounds_s"] == [2.0, 1.0, 1.6]
+    assert row["matmul_gflops_float32"] == 90.0 and "matmul_gflops_bfloat16" not in row

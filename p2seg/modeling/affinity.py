@@ -36,7 +36,8 @@ Precision: float64 inputs stay float64; any other floating dtype is accumulated 
 (autocast is disabled inside the Function), with float64 accumulators for the loss sums; gradients
 are returned in the input dtype. ``matmul_dtype`` (bfloat16 / float16 under mixed precision) moves
 the strips and their matrix products (the ``N^2 D`` work) to that dtype; every sum over a strip (type
-column sums, row sums, products across strips, the gradient) is still accumulated in float32. The
+column sums, row sums, products across strips, the gradient) is still accumulated in float32 (a
+bfloat16 strip's column / row sums are rounded to bfloat16 once, per strip: :func:`_strip_sum`). The
 operands of a low-precision product are scaled to ``max |x| = 1`` first (and the product scaled
 back), so float16's range holds the tiny loss weights ``1 / #pairs`` and random-walk gradients. The dense formulas
 (p2seg/modeling/affinity_reference.py) are the ground truth of the tests.
@@ -288,6 +289,19 @@ def _triangle_product(strips, x, keep):
     return out
 
 
+def _strip_sum(values, dim, dtype):
+    """Sum of a strip (or a slice of one) over ``dim``, returned in the accumulation ``dtype``.
+
+    A bfloat16 strip is reduced in its own dtype (the kernel accumulates in float32 and rounds the
+    result: a relative error of at most 2^-9 per sum, in both directions): casting the whole strip to
+    float32 first takes ~6x the time of the sum (17 vs 3 ms for 1024 x 9792 on this machine's CPU).
+    Any other dtype is cast, as float16's range would overflow on sums of large log-loss terms.
+    """
+    if values.dtype == torch.bfloat16:
+        return values.sum(dim).to(dtype)
+    return values.sum(dim, dtype=dtype)
+
+
 def _type_column_sums(values, bounds, s, e, y, y_off, diag, dtype):
     """Add the per-type column sums of one strip's ``values`` (rows ``[s, e)``, columns ``>= s``)
     to ``y`` / ``y_off`` (see :func:`_first_pass`) and its diagonal to ``diag`` (if not None).
@@ -297,7 +311,7 @@ def _type_column_sums(values, bounds, s, e, y, y_off, diag, dtype):
         diag[s:e] = values.diagonal()
     col_sums = None
     for t, a, b in _segments(bounds, s, e):
-        seg_sums = values[a:b].sum(0, dtype=dtype)
+        seg_sums = _strip_sum(values[a:b], 0, dtype)
         y[t, s:] += seg_sums
         y_off[t, e:] += seg_sums[e - s:]
         col_sums = seg_sums if col_sums is None else col_sums.add_(seg_sums)
@@ -341,9 +355,9 @@ def _first_pass(strips, bounds, t_count, p, transition, need_diag, loss_type="l1
         if t_count and on_logits is None:
             col_sums = _type_column_sums(sig, bounds, s, e, y, y_off, diag, dtype)
         if row:  # d_i = sum over this strip's row + the columns of earlier strips' rows
-            d[s:e] += sig.sum(1, dtype=dtype)
+            d[s:e] += _strip_sum(sig, 1, dtype)
             if e < n:
-                d[e:] += col_sums[e - s:] if col_sums is not None else sig[:, e - s:].sum(0, dtype=dtype)
+                d[e:] += col_sums[e - s:] if col_sums is not None else _strip_sum(sig[:, e - s:], 0, dtype)
         if column:
             _add_product(acc[:, s:], p1_mm[:, s:e], sig, p1_scale)
             if e < n:
