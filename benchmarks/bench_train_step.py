@@ -8,8 +8,7 @@ ONE workload per process (run it through benchmarks/run_all.py for a fresh proce
 P2Seg from configs/Base-P2Seg.yaml, ResNet-50 random init (``MODEL.WEIGHTS ""``), SyncBN -> BN,
 20 classes; a batch of ``--batch`` synthetic samples (benchmarks/common.py ``make_sample``, seeds
 0, 1, ...) at ``crop x crop`` with their training targets (``p2seg.data.targets.build_targets``);
-the trainer's Adam (``Trainer.build_optimizer``: Detectron2's param groups, ``SOLVER.BASE_LR``,
-the fused kernel per ``SOLVER.ADAM_FUSED``). ``--amp on``: the forward under autocast
+the trainer's Adam (``Trainer.build_optimizer``: Detectron2's param groups, ``SOLVER.BASE_LR``). ``--amp on``: the forward under autocast
 (p2seg/utils/precision.py; float16 with ``torch.amp.GradScaler``, as the trainer). One warm-up step, then ``--runs`` timed steps (median /
 min / max). Peak memory = process max RSS (``ru_maxrss``; on CUDA also ``max_memory_allocated``).
 ``--profile FILE`` writes the torch.profiler table (top ops by self CPU time) of one extra step.
@@ -92,7 +91,7 @@ def main():
     cfg = build_cfg(args)
     model = build_model(cfg)
     model.train()
-    optimizer = Trainer.build_optimizer(cfg, model)  # training's Adam (param groups, SOLVER.ADAM_FUSED)
+    optimizer = Trainer.build_optimizer(cfg, model)  # the training's Adam and param groups
     batch = make_batch(cfg, args.crop, args.batch)
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -109,7 +108,6 @@ def main():
             optimizer.step()
         else:
             scaler.scale(total).backward()
-            scaler.unscale_(optimizer)  # as p2seg/engine/amp.py
             scaler.step(optimizer)
             scaler.update()
         return float(total.detach())

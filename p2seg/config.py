@@ -178,10 +178,6 @@ def add_p2seg_config(cfg):
 
     # ---------------------------------------------------------------- solver
     cfg.SOLVER.OPTIMIZER = "ADAM"
-    # Adam's fused kernel (``torch.optim.Adam(fused=True)``, CPU and CUDA): one kernel over all
-    # parameters instead of ~10 per tensor; the same update up to float rounding, 3x faster here
-    # (R-50 P2Seg, 344 tensors: 36 vs 114 ms per step on 2 CPU threads). Other devices: not fused.
-    cfg.SOLVER.ADAM_FUSED = True
     cfg.SOLVER.POLY_LR_POWER = 0.9
     cfg.SOLVER.POLY_LR_CONSTANT_ENDING = 0.0
     # Mixed precision (Detectron2's SOLVER.AMP.ENABLED; p2seg/utils/precision.py): "auto" = bfloat16

@@ -264,3 +264,41 @@ def test_trainer_trains_and_evaluates_in_mixed_precision_on_cpu(dtype, tmp_path,
     assert resumed.start_iter == 2
     if dtype == "float16":
         assert resumed._trainer.grad_scaler.get_scale() == trainer._trainer.grad_scaler.get_scale()
+
+
+def test_float16_gradient_clipping_sees_unscaled_gradients(monkeypatch):
+    """Clipping runs inside ``optimizer.step`` (Detectron2's wrapper): under float16 the scaler must
+    have unscaled the gradients (loss scale 2^16) before it, or the clip would act on scaled ones."""
+    from p2seg.engine import Trainer
+    from p2seg.engine.amp import MixedPrecisionTrainer
+
+    cfg = _cfg("MODEL.DEVICE", "cpu", "SOLVER.CLIP_GRADIENTS.ENABLED", True, "SOLVER.CLIP_GRADIENTS.CLIP_TYPE",
+               "value", "SOLVER.CLIP_GRADIENTS.CLIP_VALUE", 1e9)
+    model = torch.nn.Linear(4, 1, bias=False)
+    torch.nn.init.zeros_(model.weight)
+    x = torch.ones(2, 4)
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+
+        def forward(self, batch):
+            return {"loss": 1e-3 * self.inner(batch).float().sum()}  # d loss / d w = 2e-3 per weight
+
+    seen = []
+    real_clip = torch.nn.utils.clip_grad_value_
+
+    def recording_clip(params, clip_value, **kwargs):
+        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        seen.extend(float(p.grad.abs().max()) for p in params)
+        return real_clip(params, clip_value, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_value_", recording_clip)
+    wrapped = Model()
+    trainer = MixedPrecisionTrainer(wrapped, iter([x]), Trainer.build_optimizer(cfg, wrapped), torch.float16)
+    assert trainer.grad_scaler.get_scale() == 2.0 ** 16
+    trainer._write_metrics = lambda *a, **k: None  # no EventStorage in a bare step
+    trainer.run_step()
+    assert seen == [pytest.approx(2e-3, rel=1e-2)]
+    assert float(model.weight.abs().min()) > 0  # the step was taken (no inf found)

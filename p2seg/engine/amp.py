@@ -51,10 +51,6 @@ class MixedPrecisionTrainer(SimpleTrainer):
         if self.grad_scaler is None:
             self.optimizer.step()
         else:
-            # Unscaled before the step: gradient clipping (SOLVER.CLIP_GRADIENTS) runs inside
-            # ``optimizer.step`` and must see true gradients, also with the fused Adam kernel, to
-            # which GradScaler would otherwise hand the scale and leave the gradients scaled.
-            self.grad_scaler.unscale_(self.optimizer)
             self.grad_scaler.step(self.optimizer)
             self.grad_scaler.update()
 

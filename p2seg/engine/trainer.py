@@ -277,8 +277,7 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_optimizer(cls, cfg, model):
         """``SOLVER.OPTIMIZER``: "ADAM" (Adam on Detectron2's default param groups, optional
-        gradient clipping per ``SOLVER.CLIP_GRADIENTS``, the fused kernel per ``SOLVER.ADAM_FUSED``)
-        or "SGD" (Detectron2's)."""
+        gradient clipping per ``SOLVER.CLIP_GRADIENTS``) or "SGD" (Detectron2's)."""
         name = cfg.SOLVER.OPTIMIZER.upper()
         if name == "SGD":
             return super().build_optimizer(cfg, model)
@@ -292,8 +291,7 @@ class Trainer(DefaultTrainer):
             bias_lr_factor=cfg.SOLVER.BIAS_LR_FACTOR,
             weight_decay_bias=cfg.SOLVER.WEIGHT_DECAY_BIAS,
         )
-        fused = bool(cfg.SOLVER.ADAM_FUSED) and torch.device(cfg.MODEL.DEVICE).type in ("cpu", "cuda")
-        return maybe_add_gradient_clipping(cfg, torch.optim.Adam)(params, lr=cfg.SOLVER.BASE_LR, fused=fused)
+        return maybe_add_gradient_clipping(cfg, torch.optim.Adam)(params, lr=cfg.SOLVER.BASE_LR)
 
     @classmethod
     def build_lr_scheduler(cls, cfg, optimizer):
