@@ -31,17 +31,18 @@ _IMAGES = {"B1": 2, "B3": 1}
 
 
 def run_tests(device, timeout_s):
-    """``pytest -m device`` on ``device``: ``{"passed", "failed", "skipped", "returncode", "seconds"}``."""
+    """``pytest -m device`` on ``device``: ``{"passed", "failed", "skipped", "errors", "returncode",
+    "seconds"}`` (counts from pytest's summary line), or ``{"timed_out": message}``."""
     env = dict(os.environ, P2SEG_TEST_DEVICE=device)
     start = time.perf_counter()
     try:
         proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "device", "tests/test_device.py"],
                               cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout_s:.0f} s"}
+        return {"timed_out": f"device tests timed out after {timeout_s:.0f} s"}
     sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-2000:])
     counts = {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|skipped|error)", proc.stdout)}
-    return {**{k: counts.get(k, 0) for k in ("passed", "failed", "skipped", "error")},
+    return {**{k: counts.get(k, 0) for k in ("passed", "failed", "skipped")}, "errors": counts.get("error", 0),
             "returncode": proc.returncode, "seconds": round(time.perf_counter() - start, 1)}
 
 
@@ -91,8 +92,15 @@ def main():
 
         out["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     print(json.dumps({"gpu_check": out}, sort_keys=True), flush=True)
-    failed = tests.get("failed", 0) or tests.get("error", 0) or "error" in tests or out["errors"]
-    return 1 if failed else 0
+    return 0 if passed(out) else 1
+
+
+def passed(summary):
+    """True when the device tests all passed (pytest exit 0, none failed or in error, no timeout)
+    and every workload ran (no error record): the script's exit status 0."""
+    tests = summary["tests"]
+    return (tests.get("returncode") == 0 and not tests.get("failed") and not tests.get("errors")
+            and "timed_out" not in tests and not summary["errors"])
 
 
 if __name__ == "__main__":

@@ -154,3 +154,15 @@ def test_run_all_amp_summary_takes_the_median_over_rounds():
     assert (row["fp32_s"], row["amp_s"], row["speedup"]) == (4.0, 1.6, 2.5)
     assert row["fp32_rounds_s"] == [3.0, 5.0, 4.0] and row["amp_rounds_s"] == [2.0, 1.0, 1.6]
     assert row["matmul_gflops_float32"] == 90.0 and "matmul_gflops_bfloat16" not in row
+
+
+def test_gpu_check_exit_status_follows_the_tests_and_workloads():
+    import gpu_check
+
+    ok = {"passed": 8, "failed": 0, "skipped": 0, "errors": 0, "returncode": 0, "seconds": 30.0}
+    assert gpu_check.passed({"tests": ok, "errors": []})
+    assert not gpu_check.passed({"tests": dict(ok, failed=1, returncode=1), "errors": []})
+    assert not gpu_check.passed({"tests": dict(ok, errors=1, returncode=1), "errors": []})
+    assert not gpu_check.passed({"tests": dict(ok, passed=0, returncode=5), "errors": []})  # none collected
+    assert not gpu_check.passed({"tests": {"timed_out": "device tests timed out after 190 s"}, "errors": []})
+    assert not gpu_check.passed({"tests": ok, "errors": [{"error": "benchmarks timed out after 30 s"}]})
