@@ -8,8 +8,9 @@ ONE workload per process (run it through benchmarks/run_all.py for a fresh proce
 P2Seg from configs/Base-P2Seg.yaml, ResNet-50 random init (``MODEL.WEIGHTS ""``), SyncBN -> BN,
 20 classes; a batch of ``--batch`` synthetic samples (benchmarks/common.py ``make_sample``, seeds
 0, 1, ...) at ``crop x crop`` with their training targets (``p2seg.data.targets.build_targets``);
-the trainer's Adam (``Trainer.build_optimizer``: Detectron2's param groups, ``SOLVER.BASE_LR``). ``--amp on``: the forward under autocast
-(p2seg/utils/precision.py; float16 with ``torch.amp.GradScaler``, as the trainer). One warm-up step, then ``--runs`` timed steps (median /
+the trainer's Adam (``Trainer.build_optimizer``: Detectron2's param groups, ``SOLVER.BASE_LR``).
+``--amp on``: the forward under autocast (p2seg/utils/precision.py; float16 with
+``torch.amp.GradScaler``, as the trainer). One warm-up step, then ``--runs`` timed steps (median /
 min / max). Peak memory = process max RSS (``ru_maxrss``; on CUDA also ``max_memory_allocated``).
 ``--profile FILE`` writes the torch.profiler table (top ops by self CPU time) of one extra step.
 Prints one JSON line.
