@@ -549,7 +549,7 @@ def _walk_factors(strips, p, d, r, g, row, need_f):
         d_q = torch.zeros_like(p)
         dd_plus = -(g * r).sum(0) / d.square() + (q * c).sum(0)
     out = {"d_q": d_q, "d_r": d_r, "row": row, "lf": None, "rf": None}
-    if need_f:  # dA = U V^T, U = [Q'^T, dd*], V = [dR'^T, 1]; dA + dA^T = [U, V] [V, U]^T
+    if need_f:  # dA + dA^T = U V^T + V U^T = [U, V] [V, U]^T with U = [Q'^T, dd*], V = [dR'^T, 1]
         e = q.mean(1, keepdim=True)
         q_centred, d_r_centred = q - e, d_r - c
         dd_star = (dd_plus + (e * d_r_centred).sum(0))[:, None]
