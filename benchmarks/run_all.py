@@ -29,6 +29,7 @@ Each B1 / B3 record carries the machine's matrix-product throughput measured in 
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 
@@ -76,7 +77,7 @@ def amp_summary(records):
         fp32_s = [r[key] for r in base_runs]
         amp_s = [r[key] for r in amp_runs]
         base, amp = base_runs[-1], amp_runs[-1]
-        row = {"fp32_s": _median(fp32_s), "amp_s": _median(amp_s), "amp": amp.get("amp"),
+        row = {"fp32_s": statistics.median(fp32_s), "amp_s": statistics.median(amp_s), "amp": amp.get("amp"),
                "fp32_peak_rss_gib": base.get("peak_rss_gib"), "amp_peak_rss_gib": amp.get("peak_rss_gib")}
         row["speedup"] = round(row["fp32_s"] / row["amp_s"], 2)
         if len(base_runs) > 1 or len(amp_runs) > 1:
@@ -84,18 +85,11 @@ def amp_summary(records):
         for gflops in ("matmul_gflops_float32", "matmul_gflops_bfloat16"):
             values = [r[gflops] for r in base_runs + amp_runs if gflops in r]
             if values:
-                row[gflops] = _median(values)
+                row[gflops] = statistics.median(values)
         if "peak_cuda_gib" in base:
             row.update(fp32_peak_cuda_gib=base["peak_cuda_gib"], amp_peak_cuda_gib=amp.get("peak_cuda_gib"))
         out[name[: -len("_amp")]] = row
     return out
-
-
-def _median(values):
-    """Median of a non-empty list of numbers (the mean of the two middle ones for an even count)."""
-    ordered = sorted(values)
-    mid = len(ordered) // 2
-    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
 
 
 def _plain_workloads(args):
