@@ -42,6 +42,12 @@ def add_p2seg_config(cfg):
     cfg.MODEL.P2SEG = CN()
     # Number of object classes C (the semantic head predicts C + 1 with background).
     cfg.MODEL.P2SEG.NUM_CLASSES = 20
+    # One foreground channel (and one centre heatmap) shared by every class instead of C: the
+    # semantic source's classes are merged for training, and each mask takes its point's class.
+    # Learning C classes from a few images is the hard part on real photos; the point already
+    # names the class. Point-free inference (demo.py without points) then labels every mask with
+    # class 0.
+    cfg.MODEL.P2SEG.FOREGROUND_SEMANTICS = False
     # Inputs are padded to a multiple of this.
     cfg.MODEL.P2SEG.SIZE_DIVISIBILITY = 32
     # Std of the N(0, std) init of decoder/head convs (BN weight 1, bias 0).
@@ -72,6 +78,11 @@ def add_p2seg_config(cfg):
     # mining from step 0 can leave the semantic head at p = 0.5 for good (nuclei_dev, degraded
     # source: loss_sem 0.693 for 800 iterations, no foreground at all). README "Recipe".
     cfg.MODEL.P2SEG.LOSS.SEM_TOP_K_WARMUP_ITERS = 300
+    # The mined fraction is at least this times the share of the batch's labels that the head's
+    # argmax disagrees with (an online estimate of the source's error): mining fewer pixels than
+    # about twice the wrong ones makes a uniform guess the minimum, and a fixed 20 % collapsed the
+    # head on noisy sources (docs/METHOD.md; README "Noisy semantic sources"). 0 = a fixed fraction.
+    cfg.MODEL.P2SEG.LOSS.SEM_TOP_K_ERROR_FACTOR = 3.0
     # Warn if the median loss_sem of the 20 iterations up to STUCK_CHECK_ITER (0 = never) is within
     # STUCK_MARGIN of SEM_WEIGHT * ln(C+1), a uniform guess: the one-class mining deadlock sat at
     # 0.6932-0.6939 (ln 2 = 0.6931) for 800 iterations, while a learning head with mining of the
@@ -187,3 +198,9 @@ def add_p2seg_config(cfg):
     # backward is ~3x slower than float32 here; p2seg/utils/precision.py).
     cfg.SOLVER.AMP.CPU_FLOAT32_DEPTHWISE = True
     return cfg
+
+
+def semantic_channels(cfg) -> int:
+    """Classes the semantic and centre heads predict: 1 with ``MODEL.P2SEG.FOREGROUND_SEMANTICS``,
+    else ``MODEL.P2SEG.NUM_CLASSES`` (the semantic head adds a background channel)."""
+    return 1 if cfg.MODEL.P2SEG.FOREGROUND_SEMANTICS else cfg.MODEL.P2SEG.NUM_CLASSES

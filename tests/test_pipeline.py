@@ -166,3 +166,22 @@ def test_pipeline_quick_runs_stage2_and_resumes(stage1):
     assert all(f"[{s}] outputs exist: skipped" in log2 for s in results["stages"])
     rerun = json.loads((out / "pipeline_results.json").read_text())["rows"]
     assert json.dumps(rerun) == json.dumps(rows)  # (NaN-safe comparison)
+
+
+def test_pipeline_stops_before_export_when_stage1_learned_nothing(stage1):
+    """A stage 1 whose semantic head is flagged at chance level (here: any loss within a margin of
+    100 of ln(C+1), checked at iteration 1) makes the pipeline exit non-zero before the export,
+    naming the marker and the keys to change; nothing is exported or trained after it."""
+    out = stage1["root"] / "stuck"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "run_pipeline.py"), "--quick", "--output-dir", str(out),
+         "--stage1-opts", "MODEL.P2SEG.LOSS.STUCK_CHECK_ITER 1 MODEL.P2SEG.LOSS.STUCK_MARGIN 100 "
+                          "MODEL.P2SEG.LOSS.SEM_TOP_K 0.2"],
+        cwd=str(REPO), env=stage1["env"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "stage 1 learned nothing" in proc.stderr and "semantic_head_stuck.json" in proc.stderr
+    assert "MODEL.P2SEG.LOSS.SEM_TOP_K 1.0" in proc.stderr  # the key to change (mining was on)
+    marker = json.loads((out / "stage1" / "semantic_head_stuck.json").read_text())
+    assert marker["iteration"] >= 1 and "learned nothing" in marker["message"]
+    assert (out / "stage1" / "model_final.pth").is_file()
+    assert not (out / "export").exists() and not (out / "stage2").exists()

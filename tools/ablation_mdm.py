@@ -180,7 +180,8 @@ def worker(args):
     results = inference_on_dataset(trainer.model, Trainer.build_test_loader(cfg, name), evaluator)
     segm = results.get("segm", {})
     row = {"tag": args.tag, "variant": args.variant, "seed": args.seed, "iters": cfg.SOLVER.MAX_ITER,
-           "dataset": name, **{k: segm.get(k) for k in METRICS}, "train_s": round(train_s, 1),
+           "dataset": name, **{k: segm.get(k) for k in METRICS},
+           "fallback_fraction": results.get("points", {}).get("fallback_fraction"), "train_s": round(train_s, 1),
            "eval_s": round(time.perf_counter() - t0, 1), "threads": args.threads,
            "loadavg_1min": round(os.getloadavg()[0], 2)}
     if VARIANTS[args.variant][1]:

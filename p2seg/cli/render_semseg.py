@@ -11,7 +11,8 @@ this order per image (generator seeded by ``(--seed, image id)``):
 2. ``--erode E`` / ``--dilate D``: each instance is eroded or dilated by a radius drawn uniformly
    in ``[-E, D]`` pixels;
 3. ``--blob-noise N`` disks of radius up to ``--blob-radius`` x the shorter image side are
-   flipped to another label present in the image (or background).
+   flipped to another label present in the image (or background);
+4. ``--flip-prob F``: each pixel takes another label with probability F (independent per pixel).
 
 With a degradation, the tool prints the mIoU (background included, classes present in either
 map) of the rendered maps against the undegraded rendering of the same JSON.
@@ -37,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--blob-noise", type=int, default=0, help="random label-flipped disks per image")
     p.add_argument("--blob-radius", type=float, default=0.1,
                    help="max disk radius as a fraction of the shorter image side (default 0.1)")
+    p.add_argument("--flip-prob", type=float, default=0.0,
+                   help="probability that a pixel takes another label, independently per pixel")
     p.add_argument("--seed", type=int, default=0, help="seed of the degradation (default 0)")
     p.add_argument("--ignore-label", type=int, default=255, help="value of crowd/ignored pixels")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -45,8 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _check_arguments(parser: argparse.ArgumentParser, args) -> None:
     """Refuse out-of-range degradation parameters (``parser.error``: usage, exit code 2)."""
-    if not 0.0 <= args.drop_prob <= 1.0:
-        parser.error(f"--drop-prob must be in [0, 1], got {args.drop_prob}")
+    for name in ("drop_prob", "flip_prob"):
+        if not 0.0 <= getattr(args, name) <= 1.0:
+            parser.error(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
     for name in ("erode", "dilate", "blob_noise"):
         if getattr(args, name) < 0:
             parser.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
@@ -59,7 +63,7 @@ def render_semseg(args):
     data = read_coco_json(args.json)
     degradation = Degradation(
         drop_prob=args.drop_prob, erode=args.erode, dilate=args.dilate,
-        blob_noise=args.blob_noise, blob_radius=args.blob_radius,
+        blob_noise=args.blob_noise, blob_radius=args.blob_radius, flip_prob=args.flip_prob,
     )
     os.makedirs(args.out, exist_ok=True)
     conf = render_degraded_mask_json(
@@ -77,7 +81,7 @@ def main(argv=None) -> int:
     miou, num_images = render_semseg(args)
     print(
         f"{args.out}: images={num_images} drop_prob={args.drop_prob} erode={args.erode} "
-        f"dilate={args.dilate} blob_noise={args.blob_noise} blob_radius={args.blob_radius} "
+        f"dilate={args.dilate} blob_noise={args.blob_noise} blob_radius={args.blob_radius} flip_prob={args.flip_prob} "
         f"seed={args.seed} mIoU_vs_undegraded={miou:.4f}"
     )
     return 0

@@ -386,6 +386,7 @@ class P2SegDatasetMapper:
         ignore_value=255,
         bad_samples="error",
         ignore_unpointed=False,
+        foreground_semantics=False,
     ):
         """
         Args:
@@ -399,6 +400,9 @@ class P2SegDatasetMapper:
                 warn, count and return None so that ``MapDataset`` maps another sample).
             ignore_unpointed: the semantic target ignores pseudo-label components without a point
                 of their class (cfg.MODEL.P2SEG.TARGETS.IGNORE_UNPOINTED, :func:`ignore_unpointed_components`).
+            foreground_semantics: merge the classes (cfg.MODEL.P2SEG.FOREGROUND_SEMANTICS): the
+                semantic map's labels 1..C become 1, and in training the points' classes 0 (the
+                targets of a one-class model); at inference ``point_classes`` keep their classes.
         """
         if bad_samples not in BAD_SAMPLE_POLICIES:
             raise ValueError(
@@ -413,6 +417,7 @@ class P2SegDatasetMapper:
         self.connectivity = connectivity
         self.ignore_value = ignore_value
         self.ignore_unpointed = ignore_unpointed
+        self.foreground_semantics = foreground_semantics
         self.skip_bad_samples = is_train and bad_samples == "skip"
         self.num_bad_samples = 0  # samples skipped so far (this process)
         self.num_samples = None  # size of the dataset mapped, when known (set by the train loader)
@@ -434,6 +439,7 @@ class P2SegDatasetMapper:
             "ignore_value": cfg.INPUT.IGNORE_VALUE,
             "bad_samples": cfg.DATALOADER.BAD_SAMPLES,
             "ignore_unpointed": targets.IGNORE_UNPOINTED,
+            "foreground_semantics": cfg.MODEL.P2SEG.FOREGROUND_SEMANTICS,
         }
 
     def __call__(self, dataset_dict):
@@ -485,13 +491,17 @@ class P2SegDatasetMapper:
         return out
 
     def _read_sem_seg(self, dataset_dict, image):
-        return read_sem_seg(
+        """The checked semantic map (uint8 HxW); labels 1..C merged into 1 with foreground semantics."""
+        sem_seg = read_sem_seg(
             dataset_dict["sem_seg_file_name"],
             image.shape[0],
             image.shape[1],
             self.num_classes,
             self.ignore_value,
         )
+        if self.foreground_semantics:
+            sem_seg = np.where((sem_seg > 0) & (sem_seg != self.ignore_value), 1, sem_seg).astype(sem_seg.dtype)
+        return sem_seg
 
     def _map_train(self, dataset_dict, image, out):
         """Augment image / semantic map / points jointly and build the targets into ``out``."""
@@ -511,12 +521,14 @@ class P2SegDatasetMapper:
         points = transform_points(transforms, points)
         keep = inside_image(points, height, width)
         points, classes = points[keep], classes[keep]
+        if self.foreground_semantics:
+            classes = np.zeros_like(classes)
 
         targets = build_targets(
             sem_seg,
             points,
             classes,
-            self.num_classes,
+            1 if self.foreground_semantics else self.num_classes,
             sigma=self.sigma,
             min_component_area=self.min_component_area,
             connectivity=self.connectivity,

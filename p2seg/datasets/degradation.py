@@ -16,7 +16,8 @@ import numpy as np
 from p2seg.data.semantic_sources import render_mask_json, render_semantic_map
 from p2seg.evaluation.semantic_miou import confusion_matrix
 
-__all__ = ["Degradation", "image_rng", "render_degraded_semantic_map", "render_degraded_mask_json"]
+__all__ = ["Degradation", "image_rng", "flip_pixels", "render_degraded_semantic_map",
+           "render_degraded_mask_json"]
 
 
 # ---------------------------------------------------------------------------------- degradation
@@ -32,6 +33,8 @@ class Degradation:
         blob_noise: number of random disks per image flipped to another label.
         blob_radius: max disk radius as a fraction of the image's shorter side (radius is uniform
             in ``[1, blob_radius * min(H, W)]``).
+        flip_prob: probability that a pixel (not ignore) takes another label, independently per
+            pixel (label noise without spatial structure), applied last.
     """
 
     drop_prob: float = 0.0
@@ -39,10 +42,12 @@ class Degradation:
     dilate: int = 0
     blob_noise: int = 0
     blob_radius: float = 0.1
+    flip_prob: float = 0.0
 
     def is_identity(self) -> bool:
         """True when the degradation changes nothing."""
-        return self.drop_prob <= 0 and self.erode <= 0 and self.dilate <= 0 and self.blob_noise <= 0
+        return (self.drop_prob <= 0 and self.erode <= 0 and self.dilate <= 0 and self.blob_noise <= 0
+                and self.flip_prob <= 0)
 
 
 def image_rng(seed: int, image_id) -> np.random.Generator:
@@ -120,6 +125,27 @@ def add_blob_noise(
     return out
 
 
+def flip_pixels(sem: np.ndarray, flip_prob: float, rng: np.random.Generator, ignore_label: int = 255) -> np.ndarray:
+    """Give each non-ignore pixel, with probability ``flip_prob``, another label drawn uniformly
+    among the map's labels (background included) other than its own.
+
+    Args:
+        sem: uint8 ``HxW`` semantic map.
+    Returns:
+        uint8 ``HxW`` (a new array; unchanged when the map has a single label).
+    """
+    out = sem.copy()
+    present = np.union1d(np.unique(sem[sem != ignore_label]), [0]).astype(np.int64)
+    if flip_prob <= 0 or present.size < 2:
+        return out
+    flip = (rng.random(sem.shape) < flip_prob) & (sem != ignore_label)
+    own = np.searchsorted(present, sem[flip].astype(np.int64))
+    # a uniform draw among the other labels: skip over the pixel's own rank
+    other = rng.integers(0, present.size - 1, size=own.size)
+    out[flip] = present[other + (other >= own)].astype(np.uint8)
+    return out
+
+
 def render_degraded_semantic_map(
     masks: np.ndarray,
     labels: np.ndarray,
@@ -129,7 +155,7 @@ def render_degraded_semantic_map(
     rng: np.random.Generator,
     ignore_label: int = 255,
 ) -> np.ndarray:
-    """Render a degraded semantic map: drop -> erode/dilate -> paint -> blob noise.
+    """Render a degraded semantic map: drop -> erode/dilate -> paint -> blob noise -> pixel flips.
 
     Crowd masks are never dropped nor perturbed. Arguments as :func:`render_semantic_map`.
     Returns uint8 ``HxW``.
@@ -145,7 +171,8 @@ def render_degraded_semantic_map(
     masks = masks.copy()
     masks[~crowd] = things
     sem = render_semantic_map(masks, labels, scores, crowd, ignore_label)
-    return add_blob_noise(sem, degradation.blob_noise, degradation.blob_radius, rng, ignore_label)
+    sem = add_blob_noise(sem, degradation.blob_noise, degradation.blob_radius, rng, ignore_label)
+    return flip_pixels(sem, degradation.flip_prob, rng, ignore_label)
 
 
 def render_degraded_mask_json(data: dict, out_dir: str, cat_id_to_label, degradation: Degradation, seed: int = 0,

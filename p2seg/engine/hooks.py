@@ -13,13 +13,16 @@ checkpoint is written from the bad state:
   ``after_step`` of the guard (registered before ``PeriodicCheckpointer``) checks every parameter
   and raises, naming the first non-finite ones, before the checkpointer can save them.
 
-:class:`SemanticLossMonitor` warns when the semantic head has learned nothing: ``loss_sem`` still
+:class:`SemanticLossMonitor` flags a semantic head that has learned nothing: ``loss_sem`` still
 at the cross-entropy of a uniform guess (``SEM_WEIGHT * ln(C + 1)``) after a number of iterations
-(the signature of the one-class hard-mining deadlock). Training goes on; the warning says what it
-means, and the export's fallback count (p2seg/evaluation/fallback_check.py) confirms it later.
+or at the end (the signature of hard-pixel mining on a noisy source). Training goes on; the
+warning names the key to change, a marker file in OUTPUT_DIR lets ``tools/run_pipeline.py`` stop
+before the export, and the export's fallback count (p2seg/evaluation/fallback_check.py) confirms it.
 """
+import json
 import logging
 import math
+import os
 from typing import Dict, List, Mapping
 
 import torch
@@ -27,8 +30,8 @@ import torch
 from detectron2.engine import HookBase
 from detectron2.utils import comm
 
-__all__ = ["NonFiniteLossError", "NonFiniteLossGuard", "SemanticLossMonitor", "nonfinite_terms",
-           "nonfinite_parameters"]
+__all__ = ["NonFiniteLossError", "NonFiniteLossGuard", "SemanticLossMonitor", "STUCK_MARKER", "nonfinite_terms",
+           "nonfinite_parameters", "read_stuck_marker", "stuck_advice"]
 
 logger = logging.getLogger(__name__)
 
@@ -121,39 +124,103 @@ class NonFiniteLossGuard(HookBase):
             self._original_write_metrics = None
 
 
-class SemanticLossMonitor(HookBase):
-    """Warn once if ``loss_sem`` is within ``margin`` of chance level at iteration ``check_iter``."""
+STUCK_MARKER = "semantic_head_stuck.json"
 
-    def __init__(self, check_iter: int, num_classes: int, sem_weight: float, margin: float, window: int = 20):
+
+def stuck_advice(sem_top_k: float, error_factor: float = 0.0) -> str:
+    """What to change when the semantic head sits at chance level (the keys to set)."""
+    advice = ("Check the semantic source (are its labels 1..C on the objects?) and MODEL.P2SEG.NUM_CLASSES, "
+              "or lower SOLVER.BASE_LR")
+    if sem_top_k < 1.0:
+        safe = "" if error_factor > 0 else "MODEL.P2SEG.LOSS.SEM_TOP_K_ERROR_FACTOR 3.0 (mining that stops on a noisy source) or "
+        advice = (f"Set {safe}MODEL.P2SEG.LOSS.SEM_TOP_K 1.0 (no hard-pixel mining): when more pixels of the source "
+                  "are wrong than the mined fraction, the mined pixels are mostly wrong labels and a uniform guess "
+                  "minimises their loss. " + advice)
+    return advice + "."
+
+
+def read_stuck_marker(output_dir: str):
+    """The dict written by :class:`SemanticLossMonitor` in ``output_dir``, or None."""
+    path = os.path.join(output_dir, STUCK_MARKER)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+class SemanticLossMonitor(HookBase):
+    """Flag a semantic head at chance level: ``loss_sem`` within ``margin`` of a uniform guess at
+    iteration ``check_iter`` or at the end of training.
+
+    A flagged run logs a warning naming the key to change and writes ``<output_dir>/`` +
+    :data:`STUCK_MARKER` (``{"iteration", "loss_sem", "chance", "message"}``), which
+    ``tools/run_pipeline.py`` reads to stop before the export; a run whose head is no longer at
+    chance level at the end removes the marker.
+    """
+
+    def __init__(self, check_iter: int, num_classes: int, sem_weight: float, margin: float, window: int = 20,
+                 output_dir: str = "", sem_top_k: float = 1.0, error_factor: float = 0.0):
         """
         Args:
-            check_iter: iteration (0-based) of the check; <= 0 disables the hook.
+            check_iter: iteration (0-based) of the first check; <= 0 disables the hook.
             num_classes: C (the semantic head has C + 1 outputs).
             sem_weight: ``MODEL.P2SEG.LOSS.SEM_WEIGHT`` (the logged ``loss_sem`` includes it).
-            margin: warn when ``|median(loss_sem) - sem_weight * ln(C + 1)| < margin``.
+            margin: flag when ``|median(loss_sem) - sem_weight * ln(C + 1)| < margin``.
             window: iterations of the median.
+            output_dir: where the marker is written ("" = nowhere; only the main process writes).
+            sem_top_k, error_factor: ``MODEL.P2SEG.LOSS.SEM_TOP_K`` and ``SEM_TOP_K_ERROR_FACTOR``
+                (the advice depends on them).
         """
         self.check_iter = check_iter
         self.chance = sem_weight * math.log(num_classes + 1)
         self.margin = margin
         self.window = window
+        self.output_dir = output_dir
+        self.sem_top_k = sem_top_k
+        self.error_factor = error_factor
         self.warned = False
 
-    def after_step(self):
-        if self.check_iter <= 0 or self.trainer.iter != self.check_iter:
-            return
+    def _median(self):
         storage = self.trainer.storage
         if "loss_sem" not in storage.histories():
+            return None
+        return storage.history("loss_sem").median(self.window)
+
+    def _check(self, final: bool) -> None:
+        """Flag (warn, write the marker) or, at the end of a run that learned, clear the marker."""
+        median = self._median()
+        if median is None:
             return
-        median = storage.history("loss_sem").median(self.window)
-        if abs(median - self.chance) < self.margin:
-            self.warned = True
-            logger.warning(
-                "Iteration %d: loss_sem is %.4f, the loss of a uniform guess (SEM_WEIGHT * ln(C+1) = %.4f): "
-                "the semantic head has learned nothing so far, and every point would get the fallback box. "
-                "Check the semantic source (are its labels 1..C on the objects?) and MODEL.P2SEG.NUM_CLASSES; "
-                "with few foreground pixels, warm up the hard-pixel mining "
-                "(MODEL.P2SEG.LOSS.SEM_TOP_K_WARMUP_ITERS) or use SEM_TOP_K 1.0. "
-                "(MODEL.P2SEG.LOSS.STUCK_CHECK_ITER sets when this is checked.)",
-                self.trainer.iter, median, self.chance,
-            )
+        marker = os.path.join(self.output_dir, STUCK_MARKER) if self.output_dir and comm.is_main_process() else ""
+        if abs(median - self.chance) >= self.margin:
+            if final and marker and os.path.isfile(marker):
+                os.remove(marker)
+            return
+        self.warned = True
+        message = (
+            f"Iteration {self.trainer.iter}: loss_sem is {median:.4f}, the loss of a uniform guess "
+            f"(SEM_WEIGHT * ln(C+1) = {self.chance:.4f}): the semantic head has learned nothing, and every point "
+            f"would get the fallback box. {stuck_advice(self.sem_top_k, self.error_factor)} "
+            "(MODEL.P2SEG.LOSS.STUCK_CHECK_ITER sets when this is checked.)"
+        )
+        logger.warning(message)
+        if marker:
+            from p2seg.utils.atomic import write_json_atomic
+
+            write_json_atomic({"iteration": self.trainer.iter, "loss_sem": round(median, 4),
+                               "chance": round(self.chance, 4), "message": message}, marker)
+
+    def before_train(self):
+        """A new run starts unflagged."""
+        marker = os.path.join(self.output_dir, STUCK_MARKER) if self.output_dir else ""
+        if marker and comm.is_main_process() and os.path.isfile(marker) and self.trainer.iter == 0:
+            os.remove(marker)
+
+    def after_step(self):
+        if self.check_iter > 0 and self.trainer.iter == self.check_iter:
+            self._check(final=False)
+
+    def after_train(self):
+        """Check again on the last iterations: a head can collapse after the first check."""
+        if self.check_iter > 0 and self.trainer.iter >= self.check_iter:
+            self._check(final=True)

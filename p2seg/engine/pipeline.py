@@ -104,6 +104,18 @@ class PipelineConfig:
         return cfg
 
 
+def _refuse_stuck_stage1(stage1_dir: Path) -> None:
+    """Raise RuntimeError (the pipeline exits non-zero) when stage 1's semantic head ended at chance
+    level (:class:`p2seg.engine.hooks.SemanticLossMonitor`'s marker): its export would be fallback
+    boxes only, and stage 2 would learn from them."""
+    from p2seg.engine.hooks import STUCK_MARKER, read_stuck_marker
+
+    stuck = read_stuck_marker(str(stage1_dir))
+    if stuck is not None:
+        raise RuntimeError(f"stage 1 learned nothing ({stage1_dir / STUCK_MARKER}): {stuck['message']} "
+                           "Export and stage 2 were not run; delete the stage-1 folder and rerun with the change.")
+
+
 def _run_train_net(pc: PipelineConfig, name: str, args: List[str]) -> None:
     """Run ``train_net.py args`` to ``<output_dir>/<name>.log``, echoing progress lines.
 
@@ -197,6 +209,7 @@ def run_pipeline(pc: PipelineConfig) -> dict:
 
     _stage(pc, "stage1", (d1 / "model_final.pth").is_file(), lambda: _run_train_net(
         pc, "stage1", ["--config-file", pc.stage1_config, *o1, "OUTPUT_DIR", str(d1), "DATASETS.TEST", "()"]), timings)
+    _refuse_stuck_stage1(d1)
     _stage(pc, "export", pseudo_json.is_file() and (dx / "results.json").is_file(), lambda: _run_train_net(
         pc, "export", ["--config-file", pc.stage1_config, "--eval-only", *o1, "OUTPUT_DIR", str(dx),
                        "MODEL.WEIGHTS", str(d1 / "model_final.pth"), "DATASETS.TEST", f'("{train_set}",)',

@@ -25,6 +25,7 @@ from detectron2.solver.build import maybe_add_gradient_clipping
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
+from p2seg.config import semantic_channels
 from p2seg.utils.precision import amp_dtype, mixed_precision
 
 from .amp import MixedPrecisionTrainer
@@ -314,8 +315,9 @@ class Trainer(DefaultTrainer):
         if is_p2seg(self.cfg):
             loss = self.cfg.MODEL.P2SEG.LOSS
             check = min(loss.STUCK_CHECK_ITER, self.cfg.SOLVER.MAX_ITER - 1)
-            hooks.insert(1, SemanticLossMonitor(check, self.cfg.MODEL.P2SEG.NUM_CLASSES, loss.SEM_WEIGHT,
-                                                loss.STUCK_MARGIN))
+            hooks.insert(1, SemanticLossMonitor(check, semantic_channels(self.cfg), loss.SEM_WEIGHT,
+                                                loss.STUCK_MARGIN, output_dir=self.cfg.OUTPUT_DIR,
+                                                sem_top_k=loss.SEM_TOP_K, error_factor=loss.SEM_TOP_K_ERROR_FACTOR))
         return hooks
 
     def resume_or_load(self, resume=True):

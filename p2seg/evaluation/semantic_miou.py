@@ -10,6 +10,7 @@ from typing import Tuple
 import numpy as np
 from pycocotools import mask as mask_util
 
+from p2seg.data.coco_format import segmentation_to_rle
 from p2seg.data.semantic_sources import read_semantic_png
 
 __all__ = ["confusion_matrix", "mean_iou", "semantic_miou"]
@@ -69,7 +70,8 @@ def semantic_miou(dataset_dicts, num_classes, ignore_label=255):
         for a in d["annotations"]:
             if "segmentation" not in a:
                 raise KeyError(f"{d['file_name']}: annotation lacks field 'segmentation' (GT)")
-            gt[mask_util.decode(a["segmentation"]).astype(bool)] = a["category_id"] + 1
+            rle = segmentation_to_rle(a["segmentation"], *sem.shape, where=d["file_name"])  # polygons too
+            gt[mask_util.decode(rle).astype(bool)] = a["category_id"] + 1
         pl = np.where(sem == ignore_label, n, sem)  # ignore -> the "other" column
         conf += confusion_matrix(pl, gt, n, ignore_label=-1)  # the GT has no ignore pixels
     iou = np.nan_to_num(mean_iou(conf)[1])

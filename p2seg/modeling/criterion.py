@@ -21,7 +21,8 @@ from detectron2.structures import ImageList
 from detectron2.utils.events import get_event_storage
 
 from .i2s import I2SSettings, i2s_terms, image_classes
-from .losses import center_loss, hard_mining_fraction, offset_loss, point_loss, semantic_loss
+from .losses import (center_loss, hard_mining_fraction, noise_safe_mining_fraction, offset_loss, point_loss,
+                     semantic_loss, wrong_label_fraction)
 from .s2i import refine_offset_targets
 
 __all__ = ["P2SegCriterion", "TARGET_KEYS"]
@@ -47,7 +48,8 @@ class P2SegCriterion(nn.Module):
 
     @configurable
     def __init__(self, *, common_stride: int, size_divisibility: int, ignore_value: int, sem_weight: float,
-                 sem_top_k: float, sem_top_k_warmup_iters: int = 0, center_weight: float, offset_weight: float,
+                 sem_top_k: float, sem_top_k_warmup_iters: int = 0, sem_top_k_error_factor: float = 0.0,
+                 center_weight: float, offset_weight: float,
                  point_weight: float = 0.0, s2i_enabled: bool = False, s2i_refined_weight: float = 0.5,
                  i2s: Optional[I2SSettings] = None, mdm_start_iter: int = 0):
         """
@@ -58,6 +60,9 @@ class P2SegCriterion(nn.Module):
             sem_weight, sem_top_k: weight and hard-pixel-mining fraction of ``loss_sem``.
             sem_top_k_warmup_iters: iterations over which the mined fraction goes from 1 to
                 ``sem_top_k`` (:func:`~p2seg.modeling.losses.hard_mining_fraction`).
+            sem_top_k_error_factor: the mined fraction is at least this times the batch's share of
+                labels the head disagrees with (:func:`~p2seg.modeling.losses.noise_safe_mining_fraction`;
+                0 = the scheduled fraction alone).
             center_weight, offset_weight, point_weight: weights of ``loss_center``,
                 ``loss_offset`` and ``loss_point`` (0 = no point loss term).
             s2i_enabled: average the offset loss with the loss against the S2I refined targets.
@@ -75,6 +80,7 @@ class P2SegCriterion(nn.Module):
         self.sem_weight = sem_weight
         self.sem_top_k = sem_top_k
         self.sem_top_k_warmup_iters = sem_top_k_warmup_iters
+        self.sem_top_k_error_factor = sem_top_k_error_factor
         self.center_weight = center_weight
         self.offset_weight = offset_weight
         self.point_weight = point_weight
@@ -96,6 +102,7 @@ class P2SegCriterion(nn.Module):
             "sem_weight": loss.SEM_WEIGHT,
             "sem_top_k": loss.SEM_TOP_K,
             "sem_top_k_warmup_iters": loss.SEM_TOP_K_WARMUP_ITERS,
+            "sem_top_k_error_factor": loss.SEM_TOP_K_ERROR_FACTOR,
             "center_weight": loss.CENTER_WEIGHT,
             "offset_weight": loss.OFFSET_WEIGHT,
             "point_weight": loss.POINT_WEIGHT,
@@ -202,6 +209,10 @@ class P2SegCriterion(nn.Module):
         the logits of :meth:`_semantic_logits`."""
         logits = self._semantic_logits(up, i2s)
         top_k = hard_mining_fraction(self.sem_top_k, self.training_iteration(), self.sem_top_k_warmup_iters)
+        if top_k < 1.0 and self.sem_top_k_error_factor > 0:
+            wrong = wrong_label_fraction(logits, targets["sem_seg"], self.ignore_value)
+            _put_scalar("p2seg/sem_wrong_fraction", wrong)
+            top_k = noise_safe_mining_fraction(top_k, wrong, self.sem_top_k_error_factor)
         _put_scalar("p2seg/sem_top_k", top_k)
         terms = {"loss_sem": self.sem_weight * semantic_loss(logits, targets["sem_seg"], top_k, self.ignore_value)}
         if self.point_weight > 0:

@@ -24,7 +24,7 @@ Where the Detectron2 heads differ from docs/METHOD.md (configure with ``MODEL.SE
   ``USE_DEPTHWISE_SEPARABLE_CONV`` the semantic and offset heads use one 5x5 depthwise-separable
   conv; the centre head always uses two 3x3 convs (as in Detectron2).
 * ``MODEL.SEM_SEG_HEAD.NUM_CLASSES`` / ``IGNORE_VALUE`` and ``INPUT.CROP.*`` are not read by the
-  heads: the number of outputs is ``MODEL.P2SEG.NUM_CLASSES + 1``.
+  heads: the number of outputs is ``MODEL.P2SEG.NUM_CLASSES + 1`` (2 with ``FOREGROUND_SEMANTICS``).
 * Initialisation (:func:`init_head_weights`): every conv of the decoders and heads is
   N(0, ``MODEL.P2SEG.HEAD_INIT_STD``) with zero bias, norm layers weight 1 / bias 0 (docs/METHOD.md);
   Detectron2's heads use Xavier/MSRA fills for the decoder convs.
@@ -44,6 +44,8 @@ from detectron2.projects.panoptic_deeplab.panoptic_seg import (
     PanopticDeepLabInsEmbedHead,
 )
 from detectron2.utils.registry import Registry
+
+from p2seg.config import semantic_channels
 
 __all__ = [
     "P2SEG_AFFINITY_HEAD_REGISTRY",
@@ -84,13 +86,13 @@ def head_cfg(cfg):
     """A copy of ``cfg`` prepared for building the Detectron2 decoder heads.
 
     Sets ``INPUT.CROP.ENABLED = False`` (global ASPP pooling, see the module docstring) and
-    ``MODEL.SEM_SEG_HEAD.NUM_CLASSES = MODEL.P2SEG.NUM_CLASSES + 1``,
+    ``MODEL.SEM_SEG_HEAD.NUM_CLASSES`` = the semantic channels + 1 (:func:`p2seg.config.semantic_channels`),
     ``MODEL.SEM_SEG_HEAD.IGNORE_VALUE = INPUT.IGNORE_VALUE``. ``cfg`` itself is not modified.
     """
     c = cfg.clone()
     c.defrost()
     c.INPUT.CROP.ENABLED = False
-    c.MODEL.SEM_SEG_HEAD.NUM_CLASSES = cfg.MODEL.P2SEG.NUM_CLASSES + 1
+    c.MODEL.SEM_SEG_HEAD.NUM_CLASSES = semantic_channels(cfg) + 1
     c.MODEL.SEM_SEG_HEAD.IGNORE_VALUE = cfg.INPUT.IGNORE_VALUE
     return c
 
@@ -149,7 +151,7 @@ class P2SegInsEmbedHead(PanopticDeepLabInsEmbedHead):
     def from_config(cls, cfg, input_shape):
         """Panoptic-DeepLab's keys (on :func:`head_cfg`) plus C and CENTER_HEAD_CHANNELS."""
         ret = super().from_config(head_cfg(cfg), input_shape)
-        ret["num_center_channels"] = cfg.MODEL.P2SEG.NUM_CLASSES
+        ret["num_center_channels"] = semantic_channels(cfg)
         ret["center_head_channels"] = cfg.MODEL.INS_EMBED_HEAD.CENTER_HEAD_CHANNELS
         return ret
 

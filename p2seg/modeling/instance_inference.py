@@ -15,6 +15,8 @@ from detectron2.config import configurable
 from detectron2.modeling.postprocessing import sem_seg_postprocess
 from detectron2.structures import BitMasks, Boxes, Instances
 
+from p2seg.config import semantic_channels
+
 from .postprocessing import one_hot_semantics, peak_instances, point_guided_instances
 
 __all__ = ["InstanceInference", "GROUPING_SEMANTICS"]
@@ -28,15 +30,20 @@ class InstanceInference:
     @configurable
     def __init__(self, *, num_classes: int, common_stride: int, center_threshold: float = 0.1,
                  nms_kernel: int = 41, top_k: int = 200, min_instance_area: int = 1,
-                 fallback_box_size: int = 64, fallback_score: float = 0.5, grouping_semantics: str = "model"):
+                 fallback_box_size: int = 64, fallback_score: float = 0.5, grouping_semantics: str = "model",
+                 foreground_semantics: bool = False):
         """
         Args:
-            num_classes: C.
+            num_classes: C, the classes of the semantic and centre heads (1 with
+                ``foreground_semantics``).
             common_stride: output stride of the heads.
             center_threshold, nms_kernel, top_k, min_instance_area: peak grouping (no points).
             fallback_box_size, fallback_score: mask of a point that gets no pixel.
             grouping_semantics: with points, the foreground that the offsets group: "model" (the
                 semantic head's) or "source" (the input's ``sem_seg``, the semantic source).
+            foreground_semantics: the heads predict one foreground class for every class
+                (MODEL.P2SEG.FOREGROUND_SEMANTICS): all points are grouped together and each mask
+                takes the class of its point.
         """
         if grouping_semantics not in GROUPING_SEMANTICS:
             raise ValueError(
@@ -51,12 +58,15 @@ class InstanceInference:
         self.fallback_box_size = fallback_box_size
         self.fallback_score = fallback_score
         self.grouping_semantics = grouping_semantics
+        self.foreground_semantics = foreground_semantics
+        if foreground_semantics and num_classes != 1:
+            raise ValueError(f"InstanceInference: foreground semantics have 1 class, got num_classes={num_classes}")
 
     @classmethod
     def from_config(cls, cfg, common_stride: int):
         inference = cfg.MODEL.P2SEG.INFERENCE
         return {
-            "num_classes": cfg.MODEL.P2SEG.NUM_CLASSES,
+            "num_classes": semantic_channels(cfg),
             "common_stride": common_stride,
             "center_threshold": inference.CENTER_THRESHOLD,
             "nms_kernel": inference.NMS_KERNEL,
@@ -65,7 +75,13 @@ class InstanceInference:
             "fallback_box_size": inference.FALLBACK_BOX_SIZE,
             "fallback_score": inference.FALLBACK_SCORE,
             "grouping_semantics": inference.SEMANTICS,
+            "foreground_semantics": cfg.MODEL.P2SEG.FOREGROUND_SEMANTICS,
         }
+
+    def head_classes(self, point_classes: torch.Tensor) -> torch.Tensor:
+        """The heads' class of each point: its own class, or 0 (foreground) with
+        ``foreground_semantics``. int64 (P,) -> int64 (P,)."""
+        return torch.zeros_like(point_classes) if self.foreground_semantics else point_classes
 
     def present_classes(self, batched_inputs: List[Dict], device) -> torch.Tensor:
         """Image-level labels: float Bx(C+1), channel 0 (background) always 1; for an image with
@@ -73,7 +89,7 @@ class InstanceInference:
         present = torch.ones(len(batched_inputs), self.num_classes + 1, device=device)
         for i, x in enumerate(batched_inputs):
             if "points" in x:
-                classes = x["point_classes"].to(device).long()
+                classes = self.head_classes(x["point_classes"].to(device).long())
                 present[i, 1:] = 0.0
                 present[i, classes + 1] = 1.0
         return present
@@ -116,8 +132,10 @@ class InstanceInference:
             grouped = probs
             if self.grouping_semantics == "source":
                 grouped = self._source_probabilities(x, height, width, device) * present[:, None, None]
-            found = point_guided_instances(grouped, offset, points, x["point_classes"].to(device),
+            point_classes = x["point_classes"].to(device).long()
+            found = point_guided_instances(grouped, offset, points, self.head_classes(point_classes),
                                            self.fallback_box_size, self.fallback_score)
+            found["classes"] = point_classes.clone()  # the point's class, also for foreground semantics
         else:
             center = self.to_output_size(center, image_size, height, width)
             found = peak_instances(probs, center, offset, self.center_threshold, self.nms_kernel, self.top_k,

@@ -11,7 +11,7 @@ from torch.nn import functional as F
 
 from detectron2.projects.deeplab.loss import DeepLabCE
 
-__all__ = ["semantic_loss", "hard_mining_fraction", "center_loss", "offset_loss", "point_loss", "weighted_mean"]
+__all__ = ["semantic_loss", "hard_mining_fraction", "wrong_label_fraction", "noise_safe_mining_fraction", "center_loss", "offset_loss", "point_loss", "weighted_mean"]
 
 
 def semantic_loss(logits, targets, top_k, ignore_value):
@@ -49,6 +49,43 @@ def hard_mining_fraction(top_k, iteration, warmup_iters):
         return float(top_k)
     ratio = min(1.0, max(0, iteration) / float(warmup_iters))
     return float(ratio * top_k + (1.0 - ratio))
+
+
+def wrong_label_fraction(logits, targets, ignore_value):
+    """Share of the pixels whose label is not the head's argmax: an online estimate of how many
+    labels of the semantic source are wrong, once the head has learned the majority.
+
+    Args:
+        logits: float Bx(C+1)xHxW.
+        targets: int64 BxHxW labels in 0..C or ``ignore_value`` (never counted as wrong).
+        ignore_value: int.
+    Returns:
+        float in [0, 1]: wrong pixels / all pixels (ignored ones included, as the mined fraction
+        of :func:`semantic_loss` counts them).
+    """
+    with torch.no_grad():
+        wrong = (logits.argmax(1) != targets) & (targets != ignore_value)
+        return float(wrong.float().mean()) if wrong.numel() else 0.0
+
+
+def noise_safe_mining_fraction(scheduled, wrong_fraction, error_factor):
+    """Mined fraction that a noisy source cannot turn into a uniform guess.
+
+    When the mined pixels are mostly wrong labels, their mean loss is smallest at p = 0.5: with
+    symmetric label noise at rate ``e`` and the hardest ``k`` pixels mined, the best probability
+    of the true class is ``1 - e / k`` for ``k >= e``, and p = 0.5 (then a flip) below ``k = 2e``.
+    Keeping ``k >= error_factor * e`` (``e`` estimated by :func:`wrong_label_fraction`) leaves the
+    true class at ``1 - 1 / error_factor``; as the head collapses, ``e`` rises and mining turns
+    itself off. A clean source (``e`` small) keeps the scheduled fraction.
+
+    Args:
+        scheduled: float in (0, 1], :func:`hard_mining_fraction` at this iteration.
+        wrong_fraction: float in [0, 1], :func:`wrong_label_fraction` of this batch.
+        error_factor: float >= 0 (MODEL.P2SEG.LOSS.SEM_TOP_K_ERROR_FACTOR); 0 = ``scheduled``.
+    Returns:
+        float in [scheduled, 1].
+    """
+    return float(min(1.0, max(scheduled, error_factor * wrong_fraction)))
 
 
 def weighted_mean(pixel_losses, weights):

@@ -216,7 +216,8 @@ class P2Seg(nn.Module):
         index = [i for i, x in enumerate(batched_inputs) if "points" in x]
         if not index:
             return sem_probs
-        classes = i2s.image_classes([batched_inputs[i]["point_classes"].to(self.device) for i in index])
+        classes = i2s.image_classes([self.postprocess.head_classes(batched_inputs[i]["point_classes"].to(self.device))
+                                     for i in index])
         walked = i2s.refine_semantic_probs(
             sem_probs[index], outputs["affinity"][index], classes,
             block_size=self.i2s.block_size, transition=self.i2s.transition,

@@ -39,6 +39,8 @@ from detectron2.layers import Conv2d, ShapeSpec, get_norm
 from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
 from detectron2.projects.panoptic_deeplab.panoptic_seg import INS_EMBED_BRANCHES_REGISTRY
 
+from p2seg.config import semantic_channels
+
 from .heads import P2SEG_AFFINITY_HEAD_REGISTRY
 
 __all__ = [
@@ -127,7 +129,7 @@ class SimpleSemSegHead(nn.Module):
         return {
             "input_shape": input_shape,
             "in_features": list(sem.IN_FEATURES),
-            "num_classes": cfg.MODEL.P2SEG.NUM_CLASSES + 1,
+            "num_classes": semantic_channels(cfg) + 1,
             "head_channels": sem.HEAD_CHANNELS,
             "norm": cfg.MODEL.P2SEG.SIMPLE_HEAD_NORM,
             "common_stride": sem.COMMON_STRIDE,
@@ -176,7 +178,7 @@ class SimpleInsEmbedHead(nn.Module):
         return {
             "input_shape": input_shape,
             "in_features": list(ins.IN_FEATURES),
-            "num_center_channels": cfg.MODEL.P2SEG.NUM_CLASSES,
+            "num_center_channels": semantic_channels(cfg),
             "center_head_channels": ins.CENTER_HEAD_CHANNELS,
             "offset_head_channels": ins.HEAD_CHANNELS,
             "norm": cfg.MODEL.P2SEG.SIMPLE_HEAD_NORM,
