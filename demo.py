@@ -52,6 +52,7 @@ from detectron2.engine import DefaultPredictor
 from detectron2.utils.logger import setup_logger
 
 from p2seg import add_p2seg_config
+from p2seg.config import merge_config_file
 from p2seg.engine.checkpointer import P2SegCheckpointer
 from p2seg.utils.precision import mixed_precision
 
@@ -66,7 +67,7 @@ def setup_cfg(config_file: str, opts: List[str]):
     """Frozen config: Detectron2 defaults + P2Seg keys + ``config_file`` + ``opts``."""
     cfg = get_cfg()
     add_p2seg_config(cfg)
-    cfg.merge_from_file(config_file)
+    merge_config_file(cfg, config_file)
     cfg.merge_from_list(list(opts))
     cfg.freeze()
     return cfg

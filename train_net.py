@@ -34,6 +34,7 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from p2seg import add_p2seg_config
+from p2seg.config import merge_config_file
 from p2seg.datasets.registration import register_datasets
 from p2seg.utils.atomic import write_json_atomic
 from p2seg.engine import Trainer
@@ -44,7 +45,7 @@ def setup(args):
     """Config from Detectron2's defaults + P2Seg keys + ``--config-file`` + trailing overrides."""
     cfg = get_cfg()
     add_p2seg_config(cfg)
-    cfg.merge_from_file(args.config_file)
+    merge_config_file(cfg, args.config_file)
     cfg.merge_from_list(args.opts)
     cfg.freeze()
     default_setup(cfg, args)

@@ -203,12 +203,13 @@ def benchmark_cfg(config_file, device, memory_format="config", overrides=()):
     from detectron2.config import get_cfg
 
     from p2seg import add_p2seg_config
+    from p2seg.config import merge_config_file
 
     if memory_format not in MEMORY_FORMATS:
         raise ValueError(f"memory_format must be one of {MEMORY_FORMATS}, got {memory_format!r}")
     cfg = get_cfg()
     add_p2seg_config(cfg)
-    cfg.merge_from_file(config_file)
+    merge_config_file(cfg, config_file)
     forced = [] if memory_format == "config" else ["MODEL.P2SEG.CHANNELS_LAST", memory_format == "channels_last"]
     cfg.merge_from_list([
         "MODEL.WEIGHTS", "", "MODEL.DEVICE", device, "MODEL.P2SEG.NUM_CLASSES", NUM_CLASSES,

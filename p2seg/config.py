@@ -204,3 +204,24 @@ def semantic_channels(cfg) -> int:
     """Classes the semantic and centre heads predict: 1 with ``MODEL.P2SEG.FOREGROUND_SEMANTICS``,
     else ``MODEL.P2SEG.NUM_CLASSES`` (the semantic head adds a background channel)."""
     return 1 if cfg.MODEL.P2SEG.FOREGROUND_SEMANTICS else cfg.MODEL.P2SEG.NUM_CLASSES
+
+
+def merge_config_file(cfg, config_file: str):
+    """``cfg.merge_from_file(config_file)`` with YAML's safe loader on the file and its ``_BASE_``
+    chain. Detectron2's own ``merge_from_file`` falls back to ``yaml.unsafe_load`` when the safe
+    loader meets a tag, which runs the code of a ``!!python/object/apply:...`` tag; here such a
+    config is refused (ValueError naming the file and the tag's line) and nothing of it is run.
+
+    Returns ``cfg``.
+    """
+    import yaml
+
+    try:
+        cfg.merge_from_file(config_file, allow_unsafe=False)
+    except yaml.constructor.ConstructorError as e:
+        where = f" ({e.problem_mark.name}, line {e.problem_mark.line + 1})" if e.problem_mark else ""
+        raise ValueError(
+            f"config {config_file}: a YAML tag that would construct a Python object{where}: {e.problem}. "
+            "Configs are read with a safe loader; remove the tag."
+        ) from None
+    return cfg

@@ -235,3 +235,29 @@ def test_convert_checkpoint_writes_atomically_only_matched_tensors(tmp_path):
     saved = torch.load(out, weights_only=True)["model"]
     assert len(saved) == len(report["matched"]) == report["total"]
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp_")] == []
+
+
+class _RunsCode:
+    """Unpickling this calls ``os.system``-like code: here it writes a marker file."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))  # a global call that creates a file when unpickled
+
+
+def test_a_pkl_that_would_run_code_is_refused_by_every_reader(tmp_path):
+    """p2seg-import-weights and MODEL.WEIGHTS (P2SegCheckpointer) read .pkl files with a restricted
+    unpickler: the crafted file is refused with its name and the global, and its code never runs."""
+    from p2seg.engine.checkpointer import P2SegCheckpointer
+
+    marker = tmp_path / "ran.txt"
+    evil = tmp_path / "evil.pkl"
+    with open(evil, "wb") as f:
+        pickle.dump({"model": {"conv1.weight": _RunsCode(marker)}, "__author__": "x"}, f)
+    with pytest.raises(ValueError, match=r"evil\.pkl: the pickle references 'io\.open'"):
+        main(["--kind", "detectron2", "--input", str(evil), "--output", str(tmp_path / "out.pth")])
+    with pytest.raises(ValueError, match=r"evil\.pkl: the pickle references 'io\.open'"):
+        P2SegCheckpointer(nn.Linear(2, 2), str(tmp_path)).load(str(evil))
+    assert not marker.exists() and not (tmp_path / "out.pth").exists()

@@ -222,3 +222,23 @@ def test_coco_mini_registration_builds_points_and_degraded_pngs(coco_mini, tmp_p
     val = DatasetCatalog.get("test_cfg_coco_mini_val")
     assert len(val) == 79 and "sem_seg_file_name" not in val[0]
     assert not register_coco_mini(str(tmp_path / "absent"), prefix="test_cfg_absent_")
+
+
+def test_a_config_with_a_python_tag_is_refused_and_never_run(tmp_path):
+    """Detectron2's merge_from_file falls back to yaml.unsafe_load on a tag; train_net.py, demo.py
+    and the pipeline read configs with a safe loader, also through _BASE_."""
+    import subprocess
+    import sys
+
+    marker = tmp_path / "ran.txt"
+    evil = tmp_path / "evil.yaml"
+    evil.write_text(f'_BASE_: "{REPO / "configs" / "shapes" / "p2seg_R18_cpu.yaml"}"\n'
+                    f"SEED: !!python/object/apply:os.system ['touch {marker}']\n")
+    child = tmp_path / "child.yaml"
+    child.write_text(f'_BASE_: "{evil}"\n')
+    for config in (evil, child):
+        proc = subprocess.run([sys.executable, str(REPO / "train_net.py"), "--config-file", str(config),
+                               "OUTPUT_DIR", str(tmp_path / "out")], cwd=str(REPO), capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode != 0 and not marker.exists(), proc.stderr[-2000:]
+        assert "evil.yaml" in proc.stderr and "line 2" in proc.stderr and "safe loader" in proc.stderr

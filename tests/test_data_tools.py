@@ -398,3 +398,23 @@ def test_points_from_csv_errors_name_file_and_line(tmp_path, row, words):
     with pytest.raises((ValueError, FileNotFoundError), match=words) as e:
         points_from_csv.main([str(csv_file), str(out), "--images", str(images), "--classes", "nucleus"])
     assert str(csv_file) in str(e.value) and not out.exists()
+
+
+def test_pixel_flips_change_the_expected_share_to_another_label_and_spare_ignore():
+    from p2seg.datasets.degradation import flip_pixels
+
+    sem = np.zeros((200, 200), np.uint8)
+    sem[50:150, 50:150] = 2
+    sem[:10] = 255
+    rng = np.random.default_rng(0)
+    out = flip_pixels(sem, 0.3, rng)
+    changed = out != sem
+    assert (out[:10] == 255).all() and not changed[:10].any()
+    assert changed[10:].mean() == pytest.approx(0.3, abs=0.01)
+    assert set(np.unique(out[10:]).tolist()) == {0, 2}  # only labels of the map
+    assert (flip_pixels(sem, 0.3, np.random.default_rng(0)) == out).all()  # seeded
+    assert (flip_pixels(sem, 0.0, rng) == sem).all()
+    three = sem.copy()
+    three[60:70, 60:70] = 1
+    flipped = flip_pixels(three, 1.0, np.random.default_rng(1))
+    assert not (flipped[10:] == three[10:]).any()  # every pixel takes another label

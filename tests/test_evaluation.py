@@ -469,3 +469,19 @@ def test_real_coco_subset_ground_truth_scores_100(coco_mini):
     # every second prediction dropped: strictly between 0 and 100 for both metrics
     out = evaluate_instance_masks(coco, results[::2], list(coco.imgs))
     assert 30 < out["segm"]["AP"] < 70 and 30 < out["voc_mask"]["mAP50"] < 70
+
+
+def test_semantic_miou_reads_polygon_ground_truth(tmp_path):
+    """A source scored against polygon annotations (COCO's own form), not only RLE."""
+    from PIL import Image
+
+    from p2seg.evaluation.semantic_miou import semantic_miou
+
+    sem = np.zeros((20, 30), np.uint8)
+    sem[5:15, 5:15] = 1  # the square of the polygon below, exactly
+    Image.fromarray(sem).save(tmp_path / "sem.png")
+    polygon = [[5, 5, 15, 5, 15, 15, 5, 15]]  # corners of pixels 5..14
+    record = {"file_name": "im.png", "sem_seg_file_name": str(tmp_path / "sem.png"),
+              "annotations": [{"segmentation": polygon, "category_id": 0}]}
+    stats = semantic_miou([record], 1)
+    assert stats["IoU"][1] > 0.8 and stats["mIoU"] > 0.9

@@ -175,7 +175,7 @@ def test_pipeline_stops_before_export_when_stage1_learned_nothing(stage1):
     out = stage1["root"] / "stuck"
     proc = subprocess.run(
         [sys.executable, str(REPO / "tools" / "run_pipeline.py"), "--quick", "--output-dir", str(out),
-         "--stage1-opts", "MODEL.P2SEG.LOSS.STUCK_CHECK_ITER 1 MODEL.P2SEG.LOSS.STUCK_MARGIN 100 "
+         "--stage1-opts", "MODEL.P2SEG.LOSS.STUCK_CHECK_ITER 1 MODEL.P2SEG.LOSS.STUCK_MARGIN 100.0 "
                           "MODEL.P2SEG.LOSS.SEM_TOP_K 0.2"],
         cwd=str(REPO), env=stage1["env"], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -60,3 +60,39 @@ def test_instance_id_map_resizes_the_first_covering_instance():
     ids = load_tool("offset_fit").instance_id_map([ann(a), ann(b), ann(crowd, iscrowd=1)], 4, 8, 8, 16)
     assert ids.shape == (8, 16)
     assert (ids[:, :8] == 0).all() and (ids[:, 8:12] == 1).all() and (ids[:, 12:] == -1).all()
+
+
+def test_folds_split_by_image_with_every_kind_on_both_sides():
+    folds_tool = load_tool("split_folds")
+    grey_dark = np.full((8, 8, 3), 20, np.uint8)
+    grey_bright = np.full((8, 8, 3), 220, np.uint8)
+    stained = np.dstack([np.full((8, 8), 200), np.full((8, 8), 120), np.full((8, 8), 180)]).astype(np.uint8)
+    assert [folds_tool.image_kind(x) for x in (grey_dark, grey_bright, stained)] == ["dark", "bright", "colour"]
+    kinds = {"a": "dark", "b": "dark", "c": "dark", "d": "dark", "e": "colour", "f": "colour"}
+    counts = {"a": 5, "b": 50, "c": 10, "d": 1, "e": 3, "f": 9}
+    folds = folds_tool.assign_folds(kinds, counts)
+    # kinds in name order, within a kind by point count, dealt A, B, A, ... across the whole list
+    assert {k for k, f in folds.items() if f == "A"} == {"e", "d", "c"}
+    data = {"images": [{"id": i, "file_name": n} for i, n in enumerate(kinds)],
+            "annotations": [{"id": 1, "image_id": 0}, {"id": 2, "image_id": 4}, {"id": 3, "image_id": 1}],
+            "categories": [{"id": 1, "name": "x"}]}
+    parts = folds_tool.split_coco(data, folds)
+    assert [im["file_name"] for im in parts["B"]["images"]] == ["a", "b", "f"]
+    assert [a["id"] for a in parts["A"]["annotations"]] == [2] and [a["id"] for a in parts["B"]["annotations"]] == [1, 3]
+    assert parts["B"]["categories"] == data["categories"]
+
+
+def test_noise_sweep_reads_the_worst_loss_after_the_warm_up_and_flags_a_collapse(tmp_path):
+    import json
+    import math
+
+    summary = load_tool("noise_sweep").loss_sem_summary
+    metrics = tmp_path / "metrics.json"
+    rows = [{"iteration": i, "loss_sem": 0.9 if i < 10 else (0.3 if i < 40 else math.log(2))} for i in range(60)]
+    rows.insert(5, {"iteration": 5, "segm/AP": 1.0})  # an evaluation line without loss_sem
+    metrics.write_text("\n".join(json.dumps(r) for r in rows))
+    out = summary(str(metrics), warmup_iters=20, chance=math.log(2), margin=0.01, window=5)
+    assert out["loss_sem_worst_after_warmup"] == pytest.approx(math.log(2), abs=1e-4)  # not the 0.9 of the start
+    assert out["collapsed"] is True
+    learned = summary(str(metrics), warmup_iters=20, chance=math.log(4), margin=0.01, window=5)
+    assert learned["collapsed"] is False

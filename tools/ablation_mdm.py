@@ -155,6 +155,7 @@ def worker(args):
     from detectron2.evaluation import inference_on_dataset
 
     from p2seg import add_p2seg_config
+    from p2seg.config import merge_config_file
     from p2seg.engine import Trainer
     from p2seg.datasets.registration import register_datasets
     from p2seg.evaluation import InstanceMaskEvaluator
@@ -163,7 +164,7 @@ def worker(args):
     torch.set_num_threads(args.threads)
     cfg = get_cfg()
     add_p2seg_config(cfg)
-    cfg.merge_from_file(args.config)
+    merge_config_file(cfg, args.config)
     cfg.merge_from_list(run_opts(args, args.variant, args.seed))
     name = args.dataset or cfg.DATASETS.TRAIN[0]
     cfg.DATASETS.TEST = (name,)

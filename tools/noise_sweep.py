@@ -172,7 +172,7 @@ def main(argv=None):
     from detectron2.config import get_cfg
 
     from p2seg import add_p2seg_config
-    from p2seg.config import semantic_channels
+    from p2seg.config import merge_config_file, semantic_channels
     from p2seg.utils import write_json_atomic
 
     os.makedirs(args.out, exist_ok=True)
@@ -181,7 +181,7 @@ def main(argv=None):
     for source, spec in specs.items():
         base = get_cfg()
         add_p2seg_config(base)
-        base.merge_from_file(data_paths(args.data)[0])
+        merge_config_file(base, data_paths(args.data)[0])
         sources[source] = source_quality_and_baseline(spec, base.MODEL.P2SEG.NUM_CLASSES, base.TEST.DETECTIONS_PER_IMAGE)
         print(json.dumps({"source": source, **sources[source]}), flush=True)
         for name, opts in recipes:

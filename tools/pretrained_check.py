@@ -64,10 +64,11 @@ def variant_cfg(args, pretrained: bool, out_dir: str):
     from detectron2.config import get_cfg
 
     from p2seg import add_p2seg_config
+    from p2seg.config import merge_config_file
 
     cfg = get_cfg()
     add_p2seg_config(cfg)
-    cfg.merge_from_file(args.config_file)
+    merge_config_file(cfg, args.config_file)
     cfg.merge_from_list(list(args.opts))
     if cfg.MODEL.BACKBONE.NAME != "build_efficientnet_lite0_backbone":
         raise ValueError(f"{args.config_file}: MODEL.BACKBONE.NAME must be build_efficientnet_lite0_backbone, "

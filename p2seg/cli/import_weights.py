@@ -114,8 +114,10 @@ def build_target_backbone(args, state: Dict[str, torch.Tensor], kind: str) -> nn
     import p2seg.modeling  # noqa: F401  (registers the HRNet / EfficientNet backbones)
 
     if args.config_file:
+        from p2seg.config import merge_config_file
+
         cfg = _base_cfg()
-        cfg.merge_from_file(args.config_file)
+        merge_config_file(cfg, args.config_file)
         cfg.merge_from_list(args.opts)
         return build_backbone(cfg)
     if kind == "hrnet":

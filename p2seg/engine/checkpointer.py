@@ -4,9 +4,9 @@
   explicitly, so a checkpoint cannot run code when it is unpickled, whatever the torch version's
   default or the ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` environment variable say. Training
   checkpoints (model tensors, optimizer / scheduler state dicts, the iteration int) are all
-  weights-only data. ``.pkl`` files (Detectron2 model-zoo / Caffe2 format) are plain pickles by
-  definition and are read by Detectron2 as before: load only ``.pkl`` files you trust, or convert
-  them with ``p2seg-import-weights``.
+  weights-only data. ``.pkl`` files (Detectron2 model-zoo / Caffe2 format) are pickles: they are read
+  with a restricted unpickler (:mod:`p2seg.utils.safe_pickle`: numpy arrays, numbers, strings and
+  containers only), so a crafted ``.pkl`` is refused instead of running its code.
 * Saving: the checkpoint is written to a temporary file in ``save_dir`` and renamed
   (``os.replace``), then ``last_checkpoint`` is replaced the same way, so a process killed while
   saving leaves the previous checkpoint and a ``last_checkpoint`` naming a complete file.
@@ -25,6 +25,7 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
 from p2seg.utils.atomic import torch_save_atomic
+from p2seg.utils.safe_pickle import load_weights_pickle
 from p2seg.utils.atomic import write_text_atomic
 
 __all__ = ["P2SegCheckpointer"]
@@ -76,7 +77,7 @@ class P2SegCheckpointer(DetectionCheckpointer):
             ValueError naming ``filename`` when it holds objects that ``weights_only`` refuses.
         """
         if filename.endswith(".pkl"):
-            return super()._load_file(filename)
+            return self._load_pickle(filename)
         try:
             with self.path_manager.open(filename, "rb") as f:
                 loaded = torch.load(f, map_location=torch.device("cpu"), weights_only=True)
@@ -94,6 +95,18 @@ class P2SegCheckpointer(DetectionCheckpointer):
         if "model" not in loaded:
             loaded = {"model": loaded}
         return loaded
+
+    def _load_pickle(self, filename):
+        """Detectron2's reading of a ``.pkl`` (model-zoo or Caffe2 format) with
+        :func:`~p2seg.utils.safe_pickle.load_weights_pickle`: numpy arrays and containers only."""
+        data = load_weights_pickle(filename)
+        if not isinstance(data, dict):
+            raise ValueError(f"{filename}: a weight pickle holds a dict, got {type(data).__name__}")
+        if "model" in data and "__author__" in data:  # Detectron2 model-zoo format
+            return data
+        data = data.get("blobs", data)  # Caffe2 / Detectron1: detection models keep their weights in "blobs"
+        data = {k: v for k, v in data.items() if not k.endswith("_momentum")}
+        return {"model": data, "__author__": "Caffe2", "matching_heuristics": True}
 
     def load(self, path: str, *args, **kwargs):
         """Detectron2's ``load``; a local ``path`` that does not exist is a FileNotFoundError that

@@ -96,10 +96,11 @@ class PipelineConfig:
         from detectron2.config import get_cfg
 
         from p2seg import add_p2seg_config
+        from p2seg.config import merge_config_file
 
         cfg = get_cfg()
         add_p2seg_config(cfg)
-        cfg.merge_from_file(self.stage1_config if stage == 1 else self.stage2_config)
+        merge_config_file(cfg, self.stage1_config if stage == 1 else self.stage2_config)
         cfg.merge_from_list(self.stage_opts(stage))
         return cfg
 

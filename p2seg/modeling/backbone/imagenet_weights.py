@@ -24,7 +24,6 @@ and norm statistics, ``num_batches_tracked`` excluded) is refused with a ValueEr
 """
 import logging
 import os
-import pickle
 import re
 from typing import Dict, Mapping, Optional, Tuple
 
@@ -33,6 +32,7 @@ import torch
 from torch import nn
 
 from p2seg.utils.atomic import torch_save_atomic
+from p2seg.utils.safe_pickle import load_weights_pickle
 
 __all__ = [
     "KINDS",
@@ -93,8 +93,7 @@ def read_checkpoint(path: str) -> Tuple[Dict[str, torch.Tensor], bool]:
         raise FileNotFoundError(f"{path}: checkpoint file not found")
     heuristics = False
     if path.endswith(".pkl"):
-        with open(path, "rb") as f:
-            data = pickle.load(f, encoding="latin1")
+        data = load_weights_pickle(path)  # numpy arrays and containers only: never runs code
         if isinstance(data, dict) and "model" in data:
             heuristics = bool(data.get("matching_heuristics", "__author__" not in data))
             data = data["model"]
