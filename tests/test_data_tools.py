@@ -376,11 +376,11 @@ def test_points_from_csv_then_load(tmp_path, capsys):
     images, csv_file = _csv_layout(tmp_path, ["a.png,3,4,nucleus,first", "a.png,39.5,29,mitosis,", "b.tif,0,0,nucleus,"])
     out = tmp_path / "points.json"
     assert points_from_csv.main([str(csv_file), str(out), "--images", str(images)]) == 0
-    assert "images=2 points=3 classes=['nucleus', 'mitosis']" in capsys.readouterr().out
-    data = json.loads(out.read_text())
+    assert "images=2 points=3 classes=['mitosis', 'nucleus']" in capsys.readouterr().out  # sorted: ids do not
+    data = json.loads(out.read_text())                                                   # follow the row order
     assert [(i["file_name"], i["width"], i["height"]) for i in data["images"]] == [("a.png", 40, 30), ("b.tif", 20, 10)]
     assert [(a["image_id"], a["category_id"], a["point"]) for a in data["annotations"]] == [
-        (1, 1, [3.0, 4.0]), (1, 2, [39.5, 29.0]), (2, 1, [0.0, 0.0])]
+        (1, 2, [3.0, 4.0]), (1, 1, [39.5, 29.0]), (2, 2, [0.0, 0.0])]
     dicts = load_point_coco_json(str(out), str(images))
     assert [[a["point"] for a in d["annotations"]] for d in dicts] == [[[3.0, 4.0], [39.5, 29.0]], [[0.0, 0.0]]]
 
@@ -389,7 +389,8 @@ def test_points_from_csv_then_load(tmp_path, capsys):
                                         ("c.png,1,1,nucleus", "line 2: image 'c.png' is not an image file"),
                                         ("a.png,nan,1,nucleus", r"line 2: point \(nan, 1\) is not inside"),
                                         ("a.png,one,1,nucleus", "line 2: x, y must be numbers"),
-                                        ("a.png,1,1,cell", "line 2: class 'cell' is not one of --classes")])
+                                        ("a.png,1,1,cell", "line 2: class 'cell' is not one of --classes"),
+                                        ("a.png,1,1,", "line 2: the class is empty")])
 def test_points_from_csv_errors_name_file_and_line(tmp_path, row, words):
     from p2seg.cli import points_from_csv
 
@@ -398,6 +399,43 @@ def test_points_from_csv_errors_name_file_and_line(tmp_path, row, words):
     with pytest.raises((ValueError, FileNotFoundError), match=words) as e:
         points_from_csv.main([str(csv_file), str(out), "--images", str(images), "--classes", "nucleus"])
     assert str(csv_file) in str(e.value) and not out.exists()
+
+
+def test_points_from_csv_ids_agree_between_csvs_and_duplicates_are_dropped(tmp_path, capsys):
+    """Two CSVs listing the same classes in another order get the same category ids; an exact
+    repeat of a row is dropped with a message naming both lines, a point given two classes is an
+    error."""
+    from p2seg.cli import points_from_csv
+
+    images, train = _csv_layout(tmp_path, ["a.png,3,4,nucleus,", "a.png,5,5,mitosis,", "a.png,3,4,nucleus,again"])
+    val = tmp_path / "val.csv"
+    val.write_text("image,x,y,class\nb.tif,1,1,mitosis\nb.tif,2,2,nucleus\n")
+    a, b = (points_from_csv.points_from_csv(str(f), str(images)) for f in (train, val))
+    assert a["categories"] == b["categories"] == [{"id": 1, "name": "mitosis"}, {"id": 2, "name": "nucleus"}]
+    assert [p["point"] for p in a["annotations"]] == [[3.0, 4.0], [5.0, 5.0]]
+    assert f"{train}: line 4: repeats line 2" in capsys.readouterr().err
+    clash = tmp_path / "clash.csv"
+    clash.write_text("image,x,y,class\na.png,3,4,nucleus\na.png,3,4,mitosis\n")
+    with pytest.raises(ValueError, match=r"line 3: point \(3, 4\) of a.png is already line 2 with class 'nucleus'"):
+        points_from_csv.points_from_csv(str(clash), str(images))
+
+
+def test_points_from_csv_reads_excel_utf8_and_names_what_it_cannot_read(tmp_path):
+    from p2seg.cli import points_from_csv
+
+    images, _ = _csv_layout(tmp_path, [])
+    bom = tmp_path / "excel.csv"
+    bom.write_bytes("image,x,y,class\na.png,1,2,noyau\n".encode("utf-8-sig"))  # Excel's "CSV UTF-8"
+    assert points_from_csv.points_from_csv(str(bom), str(images))["categories"] == [{"id": 1, "name": "noyau"}]
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes("image,x,y,class\na.png,1,2,c\xe9llule\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin\.csv: not UTF-8 text"):
+        points_from_csv.points_from_csv(str(latin), str(images))
+    (images / "._a.png").write_bytes(b"\x00\x05\x16\x07 macOS resource fork")  # hidden: not an image
+    assert len(points_from_csv.points_from_csv(str(bom), str(images))["images"]) == 2
+    (images / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match=r"broken\.png: cannot be read as an image"):
+        points_from_csv.points_from_csv(str(bom), str(images))
 
 
 def test_pixel_flips_change_the_expected_share_to_another_label_and_spare_ignore():

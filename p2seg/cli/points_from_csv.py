@@ -4,14 +4,19 @@ One row per click, with a header naming the columns ``image``, ``x``, ``y`` and 
 (other columns are ignored; ``--columns`` renames them, e.g. ``--columns file,col,row,label``).
 ``image`` is the file name relative to ``--images``; ``x``, ``y`` are pixel indices (``x = 0`` is
 the centre of the first column), as Fiji's multi-point tool, napari's points layer and most
-annotation tools export them; ``class`` is a class name (categories in order of first
-appearance, ids 1..C; fix the order with ``--classes``). Image sizes are read from the image
-files (headers only). Every image of ``--images`` gets an entry; images without clicks train the
-semantics only.
+annotation tools export them; ``class`` is a class name (categories sorted by name, ids 1..C, so
+that two CSVs with the same classes get the same ids whatever their row order; fix the order, or
+keep ids when a CSV lacks a class, with ``--classes``). Image sizes are read from the image files
+(headers only). Every image of ``--images`` gets an entry; images without clicks train the
+semantics only; hidden files (``._x.png`` of macOS, ``.x.png``) are not images.
 
-Every row is checked where it is read; errors name the CSV file and line: a missing column, a
-non-numeric or non-finite coordinate, an image file that does not exist, a point outside
-``[0, W] x [0, H]``, a class not in ``--classes``. The JSON is written atomically.
+The CSV is read as UTF-8 (a byte-order mark, as Excel's "CSV UTF-8" writes, is skipped). Every row
+is checked where it is read; errors name the CSV file and line: a missing column, a non-numeric or
+non-finite coordinate, an image file that does not exist, a point outside ``[0, W] x [0, H]``, an
+empty class or one not in ``--classes``, the same point twice with two classes. A row repeating an
+earlier one exactly (same image, point and class) is dropped with a message naming both lines: a
+duplicate would get a mask of its own. An image that cannot be read is named. The JSON is written
+atomically.
 """
 from __future__ import annotations
 
@@ -19,9 +24,10 @@ import argparse
 import csv
 import math
 import os
+import sys
 from typing import Dict, List, Optional, Sequence
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from p2seg.utils.atomic import write_json_atomic
 
@@ -34,10 +40,33 @@ def _image_sizes(image_root: str) -> Dict[str, tuple]:
     """``{file name: (width, height)}`` of the image files directly under ``image_root``."""
     sizes = {}
     for name in sorted(os.listdir(image_root)):
-        if name.lower().endswith(IMAGE_EXTENSIONS):
-            with Image.open(os.path.join(image_root, name)) as im:
+        if name.startswith(".") or not name.lower().endswith(IMAGE_EXTENSIONS):
+            continue
+        path = os.path.join(image_root, name)
+        try:
+            with Image.open(path) as im:
                 sizes[name] = im.size
+        except (UnidentifiedImageError, Image.DecompressionBombError, OSError) as e:
+            raise ValueError(f"{path}: cannot be read as an image ({type(e).__name__}: {e}); "
+                             "remove it from --images or fix it") from None
     return sizes
+
+
+def _read_rows(csv_file: str, columns: Sequence[str]):
+    """``[(line, row dict)]`` of the CSV (UTF-8, a byte-order mark skipped); ValueError naming the
+    file for another encoding or a header without ``columns``."""
+    with open(csv_file, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        try:
+            rows = [(reader.line_num, row) for row in reader]
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{csv_file}: not UTF-8 text ({e}); save the CSV as UTF-8 "
+                             "(e.g. Excel's \"CSV UTF-8\")") from None
+        missing = [c for c in columns if c not in (reader.fieldnames or [])]
+    if missing:
+        raise ValueError(f"{csv_file}: line 1: header {reader.fieldnames} lacks the column(s) {missing} "
+                         f"(rename with --columns image,x,y,class)")
+    return rows
 
 
 def points_from_csv(csv_file: str, image_root: str, columns: Sequence[str] = ("image", "x", "y", "class"),
@@ -48,45 +77,45 @@ def points_from_csv(csv_file: str, image_root: str, columns: Sequence[str] = ("i
         csv_file: the CSV (header row, then one click per row).
         image_root: folder of the images named in the ``image`` column.
         columns: header names of (image, x, y, class).
-        classes: class names in category order; None = order of first appearance.
+        classes: class names in category order; None = the CSV's class names sorted.
     Raises:
         ValueError / FileNotFoundError naming the CSV file and line (module docstring).
     """
     if not os.path.isdir(image_root):
         raise FileNotFoundError(f"--images {image_root}: not a folder")
     sizes = _image_sizes(image_root)
-    names = list(classes) if classes else []
     image_col, x_col, y_col, class_col = columns
-    annotations = []
-    with open(csv_file, newline="") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in columns if c not in (reader.fieldnames or [])]
-        if missing:
-            raise ValueError(f"{csv_file}: line 1: header {reader.fieldnames} lacks the column(s) {missing} "
-                             f"(rename with --columns image,x,y,class)")
-        for row in reader:
-            where = f"{csv_file}: line {reader.line_num}"
-            image = (row[image_col] or "").strip()
-            if image not in sizes:
-                raise FileNotFoundError(f"{where}: image {image!r} is not an image file of {image_root}")
-            try:
-                x, y = float(row[x_col]), float(row[y_col])
-            except (TypeError, ValueError) as e:
-                raise ValueError(f"{where}: x, y must be numbers, got {row[x_col]!r}, {row[y_col]!r}") from e
-            width, height = sizes[image]
-            if not (math.isfinite(x) and math.isfinite(y)) or not (0 <= x <= width and 0 <= y <= height):
-                raise ValueError(f"{where}: point ({row[x_col]}, {row[y_col]}) is not inside the "
-                                 f"{width}x{height} image {image}")
-            label = (row[class_col] or "").strip()
-            if label not in names:
-                if classes:
-                    raise ValueError(f"{where}: class {label!r} is not one of --classes {names}")
-                names.append(label)
-            annotations.append({"id": len(annotations) + 1, "image_name": image, "category_id": names.index(label) + 1,
-                                "point": [x, y], "iscrowd": 0})
+    clicks, seen = [], {}  # seen: (image, x, y) -> (line, class)
+    for line, row in _read_rows(csv_file, columns):
+        where = f"{csv_file}: line {line}"
+        image = (row[image_col] or "").strip()
+        if image not in sizes:
+            raise FileNotFoundError(f"{where}: image {image!r} is not an image file of {image_root}")
+        try:
+            x, y = float(row[x_col]), float(row[y_col])
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{where}: x, y must be numbers, got {row[x_col]!r}, {row[y_col]!r}") from e
+        width, height = sizes[image]
+        if not (math.isfinite(x) and math.isfinite(y)) or not (0 <= x <= width and 0 <= y <= height):
+            raise ValueError(f"{where}: point ({row[x_col]}, {row[y_col]}) is not inside the "
+                             f"{width}x{height} image {image}")
+        label = (row[class_col] or "").strip()
+        if not label:
+            raise ValueError(f"{where}: the class is empty")
+        if classes and label not in classes:
+            raise ValueError(f"{where}: class {label!r} is not one of --classes {list(classes)}")
+        first = seen.setdefault((image, x, y), (line, label))
+        if first[0] != line:
+            if first[1] != label:
+                raise ValueError(f"{where}: point ({x:g}, {y:g}) of {image} is already line {first[0]} "
+                                 f"with class {first[1]!r}, here {label!r}")
+            print(f"{where}: repeats line {first[0]} ({image}, {x:g}, {y:g}, {label}); dropped", file=sys.stderr)
+            continue
+        clicks.append((image, x, y, label))
+    names = list(classes) if classes else sorted({label for *_, label in clicks})
     image_ids = {name: i + 1 for i, name in enumerate(sizes)}
-    for ann in annotations:
-        ann["image_id"] = image_ids[ann.pop("image_name")]
+    annotations = [{"id": k + 1, "image_id": image_ids[image], "category_id": names.index(label) + 1,
+                    "point": [x, y], "iscrowd": 0} for k, (image, x, y, label) in enumerate(clicks)]
     return {
         "images": [{"id": image_ids[n], "file_name": n, "width": w, "height": h} for n, (w, h) in sizes.items()],
         "annotations": annotations,
