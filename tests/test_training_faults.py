@@ -191,6 +191,11 @@ def test_resume_with_a_changed_model_config_names_the_key(tmp_path, cache_dir, m
     same = Trainer(tiny_cfg(out, "SOLVER.MAX_ITER", "4"))
     same.resume_or_load(resume=True)
     assert same.start_iter == 2
+    # "train longer": the restored poly schedule ends at the new MAX_ITER (it ended at 2 before:
+    # math domain error at iteration 3)
+    assert same.scheduler.max_iters == 4
+    same.train()
+    assert same.iter == 4 and (out / "model_final.pth").is_file()
 
 
 def test_resume_removes_orphan_temporary_files(tmp_path):

@@ -322,10 +322,19 @@ class Trainer(DefaultTrainer):
 
     def resume_or_load(self, resume=True):
         """Detectron2's ``resume_or_load``; with ``resume``, a checkpoint that does not fit the
-        model (a changed config) is refused first, naming the changed keys."""
+        model (a changed config) is refused first, naming the changed keys, and a schedule
+        restored from the checkpoint is stretched to this run's ``SOLVER.MAX_ITER`` ("train
+        longer": the poly schedule would otherwise go past its end, a math domain error)."""
         if resume:
             self.checkpointer.check_resumable()
         super().resume_or_load(resume=resume)
+        scheduler = getattr(self, "scheduler", None)
+        restored = getattr(scheduler, "max_iters", None)
+        if resume and restored is not None and restored != self.cfg.SOLVER.MAX_ITER:
+            scheduler.max_iters = self.cfg.SOLVER.MAX_ITER
+            logger.info(
+                "Resuming at iteration %d: the learning-rate schedule of the checkpoint ended at %d, it now ends at "
+                "SOLVER.MAX_ITER = %d.", self.start_iter, restored, self.cfg.SOLVER.MAX_ITER)
 
     def train(self):
         """Detectron2's ``train``; then, with ``DATALOADER.BAD_SAMPLES`` "skip", the total of
