@@ -66,9 +66,9 @@ def main(args):
     cfg = setup(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        P2SegCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
-            cfg.MODEL.WEIGHTS, resume=args.resume
-        )
+        checkpointer = P2SegCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
+        checkpointer.config_text = cfg.dump()
+        checkpointer.load_for_evaluation(cfg.MODEL.WEIGHTS, resume=args.resume)
         results = Trainer.test(cfg, model)
         save_results(cfg, results)
         return results

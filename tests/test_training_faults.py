@@ -315,3 +315,30 @@ def test_missing_weights_file_names_the_key_and_path(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"MODEL.WEIGHTS / checkpoint: file not found: .*nope.pth"):
         P2SegCheckpointer(torch.nn.Linear(2, 2)).load(str(tmp_path / "nope.pth"))
     assert P2SegCheckpointer(torch.nn.Linear(2, 2)).load("") == {}  # "" = random initialisation
+
+
+def test_eval_only_refuses_random_or_mismatched_weights(tmp_path, cache_dir, monkeypatch):
+    """--eval-only (and the export) with MODEL.WEIGHTS "" or with weights of another head shape
+    (e.g. another class count) is an error naming the file and the key, not a half-random model."""
+    monkeypatch.setenv("P2SEG_CACHE", str(cache_dir))
+    cfg = tiny_cfg(tmp_path / "a")
+    trained = Trainer.build_model(cfg)
+    saver = P2SegCheckpointer(trained, save_dir=str(tmp_path / "a"))
+    saver.config_text = cfg.dump()
+    saver.save("model_final")
+    weights = str(tmp_path / "a" / "model_final.pth")
+
+    def evaluator(*opts):
+        c = tiny_cfg(tmp_path / "b", *opts)
+        checkpointer = P2SegCheckpointer(Trainer.build_model(c), save_dir=str(tmp_path / "b"))
+        checkpointer.config_text = c.dump()
+        return checkpointer
+
+    with pytest.raises(ValueError, match="MODEL.WEIGHTS is empty"):
+        evaluator().load_for_evaluation("", resume=False)
+    with pytest.raises(ValueError, match=r"model_final.pth does not fit the model \(the config changed: "
+                                         r"MODEL.P2SEG.NUM_CLASSES: 3 -> 4\); parameters of other shapes"):
+        evaluator("MODEL.P2SEG.NUM_CLASSES", "4").load_for_evaluation(weights)
+    loaded = evaluator()
+    assert loaded.load_for_evaluation(weights)["config"] == cfg.dump()
+    torch.testing.assert_close(loaded.model.state_dict(), trained.state_dict())

@@ -115,6 +115,40 @@ class P2SegCheckpointer(DetectionCheckpointer):
             raise FileNotFoundError(f"MODEL.WEIGHTS / checkpoint: file not found: {path}")
         return super().load(path, *args, **kwargs)
 
+    def _load_model(self, checkpoint):
+        """fvcore's ``_load_model``; its incompatible keys are kept in ``last_incompatible``."""
+        self.last_incompatible = super()._load_model(checkpoint)
+        return self.last_incompatible
+
+    def load_for_evaluation(self, path: str, *, resume: bool = False) -> dict:
+        """Load the weights to evaluate or export with (``--eval-only``), refusing a model that
+        would be partly or wholly random: no weights at all (``path`` "" without a checkpoint to
+        resume), or weights that do not fit the model (parameters of other shapes, e.g. another
+        ``MODEL.P2SEG.NUM_CLASSES``, or missing). ValueError naming the file and the parameters."""
+        if not resume and not path:
+            raise ValueError("--eval-only needs trained weights: MODEL.WEIGHTS is empty, so every head would be "
+                             "random. Give MODEL.WEIGHTS path/to/model_final.pth")
+        self.last_incompatible = None
+        checkpoint = self.resume_or_load(path, resume=resume)
+        bad = self.last_incompatible
+        if bad is None and not checkpoint:
+            raise ValueError(f"--eval-only: no weights were loaded (MODEL.WEIGHTS {path!r}, --resume {resume})")
+        shapes = [f"{k} {tuple(a)} in the file, {tuple(b)} in the model" for k, a, b in (bad.incorrect_shapes if bad else [])]
+        missing = [k for k in (bad.missing_keys if bad else []) if not k.endswith("num_batches_tracked")]
+        if shapes or missing:
+            source = self.get_checkpoint_file() if resume else path
+            changed = changed_config_keys(checkpoint["config"], self.config_text, "MODEL") if (
+                isinstance(checkpoint.get("config"), str) and self.config_text) else []
+            raise ValueError(
+                f"--eval-only: {source} does not fit the model"
+                + (f" (the config changed: {', '.join(changed)})" if changed else "")
+                + (f"; parameters of other shapes: {'; '.join(shapes[:3])}{' ...' if len(shapes) > 3 else ''}" if shapes else "")
+                + (f"; parameters not in the file: {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}"
+                   if missing else "")
+                + ". Evaluate with the config the weights were trained with."
+            )
+        return checkpoint
+
     def resume_or_load(self, path: str, *, resume: bool = True):
         """fvcore's ``resume_or_load`` after removing orphan temporary files of killed saves."""
         self.remove_orphan_temporary_files()
