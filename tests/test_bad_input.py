@@ -128,6 +128,12 @@ def test_duplicate_image_ids_name_file_and_id(tiny):
     assert "duplicate image id 2" in msg and "images[1]" in msg and "images[2]" in msg
 
 
+def test_mixed_image_id_types_are_refused_at_load(tiny):
+    """"1" and 2 in one JSON used to pass the loader and crash pycocotools ('<' between str and int)."""
+    msg = _loader_error(tiny, lambda d: d["images"][0].__setitem__("id", str(d["images"][0]["id"])))
+    assert "mixes integer and string ids" in msg
+
+
 @pytest.mark.parametrize("bad_id", [[], {"a": 1}, 1.5, True])
 def test_annotation_id_of_the_wrong_type_names_file_and_entry(tiny, bad_id):
     msg = _loader_error(tiny, lambda d: d["annotations"][2].__setitem__("id", bad_id))

@@ -282,6 +282,10 @@ def _index_images(images: list, json_file: str) -> Dict[object, dict]:
                 f"(images[{position[img['id']]}] and images[{i}])"
             )
         index[img["id"]], position[img["id"]] = img, i
+    kinds = {isinstance(k, str): k for k in index}
+    if len(kinds) > 1:  # pycocotools sorts the ids: '<' between int and str fails deep inside it
+        raise ValueError(f"{json_file}: field 'images' mixes integer and string ids (e.g. {kinds[False]!r} and "
+                         f"{kinds[True]!r}); use one type for every image id")
     return index
 
 
