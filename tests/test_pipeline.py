@@ -166,6 +166,15 @@ def test_pipeline_quick_runs_stage2_and_resumes(stage1):
     assert all(f"[{s}] outputs exist: skipped" in log2 for s in results["stages"])
     rerun = json.loads((out / "pipeline_results.json").read_text())["rows"]
     assert json.dumps(rerun) == json.dumps(rows)  # (NaN-safe comparison)
+    # other stage-2 options (the README's "train stage 2 longer"): stage 2 and what follows it run
+    # again, stage 1 and the export are kept
+    log3 = _run(["--quick", "--output-dir", str(out), "--stage2-opts", "SOLVER.MAX_ITER 3"], stage1["env"],
+                script="tools/run_pipeline.py")
+    assert "[stage1] outputs exist: skipped" in log3 and "[export] outputs exist: skipped" in log3
+    assert "[stage2] rerun: its options changed (now also: SOLVER.MAX_ITER 3; no longer: -)" in log3
+    assert "[eval] rerun: stage 'stage2' before it was run again" in log3
+    metrics = [json.loads(line) for line in (out / "stage2" / "metrics.json").read_text().splitlines()]
+    assert max(m["iteration"] for m in metrics if "iteration" in m) == 2  # 3 iterations now (0, 1, 2)
 
 
 def test_pipeline_stops_before_export_when_stage1_learned_nothing(stage1):

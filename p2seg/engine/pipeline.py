@@ -1,7 +1,9 @@
 """The whole point-supervised pipeline, one command (``tools/run_pipeline.py``).
 
 Stages (each a ``train_net.py`` subprocess, output in ``<output_dir>/<stage>/`` with its log in
-``<output_dir>/<stage>.log``; a stage whose outputs exist is skipped, so a rerun resumes):
+``<output_dir>/<stage>.log``; a stage whose outputs exist is skipped, so a rerun resumes, unless
+it was run with other options than now -- ``<output_dir>/stages.json`` records them -- or a stage
+before it ran again: then it runs again, and every stage after it):
 
 1. ``stage1``   train P2Seg (stage-1 config) on its ``DATASETS.TRAIN[0]`` (points + semantic
    pseudo-labels);
@@ -33,7 +35,7 @@ import shlex
 import subprocess
 import sys
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -45,6 +47,7 @@ REPO = Path(__file__).resolve().parents[2]
 DEFAULT_STAGE1 = REPO / "configs" / "shapes" / "p2seg_R18_cpu.yaml"
 DEFAULT_STAGE2 = REPO / "configs" / "MaskRCNN" / "mask_rcnn_R_18_FPN_shapes_cpu.yaml"
 RESULTS_FILE = "pipeline_results.json"
+STAGES_FILE = "stages.json"
 
 # --quick: a few iterations on a handful of tiny images (tests, smoke runs).
 QUICK_COMMON = ["DATASETS.SHAPES.NUM_TRAIN", "4", "DATASETS.SHAPES.NUM_VAL", "2", "SOLVER.MAX_ITER", "2",
@@ -175,15 +178,51 @@ def _has_points_and_source(cfg, dataset_name: str) -> bool:
     return any("sem_seg_file_name" in d and any("point" in a for a in d.get("annotations", [])) for d in dicts)
 
 
-def _stage(pc: PipelineConfig, name: str, done: bool, run, timings: Dict[str, dict]) -> None:
-    """Run one stage unless ``done``; record its wall time (or "skipped")."""
-    if done:
+class StageRecord:
+    """What each stage was run with (``<output_dir>/stages.json``: ``{stage: [inputs]}``), so that a
+    rerun with other options redoes the stages whose inputs changed and every stage after them."""
+
+    def __init__(self, output_dir: Path):
+        self.path = output_dir / STAGES_FILE
+        self.inputs = _read_json(self.path) if self.path.is_file() else {}
+        self.rerun_from = None  # the first stage run in this invocation: the later ones depend on it
+
+    def decide(self, name: str, outputs_exist: bool, inputs: List[str]) -> Optional[str]:
+        """Why stage ``name`` must run (a sentence), or None to skip it."""
+        if not outputs_exist:
+            return "started"
+        if self.rerun_from is not None:
+            return f"rerun: stage '{self.rerun_from}' before it was run again"
+        recorded = self.inputs.get(name)
+        if recorded is not None and recorded != inputs:
+            added = list((Counter(inputs) - Counter(recorded)).elements())
+            removed = list((Counter(recorded) - Counter(inputs)).elements())
+            return f"rerun: its options changed (now also: {' '.join(added) or '-'}; no longer: {' '.join(removed) or '-'})"
+        return None
+
+    def done(self, name: str, inputs: List[str]) -> None:
+        from p2seg.utils.atomic import write_json_atomic
+
+        self.inputs[name] = list(inputs)
+        write_json_atomic(self.inputs, str(self.path))
+
+
+def _stage(pc: PipelineConfig, name: str, outputs_exist: bool, inputs: List[str], run, timings: Dict[str, dict],
+           record: StageRecord) -> None:
+    """Run one stage unless its outputs exist from a run with the same ``inputs`` (and no stage
+    before it ran again); record its inputs and wall time (or "skipped")."""
+    why = record.decide(name, outputs_exist, [str(v) for v in inputs])
+    if why is None:
         print(f"[{name}] outputs exist: skipped", flush=True)
         timings[name] = {"seconds": None, "skipped": True}
+        if name not in record.inputs:  # outputs from before the record existed: kept as they are
+            record.done(name, [str(v) for v in inputs])
         return
-    print(f"[{name}] started", flush=True)
+    print(f"[{name}] {why}", flush=True)
+    record.rerun_from = record.rerun_from or name
     start = time.perf_counter()
     run()
+    record.done(name, [str(v) for v in inputs])
     seconds = round(time.perf_counter() - start, 1)
     timings[name] = {"seconds": seconds, "skipped": False}
     print(f"[{name}] done in {seconds:.1f} s", flush=True)
@@ -208,27 +247,32 @@ def run_pipeline(pc: PipelineConfig) -> dict:
     o1, o2 = pc.stage_opts(1), pc.stage_opts(2)
     timings: Dict[str, dict] = OrderedDict()
 
-    _stage(pc, "stage1", (d1 / "model_final.pth").is_file(), lambda: _run_train_net(
-        pc, "stage1", ["--config-file", pc.stage1_config, *o1, "OUTPUT_DIR", str(d1), "DATASETS.TEST", "()"]), timings)
-    _refuse_stuck_stage1(d1)
-    _stage(pc, "export", pseudo_json.is_file() and (dx / "results.json").is_file(), lambda: _run_train_net(
-        pc, "export", ["--config-file", pc.stage1_config, "--eval-only", *o1, "OUTPUT_DIR", str(dx),
-                       "MODEL.WEIGHTS", str(d1 / "model_final.pth"), "DATASETS.TEST", f'("{train_set}",)',
-                       "TEST.EXPORT_PSEUDO_MASKS", "True"]), timings)
+    record = StageRecord(pc.output_dir)
     pseudo_opts = ["DATASETS.PSEUDO_LABELS.JSON", str(pseudo_json), "DATASETS.PSEUDO_LABELS.SOURCE", train_set]
-    _stage(pc, "stage2", (d2 / "model_final.pth").is_file(), lambda: _run_train_net(
-        pc, "stage2", ["--config-file", pc.stage2_config, *o2, *pseudo_opts, "OUTPUT_DIR", str(d2),
-                       "DATASETS.TEST", "()"]), timings)
-    _stage(pc, "eval", (de / "results.json").is_file(), lambda: _run_train_net(
-        pc, "eval", ["--config-file", pc.stage2_config, "--eval-only", *o2, *pseudo_opts, "OUTPUT_DIR", str(de),
-                     "MODEL.WEIGHTS", str(d2 / "model_final.pth")]), timings)
+    args = {
+        "stage1": ["--config-file", pc.stage1_config, *o1, "OUTPUT_DIR", str(d1), "DATASETS.TEST", "()"],
+        "export": ["--config-file", pc.stage1_config, "--eval-only", *o1, "OUTPUT_DIR", str(dx),
+                   "MODEL.WEIGHTS", str(d1 / "model_final.pth"), "DATASETS.TEST", f'("{train_set}",)',
+                   "TEST.EXPORT_PSEUDO_MASKS", "True"],
+        "stage2": ["--config-file", pc.stage2_config, *o2, *pseudo_opts, "OUTPUT_DIR", str(d2), "DATASETS.TEST", "()"],
+        "eval": ["--config-file", pc.stage2_config, "--eval-only", *o2, *pseudo_opts, "OUTPUT_DIR", str(de),
+                 "MODEL.WEIGHTS", str(d2 / "model_final.pth")],
+    }
+    outputs = {"stage1": (d1 / "model_final.pth").is_file(),
+               "export": pseudo_json.is_file() and (dx / "results.json").is_file(),
+               "stage2": (d2 / "model_final.pth").is_file(), "eval": (de / "results.json").is_file()}
+    for name in ("stage1", "export", "stage2", "eval"):
+        _stage(pc, name, outputs[name], args[name], lambda n=name: _run_train_net(pc, n, args[n]), timings, record)
+        if name == "stage1":
+            _refuse_stuck_stage1(d1)
     baseline_file = pc.output_dir / "baseline.json"
 
     def run_baseline():
         names = [n for n in dict.fromkeys([train_set] + test_sets) if _has_points_and_source(cfg1, n)]
         write_json_atomic({n: nearest_point_metrics(cfg1, n) for n in names}, str(baseline_file))
 
-    _stage(pc, "baseline", baseline_file.is_file(), run_baseline, timings)
+    _stage(pc, "baseline", baseline_file.is_file(), ["--config-file", pc.stage1_config, *o1], run_baseline, timings,
+           record)
     pictures = {"overview": pc.output_dir / "overview.png", "curves": pc.output_dir / "curves.png"}
 
     def run_pictures():
@@ -241,7 +285,8 @@ def run_pipeline(pc: PipelineConfig) -> dict:
         save_training_curves([("stage 1: P2Seg", str(d1 / "metrics.json")),
                               ("stage 2: Mask R-CNN", str(d2 / "metrics.json"))], str(pictures["curves"]))
 
-    _stage(pc, "pictures", all(p.is_file() for p in pictures.values()), run_pictures, timings)
+    _stage(pc, "pictures", all(p.is_file() for p in pictures.values()), [str(pseudo_json)], run_pictures, timings,
+           record)
 
     export_results = _read_json(dx / "results.json")
     eval_results = _read_json(de / "results.json")
