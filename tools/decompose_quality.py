@@ -72,6 +72,8 @@ def main(argv=None):
         points = torch.tensor([a["point"] for a in anns], dtype=torch.float32).reshape(-1, 2)
         classes = torch.tensor([a["category_id"] for a in anns], dtype=torch.int64)
         sem = torch.as_tensor(read_semantic_png(d["sem_seg_file_name"]).astype(np.int64))
+        if cfg.MODEL.P2SEG.FOREGROUND_SEMANTICS:  # the heads' one foreground class
+            sem = torch.where((sem > 0) & (sem != cfg.INPUT.IGNORE_VALUE), torch.ones_like(sem), sem)
         probs_source = (sem[None] == torch.arange(probs_model.shape[0])[:, None, None]).float()
         gt = decode_annotation_masks(anns, h, w).any(axis=0)
         for key, probs in (("model", probs_model), ("source", probs_source)):
@@ -81,8 +83,9 @@ def main(argv=None):
         for s, o in combos:
             probs = probs_model if s == "model" else probs_source
             offs = offset if o == "model" else torch.zeros_like(offset)
-            found = point_guided_instances(probs, offs, points, classes, model.postprocess.fallback_box_size,
-                                           model.postprocess.fallback_score)
+            found = point_guided_instances(probs, offs, points, model.postprocess.head_classes(classes),
+                                           model.postprocess.fallback_box_size, model.postprocess.fallback_score)
+            found["classes"] = classes  # each mask keeps its point's class (foreground semantics)
             inst = Instances((h, w), pred_masks=found["masks"], scores=found["scores"].float(),
                              pred_classes=found["classes"])
             evaluators[(s, o)].process([{"image_id": d["image_id"], "points": points}], [{"instances": inst}])
