@@ -526,3 +526,28 @@ def test_truncated_pseudo_mask_json_names_file_and_key(tiny):
         for n in (source, "test_pseudo_train"):
             DatasetCatalog.remove(n)
             MetadataCatalog.remove(n)
+
+
+def test_stage2_refuses_pseudo_masks_exported_from_another_dataset(tiny):
+    """DATASETS.PSEUDO_LABELS.SOURCE 'nucB' with a JSON exported from 'nuc' (same file names and
+    sizes) used to train without a word; the JSON's info.source_dataset is now compared."""
+    from p2seg.datasets.registration import register_pseudo_label_dataset
+
+    root, path, _ = tiny
+    source = "test_pseudo_source_b"
+    register_point_coco_instances(source, {}, str(path), str(root / "img"), str(root / "sem"))
+    exported = root / "pseudo_masks.json"
+    data = json.loads(path.read_text())
+    exported.write_text(json.dumps(dict(data, info={"source_dataset": "test_pseudo_source_a"})))
+    cfg = _cfg(**{"DATASETS.PSEUDO_LABELS.JSON": str(exported), "DATASETS.PSEUDO_LABELS.SOURCE": source,
+                  "DATASETS.PSEUDO_LABELS.NAME": "test_pseudo_train_b"})
+    try:
+        name = register_pseudo_label_dataset(cfg)
+        with pytest.raises(ValueError, match=r"pseudo_masks.json was exported from dataset 'test_pseudo_source_a' "
+                                             r"\(its info.source_dataset\), but DATASETS.PSEUDO_LABELS.SOURCE is "
+                                             r"'test_pseudo_source_b'"):
+            DatasetCatalog.get(name)
+    finally:
+        for n in (source, "test_pseudo_train_b"):
+            DatasetCatalog.remove(n)
+            MetadataCatalog.remove(n)

@@ -56,17 +56,35 @@ def register_pseudo_label_dataset(cfg):
     if p.NAME in MetadataCatalog.list():
         MetadataCatalog.remove(p.NAME)
     # Detectron2's register_coco_instances, with a loader whose parse errors name the file.
-    json_file, name = p.JSON, p.NAME
-    DatasetCatalog.register(name, lambda: _load_pseudo_label_json(json_file, image_root, name))
+    json_file, name, source = p.JSON, p.NAME, p.SOURCE
+    DatasetCatalog.register(name, lambda: _load_pseudo_label_json(json_file, image_root, name, source))
     MetadataCatalog.get(name).set(json_file=json_file, image_root=image_root, evaluator_type="coco")
     logger.info("Registered %s: %s (images in %s)", p.NAME, p.JSON, image_root)
     return p.NAME
 
 
-def _load_pseudo_label_json(json_file, image_root, name):
-    """Detectron2's ``load_coco_json``; a JSON that does not parse (e.g. truncated) is a ValueError
-    naming the file and the config key, not a bare ``JSONDecodeError``."""
+def _check_exported_from(json_file, source):
+    """ValueError when the exporter's ``info.source_dataset`` of ``json_file`` is not ``source``
+    (DATASETS.PSEUDO_LABELS.SOURCE): the masks of another dataset with the same file names and
+    sizes would train stage 2 without a word. A JSON without the field (made elsewhere) passes."""
+    with open(json_file) as f:
+        info = json.load(f).get("info") or {}
+    exported_from = info.get("source_dataset") if isinstance(info, dict) else None
+    if exported_from is not None and exported_from != source:
+        raise ValueError(
+            f"config DATASETS.PSEUDO_LABELS: {json_file} was exported from dataset {exported_from!r} "
+            f"(its info.source_dataset), but DATASETS.PSEUDO_LABELS.SOURCE is {source!r}; set SOURCE "
+            f"{exported_from!r} or give the JSON exported from {source!r}"
+        )
+
+
+def _load_pseudo_label_json(json_file, image_root, name, source=None):
+    """Detectron2's ``load_coco_json`` after :func:`_check_exported_from`; a JSON that does not
+    parse (e.g. truncated) is a ValueError naming the file and the config key, not a bare
+    ``JSONDecodeError``."""
     try:
+        if source is not None:
+            _check_exported_from(json_file, source)
         return load_coco_json(json_file, image_root, name)
     except json.JSONDecodeError as e:
         raise ValueError(
