@@ -35,6 +35,22 @@ def test_16_bit_png_keeps_its_contrast(png16):
     assert grey.shape == (8, 64, 1)
 
 
+def test_16_bit_rgb_png_is_read_by_its_own_range(tmp_path):
+    """PIL decodes a 48-bit PNG by the high byte (40..200 -> all 0); here it is stretched."""
+    import cv2
+
+    rgb16 = np.zeros((4, 6, 3), np.uint16)
+    rgb16[..., 0] = 40 + 32 * np.arange(6)  # red ramp 40..200
+    rgb16[..., 2] = 120  # constant blue
+    path = tmp_path / "colour16.png"
+    assert cv2.imwrite(str(path), rgb16[..., ::-1])  # OpenCV writes BGR
+    assert Image.open(path).convert("RGB").getextrema()[0] == (0, 0)  # PIL: the high byte, all 0
+    image = read_image_any_depth(str(path), "RGB")
+    assert image.dtype == np.uint8 and image[0, :, 0].tolist() == [51, 92, 133, 173, 214, 255]
+    assert image[0, 0, 1] == 0 and (image[..., 2] == 153).all()  # one window for the three channels
+    assert np.array_equal(read_image_any_depth(str(path), "BGR"), image[..., ::-1])
+
+
 def test_8_bit_images_are_unchanged(tmp_path):
     rgb = np.random.default_rng(0).integers(0, 256, size=(5, 6, 3), dtype=np.uint8)
     path = tmp_path / "x.png"

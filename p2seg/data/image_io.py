@@ -4,8 +4,10 @@ Detectron2's ``detection_utils.read_image`` converts a PIL image with ``image.co
 which saturates 16-bit and 32-bit greyscale images (PIL modes ``I;16*``, ``I``, ``F``): every
 pixel above 255 becomes 255, so a 16-bit microscopy image reads as a white square. Here such an
 image is stretched linearly from its own minimum..maximum to 0..255 first (a per-image window,
-what image viewers such as Fiji show by default), then converted as Detectron2 does. 8-bit images
-go through Detectron2's conversion unchanged.
+what image viewers such as Fiji show by default), then converted as Detectron2 does. PIL reads a
+16-bit RGB(A) PNG by the high byte of each sample (values 40..200 of 65535 become 0): such a PNG is
+decoded with OpenCV at full depth and stretched the same way (one window for its three channels).
+8-bit images go through Detectron2's conversion unchanged.
 """
 import numpy as np
 from PIL import Image
@@ -53,7 +55,29 @@ def read_image_any_depth(file_name: str, format: str = None) -> np.ndarray:
     """
     with PathManager.open(file_name, "rb") as f:
         image = Image.open(f)
+        if image.format == "PNG" and _png_is_16_bit_colour(f):
+            image = _read_16_bit_colour_png(f)
         image = utils._apply_exif_orientation(image)
         if image.mode in HIGH_DEPTH_MODES:
             image = Image.fromarray(stretch_to_uint8(np.asarray(image)), mode="L")
         return utils.convert_PIL_to_numpy(image, format)
+
+
+def _png_is_16_bit_colour(f) -> bool:
+    """Whether the PNG in the open binary file ``f`` is 16-bit RGB / RGBA (its IHDR: bit depth 16,
+    colour type 2 or 6), which PIL decodes by the high byte of each sample."""
+    f.seek(24)
+    header = f.read(2)
+    f.seek(0)
+    return len(header) == 2 and header[0] == 16 and header[1] in (2, 6)
+
+
+def _read_16_bit_colour_png(f) -> Image.Image:
+    """A 16-bit RGB(A) PNG as an 8-bit PIL RGB image, stretched by :func:`stretch_to_uint8` over
+    its own range (one window for the three channels, which keeps their balance)."""
+    import cv2
+
+    data = np.frombuffer(f.read(), np.uint8)
+    f.seek(0)
+    bgr = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)[..., :3]
+    return Image.fromarray(np.ascontiguousarray(stretch_to_uint8(bgr)[..., ::-1]), mode="RGB")
