@@ -73,3 +73,30 @@ def test_cli_names_an_unreadable_image(tmp_path):
     (tmp_path / "gt.json").write_text(json.dumps(data))
     with pytest.raises(OSError, match="missing.png"):
         threshold_semseg.main([str(tmp_path / "gt.json"), "--images", str(tmp_path), "--out", str(tmp_path / "s")])
+
+
+def test_exif_rotated_image_gets_a_map_on_the_pixels_training_reads(tmp_path):
+    """A JPEG stored 64 wide x 32 high with EXIF orientation 6 (shown turned, 32 x 64): the CSV
+    tool records the turned size and the threshold map lies on the turned pixels, as the training
+    reader (read_image_any_depth) sees them; before, the map was the stored orientation."""
+    from PIL import Image
+
+    from p2seg.cli import points_from_csv
+    from p2seg.data.image_io import read_image_any_depth
+
+    stored = np.full((32, 64, 3), 30, np.uint8)
+    stored[4:14, 40:56] = 220  # a bright object in the right half as stored
+    (tmp_path / "img").mkdir()
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(stored).save(tmp_path / "img" / "a.jpg", exif=exif, quality=100)
+    (tmp_path / "clicks.csv").write_text("image,x,y,class\na.jpg,5,40,nucleus\n")
+    data = points_from_csv.points_from_csv(str(tmp_path / "clicks.csv"), str(tmp_path / "img"))
+    assert (data["images"][0]["width"], data["images"][0]["height"]) == (32, 64)
+    (tmp_path / "points.json").write_text(json.dumps(data))
+    threshold_semseg.main([str(tmp_path / "points.json"), "--images", str(tmp_path / "img"),
+                           "--out", str(tmp_path / "sem"), "--smooth", "0"])
+    sem = cv2.imread(str(tmp_path / "sem" / "a.png"), cv2.IMREAD_UNCHANGED)
+    seen = read_image_any_depth(str(tmp_path / "img" / "a.jpg"), "RGB")
+    assert sem.shape == seen.shape[:2] == (64, 32)
+    np.testing.assert_array_equal(sem > 0, seen.mean(axis=2) > 125)

@@ -5,8 +5,9 @@ For every image of a COCO JSON (``images`` entries; annotations optional), write
 class of ``--category-id``; the JSON's only category by default). The rule
 (:mod:`p2seg.datasets.threshold`): optional Gaussian smoothing, Otsu's threshold of the grey
 image, polarity per image (``auto``: the side covering less of the image is the object),
-blobs under ``--min-area`` pixels dropped, optional hole filling. Images of any bit depth are read
-unchanged (16-bit microscopy keeps its range).
+blobs under ``--min-area`` pixels dropped, optional hole filling. Images are read as training reads
+them (EXIF orientation applied, 16-bit microscopy stretched by its own range), so the map lies on
+the pixels the model sees.
 
 When the JSON has masks, prints the foreground IoU of the maps against the union of the
 non-crowd masks (all images pooled). The last stdout line is a JSON summary.
@@ -23,10 +24,10 @@ import json
 import os
 from typing import Optional
 
-import cv2
 import numpy as np
 
 from p2seg.data.coco_format import category_labels, decode_annotation_masks, read_coco_json
+from p2seg.data.image_io import read_image_any_depth
 from p2seg.datasets.threshold import POLARITIES, threshold_foreground
 from p2seg.utils.atomic import write_png_atomic
 
@@ -60,10 +61,13 @@ def _label(categories, category_id: Optional[int], source: str) -> int:
 
 
 def _read_image(path: str, img: dict, source: str) -> np.ndarray:
-    """The image unchanged (any depth); errors name the file and the JSON entry."""
-    image = cv2.imread(path, cv2.IMREAD_UNCHANGED)
-    if image is None:
-        raise OSError(f"{source}: image id={img['id']} field 'file_name': cannot read {path}")
+    """The image as training reads it (:func:`p2seg.data.image_io.read_image_any_depth`: EXIF
+    orientation applied, 16-bit stretched by its range), so the map lies on the same pixels;
+    errors name the file and the JSON entry."""
+    try:
+        image = read_image_any_depth(path, "RGB")
+    except (OSError, ValueError) as e:
+        raise OSError(f"{source}: image id={img['id']} field 'file_name': cannot read {path} ({e})") from None
     if image.shape[:2] != (int(img["height"]), int(img["width"])):
         raise ValueError(
             f"{source}: image id={img['id']} ({path}) is {image.shape[:2]}, the JSON says "
