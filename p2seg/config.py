@@ -186,6 +186,10 @@ def add_p2seg_config(cfg):
     # Warn when more than this fraction of the points got the fallback box instead of a mask (a
     # semantic head that learned nothing, wrong classes or semantic source); >= 1 never warns.
     cfg.TEST.FALLBACK_WARN_FRACTION = 0.2
+    # tools/run_pipeline.py stops after the export (no stage 2) when more points than this got the
+    # fallback box: a head that finds no foreground at the points (e.g. a source too poor to learn
+    # from) would otherwise train stage 2 on boxes. 1.0 = never stop.
+    cfg.TEST.FALLBACK_STOP_FRACTION = 0.5
 
     # ---------------------------------------------------------------- solver
     cfg.SOLVER.OPTIMIZER = "ADAM"

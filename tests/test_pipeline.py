@@ -194,3 +194,21 @@ def test_pipeline_stops_before_export_when_stage1_learned_nothing(stage1):
     assert marker["iteration"] >= 1 and "learned nothing" in marker["message"]
     assert (out / "stage1" / "model_final.pth").is_file()
     assert not (out / "export").exists() and not (out / "stage2").exists()
+
+
+def test_pipeline_stops_before_stage2_when_the_export_is_mostly_fallback_boxes(stage1):
+    """An export whose points got the fallback box beyond TEST.FALLBACK_STOP_FRACTION ends the
+    pipeline (exit 1, the share named) before stage 2 trains on boxes."""
+    exported = json.loads((stage1["json"].parent / "results.json").read_text())["pseudo_masks"]
+    assert exported["fallback_fraction"] > 0  # the 2-iteration model leaves points without a mask
+    out = stage1["root"] / "fallback"
+    (out / "stage1").mkdir(parents=True)
+    shutil.copy(stage1["weights"], out / "stage1" / "model_final.pth")
+    shutil.copytree(stage1["json"].parent, out / "export")
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "run_pipeline.py"), "--quick", "--output-dir", str(out),
+         "--stage1-opts", "TEST.FALLBACK_STOP_FRACTION 0.0"],
+        cwd=str(REPO), env=stage1["env"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"of {exported['num_points']} points" in proc.stderr and "Stage 2 was not run" in proc.stderr
+    assert not (out / "stage2").exists()

@@ -58,6 +58,7 @@ QUICK_STAGE1 = [
     "MODEL.SEM_SEG_HEAD.HEAD_CHANNELS", "16", "MODEL.INS_EMBED_HEAD.CONVS_DIM", "8",
     "MODEL.INS_EMBED_HEAD.ASPP_CHANNELS", "8", "MODEL.INS_EMBED_HEAD.HEAD_CHANNELS", "8",
     "MODEL.INS_EMBED_HEAD.CENTER_HEAD_CHANNELS", "8",
+    "TEST.FALLBACK_STOP_FRACTION", "1.0",  # a 2-iteration model finds little foreground: run stage 2 anyway
 ]
 QUICK_STAGE2 = ["INPUT.MIN_SIZE_TRAIN", "(128,)", "INPUT.MIN_SIZE_TEST", "128", "MODEL.FPN.OUT_CHANNELS", "32"]
 
@@ -118,6 +119,22 @@ def _refuse_stuck_stage1(stage1_dir: Path) -> None:
     if stuck is not None:
         raise RuntimeError(f"stage 1 learned nothing ({stage1_dir / STUCK_MARKER}): {stuck['message']} "
                            "Export and stage 2 were not run; delete the stage-1 folder and rerun with the change.")
+
+
+def _refuse_fallback_export(results_file: Path, stop_fraction: float) -> None:
+    """Raise RuntimeError (the pipeline exits non-zero) when the export gave the fallback box to
+    more than ``stop_fraction`` of the points (``TEST.FALLBACK_STOP_FRACTION``): stage 2 would
+    learn boxes, not masks."""
+    exported = _read_json(results_file).get("pseudo_masks", {})
+    fraction = exported.get("fallback_fraction")
+    if fraction is not None and fraction > stop_fraction:
+        raise RuntimeError(
+            f"the export gave {exported.get('num_fallback')} of {exported.get('num_points')} points "
+            f"({100 * fraction:.0f} %) the fallback box instead of a mask ({results_file}; "
+            f"TEST.FALLBACK_STOP_FRACTION {stop_fraction}): the semantic head finds no foreground at the "
+            "points. Stage 2 was not run. Check the semantic source (how much of each object it covers) and "
+            "the stage-1 log; the nearest-point baseline (p2seg-baseline) shows what the source alone gives."
+        )
 
 
 def _run_train_net(pc: PipelineConfig, name: str, args: List[str]) -> None:
@@ -265,6 +282,8 @@ def run_pipeline(pc: PipelineConfig) -> dict:
         _stage(pc, name, outputs[name], args[name], lambda n=name: _run_train_net(pc, n, args[n]), timings, record)
         if name == "stage1":
             _refuse_stuck_stage1(d1)
+        if name == "export":
+            _refuse_fallback_export(dx / "results.json", cfg1.TEST.FALLBACK_STOP_FRACTION)
     baseline_file = pc.output_dir / "baseline.json"
 
     def run_baseline():
