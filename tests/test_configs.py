@@ -25,6 +25,7 @@ from detectron2.structures import BitMasks, Boxes, Instances
 from detectron2.utils.events import EventStorage
 
 from p2seg import add_p2seg_config
+from p2seg.config import semantic_channels
 from p2seg.data.targets import build_targets
 from p2seg.engine.trainer import single_process_norm
 
@@ -68,7 +69,7 @@ def tiny_cfg(path: Path):
 def p2seg_training_input(cfg, seed: int = 0):
     """A mapper-like training dict: 64x64 image, two same-class objects with a point each."""
     rng = np.random.default_rng(seed)
-    num_classes = cfg.MODEL.P2SEG.NUM_CLASSES
+    num_classes = semantic_channels(cfg)  # the mapper's targets: 1 class with FOREGROUND_SEMANTICS
     sem = np.zeros((SIZE, SIZE), dtype=np.int64)
     sem[8:30, 6:28] = 1
     sem[36:60, 34:60] = 1
@@ -137,7 +138,7 @@ def test_config_builds_trains_one_step_and_predicts(path):
                  "point_classes": x["point_classes"]},
                 {"image": x["image"], "height": SIZE, "width": SIZE},
             ])
-        c = cfg.MODEL.P2SEG.NUM_CLASSES
+        c = semantic_channels(cfg)
         assert tuple(with_points["sem_seg"].shape) == (c + 1, SIZE, SIZE)
         assert len(with_points["instances"]) == 2  # one mask per point
         assert with_points["instances"].pred_masks.shape[-2:] == (SIZE, SIZE)

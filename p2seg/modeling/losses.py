@@ -113,7 +113,12 @@ def center_loss(pred, target, weights):
         weights: float BxHxW (1 where the semantic label is not ignored).
     Returns:
         float scalar: sum over channels and pixels of w * (p - t)^2, divided by sum(w).
+    Raises:
+        ValueError when the shapes differ (broadcasting would give a wrong loss silently).
     """
+    if pred.shape != target.shape:
+        raise ValueError(f"center heatmaps: the head predicts {tuple(pred.shape)}, the targets are "
+                         f"{tuple(target.shape)} (MODEL.P2SEG.NUM_CLASSES / FOREGROUND_SEMANTICS of model and mapper)")
     return weighted_mean((pred - target) ** 2, weights)
 
 
