@@ -104,6 +104,8 @@ def test_center_and_offset_losses_are_weighted_sums_over_channels_divided_by_wei
     empty = center_loss(pred, target, torch.zeros(1, 2, 2))
     empty.backward()
     assert empty.item() == 0.0 and pred.grad is not None
+    with pytest.raises(ValueError, match="center heatmaps"):  # 1 predicted map against 2 targets: no broadcast
+        center_loss(pred[:, :1], target, weights)
 
 
 def test_semantic_loss_top_k_and_ignore():
