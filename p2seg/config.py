@@ -81,7 +81,7 @@ def add_p2seg_config(cfg):
     # The mined fraction is at least this times the share of the batch's labels that the head's
     # argmax disagrees with (an online estimate of the source's error): mining fewer pixels than
     # about twice the wrong ones makes a uniform guess the minimum, and a fixed 20 % collapsed the
-    # head on noisy sources (docs/METHOD.md; README "Noisy semantic sources"). 0 = a fixed fraction.
+    # head on noisy sources (docs/METHOD.md; docs/RECIPE_SELECTION.md). 0 = a fixed fraction.
     cfg.MODEL.P2SEG.LOSS.SEM_TOP_K_ERROR_FACTOR = 3.0
     # Warn if the median loss_sem of the 20 iterations up to STUCK_CHECK_ITER (0 = never) is within
     # STUCK_MARGIN of SEM_WEIGHT * ln(C+1), a uniform guess: the one-class mining deadlock sat at

@@ -38,7 +38,7 @@ def main(argv=None):
 
     from p2seg.datasets.registration import register_datasets
     from p2seg.engine.trainer import Trainer, _mapper
-    from p2seg.data.semantic_sources import read_semantic_png
+    from p2seg.data.semantic_sources import merge_classes, read_semantic_png
     from p2seg.evaluation.instance_evaluator import InstanceMaskEvaluator
     from p2seg.modeling.postprocessing import point_guided_instances
     from p2seg.data.coco_format import decode_annotation_masks
@@ -71,9 +71,10 @@ def main(argv=None):
         anns = [a for a in d["annotations"] if not a.get("iscrowd", 0)]
         points = torch.tensor([a["point"] for a in anns], dtype=torch.float32).reshape(-1, 2)
         classes = torch.tensor([a["category_id"] for a in anns], dtype=torch.int64)
-        sem = torch.as_tensor(read_semantic_png(d["sem_seg_file_name"]).astype(np.int64))
+        sem = read_semantic_png(d["sem_seg_file_name"]).astype(np.int64)
         if cfg.MODEL.P2SEG.FOREGROUND_SEMANTICS:  # the heads' one foreground class
-            sem = torch.where((sem > 0) & (sem != cfg.INPUT.IGNORE_VALUE), torch.ones_like(sem), sem)
+            sem = merge_classes(sem, cfg.INPUT.IGNORE_VALUE)
+        sem = torch.as_tensor(sem)
         probs_source = (sem[None] == torch.arange(probs_model.shape[0])[:, None, None]).float()
         gt = decode_annotation_masks(anns, h, w).any(axis=0)
         for key, probs in (("model", probs_model), ("source", probs_source)):

@@ -178,10 +178,10 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     specs = {s: dataset_spec(args.data, s, args.out) for s in args.sources}
     todo, sources = [], {}
+    base = get_cfg()
+    add_p2seg_config(base)
+    merge_config_file(base, data_paths(args.data)[0])
     for source, spec in specs.items():
-        base = get_cfg()
-        add_p2seg_config(base)
-        merge_config_file(base, data_paths(args.data)[0])
         sources[source] = source_quality_and_baseline(spec, base.MODEL.P2SEG.NUM_CLASSES, base.TEST.DETECTIONS_PER_IMAGE)
         print(json.dumps({"source": source, **sources[source]}), flush=True)
         for name, opts in recipes:

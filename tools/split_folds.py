@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Split a point JSON into two folds by image, each image kind on both sides (recipe selection).
 
-The protocol (README, "Choosing a recipe"): a recipe change is chosen on fold A and reported on
+The protocol (docs/RECIPE_SELECTION.md): a recipe change is chosen on fold A and reported on
 fold B, each fold's training images' pseudo masks scored on that fold, so that a number in the
 README was not also the number that picked the recipe.
 

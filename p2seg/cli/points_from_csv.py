@@ -7,8 +7,9 @@ the centre of the first column), as Fiji's multi-point tool, napari's points lay
 annotation tools export them; ``class`` is a class name (categories sorted by name, ids 1..C, so
 that two CSVs with the same classes get the same ids whatever their row order; fix the order, or
 keep ids when a CSV lacks a class, with ``--classes``). Image sizes are read from the image files
-(headers only), after their EXIF orientation as training applies it. Every image of ``--images`` gets an entry; images without clicks train the
-semantics only; hidden files (``._x.png`` of macOS, ``.x.png``) are not images.
+(headers only), after their EXIF orientation as training applies it. Every image of ``--images``
+gets an entry; images without clicks train the semantics only; hidden files (``._x.png`` of macOS,
+``.x.png``) are not images.
 
 The CSV is read as UTF-8 (a byte-order mark, as Excel's "CSV UTF-8" writes, is skipped). Every row
 is checked where it is read; errors name the CSV file and line: a missing column, a non-numeric or
@@ -29,12 +30,13 @@ from typing import Dict, List, Optional, Sequence
 
 from PIL import Image, UnidentifiedImageError
 
+from detectron2.data.detection_utils import _EXIF_ORIENT  # the tag Detectron2's reader applies
+
 from p2seg.utils.atomic import write_json_atomic
 
 __all__ = ["points_from_csv", "main"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
-EXIF_ORIENTATION = 0x0112  # the EXIF tag every reader of the project applies
 
 
 def _image_sizes(image_root: str) -> Dict[str, tuple]:
@@ -47,7 +49,7 @@ def _image_sizes(image_root: str) -> Dict[str, tuple]:
         try:
             with Image.open(path) as im:
                 width, height = im.size
-                if im.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8):  # turned by 90 degrees when read
+                if im.getexif().get(_EXIF_ORIENT, 1) in (5, 6, 7, 8):  # turned by 90 degrees when read
                     width, height = height, width
                 sizes[name] = (width, height)
         except (UnidentifiedImageError, Image.DecompressionBombError, OSError) as e:

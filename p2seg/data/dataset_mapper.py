@@ -48,6 +48,7 @@ from detectron2.utils.file_io import PathManager
 from fvcore.transforms.transform import PadTransform
 
 from .image_io import read_image_any_depth
+from .semantic_sources import merge_classes
 from .targets import build_targets, ignore_unpointed_components, point_pixels
 
 __all__ = [
@@ -500,7 +501,7 @@ class P2SegDatasetMapper:
             self.ignore_value,
         )
         if self.foreground_semantics:
-            sem_seg = np.where((sem_seg > 0) & (sem_seg != self.ignore_value), 1, sem_seg).astype(sem_seg.dtype)
+            sem_seg = merge_classes(sem_seg, self.ignore_value)
         return sem_seg
 
     def _map_train(self, dataset_dict, image, out):

@@ -32,6 +32,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "read_semantic_png",
+    "merge_classes",
     "render_semantic_map",
     "annotation_arrays",
     "render_mask_json",
@@ -49,6 +50,17 @@ def read_semantic_png(file_name: str) -> np.ndarray:
 
 # Bumped when the rendering rule changes, so stale caches are not reused.
 _RENDER_VERSION = "1"
+
+
+def merge_classes(sem: np.ndarray, ignore_label: int = 255) -> np.ndarray:
+    """A semantic map with its classes merged into one foreground (MODEL.P2SEG.FOREGROUND_SEMANTICS).
+
+    Args:
+        sem: integer ``H x W`` (0 background, ``k + 1`` class ``k``, ``ignore_label`` ignore).
+    Returns:
+        the same dtype and shape: 0 background, 1 every class, ``ignore_label`` kept.
+    """
+    return np.where((sem > 0) & (sem != ignore_label), 1, sem).astype(sem.dtype, copy=False)
 
 
 def render_semantic_map(

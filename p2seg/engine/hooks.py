@@ -180,6 +180,11 @@ class SemanticLossMonitor(HookBase):
         self.error_factor = error_factor
         self.warned = False
 
+    def _marker(self) -> str:
+        """Path of the marker this process may write or remove ("" = none: no output_dir, or not
+        the main process)."""
+        return os.path.join(self.output_dir, STUCK_MARKER) if self.output_dir and comm.is_main_process() else ""
+
     def _median(self):
         storage = self.trainer.storage
         if "loss_sem" not in storage.histories():
@@ -191,7 +196,7 @@ class SemanticLossMonitor(HookBase):
         median = self._median()
         if median is None:
             return
-        marker = os.path.join(self.output_dir, STUCK_MARKER) if self.output_dir and comm.is_main_process() else ""
+        marker = self._marker()
         if abs(median - self.chance) >= self.margin:
             if final and marker and os.path.isfile(marker):
                 os.remove(marker)
@@ -212,8 +217,8 @@ class SemanticLossMonitor(HookBase):
 
     def before_train(self):
         """A new run starts unflagged."""
-        marker = os.path.join(self.output_dir, STUCK_MARKER) if self.output_dir else ""
-        if marker and comm.is_main_process() and os.path.isfile(marker) and self.trainer.iter == 0:
+        marker = self._marker()
+        if marker and os.path.isfile(marker) and self.trainer.iter == 0:
             os.remove(marker)
 
     def after_step(self):

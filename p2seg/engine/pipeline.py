@@ -118,7 +118,8 @@ def _refuse_stuck_stage1(stage1_dir: Path) -> None:
     stuck = read_stuck_marker(str(stage1_dir))
     if stuck is not None:
         raise RuntimeError(f"stage 1 learned nothing ({stage1_dir / STUCK_MARKER}): {stuck['message']} "
-                           "Export and stage 2 were not run; delete the stage-1 folder and rerun with the change.")
+                           "Export and stage 2 were not run; rerun the pipeline with the change in --stage1-opts "
+                           "(stage 1 then runs again).")
 
 
 def _refuse_fallback_export(results_file: Path, stop_fraction: float) -> None:
