@@ -12,7 +12,7 @@ Examples::
     # the authors' per-image "x y cls [conf]" text files (<image stem>.txt)
     python demo.py ... --points-dir Center_points/ --class-offset 0
     # stage-2 Mask R-CNN
-    python demo.py --config-file configs/MaskRCNN/mask_rcnn_R_18_FPN_shapes_cpu.yaml --input imgs/ \\
+    python demo.py --config-file configs/MaskRCNN/mask_rcnn_lite0_FPN_shapes_cpu.yaml --input imgs/ \\
         --output vis/ --opts MODEL.WEIGHTS output/pipeline/stage2/model_final.pth
 
 Overrides: ``--opts KEY VALUE ...`` (last on the line), or after ``--`` at the end.

@@ -16,7 +16,7 @@ Examples::
         MODEL.WEIGHTS output/shapes_p2seg/model_final.pth DATASETS.TEST '("p2seg_shapes_train",)' \
         TEST.EXPORT_PSEUDO_MASKS True          # -> OUTPUT_DIR/pseudo_masks_p2seg_shapes_train.json
     # stage 2: Detectron2's Mask R-CNN on the exported pseudo masks
-    python train_net.py --config-file configs/MaskRCNN/mask_rcnn_R_18_FPN_shapes_cpu.yaml \
+    python train_net.py --config-file configs/MaskRCNN/mask_rcnn_lite0_FPN_shapes_cpu.yaml \
         DATASETS.PSEUDO_LABELS.JSON output/shapes_p2seg/pseudo_masks_p2seg_shapes_train.json
 
 Multi-machine: ``--num-machines N --machine-rank R --dist-url tcp://HOST:PORT`` (Detectron2's

@@ -182,6 +182,9 @@ def add_p2seg_config(cfg):
     cfg.DATASETS.PSEUDO_LABELS.NAME = "p2seg_pseudo_train"  # name to list in DATASETS.TRAIN
     # Evaluation / export (p2seg/engine/trainer.py). Export: OUTPUT_DIR/pseudo_masks_<dataset>.json per test set.
     cfg.TEST.EXPORT_PSEUDO_MASKS = False
+    # Evaluate as on new images: the test mapper drops the annotations' points, so P2Seg finds the
+    # instances from its centre peaks (the point-free row of tools/run_pipeline.py's comparison).
+    cfg.TEST.POINT_FREE = False
     cfg.TEST.VOC_IOU_THRESHOLDS = (0.25, 0.5, 0.7, 0.75)  # VOC mask mAP thresholds (mAP25 ... mAP75)
     # Warn when more than this fraction of the points got the fallback box instead of a mask (a
     # semantic head that learned nothing, wrong classes or semantic source); >= 1 never warns.

@@ -400,3 +400,50 @@ def test_lite0_classifies_a_coco_elephant():
         top1 = int(build_efficientnet_lite0_classifier().eval()(x).argmax())
     name = ResNet18_Weights.IMAGENET1K_V1.meta["categories"][top1]
     assert name in {"Indian elephant", "African elephant", "tusker"}, name
+
+
+@needs_lite0
+def test_lite0_fpn_gives_detectron2_fpn_levels_on_the_pretrained_trunk():
+    """Stage 2's backbone: FPN p2..p6 (strides 4..64) over the ImageNet Lite0 trunk, frozen below
+    FREEZE_AT, trainable FPN convs; a Mask R-CNN built from it runs one training step."""
+    from detectron2.modeling import build_model
+    from detectron2.modeling.backbone.fpn import FPN
+
+    from p2seg.modeling.backbone.efficientnet_lite import lite0_weights_path
+
+    cfg = base_cfg("MODEL.BACKBONE.NAME", "build_efficientnet_lite0_fpn_backbone", "MODEL.BACKBONE.FREEZE_AT", 2,
+                   "MODEL.FPN.IN_FEATURES", ["res2", "res3", "res4", "res5"], "MODEL.FPN.OUT_CHANNELS", 16)
+    backbone = build_backbone(cfg)
+    assert isinstance(backbone, FPN)
+    shapes = backbone.output_shape()
+    assert {k: (v.channels, v.stride) for k, v in shapes.items()} == {
+        "p2": (16, 4), "p3": (16, 8), "p4": (16, 16), "p5": (16, 32), "p6": (16, 64)}
+    out = backbone(torch.randn(1, 3, 64, 96))
+    assert {k: tuple(v.shape) for k, v in out.items()} == {
+        "p2": (1, 16, 16, 24), "p3": (1, 16, 8, 12), "p4": (1, 16, 4, 6), "p5": (1, 16, 2, 3), "p6": (1, 16, 1, 2)}
+    state = torch.load(lite0_weights_path(), map_location="cpu", weights_only=True)
+    trunk = backbone.bottom_up
+    assert torch.equal(trunk._blocks[5]._project_conv.weight, state["_blocks.5._project_conv.weight"])
+    assert not trunk._conv_stem.weight.requires_grad and all(p.requires_grad for p in backbone.fpn_output2.parameters())
+
+    cfg.merge_from_list(["MODEL.META_ARCHITECTURE", "GeneralizedRCNN", "MODEL.MASK_ON", True,
+                         "MODEL.RPN.IN_FEATURES", ["p2", "p3", "p4", "p5", "p6"],
+                         "MODEL.ROI_HEADS.NAME", "StandardROIHeads", "MODEL.ROI_HEADS.IN_FEATURES", ["p2", "p3", "p4", "p5"],
+                         "MODEL.ROI_HEADS.NUM_CLASSES", 2, "MODEL.ROI_BOX_HEAD.NAME", "FastRCNNConvFCHead",
+                         "MODEL.ROI_BOX_HEAD.NUM_FC", 1, "MODEL.ROI_BOX_HEAD.FC_DIM", 32,
+                         "MODEL.ROI_MASK_HEAD.NAME", "MaskRCNNConvUpsampleHead", "MODEL.ROI_MASK_HEAD.CONV_DIM", 8,
+                         "MODEL.ANCHOR_GENERATOR.SIZES", [[8], [16], [32], [64], [128]]])
+    from detectron2.structures import BitMasks, Boxes, Instances
+
+    from detectron2.utils.events import EventStorage
+
+    model = build_model(cfg)
+    masks = torch.zeros(1, 64, 96, dtype=torch.bool)
+    masks[0, 10:40, 20:60] = True
+    inst = Instances((64, 96), gt_boxes=Boxes(torch.tensor([[20.0, 10.0, 60.0, 40.0]])),
+                     gt_classes=torch.tensor([1]), gt_masks=BitMasks(masks))
+    with EventStorage():
+        losses = model([{"image": torch.randint(0, 255, (3, 64, 96)).float(), "instances": inst}])
+    assert {"loss_mask", "loss_rpn_cls", "loss_cls"} <= set(losses)
+    sum(losses.values()).backward()
+    assert backbone is not model.backbone and model.backbone.bottom_up._blocks[5]._project_conv.weight.grad is not None

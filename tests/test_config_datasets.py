@@ -122,3 +122,58 @@ def test_baseline_cli_with_an_eroded_source_scores_below_perfect(tmp_path, capsy
     # IoU 16/36 = 0.44: a match at 0.25, a miss at 0.5
     assert printed["voc_mask"]["mAP25"] == 100.0 and printed["segm"]["AP50"] == 0.0
 
+
+
+def _baseline(tmp_path, capsys, *extra):
+    rc = baseline_tool.main([str(tmp_path / "points.json"), "--images", str(tmp_path / "img"), "--semantic",
+                             str(tmp_path / "sem"), *extra])
+    captured = capsys.readouterr()
+    return rc, json.loads(captured.out.strip().splitlines()[-1]), captured.err
+
+
+def test_baseline_cli_reads_palette_pngs_as_training_does(tmp_path, capsys):
+    from PIL import Image
+
+    write_dataset(tmp_path)
+    sem = cv2.imread(str(tmp_path / "sem" / "a.png"), cv2.IMREAD_UNCHANGED)
+    palette = Image.fromarray(sem, mode="P")
+    palette.putpalette([0, 0, 0, 200, 30, 30] + [0] * 762)  # index 1 drawn red: cv2 would read colours
+    palette.save(str(tmp_path / "sem" / "a.png"))
+    rc, printed, _ = _baseline(tmp_path, capsys)
+    assert rc == 0 and printed["segm"]["AP"] == 100.0
+
+
+def test_baseline_cli_refuses_labels_above_the_class_count(tmp_path, capsys):
+    write_dataset(tmp_path)  # one class: labels 0, 1 (and 255)
+    sem = cv2.imread(str(tmp_path / "sem" / "a.png"), cv2.IMREAD_UNCHANGED)
+    cv2.imwrite(str(tmp_path / "sem" / "a.png"), sem * 2)
+    with pytest.raises(ValueError, match=r"a.png: labels \[2\] are neither 0..1"):
+        _baseline(tmp_path, capsys)
+
+
+def test_baseline_cli_warns_about_points_without_a_region(tmp_path, capsys, caplog):
+    import logging
+
+    write_dataset(tmp_path)
+    sem = cv2.imread(str(tmp_path / "sem" / "a.png"), cv2.IMREAD_UNCHANGED)
+    sem[:, 12:] = 0  # only the first square keeps its foreground
+    cv2.imwrite(str(tmp_path / "sem" / "a.png"), sem)
+    with caplog.at_level(logging.WARNING, logger="p2seg.evaluation.baseline"):
+        rc, printed, _ = _baseline(tmp_path, capsys)
+    assert rc == 0 and printed["points_without_region"] == 2
+    assert any("2 of 3 points (67%) have no pixel of their class" in r.getMessage() for r in caplog.records)
+
+
+def test_baseline_cli_on_clicks_only_writes_the_masks_and_scores_nothing(tmp_path, capsys):
+    write_dataset(tmp_path)
+    data = json.loads((tmp_path / "points.json").read_text())
+    for a in data["annotations"]:
+        del a["segmentation"]
+    (tmp_path / "points.json").write_text(json.dumps(data))
+    masks = tmp_path / "baseline_masks.json"
+    rc, printed, err = _baseline(tmp_path, capsys, "--export", str(masks))
+    assert rc == 0 and printed["scored"] is False and "segm" not in printed
+    assert "has no ground-truth masks (clicks only): nothing to score" in err
+    exported = json.loads(masks.read_text())
+    assert printed["exported_masks"] == len(exported["annotations"]) == 3
+    assert all(mask_util.area(a["segmentation"]) == 36 for a in exported["annotations"])  # the 6x6 squares

@@ -342,6 +342,56 @@ def test_render_semseg_refuses_more_categories_than_uint8_labels(tmp_path):
     assert str(src) in str(e.value)
 
 
+def test_render_semseg_labels_follow_the_point_json_categories(tmp_path):
+    """A mask JSON with categories [1, 3] for points with [1, 2, 3]: class 3 is painted 3 (its rank
+    among the points' categories), not 2; a category the points lack, or one named differently,
+    is an error naming both files."""
+    def only_1_and_3(d):
+        d["annotations"] = [a for a in d["annotations"] if a["category_id"] != 2]
+        d["categories"] = [c for c in d["categories"] if c["id"] != 2]
+    src = _edited_mask_json(tmp_path, only_1_and_3)
+    points = tmp_path / "points.json"
+    points.write_text(json.dumps({"images": [], "annotations": [],
+                                  "categories": [{"id": k, "name": str(k)} for k in (1, 2, 3)]}))
+    _render_cli(src, tmp_path / "own")
+    _render_cli(src, tmp_path / "points", "--categories", str(points))
+    own = np.unique(np.concatenate([cv2.imread(str(p), cv2.IMREAD_UNCHANGED).ravel()
+                                    for p in sorted((tmp_path / "own").iterdir())]))
+    with_points = np.unique(np.concatenate([cv2.imread(str(p), cv2.IMREAD_UNCHANGED).ravel()
+                                            for p in sorted((tmp_path / "points").iterdir())]))
+    assert own.tolist() == [0, 1, 2] and with_points.tolist() == [0, 1, 3]
+    points.write_text(json.dumps({"images": [], "annotations": [], "categories": [{"id": 1, "name": "1"},
+                                                                                    {"id": 3, "name": "cat"}]}))
+    with pytest.raises(ValueError, match=r"category id 3 is named '3', but 'cat' in .*points.json"):
+        _render_cli(src, tmp_path / "bad", "--categories", str(points))
+
+
+def test_images_sharing_a_base_name_are_refused_before_one_png_is_written_for_both(tmp_path):
+    """x/im.png and y/im.png (or im0.png and im0.jpg) would share one semantic PNG: the renderer,
+    the thresholder and the loader refuse, naming both images."""
+    from p2seg.cli import threshold_semseg
+
+    src = _edited_mask_json(tmp_path, lambda d: d["images"][1].__setitem__("file_name", "sub/im0.png"))
+    with pytest.raises(ValueError, match=r"images 'im0.jpg' and 'sub/im0.png' would share the semantic PNG 'im0.png'"):
+        _render_cli(src, tmp_path / "out")
+    assert not (tmp_path / "out").exists() or not os.listdir(tmp_path / "out")
+    (tmp_path / "img" / "sub").mkdir(parents=True)
+    for name in ("im0.jpg", "sub/im0.png", "im2.jpg"):
+        cv2.imwrite(str(tmp_path / "img" / name), np.full((64, 64, 3), 90, np.uint8))
+    with pytest.raises(ValueError, match="would share the semantic PNG 'im0.png'"):
+        threshold_semseg.main([str(src), "--images", str(tmp_path / "img"), "--out", str(tmp_path / "thr"),
+                               "--category-id", "1"])
+    (tmp_path / "sem").mkdir()
+    for name in ("im0.png", "im2.png"):
+        cv2.imwrite(str(tmp_path / "sem" / name), np.zeros((64, 64), np.uint8))
+    data = json.loads(src.read_text())
+    for a in data["annotations"]:
+        a["point"] = [10.0, 10.0]
+    src.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="would share the semantic PNG 'im0.png'"):
+        load_point_coco_json(str(src), str(tmp_path / "img"), str(tmp_path / "sem"))
+
+
 @pytest.mark.parametrize("flag, value", [("--drop-prob", "1.5"), ("--drop-prob", "-0.1"), ("--erode", "-1"),
                                          ("--blob-noise", "-2"), ("--blob-radius", "0")])
 def test_render_semseg_refuses_out_of_range_degradation(tmp_path, capsys, flag, value):

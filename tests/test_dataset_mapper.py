@@ -218,6 +218,15 @@ def test_test_mapper_passes_annotations_and_scales_points(sample):
     assert not {"center", "offset", "center_weights", "offset_weights"} & set(out)
 
 
+def test_point_free_test_mapper_drops_the_points_but_keeps_the_annotations(sample):
+    """TEST.POINT_FREE: the model gets no points (it must find the instances itself); the
+    annotations still reach the evaluator."""
+    out = P2SegDatasetMapper(_cfg(**{"TEST.POINT_FREE": True}), is_train=False)(copy.deepcopy(sample))
+    assert "points" not in out and "point_classes" not in out
+    assert out["annotations"] == sample["annotations"]
+    assert "points" in P2SegDatasetMapper(_cfg(), is_train=False)(copy.deepcopy(sample))
+
+
 def test_test_mapper_keeps_size_without_points(sample):
     d = copy.deepcopy(sample)
     d.pop("sem_seg_file_name")

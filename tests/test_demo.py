@@ -15,7 +15,7 @@ sys.path.insert(0, str(REPO))
 import demo  # noqa: E402  (demo.py at the repository root)
 
 P2SEG = REPO / "configs" / "shapes" / "p2seg_R18_cpu.yaml"
-MASK_RCNN = REPO / "configs" / "MaskRCNN" / "mask_rcnn_R_18_FPN_shapes_cpu.yaml"
+MASK_RCNN = REPO / "configs" / "MaskRCNN" / "mask_rcnn_lite0_FPN_shapes_cpu.yaml"
 SHAPES = ["DATASETS.SHAPES.NUM_TRAIN", "4", "DATASETS.SHAPES.NUM_VAL", "2"]
 P2SEG_BASE = SHAPES + QUICK_STAGE1
 RCNN_BASE = SHAPES + ["MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0", "INPUT.MIN_SIZE_TEST", "128",

@@ -329,3 +329,43 @@ def test_fallback_boxes_are_counted_and_warned_about(tmp_path, caplog):
     [message] = [r.getMessage() for r in caplog.records]
     assert f"{num_points} of {num_points} points (100%) got the fallback box" in message
     assert "masks.json" in message and "loss_sem" in message
+
+
+def test_resume_after_the_points_changed_starts_over(tmp_path, caplog):
+    """An export stopped after 3 images; the user then edits the point JSON (moves one point,
+    removes another) and reruns: the sidecar's masks belong to the old points, so the export
+    starts over (warning names the data) and the JSON has exactly the new points."""
+    import logging
+
+    from p2seg.evaluation.pseudo_mask_exporter import export_provenance
+
+    model = torch.nn.Linear(1, 1)
+    dicts = make_dicts()
+    name = register(dicts)
+    out = tmp_path / "masks.json"
+    first = PseudoMaskExporter(name, str(out))
+    first.bind_provenance(export_provenance(model, _cfg(), name, dicts))
+    for d in dicts[:3]:
+        inp = mapper(d)
+        first.process([inp], [fake_model(inp)])
+    edited = copy.deepcopy(dicts)
+    edited[1]["annotations"][0]["point"] = [1.0, 1.0]
+    edited[0]["annotations"] = []
+    same = PseudoMaskExporter(name, str(out))  # unchanged data: resumes
+    same.bind_provenance(export_provenance(model, _cfg(), name, dicts))
+    assert same.finished_image_ids() == {100, 101, 102}
+    second = PseudoMaskExporter(name, str(out))
+    with caplog.at_level(logging.WARNING, logger="p2seg.evaluation.pseudo_mask_exporter"):
+        second.bind_provenance(export_provenance(model, _cfg(), name, edited))
+    assert second.finished_image_ids() == set()
+    assert any("was made by other data_sha1" in r.getMessage() for r in caplog.records)
+
+
+def _cfg():
+    from detectron2.config import get_cfg
+
+    from p2seg import add_p2seg_config
+
+    cfg = get_cfg()
+    add_p2seg_config(cfg)
+    return cfg

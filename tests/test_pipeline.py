@@ -25,7 +25,7 @@ from p2seg.engine.pipeline import QUICK_COMMON, QUICK_STAGE1
 
 REPO = Path(__file__).resolve().parents[1]
 STAGE1 = REPO / "configs" / "shapes" / "p2seg_R18_cpu.yaml"
-STAGE2 = REPO / "configs" / "MaskRCNN" / "mask_rcnn_R_18_FPN_shapes_cpu.yaml"
+STAGE2 = REPO / "configs" / "MaskRCNN" / "mask_rcnn_lite0_FPN_shapes_cpu.yaml"
 TINY = QUICK_COMMON + QUICK_STAGE1
 TRAIN = "p2seg_shapes_train"
 
@@ -134,6 +134,12 @@ def test_export_resumes_from_sidecar(stage1, tmp_path, monkeypatch):
     assert results["pseudo_masks"]["num_images"] == 4
 
 
+def _replace(text, pairs):
+    for old, new in pairs:
+        text = text.replace(old, new)
+    return text
+
+
 def test_pipeline_quick_runs_stage2_and_resumes(stage1):
     """tools/run_pipeline.py --quick; stages 1 and export are taken from the fixture (skip-if-done)."""
     out = stage1["root"] / "run"
@@ -150,17 +156,33 @@ def test_pipeline_quick_runs_stage2_and_resumes(stage1):
     assert "GeneralizedRCNN" in config and str(stage1["json"].name) in config
     results = json.loads((out / "pipeline_results.json").read_text())
     rows = results["rows"]
-    assert rows["P2Seg pseudo masks (points given)"]["dataset"] == TRAIN
-    assert rows["Mask R-CNN on pseudo masks"]["dataset"] == "p2seg_shapes_val"
+    assert rows["P2Seg pseudo masks"]["dataset"] == TRAIN and rows["P2Seg pseudo masks"]["task"].startswith("points given")
+    # the point-free rows: the same Mask R-CNN on P2Seg's and on the baseline's masks (the default
+    # comparison), and P2Seg's own centre peaks, all on the test images
+    point_free = {name: r for name, r in rows.items() if r["task"].startswith("point-free")}
+    assert set(point_free) == {"Mask R-CNN on P2Seg pseudo masks", "Mask R-CNN on nearest-point baseline masks",
+                               "P2Seg, centre peaks"}
+    assert all(r["dataset"] == "p2seg_shapes_val" for r in point_free.values())
     baseline = rows["nearest-point baseline (p2seg_shapes_val)"]
-    assert 0 < baseline["AP50"] <= 100
-    assert set(results["stages"]) == {"stage1", "export", "stage2", "eval", "baseline", "pictures"}
+    assert 0 < baseline["AP50"] <= 100 and baseline["task"] == "points given (test images)"
+    assert set(results["stages"]) == {"stage1", "export", "stage2", "eval", "labels", "stage2_baseline", "eval_baseline",
+                                      "pointfree", "baseline", "pictures"}
+    # the baseline row trained on the baseline's masks of the same training images, same config
+    labels = json.loads(Path(results["files"]["baseline_masks"]).read_text())
+    assert labels["info"]["source_dataset"] == TRAIN and len(labels["annotations"]) > 0
+    config_b = (out / "stage2_baseline" / "config.yaml").read_text()
+    assert Path(results["files"]["baseline_masks"]).name in config_b
+    same = [(results["files"]["baseline_masks"], "JSON"), (str(out / "stage2_baseline"), "OUT")]
+    assert _replace(config_b, same) == _replace(config, [(results["files"]["pseudo_masks"], "JSON"),
+                                                         (str(out / "stage2"), "OUT")])
+    # P2Seg evaluated without points: the export's model, TEST.POINT_FREE
+    assert "POINT_FREE: true" in (out / "pointfree" / "config.yaml").read_text()
     # pictures: one row per image (4 quick training images) x 5 panels, and the training curves
     overview = cv2.imread(results["files"]["overview"])
     assert overview is not None and overview.shape[1] > 1.2 * overview.shape[0]  # 5 panels wide, 4 rows
     assert cv2.imread(results["files"]["curves"]) is not None
     assert results["stages"]["stage2"]["seconds"] > 0
-    assert "| Mask R-CNN on pseudo masks |" in log
+    assert "| Mask R-CNN on P2Seg pseudo masks |" in log and "**point-free (test images)**" in log
     # a rerun skips every stage and prints the same table
     log2 = _run(["--quick", "--output-dir", str(out)], stage1["env"], script="tools/run_pipeline.py")
     assert all(f"[{s}] outputs exist: skipped" in log2 for s in results["stages"])
@@ -168,7 +190,7 @@ def test_pipeline_quick_runs_stage2_and_resumes(stage1):
     assert json.dumps(rerun) == json.dumps(rows)  # (NaN-safe comparison)
     # other stage-2 options (the README's "train stage 2 longer"): stage 2 and what follows it run
     # again, stage 1 and the export are kept
-    log3 = _run(["--quick", "--output-dir", str(out), "--stage2-opts", "SOLVER.MAX_ITER 3"], stage1["env"],
+    log3 = _run(["--quick", "--output-dir", str(out), "--stage2-opts", "SOLVER.MAX_ITER 3", "--compare", "none"], stage1["env"],
                 script="tools/run_pipeline.py")
     assert "[stage1] outputs exist: skipped" in log3 and "[export] outputs exist: skipped" in log3
     assert "[stage2] rerun: its options changed (now also: SOLVER.MAX_ITER 3; no longer: -)" in log3

@@ -3,7 +3,9 @@
 
 stage-1 P2Seg training -> pseudo-mask export on the training images (one mask per point, with
 their metrics vs the ground truth) -> stage-2 Mask R-CNN training on the exported JSON ->
-evaluation on the test set -> nearest-point baseline; prints a results table and writes
+evaluation on the test set -> the same stage 2 trained on the nearest-point baseline's masks
+(and, with ``--compare baseline,gt``, on the true masks) -> P2Seg's own point-free instances on
+the test set -> nearest-point baseline; prints the results tables and writes
 ``<output-dir>/pipeline_results.json``. Every stage is skipped when its outputs exist (rerun
 the same command to resume).
 
@@ -13,12 +15,14 @@ Examples::
     python tools/run_pipeline.py --quick --output-dir /tmp/p    # a few iterations (smoke test)
     python tools/run_pipeline.py MODEL.DEVICE cuda              # trailing overrides: both stages
     python tools/run_pipeline.py --stage1-opts "SOLVER.MAX_ITER 300"
+    python tools/run_pipeline.py --compare baseline,gt          # + the fully supervised ceiling
+    python tools/run_pipeline.py --compare none                 # P2Seg's stage 2 only
 """
 import argparse
 import shlex
 import sys
 
-from p2seg.engine.pipeline import DEFAULT_STAGE1, DEFAULT_STAGE2, PipelineConfig, run_pipeline
+from p2seg.engine.pipeline import COMPARE_ROWS, DEFAULT_COMPARE, DEFAULT_STAGE1, DEFAULT_STAGE2, PipelineConfig, run_pipeline
 
 
 def build_parser():
@@ -30,15 +34,24 @@ def build_parser():
     p.add_argument("--quick", action="store_true", help="a few iterations on 4 + 2 tiny images (tests)")
     p.add_argument("--stage1-opts", default="", help='overrides of stage 1 only, one string: "KEY VALUE ..."')
     p.add_argument("--stage2-opts", default="", help='overrides of stage 2 only, one string: "KEY VALUE ..."')
+    p.add_argument("--compare", default=",".join(DEFAULT_COMPARE),
+                   help="also train the same stage 2 on these masks of the training images, comma-separated: "
+                        f"{' / '.join(COMPARE_ROWS)} (the nearest-point baseline's / the true ones), or 'none' "
+                        "(default: %(default)s)")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides for both stages")
     return p
+
+
+def _compare_rows(text):
+    """``"baseline,gt"`` -> ``["baseline", "gt"]``; ``"none"`` or "" -> ``[]``."""
+    return [] if text.strip() in ("", "none") else [r.strip() for r in text.split(",") if r.strip()]
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         pc = PipelineConfig(args.output_dir, args.stage1_config, args.stage2_config, args.quick, args.opts,
-                            shlex.split(args.stage1_opts), shlex.split(args.stage2_opts))
+                            shlex.split(args.stage1_opts), shlex.split(args.stage2_opts), compare=_compare_rows(args.compare))
         run_pipeline(pc)
     except (RuntimeError, ValueError, FileNotFoundError) as e:
         print(f"run_pipeline: error: {e}", file=sys.stderr)

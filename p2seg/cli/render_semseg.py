@@ -2,7 +2,10 @@
 
 Each image of the JSON gives ``<out>/<image file stem>.png`` (uint8: 0 background, ``k+1`` for
 contiguous class ``k`` = rank of the category id, 255 on crowd regions; overlaps: higher
-``score``, then later annotation wins — see :mod:`p2seg.data.semantic_sources`).
+``score``, then later annotation wins — see :mod:`p2seg.data.semantic_sources`). The ranks are
+those of the point JSON's categories with ``--categories POINT_JSON`` (a mask JSON with fewer
+categories, e.g. [1, 3] of [1, 2, 3], then paints class 3 as 3, not 2); two images with the same
+base name are refused (they would share one PNG).
 
 An optional seeded degradation emulates a weak semantic source of controlled quality, applied in
 this order per image (generator seeded by ``(--seed, image id)``):
@@ -42,6 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="probability that a pixel takes another label, independently per pixel")
     p.add_argument("--seed", type=int, default=0, help="seed of the degradation (default 0)")
     p.add_argument("--ignore-label", type=int, default=255, help="value of crowd/ignored pixels")
+    p.add_argument("--categories", default=None, metavar="POINT_JSON",
+                   help="the point JSON the maps are for: its categories set the labels (k + 1 for the k-th "
+                        "smallest id, as training does); the JSON's own categories must be among them, same "
+                        "names. Without it the labels rank the JSON's own category ids.")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -58,6 +65,21 @@ def _check_arguments(parser: argparse.ArgumentParser, args) -> None:
         parser.error(f"--blob-radius must be in (0, 1], got {args.blob_radius}")
 
 
+def _target_categories(own, json_file, points_file):
+    """The categories of ``points_file`` (they set the labels), after checking that every category
+    of the mask JSON ``json_file`` is among them under the same name (ValueError naming both)."""
+    target = read_coco_json(points_file)["categories"]
+    names = {c["id"]: c.get("name") for c in target}
+    for c in own:
+        if c["id"] not in names:
+            raise ValueError(f"{json_file}: category id {c['id']} ({c.get('name')!r}) is not a category of "
+                             f"{points_file} (field 'categories'; ids there: {sorted(names)})")
+        if names[c["id"]] != c.get("name"):
+            raise ValueError(f"{json_file}: category id {c['id']} is named {c.get('name')!r}, but {names[c['id']]!r} "
+                             f"in {points_file} (field 'categories')")
+    return target
+
+
 def render_semseg(args):
     """Render per ``args`` (parsed CLI); returns (mIoU vs the undegraded maps (1.0 without), images)."""
     data = read_coco_json(args.json)
@@ -65,9 +87,11 @@ def render_semseg(args):
         drop_prob=args.drop_prob, erode=args.erode, dilate=args.dilate,
         blob_noise=args.blob_noise, blob_radius=args.blob_radius, flip_prob=args.flip_prob,
     )
+    labels = category_labels(data["categories"] if args.categories is None else
+                             _target_categories(data["categories"], args.json, args.categories))
     os.makedirs(args.out, exist_ok=True)
     conf = render_degraded_mask_json(
-        data, args.out, category_labels(data["categories"]), degradation, args.seed,
+        data, args.out, labels, degradation, args.seed,
         args.ignore_label, source=args.json, progress=not args.quiet,
     )
     return (1.0 if conf is None else mean_iou(conf)[0]), len(data["images"])

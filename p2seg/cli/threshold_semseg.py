@@ -28,6 +28,7 @@ import numpy as np
 
 from p2seg.data.coco_format import category_labels, decode_annotation_masks, read_coco_json
 from p2seg.data.image_io import read_image_any_depth
+from p2seg.data.semantic_sources import check_unique_semantic_names, semantic_png_name
 from p2seg.datasets.threshold import POLARITIES, threshold_foreground
 from p2seg.utils.atomic import write_png_atomic
 
@@ -80,6 +81,7 @@ def threshold_semseg(args) -> dict:
     """Run per ``args`` (parsed CLI); returns the summary dict."""
     data = read_coco_json(args.json)
     label = _label(data["categories"], args.category_id, args.json)
+    check_unique_semantic_names([img["file_name"] for img in data["images"]], args.json)
     os.makedirs(args.out, exist_ok=True)
     anns_by_image = {img["id"]: [] for img in data["images"]}
     for a in data["annotations"]:
@@ -92,8 +94,7 @@ def threshold_semseg(args) -> dict:
         image = _read_image(os.path.join(args.images, img["file_name"]), img, args.json)
         mask, info = threshold_foreground(image, args.polarity, args.smooth, args.min_area, args.fill_holes)
         bright += info["bright_foreground"]
-        stem = os.path.splitext(os.path.basename(img["file_name"]))[0]
-        write_png_atomic(os.path.join(args.out, stem + ".png"), mask.astype(np.uint8) * label)
+        write_png_atomic(os.path.join(args.out, semantic_png_name(img["file_name"])), mask.astype(np.uint8) * label)
         if has_masks:
             gt = decode_annotation_masks(anns_by_image[img["id"]], h, w).any(axis=0)
             inter += int((gt & mask).sum())

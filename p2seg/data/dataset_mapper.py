@@ -48,7 +48,7 @@ from detectron2.utils.file_io import PathManager
 from fvcore.transforms.transform import PadTransform
 
 from .image_io import read_image_any_depth
-from .semantic_sources import merge_classes
+from .semantic_sources import LABEL_PNG_MODES, merge_classes
 from .targets import build_targets, ignore_unpointed_components, point_pixels
 
 __all__ = [
@@ -218,7 +218,7 @@ def read_sem_seg(file_name, height, width, num_classes, ignore_value):
         raise BadSampleValueError(
             f"sem_seg_file_name {file_name}: cannot read the PNG ({type(e).__name__}: {e})"
         ) from e
-    if pil.mode not in ("L", "P", "I", "I;16"):
+    if pil.mode not in LABEL_PNG_MODES:
         raise BadSampleValueError(
             f"sem_seg_file_name {file_name}: expected a single-channel label PNG (mode L or P), "
             f"got mode {pil.mode}"
@@ -388,6 +388,7 @@ class P2SegDatasetMapper:
         bad_samples="error",
         ignore_unpointed=False,
         foreground_semantics=False,
+        point_free=False,
     ):
         """
         Args:
@@ -404,6 +405,8 @@ class P2SegDatasetMapper:
             foreground_semantics: merge the classes (cfg.MODEL.P2SEG.FOREGROUND_SEMANTICS): the
                 semantic map's labels 1..C become 1, and in training the points' classes 0 (the
                 targets of a one-class model); at inference ``point_classes`` keep their classes.
+            point_free: inference without the annotations' points (cfg.TEST.POINT_FREE): no
+                ``points`` / ``point_classes``, so the model finds instances from its centre peaks.
         """
         if bad_samples not in BAD_SAMPLE_POLICIES:
             raise ValueError(
@@ -419,6 +422,7 @@ class P2SegDatasetMapper:
         self.ignore_value = ignore_value
         self.ignore_unpointed = ignore_unpointed
         self.foreground_semantics = foreground_semantics
+        self.point_free = point_free
         self.skip_bad_samples = is_train and bad_samples == "skip"
         self.num_bad_samples = 0  # samples skipped so far (this process)
         self.num_samples = None  # size of the dataset mapped, when known (set by the train loader)
@@ -441,6 +445,7 @@ class P2SegDatasetMapper:
             "bad_samples": cfg.DATALOADER.BAD_SAMPLES,
             "ignore_unpointed": targets.IGNORE_UNPOINTED,
             "foreground_semantics": cfg.MODEL.P2SEG.FOREGROUND_SEMANTICS,
+            "point_free": cfg.TEST.POINT_FREE,
         }
 
     def __call__(self, dataset_dict):
@@ -559,7 +564,7 @@ class P2SegDatasetMapper:
         if "annotations" in dataset_dict:
             annotations = dataset_dict["annotations"]
             out["annotations"] = copy.deepcopy(annotations)
-            if any("point" in a for a in annotations):
+            if not self.point_free and any("point" in a for a in annotations):
                 points, classes = _points_from_annotations(dataset_dict, self.num_classes, *image.shape[:2])
                 points = transform_points(transforms, points)
                 out["points"] = torch.as_tensor(points, dtype=torch.float32).reshape(-1, 2)

@@ -56,7 +56,7 @@ from detectron2.structures import BoxMode
 
 
 from .coco_format import category_labels, image_id_sort_key, read_coco_json, segmentation_to_rle
-from .semantic_sources import ensure_semantic_png_dir
+from .semantic_sources import check_unique_semantic_names, ensure_semantic_png_dir, semantic_png_name
 
 logger = logging.getLogger(__name__)
 
@@ -222,9 +222,10 @@ def _resolve_sem_seg_root(sem_seg_root: SemSegRoot, id_map: Dict[int, int], json
 def _attach_sem_seg(dicts: List[dict], png_dir: str, source: SemSegRoot) -> None:
     """Set ``sem_seg_file_name`` = ``<png_dir>/<image stem>.png``; all must exist (one listdir)."""
     present = set(os.listdir(png_dir))
+    check_unique_semantic_names([d["file_name"] for d in dicts], f"sem_seg_root {source}")
     missing = []
     for d in dicts:
-        name = os.path.splitext(os.path.basename(d["file_name"]))[0] + ".png"
+        name = semantic_png_name(d["file_name"])
         d["sem_seg_file_name"] = os.path.join(png_dir, name)
         if name not in present:
             missing.append(d["sem_seg_file_name"])

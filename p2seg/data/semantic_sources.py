@@ -20,8 +20,8 @@ import logging
 import os
 from typing import Callable, Mapping, Optional, Sequence
 
-import cv2
 import numpy as np
+from PIL import Image
 
 from p2seg.utils.atomic import atomic_directory, write_png_atomic
 
@@ -32,6 +32,9 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "read_semantic_png",
+    "semantic_png_name",
+    "check_unique_semantic_names",
+    "LABEL_PNG_MODES",
     "merge_classes",
     "render_semantic_map",
     "annotation_arrays",
@@ -40,12 +43,44 @@ __all__ = [
 ]
 
 
+# PIL modes of a label PNG (as training reads it): 8-bit grey, palette (the indices are the
+# labels, as in VOC's SegmentationClass), 16/32-bit grey.
+LABEL_PNG_MODES = ("L", "P", "I", "I;16")
+
+
 def read_semantic_png(file_name: str) -> np.ndarray:
-    """A semantic PNG as uint8 ``(H, W)``; raises OSError naming the file when it is not one."""
-    sem = cv2.imread(str(file_name), cv2.IMREAD_UNCHANGED)
-    if sem is None or sem.ndim != 2:
-        raise OSError(f"sem_seg_file_name {file_name}: not a single-channel PNG")
-    return sem
+    """A semantic PNG as an integer ``(H, W)`` array of its labels (palette PNGs: the indices);
+    raises OSError naming the file when it is not a single-channel label PNG."""
+    try:
+        with Image.open(str(file_name)) as pil:
+            pil.load()
+            if pil.mode not in LABEL_PNG_MODES:
+                raise OSError(f"sem_seg_file_name {file_name}: not a single-channel label PNG (mode {pil.mode})")
+            return np.asarray(pil)
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        if str(file_name) in str(e):
+            raise
+        raise OSError(f"sem_seg_file_name {file_name}: cannot read the PNG ({type(e).__name__}: {e})") from e
+
+
+def semantic_png_name(image_file_name: str) -> str:
+    """The semantic PNG's name of an image: its base name with ``.png`` (``x/im0.jpg`` -> ``im0.png``)."""
+    return os.path.splitext(os.path.basename(image_file_name))[0] + ".png"
+
+
+def check_unique_semantic_names(image_file_names: Sequence[str], where: str) -> None:
+    """ValueError naming both images when two of them would share one semantic PNG
+    (:func:`semantic_png_name`: ``x/im.png`` and ``y/im.png``, or ``im0.png`` and ``im0.jpg``): one
+    map would be written or read for both."""
+    seen = {}
+    for name in image_file_names:
+        png = semantic_png_name(name)
+        if png in seen and seen[png] != name:
+            raise ValueError(
+                f"{where}: images {seen[png]!r} and {name!r} would share the semantic PNG {png!r} (semantic "
+                "maps are named by the image's base name); rename one of the images (field 'file_name')"
+            )
+        seen.setdefault(png, name)
 
 
 # Bumped when the rendering rule changes, so stale caches are not reused.
@@ -165,6 +200,7 @@ def render_mask_json(
     from tqdm import tqdm
 
     groups = group_annotations(data)
+    check_unique_semantic_names([img["file_name"] for img in data["images"]], source)
     _check_renderable(data["annotations"], cat_id_to_label, ignore_label, source)
     for img in tqdm(data["images"], desc=f"render {os.path.basename(source)}", disable=not progress):
         h, w = int(img["height"]), int(img["width"])
@@ -174,8 +210,7 @@ def render_mask_json(
         sem = render_semantic_map(masks, labels, scores, crowd, ignore_label)
         if transform is not None:
             sem = transform(sem, masks, labels, scores, crowd, img["id"])
-        stem = os.path.splitext(os.path.basename(img["file_name"]))[0]
-        write_png_atomic(os.path.join(out_dir, stem + ".png"), sem)
+        write_png_atomic(os.path.join(out_dir, semantic_png_name(img["file_name"])), sem)
 
 
 def ensure_semantic_png_dir(

@@ -12,19 +12,29 @@ before it ran again: then it runs again, and every stage after it):
    (resumable inside the stage too: the exporter's sidecar);
 3. ``stage2``   train the stage-2 config (Detectron2's Mask R-CNN) on the exported JSON
    (``DATASETS.PSEUDO_LABELS``);
-4. ``eval``     ``--eval-only`` of the stage-2 model on its ``DATASETS.TEST``;
-5. ``baseline`` (in this process) the nearest-point baseline (pseudo-label pixels -> nearest
+4. ``eval``     ``--eval-only`` of the stage-2 model on its ``DATASETS.TEST`` (no points);
+5. the comparison rows of ``stage2_on`` (``--stage2-on``): ``labels`` (in this process) writes the
+   nearest-point baseline's masks and the ground-truth masks of the training images
+   (:mod:`p2seg.evaluation.stage2_labels`), then ``stage2_<row>`` / ``eval_<row>`` train and score
+   the same stage-2 config, schedule and seed on them;
+6. ``pointfree`` ``--eval-only TEST.POINT_FREE True`` of the stage-1 model on the stage-2 test set:
+   P2Seg's own instances from its centre peaks, as on new images (skipped when the stage-1
+   config does not register that dataset);
+7. ``baseline`` (in this process) the nearest-point baseline (pseudo-label pixels -> nearest
    point of their class, :mod:`p2seg.evaluation.baseline`, what ``p2seg-baseline`` runs) on the
    training set and on the test sets that have points and a semantic source;
-6. ``pictures`` ``overview.png`` (a few training images: points, semantic source, baseline masks,
+8. ``pictures`` ``overview.png`` (a few training images: points, semantic source, baseline masks,
    P2Seg's pseudo masks, ground truth) and ``curves.png`` (losses and evaluation metrics of both
    trainings over iterations, from their ``metrics.json``).
 
 Any dataset works: the stages use the datasets named in the two configs and the overrides (e.g.
 ``DATASETS.POINT_COCO`` entries; README, "Your own data").
 
-The final table (COCO mask AP/AP50/AP75, VOC mAP50, wall time per stage) is printed and written
-to ``<output_dir>/pipeline_results.json``.
+The final tables are printed and written to ``<output_dir>/pipeline_results.json``: COCO mask
+AP / AP50 / AP75 and VOC mAP50 of the masks made with the points given (P2Seg's pseudo masks, the
+baseline's) apart from those of the point-free models on the test images (every Mask R-CNN row,
+P2Seg's centre peaks; "% of GT": AP as a share of the Mask R-CNN trained on the true masks), and
+the wall time per stage.
 """
 from __future__ import annotations
 
@@ -39,13 +49,14 @@ from collections import Counter, OrderedDict
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-__all__ = ["PipelineConfig", "run_pipeline", "results_table", "QUICK_STAGE1", "QUICK_STAGE2", "QUICK_COMMON"]
+__all__ = ["PipelineConfig", "run_pipeline", "results_table", "write_comparison_labels", "COMPARE_ROWS", "QUICK_STAGE1",
+           "QUICK_STAGE2", "QUICK_COMMON"]
 
 logger = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_STAGE1 = REPO / "configs" / "shapes" / "p2seg_R18_cpu.yaml"
-DEFAULT_STAGE2 = REPO / "configs" / "MaskRCNN" / "mask_rcnn_R_18_FPN_shapes_cpu.yaml"
+DEFAULT_STAGE2 = REPO / "configs" / "MaskRCNN" / "mask_rcnn_lite0_FPN_shapes_cpu.yaml"
 RESULTS_FILE = "pipeline_results.json"
 STAGES_FILE = "stages.json"
 
@@ -62,6 +73,12 @@ QUICK_STAGE1 = [
 ]
 QUICK_STAGE2 = ["INPUT.MIN_SIZE_TRAIN", "(128,)", "INPUT.MIN_SIZE_TEST", "128", "MODEL.FPN.OUT_CHANNELS", "32"]
 
+# The comparison rows (``--compare``): training masks -> row title. Every row trains the same
+# stage-2 config on masks of the same training images; P2Seg's own row always runs.
+COMPARE_ROWS = OrderedDict([("baseline", "nearest-point baseline masks"), ("gt", "ground-truth masks")])
+DEFAULT_COMPARE = ("baseline",)
+POINTS_GIVEN, POINT_FREE = "points given (training images)", "point-free (test images)"
+
 # Log lines shown on the console while a stage runs (iteration progress and metrics).
 _PROGRESS_MARKERS = ("d2.utils.events", "copypaste", "Error", "error:", "Traceback")
 
@@ -72,7 +89,8 @@ class PipelineConfig:
     def __init__(self, output_dir: str, stage1_config: str = str(DEFAULT_STAGE1),
                  stage2_config: str = str(DEFAULT_STAGE2), quick: bool = False,
                  opts: Sequence[str] = (), stage1_opts: Sequence[str] = (), stage2_opts: Sequence[str] = (),
-                 python: str = sys.executable, train_net: str = str(REPO / "train_net.py")):
+                 python: str = sys.executable, train_net: str = str(REPO / "train_net.py"),
+                 compare: Sequence[str] = DEFAULT_COMPARE):
         """
         Args:
             output_dir: folder of every stage's outputs and of the results JSON.
@@ -80,6 +98,7 @@ class PipelineConfig:
             quick: append the ``QUICK_*`` overrides (a few iterations on 4 + 2 tiny images).
             opts: ``KEY VALUE`` overrides for both stages; stage1_opts / stage2_opts: for one.
             python, train_net: interpreter and script that run the stages.
+            compare: keys of :data:`COMPARE_ROWS`: the same stage 2 trained on those masks too.
         """
         self.output_dir = Path(output_dir).resolve()
         self.stage1_config = str(Path(stage1_config).resolve())
@@ -89,6 +108,10 @@ class PipelineConfig:
             raise ValueError(f"overrides must be KEY VALUE pairs, got {list(opts)} {list(stage1_opts)} {list(stage2_opts)}")
         self.opts, self.stage1_opts, self.stage2_opts = list(opts), list(stage1_opts), list(stage2_opts)
         self.python, self.train_net = python, train_net
+        unknown = [c for c in compare if c not in COMPARE_ROWS]
+        if unknown:
+            raise ValueError(f"--compare: unknown rows {unknown}; choose from {list(COMPARE_ROWS)}")
+        self.compare = list(dict.fromkeys(compare))
 
     def stage_opts(self, stage: int) -> List[str]:
         """Overrides of stage 1 or 2: quick ones first, then the common, then the stage's own."""
@@ -246,11 +269,48 @@ def _stage(pc: PipelineConfig, name: str, outputs_exist: bool, inputs: List[str]
     print(f"[{name}] done in {seconds:.1f} s", flush=True)
 
 
+def _registers(cfg, dataset_name: str) -> bool:
+    """Whether ``cfg`` (with ``dataset_name`` as its test set) registers ``dataset_name``."""
+    from detectron2.data import DatasetCatalog
+
+    from p2seg.datasets.registration import register_datasets
+
+    cfg = cfg.clone()
+    cfg.DATASETS.TEST = (dataset_name,)
+    register_datasets(cfg)
+    return dataset_name in DatasetCatalog.list()
+
+
+def _eval_results(path: Path, test_sets: Sequence[str]) -> dict:
+    """An ``--eval-only`` results.json of the first test set (Trainer.test nests per dataset when
+    there are several)."""
+    results = _read_json(path)
+    return results[test_sets[0]] if len(test_sets) > 1 else results
+
+
+def write_comparison_labels(cfg1, train_set: str, labels_dir: Path, rows: Sequence[str]) -> Dict[str, Path]:
+    """Write the training masks of the comparison rows (``"baseline"``, ``"gt"``) of ``train_set``
+    into ``labels_dir``; returns ``{row: JSON path}``. The baseline's points without a region get
+    the stage-1 config's fallback box, as P2Seg's exported points do."""
+    from p2seg.datasets.registration import register_datasets
+    from p2seg.evaluation.stage2_labels import write_baseline_masks_json, write_ground_truth_masks_json
+
+    register_datasets(cfg1)
+    paths = {row: labels_dir / f"{row}_masks_{train_set}.json" for row in rows}
+    if "baseline" in paths:
+        write_baseline_masks_json(train_set, str(paths["baseline"]), cfg1.MODEL.P2SEG.INFERENCE.FALLBACK_BOX_SIZE)
+    if "gt" in paths:
+        write_ground_truth_masks_json(train_set, str(paths["gt"]))
+    return paths
+
+
 def run_pipeline(pc: PipelineConfig) -> dict:
     """Run the stages (module docstring), write and return the results dict::
 
-        {"rows": {row name: {"dataset", "AP", "AP50", "AP75", "mAP50"}}, "stages": {stage: {"seconds",
-         "skipped"}}, "files": {...}, "quick": bool}
+        {"rows": {row name: {"task", "dataset", "AP", "AP50", "AP75", "mAP50"}}, "stages": {stage:
+         {"seconds", "skipped"}}, "files": {...}, "quick": bool}
+
+    ``task`` is :data:`POINTS_GIVEN` or :data:`POINT_FREE`.
     """
     from p2seg.utils.atomic import write_json_atomic
 
@@ -260,31 +320,62 @@ def run_pipeline(pc: PipelineConfig) -> dict:
         raise ValueError(f"{pc.stage1_config}: DATASETS.TRAIN is empty")
     train_set = cfg1.DATASETS.TRAIN[0]
     test_sets = list(cfg2.DATASETS.TEST)
-    d1, dx, d2, de = (pc.output_dir / n for n in ("stage1", "export", "stage2", "eval"))
+    if not test_sets:
+        raise ValueError(f"{pc.stage2_config}: DATASETS.TEST is empty (the images the point-free models are scored on)")
+    d1, dx, d2, de, dl, dp = (pc.output_dir / n for n in ("stage1", "export", "stage2", "eval", "labels", "pointfree"))
     pseudo_json = dx / f"pseudo_masks_{train_set}.json"
     o1, o2 = pc.stage_opts(1), pc.stage_opts(2)
     timings: Dict[str, dict] = OrderedDict()
 
     record = StageRecord(pc.output_dir)
-    pseudo_opts = ["DATASETS.PSEUDO_LABELS.JSON", str(pseudo_json), "DATASETS.PSEUDO_LABELS.SOURCE", train_set]
+
+    def stage2_args(json_file: Path, train_dir: Path, eval_dir: Path) -> Dict[str, List[str]]:
+        pseudo_opts = ["DATASETS.PSEUDO_LABELS.JSON", str(json_file), "DATASETS.PSEUDO_LABELS.SOURCE", train_set]
+        return {"train": ["--config-file", pc.stage2_config, *o2, *pseudo_opts, "OUTPUT_DIR", str(train_dir),
+                          "DATASETS.TEST", "()"],
+                "eval": ["--config-file", pc.stage2_config, "--eval-only", *o2, *pseudo_opts, "OUTPUT_DIR",
+                         str(eval_dir), "MODEL.WEIGHTS", str(train_dir / "model_final.pth")]}
+
+    def train_and_eval(suffix: str, json_file: Path, train_dir: Path, eval_dir: Path) -> None:
+        a = stage2_args(json_file, train_dir, eval_dir)
+        for name, args, done in ((f"stage2{suffix}", a["train"], (train_dir / "model_final.pth").is_file()),
+                                 (f"eval{suffix}", a["eval"], (eval_dir / "results.json").is_file())):
+            _stage(pc, name, done, args, lambda n=name, x=args: _run_train_net(pc, n, x), timings, record)
+
     args = {
         "stage1": ["--config-file", pc.stage1_config, *o1, "OUTPUT_DIR", str(d1), "DATASETS.TEST", "()"],
         "export": ["--config-file", pc.stage1_config, "--eval-only", *o1, "OUTPUT_DIR", str(dx),
                    "MODEL.WEIGHTS", str(d1 / "model_final.pth"), "DATASETS.TEST", f'("{train_set}",)',
                    "TEST.EXPORT_PSEUDO_MASKS", "True"],
-        "stage2": ["--config-file", pc.stage2_config, *o2, *pseudo_opts, "OUTPUT_DIR", str(d2), "DATASETS.TEST", "()"],
-        "eval": ["--config-file", pc.stage2_config, "--eval-only", *o2, *pseudo_opts, "OUTPUT_DIR", str(de),
-                 "MODEL.WEIGHTS", str(d2 / "model_final.pth")],
     }
     outputs = {"stage1": (d1 / "model_final.pth").is_file(),
-               "export": pseudo_json.is_file() and (dx / "results.json").is_file(),
-               "stage2": (d2 / "model_final.pth").is_file(), "eval": (de / "results.json").is_file()}
-    for name in ("stage1", "export", "stage2", "eval"):
+               "export": pseudo_json.is_file() and (dx / "results.json").is_file()}
+    for name in ("stage1", "export"):
         _stage(pc, name, outputs[name], args[name], lambda n=name: _run_train_net(pc, n, args[n]), timings, record)
         if name == "stage1":
             _refuse_stuck_stage1(d1)
         if name == "export":
             _refuse_fallback_export(dx / "results.json", cfg1.TEST.FALLBACK_STOP_FRACTION)
+    train_and_eval("", pseudo_json, d2, de)
+
+    label_files = {row: dl / f"{row}_masks_{train_set}.json" for row in pc.compare}
+    if pc.compare:
+        _stage(pc, "labels", all(p.is_file() for p in label_files.values()),
+               ["--config-file", pc.stage1_config, *o1, *pc.compare],
+               lambda: write_comparison_labels(cfg1, train_set, dl, pc.compare), timings, record)
+    for row in pc.compare:
+        train_and_eval(f"_{row}", label_files[row], pc.output_dir / f"stage2_{row}", pc.output_dir / f"eval_{row}")
+
+    pointfree = _registers(cfg1, test_sets[0])
+    if pointfree:
+        pf_args = ["--config-file", pc.stage1_config, "--eval-only", *o1, "OUTPUT_DIR", str(dp),
+                   "MODEL.WEIGHTS", str(d1 / "model_final.pth"), "DATASETS.TEST", f'("{test_sets[0]}",)',
+                   "TEST.POINT_FREE", "True"]
+        _stage(pc, "pointfree", (dp / "results.json").is_file(), pf_args,
+               lambda: _run_train_net(pc, "pointfree", pf_args), timings, record)
+    else:
+        print(f"[pointfree] skipped: the stage-1 config does not register {test_sets[0]!r} (add it to its "
+              "DATASETS.POINT_COCO to score P2Seg's own point-free instances)", flush=True)
     baseline_file = pc.output_dir / "baseline.json"
 
     def run_baseline():
@@ -309,21 +400,28 @@ def run_pipeline(pc: PipelineConfig) -> dict:
            record)
 
     export_results = _read_json(dx / "results.json")
-    eval_results = _read_json(de / "results.json")
-    if len(test_sets) > 1:  # Trainer.test nests per dataset when there are several
-        eval_results = eval_results[test_sets[0]]
     baseline = _read_json(baseline_file)
     rows = OrderedDict()
-    rows["P2Seg pseudo masks (points given)"] = dict(dataset=train_set, **_metrics(export_results))
-    rows["Mask R-CNN on pseudo masks"] = dict(dataset=test_sets[0], **_metrics(eval_results))
+    rows["P2Seg pseudo masks"] = dict(task=POINTS_GIVEN, dataset=train_set, **_metrics(export_results))
     for name in baseline:
-        rows[f"nearest-point baseline ({name})"] = dict(dataset=name, **baseline[name])
+        task = POINTS_GIVEN if name == train_set else "points given (test images)"
+        rows[f"nearest-point baseline ({name})"] = dict(task=task, dataset=name, **baseline[name])
+    test = test_sets[0]
+    if pointfree:
+        rows["P2Seg, centre peaks"] = dict(task=POINT_FREE, dataset=test,
+                                           **_metrics(_eval_results(dp / "results.json", [test])))
+    rows["Mask R-CNN on P2Seg pseudo masks"] = dict(task=POINT_FREE, dataset=test,
+                                                    **_metrics(_eval_results(de / "results.json", test_sets)))
+    for row in pc.compare:
+        rows[f"Mask R-CNN on {COMPARE_ROWS[row]}"] = dict(
+            task=POINT_FREE, dataset=test, **_metrics(_eval_results(pc.output_dir / f"eval_{row}" / "results.json", test_sets)))
     out = {
         "rows": rows,
         "stages": timings,
         "total_seconds": round(sum(t["seconds"] or 0.0 for t in timings.values()), 1),
         "files": {"pseudo_masks": str(pseudo_json), "stage1_model": str(d1 / "model_final.pth"),
-                  "stage2_model": str(d2 / "model_final.pth"), **{k: str(v) for k, v in pictures.items()}},
+                  "stage2_model": str(d2 / "model_final.pth"), **{k: str(v) for k, v in pictures.items()},
+                  **{f"{row}_masks": str(p) for row, p in label_files.items()}},
         "num_pseudo_masks": export_results.get("pseudo_masks", {}).get("num_masks"),
         "quick": pc.quick,
     }
@@ -338,12 +436,24 @@ def _fmt(v) -> str:
 
 
 def results_table(out: dict) -> str:
-    """Markdown tables of :func:`run_pipeline`'s results: metrics per row, then wall time per stage."""
-    lines = ["| result | dataset | AP | AP50 | AP75 | VOC mAP50 |", "|---|---|---:|---:|---:|---:|"]
-    for name, r in out["rows"].items():
-        lines.append(f"| {name} | {r['dataset']} | {_fmt(r['AP'])} | {_fmt(r['AP50'])} | {_fmt(r['AP75'])} "
-                     f"| {_fmt(r['mAP50'])} |")
-    lines += ["", "| stage | wall time (s) |", "|---|---:|"]
+    """Markdown tables of :func:`run_pipeline`'s results: one per task (masks made with the points
+    given, point-free models on the test images; the latter with AP as a % of the Mask R-CNN
+    trained on the true masks when that row ran), then wall time per stage."""
+    gt = out["rows"].get(f"Mask R-CNN on {COMPARE_ROWS['gt']}", {}).get("AP")
+    lines = []
+    for task in dict.fromkeys(r.get("task", POINTS_GIVEN) for r in out["rows"].values()):
+        share = task == POINT_FREE and gt is not None
+        lines += [f"**{task}**", "", "| result | dataset | AP | AP50 | AP75 | VOC mAP50 |" + (" % of GT AP |" if share else ""),
+                  "|---|---|---:|---:|---:|---:|" + ("---:|" if share else "")]
+        for name, r in out["rows"].items():
+            if r.get("task", POINTS_GIVEN) != task:
+                continue
+            cells = f"| {name} | {r['dataset']} | {_fmt(r['AP'])} | {_fmt(r['AP50'])} | {_fmt(r['AP75'])} | {_fmt(r['mAP50'])} |"
+            if share:
+                cells += f" {_fmt(100.0 * r['AP'] / gt if r['AP'] is not None and gt > 0 else None)} |"
+            lines.append(cells)
+        lines.append("")
+    lines += ["| stage | wall time (s) |", "|---|---:|"]
     for name, t in out["stages"].items():
         lines.append(f"| {name} | {'skipped (done)' if t['skipped'] else _fmt(t['seconds'])} |")
     lines.append(f"| total | {_fmt(out['total_seconds'])} |")

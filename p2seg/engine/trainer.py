@@ -215,6 +215,9 @@ class Trainer(DefaultTrainer):
                     "config TEST.EXPORT_PSEUDO_MASKS needs MODEL.META_ARCHITECTURE 'P2Seg' (point-guided "
                     f"masks), got {cfg.MODEL.META_ARCHITECTURE!r}"
                 )
+            if cfg.TEST.POINT_FREE:
+                raise ValueError("config TEST.EXPORT_PSEUDO_MASKS makes one mask per annotated point; it cannot run "
+                                 "with TEST.POINT_FREE True (which drops the points)")
             return PseudoMaskExporter(
                 dataset_name, pseudo_masks_path(cfg, dataset_name), iou_thresholds=thresholds, max_dets_per_image=max_dets,
                 fallback_warn_fraction=cfg.TEST.FALLBACK_WARN_FRACTION,
@@ -266,8 +269,8 @@ class Trainer(DefaultTrainer):
         exporter = evaluator if isinstance(evaluator, PseudoMaskExporter) else None
         if exporter is None:
             return inference_on_dataset(model, cls.build_test_loader(cfg, dataset_name), evaluator)
-        exporter.bind_provenance(export_provenance(model, cfg, dataset_name))
         dicts = DatasetCatalog.get(dataset_name)
+        exporter.bind_provenance(export_provenance(model, cfg, dataset_name, dicts))
         todo = remaining_dataset_dicts(dicts, exporter)
         logger.info("Pseudo-mask export of %s: %d of %d images to run", dataset_name, len(todo), len(dicts))
         if not todo:  # everything is in the sidecars: only assemble the JSON

@@ -13,12 +13,13 @@ A point whose class region is empty gets the fallback box of the post-processing
 """
 from __future__ import annotations
 
+import logging
 from typing import Dict, Iterable, Optional, Sequence
 
 import numpy as np
 import torch
 
-from detectron2.data import DatasetCatalog
+from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BitMasks, Instances
 
 from p2seg.data.semantic_sources import read_semantic_png
@@ -26,7 +27,9 @@ from p2seg.modeling.postprocessing import one_hot_semantics, point_guided_instan
 
 from .instance_evaluator import DEFAULT_IOU_THRESHOLDS, InstanceMaskEvaluator
 
-__all__ = ["nearest_point_instances", "baseline_prediction", "evaluate_baseline"]
+__all__ = ["nearest_point_instances", "baseline_prediction", "evaluate_baseline", "warn_points_without_region"]
+
+logger = logging.getLogger(__name__)
 
 
 def nearest_point_instances(sem: np.ndarray, points, classes, fallback_box_size: int = 0,
@@ -43,7 +46,8 @@ def nearest_point_instances(sem: np.ndarray, points, classes, fallback_box_size:
         fallback_box_size, fallback_score: mask and score of a point that gets no pixel.
     Returns:
         ``Instances`` of P masks in point order: ``pred_masks`` bool ``(P, H, W)``, ``pred_boxes``,
-        ``pred_classes`` int64 ``(P,)``, ``scores`` float32 ``(P,)``.
+        ``pred_classes`` int64 ``(P,)``, ``scores`` float32 ``(P,)``, ``fallback`` bool ``(P,)`` (the
+        point got no pixel: its mask is the fallback box, or empty).
     """
     sem = torch.as_tensor(np.asarray(sem).astype(np.int64))
     points = torch.as_tensor(np.asarray(points, np.float32).reshape(-1, 2))
@@ -58,12 +62,17 @@ def nearest_point_instances(sem: np.ndarray, points, classes, fallback_box_size:
     inst.pred_boxes = BitMasks(found["masks"]).get_bounding_boxes()
     inst.pred_classes = classes.clone()
     inst.scores = found["scores"].to(torch.float32)
+    inst.fallback = found.get("fallback", torch.zeros(len(classes), dtype=torch.bool))
     return inst
 
 
-def baseline_prediction(record: dict, fallback_box_size: int = 0, fallback_score: float = 0.0) -> Dict:
+def baseline_prediction(record: dict, fallback_box_size: int = 0, fallback_score: float = 0.0,
+                        num_classes: Optional[int] = None, ignore_label: int = 255) -> Dict:
     """Baseline output of one dataset dict (``sem_seg_file_name`` and non-crowd ``annotations``
-    with ``point``), in the model's output contract: ``{"instances": Instances}``."""
+    with ``point``), in the model's output contract: ``{"instances": Instances}``.
+
+    With ``num_classes`` C, labels outside ``0..C`` and ``ignore_label`` are an error naming the
+    file (as in training: such a map does not belong to this dataset)."""
     if "sem_seg_file_name" not in record:
         raise KeyError(f"{record.get('file_name')}: dataset dict lacks field 'sem_seg_file_name'")
     sem = read_semantic_png(record["sem_seg_file_name"])
@@ -72,10 +81,29 @@ def baseline_prediction(record: dict, fallback_box_size: int = 0, fallback_score
             f"{record['sem_seg_file_name']}: semantic map is {sem.shape}, the image "
             f"{record.get('file_name')} is {(record['height'], record['width'])} (fields 'height', 'width')"
         )
+    if num_classes is not None:
+        bad = np.setdiff1d(np.unique(sem), np.r_[np.arange(num_classes + 1), ignore_label])
+        if len(bad):
+            raise ValueError(
+                f"sem_seg_file_name {record['sem_seg_file_name']}: labels {bad.tolist()[:10]} are neither "
+                f"0..{num_classes} (background + {num_classes} classes) nor the ignore value {ignore_label}"
+            )
     anns = [a for a in record.get("annotations", []) if not a.get("iscrowd", 0) and "point" in a]
     points = np.array([a["point"] for a in anns], np.float64).reshape(-1, 2)
     classes = np.array([a["category_id"] for a in anns], np.int64)
     return {"instances": nearest_point_instances(sem, points, classes, fallback_box_size, fallback_score)}
+
+
+def warn_points_without_region(num_without: int, num_points: int, where: str) -> None:
+    """Log a warning when points got no pixel of their class from the semantic source (their
+    baseline mask is the fallback box or empty); silent when there are none."""
+    if num_without:
+        logger.warning(
+            "%s: %d of %d points (%.0f%%) have no pixel of their class in the semantic source, so their "
+            "baseline mask is the fallback box (or empty). Many of them: the points' classes do not match "
+            "the source's labels (label k + 1 = class k), or the source misses those objects.",
+            where, num_without, num_points, 100.0 * num_without / max(num_points, 1),
+        )
 
 
 def evaluate_baseline(
@@ -97,16 +125,24 @@ def evaluate_baseline(
         fallback_box_size, fallback_score: see :func:`nearest_point_instances`.
         on_prediction: optional ``callable(record, output)`` (e.g. to draw pictures).
     Returns:
-        the evaluator's results: ``OrderedDict(segm={"AP", "AP50", "AP75"}, voc_mask={...})``.
+        the evaluator's results: ``OrderedDict(segm={"AP", "AP50", "AP75"}, voc_mask={...})``, plus
+        ``baseline={"num_points", "num_without_region"}`` (warned about when not 0).
     """
     dicts = DatasetCatalog.get(dataset_name) if dataset_dicts is None else dataset_dicts
+    num_classes = len(getattr(MetadataCatalog.get(dataset_name), "thing_classes", None) or []) or None
     evaluator = InstanceMaskEvaluator(dataset_name, distributed=False, iou_thresholds=tuple(iou_thresholds),
                                       max_dets_per_image=max_dets_per_image)
     evaluator.reset()
+    counts = {"num_points": 0, "num_without_region": 0}
     for d in dicts:
-        out = baseline_prediction(d, fallback_box_size, fallback_score)
+        out = baseline_prediction(d, fallback_box_size, fallback_score, num_classes)
         num_points = len(out["instances"])
+        counts["num_points"] += num_points
+        counts["num_without_region"] += int(out["instances"].fallback.sum())
         evaluator.process([{"image_id": d["image_id"], "points": torch.zeros((num_points, 2))}], [out])
         if on_prediction is not None:
             on_prediction(d, out)
-    return evaluator.evaluate()
+    warn_points_without_region(counts["num_without_region"], counts["num_points"], f"dataset '{dataset_name}'")
+    results = evaluator.evaluate()
+    results["baseline"] = counts
+    return results

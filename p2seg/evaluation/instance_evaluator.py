@@ -91,7 +91,7 @@ def contiguous_to_dataset_ids(metadata, num_classes: Optional[int] = None) -> Li
 def dataset_dicts_to_coco_dict(dataset_dicts: Sequence[dict], metadata) -> dict:
     """COCO instances dict (images, categories, ground-truth annotations) from dataset dicts.
 
-    Annotations without ``segmentation`` (points only) are left out. Category ids are the
+    Annotations without ``segmentation`` (points only) are left out; a ``point`` is kept. Category ids are the
     dataset ids (:func:`contiguous_to_dataset_ids`); segmentations become RLEs (str counts).
     """
     classes = list(getattr(metadata, "thing_classes", []))
@@ -122,6 +122,7 @@ def dataset_dicts_to_coco_dict(dataset_dicts: Sequence[dict], metadata) -> dict:
                     "area": float(mask_util.area(rle)),
                     "bbox": mask_util.toBbox(rle).tolist(),
                     "iscrowd": int(ann.get("iscrowd", 0)),
+                    **({"point": [float(v) for v in ann["point"]]} if "point" in ann else {}),
                 }
             )
     categories = [{"id": i, "name": n} for i, n in zip(ids, classes)]

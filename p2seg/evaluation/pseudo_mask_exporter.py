@@ -34,9 +34,10 @@ Resumable, multi-process export:
   Nothing exists under the final name before ``evaluate()`` has written it.
 
 What produced the sidecars is recorded beside them (``<output>.partial.provenance.json``:
-:func:`export_provenance` of the model's weights and the inference config, written by
-:meth:`PseudoMaskExporter.bind_provenance`, which ``Trainer.test`` calls before running the model).
-When a rerun's provenance differs (other weights, another config), the old sidecars are
+:func:`export_provenance` of the model's weights, the inference config and the data -- image
+files, sizes, points and their classes --, written by :meth:`PseudoMaskExporter.bind_provenance`,
+which ``Trainer.test`` calls before running the model).
+When a rerun's provenance differs (other weights, another config, an edited point JSON), the old sidecars are
 discarded with a warning and the export starts over, so the final JSON never mixes two models.
 Resuming a multi-machine export needs the output folder on a shared file system (every process
 must see every sidecar to skip the same images); a process that cannot see another's sidecar
@@ -62,7 +63,7 @@ import numpy as np
 import pycocotools.mask as mask_util
 import torch
 
-from detectron2.data import MetadataCatalog
+from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.evaluation import DatasetEvaluator
 from detectron2.utils import comm
 
@@ -104,16 +105,29 @@ def provenance_path(output_file: str) -> str:
     return f"{output_file}.partial.provenance.json"
 
 
-def export_provenance(model, cfg, dataset_name: str) -> dict:
-    """What determines an export's records: the model's weights and the inference config.
+def dataset_sha1(dataset_dicts: Sequence[dict]) -> str:
+    """Hash of what an export reads from each dataset dict: image id, file names, size, and the
+    points with their classes (annotation order), so a resumed export notices an edited point JSON."""
+    h = hashlib.sha1()
+    for d in dataset_dicts:
+        points = [(a.get("point"), a.get("category_id"), a.get("iscrowd", 0)) for a in d.get("annotations", [])]
+        record = [d.get("image_id"), d.get("file_name"), d.get("sem_seg_file_name"), d.get("height"), d.get("width"),
+                  points]
+        h.update(json.dumps(record, sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+def export_provenance(model, cfg, dataset_name: str, dataset_dicts: Optional[Sequence[dict]] = None) -> dict:
+    """What determines an export's records: the model's weights, the inference config and the data.
 
     Args:
         model: the ``nn.Module`` whose outputs are exported (its ``state_dict`` is hashed: the
             export after training has no weights file).
         cfg: the config; ``MODEL`` (without ``WEIGHTS``), ``INPUT`` and ``TEST`` are hashed.
         dataset_name: the exported dataset.
+        dataset_dicts: its dicts (:func:`dataset_sha1`); default ``DatasetCatalog.get(dataset_name)``.
     Returns:
-        JSON-able dict ``{"dataset", "weights_sha1", "config_sha1", "weights_file"}``.
+        JSON-able dict ``{"dataset", "weights_sha1", "config_sha1", "data_sha1", "weights_file"}``.
     """
     weights = hashlib.sha1()
     for name, tensor in sorted(model.state_dict().items()):
@@ -123,10 +137,13 @@ def export_provenance(model, cfg, dataset_name: str) -> dict:
     inference_cfg.defrost()
     inference_cfg.MODEL.WEIGHTS = ""
     text = "\n".join(inference_cfg[k].dump() for k in ("MODEL", "INPUT", "TEST"))
+    if dataset_dicts is None:
+        dataset_dicts = DatasetCatalog.get(dataset_name)
     return {
         "dataset": dataset_name,
         "weights_sha1": weights.hexdigest(),
         "config_sha1": hashlib.sha1(text.encode()).hexdigest(),
+        "data_sha1": dataset_sha1(dataset_dicts),
         "weights_file": cfg.MODEL.WEIGHTS,
     }
 

@@ -26,10 +26,12 @@ from torch import nn
 
 from detectron2.layers import FrozenBatchNorm2d, ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone
+from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool
 
 __all__ = [
     "EfficientNetLiteBackbone",
     "build_efficientnet_lite0_backbone",
+    "build_efficientnet_lite0_fpn_backbone",
     "build_efficientnet_lite0_classifier",
     "lite0_weights_path",
     "LITE0_LICENSE",
@@ -204,3 +206,21 @@ def build_efficientnet_lite0_backbone(cfg, input_shape: Optional[ShapeSpec] = No
     classifier = build_efficientnet_lite0_classifier(e.PRETRAINED, e.WEIGHTS_FILE)
     backbone = EfficientNetLiteBackbone(classifier, list(e.OUT_FEATURES), e.DROP_CONNECT_RATE, e.NORM)
     return backbone.freeze(cfg.MODEL.BACKBONE.FREEZE_AT)
+
+
+@BACKBONE_REGISTRY.register()
+def build_efficientnet_lite0_fpn_backbone(cfg, input_shape: Optional[ShapeSpec] = None) -> FPN:
+    """Detectron2's FPN (``MODEL.FPN``: IN_FEATURES, OUT_CHANNELS, NORM, FUSE_TYPE) over
+    :func:`build_efficientnet_lite0_backbone`, with the max-pooled ``p6`` of Detectron2's
+    ``build_resnet_fpn_backbone``: outputs ``p2``..``p6`` (strides 4..64), so the Mask R-CNN of
+    ``configs/MaskRCNN/Base-MaskRCNN-FPN.yaml`` runs on the ImageNet-pretrained Lite0
+    (``MODEL.BACKBONE.NAME: build_efficientnet_lite0_fpn_backbone``; stage 2)."""
+    bottom_up = build_efficientnet_lite0_backbone(cfg, input_shape)
+    return FPN(
+        bottom_up=bottom_up,
+        in_features=cfg.MODEL.FPN.IN_FEATURES,
+        out_channels=cfg.MODEL.FPN.OUT_CHANNELS,
+        norm=cfg.MODEL.FPN.NORM,
+        top_block=LastLevelMaxPool(),
+        fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
+    )
