@@ -17,7 +17,9 @@ Examples::
 
 Overrides: ``--opts KEY VALUE ...`` (last on the line), or after ``--`` at the end.
 
-Points (``--points FILE``), either format, matched to images by file name (base name):
+Points (``--points FILE``), either format, matched to images by file name: an entry's name (a
+base name ``x.png`` or a relative path ``a/x.png``) must end the image's path; two inputs matching
+one entry are an error (one would get the other's points):
 
 * a COCO point JSON (``images`` + ``annotations`` with ``"point": [x, y]``; classes = the
   category's index among the sorted category ids), e.g. a shapes / p2seg-make-points file;
@@ -26,7 +28,8 @@ Points (``--points FILE``), either format, matched to images by file name (base 
 Points are in original image pixels; the predictor's resize is applied to them before the model
 sees them (:class:`PointPredictor`). With points, P2Seg returns one instance per point; other
 models ignore them (they are only drawn). Each overlay is ``<output>/<image stem>.png`` (masks,
-classes, scores and the points as markers).
+classes, scores and the points as markers); inputs sharing a stem get their path below their
+common folder instead (``a/x.png`` -> ``a__x_png.png``), so none overwrites another.
 """
 from __future__ import annotations
 
@@ -208,14 +211,14 @@ def read_points_json(path: str, n_classes: int) -> Dict[str, Points]:
         raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
     if "images" in data and "annotations" in data:
         return _coco_points(path, data, n_classes)
-    return {os.path.basename(k): _points_array(path, k, v, n_classes) for k, v in data.items()}
+    return {points_key(k): _points_array(path, k, v, n_classes) for k, v in data.items()}
 
 
 def _coco_points(path: str, data: dict, n_classes: int) -> Dict[str, Points]:
     """Points of a COCO point JSON (classes = index of the category among the sorted ids)."""
     try:
         cat_ids = sorted(int(c["id"]) for c in data.get("categories", []))
-        names = {im["id"]: os.path.basename(im["file_name"]) for im in data["images"]}
+        names = {im["id"]: points_key(im["file_name"]) for im in data["images"]}
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{path}: 'images' / 'categories' entries need 'id' and 'file_name' ({e!r})") from e
     contiguous = {c: k for k, c in enumerate(cat_ids)}
@@ -232,18 +235,65 @@ def _coco_points(path: str, data: dict, n_classes: int) -> Dict[str, Points]:
     return {n: _points_array(path, f"{n} (annotations)", r, n_classes) for n, r in rows.items()}
 
 
+def points_key(file_name: str) -> str:
+    """Key of a ``--points`` entry: its file name as written (a base name or a relative path),
+    normalised to ``/`` separators."""
+    return Path(os.path.normpath(file_name)).as_posix()
+
+
+def matching_key(table: Dict[str, Points], image_path: str) -> Optional[str]:
+    """The ``--points`` key naming ``image_path``: the longest key whose path components end the
+    image's path (``x.png`` and ``a/x.png`` both name ``/data/a/x.png``; the latter wins), or None."""
+    parts = Path(os.path.abspath(image_path)).parts
+    matches = [k for k in table if tuple(k.split("/")) == parts[len(parts) - len(k.split("/")):]]
+    return max(matches, key=lambda k: len(k.split("/"))) if matches else None
+
+
+def check_one_image_per_key(table: Dict[str, Points], image_paths: List[str], points_file: str) -> None:
+    """ValueError when two input images match the same ``--points`` entry (e.g. ``a/x.png`` and
+    ``b/x.png`` for ``x.png``): one of them would get the other's points."""
+    owner: Dict[str, str] = {}
+    for path in image_paths:
+        key = matching_key(table, path)
+        if key is not None and key in owner:
+            raise ValueError(f"--points {points_file}: inputs {owner[key]!r} and {path!r} both match its entry {key!r}; "
+                             "name the images by a relative path there (e.g. 'a/x.png'), or give one folder at a time")
+        if key is not None:
+            owner[key] = path
+
+
 def points_of_image(table: Dict[str, Points], image_path: str, points_file: str) -> Optional[Points]:
-    """The points of ``image_path`` in a ``--points`` table (keyed by image base name), or None with
-    a warning that names the file and the keys of the same stem (``img0.jpg`` for ``img0.png``)."""
+    """The points of ``image_path`` in a ``--points`` table (:func:`matching_key`), or None with a
+    warning that names the file and the keys of the same stem (``img0.jpg`` for ``img0.png``)."""
+    key = matching_key(table, image_path)
+    if key is not None:
+        return table[key]
     name = os.path.basename(image_path)
-    if name in table:
-        return table[name]
     stem = Path(name).stem
     similar = sorted(k for k in table if Path(k).stem == stem)
-    hint = f"; it has {similar} (another extension?)" if similar else ""
+    hint = f"; it has {similar} (another extension or folder?)" if similar else ""
     logger.warning("%s: no entry %r in --points %s%s: the image is predicted without points",
                    image_path, name, points_file, hint)
     return None
+
+
+def output_names(image_paths: List[str]) -> Dict[str, str]:
+    """Overlay file name per input: ``<stem>.png``, unless several inputs share a stem (``a/x.png``
+    and ``b/x.png``, or ``x.png`` and ``x.jpg``): then their path below the inputs' common folder,
+    with ``/`` and ``.`` turned into ``__`` and ``_`` (``a__x_png.png``), so no overlay overwrites another."""
+    stems: Dict[str, List[str]] = {}
+    for path in image_paths:
+        stems.setdefault(Path(path).stem, []).append(path)
+    names = {}
+    for stem, paths in stems.items():
+        if len(set(paths)) == 1:
+            names[paths[0]] = stem + ".png"
+            continue
+        absolute = [os.path.abspath(p) for p in paths]
+        common = os.path.commonpath([os.path.dirname(a) for a in absolute])
+        for path, a in zip(paths, absolute):
+            names[path] = os.path.relpath(a, common).replace(os.sep, "__").replace(".", "_") + ".png"
+    return names
 
 
 def check_points_inside(points: Points, image_size: Tuple[int, int], image_path: str) -> None:
@@ -260,7 +310,8 @@ def check_points_inside(points: Points, image_size: Tuple[int, int], image_path:
 
 
 def read_points_dir(folder: str, image_path: str, class_offset: int, n_classes: int) -> Optional[Points]:
-    """Points of ``<folder>/<image stem>.txt`` (the authors' ``x y cls [conf]`` lines); None if absent.
+    """Points of ``<folder>/<image stem>.txt`` (the authors' ``x y cls [conf]`` lines); None (with a
+    warning, as for ``--points``) if absent.
 
     Raises ValueError naming the file and line of a line that does not parse.
     """
@@ -268,6 +319,7 @@ def read_points_dir(folder: str, image_path: str, class_offset: int, n_classes: 
 
     path = os.path.join(folder, Path(image_path).stem + ".txt")
     if not os.path.isfile(path):
+        logger.warning("%s: no file %s in --points-dir: the image is predicted without points", image_path, path)
         return None
     rows = read_points(path, class_offset, n_classes)
     return rows[:, :2].copy(), rows[:, 2].astype(np.int64)
@@ -330,6 +382,12 @@ def main(argv=None) -> int:
         table = read_points_json(args.points, n_classes) if args.points else None
         if args.points_dir and not os.path.isdir(args.points_dir):
             raise FileNotFoundError(f"--points-dir {args.points_dir}: not a folder")
+        if table is not None:
+            check_one_image_per_key(table, paths, args.points)
+        if args.points_dir and len({Path(p).stem for p in paths}) < len(set(paths)):
+            raise ValueError(f"--points-dir {args.points_dir}: several inputs share a file stem (their points would be "
+                             "one <stem>.txt); give one folder at a time")
+        out_names = output_names(paths)
         predictor = PointPredictor(cfg)
         if (table is not None or args.points_dir) and cfg.MODEL.META_ARCHITECTURE != "P2Seg":
             logger.warning("%s ignores points: they are only drawn", cfg.MODEL.META_ARCHITECTURE)
@@ -347,7 +405,7 @@ def main(argv=None) -> int:
             output = predictor(image, points)
             overlay = draw_overlay(image, output, predictor.metadata, points, args.confidence_threshold,
                                    args.min_side)
-            out_path = os.path.join(args.output, Path(path).stem + ".png")
+            out_path = os.path.join(args.output, out_names[path])
             write_rgb_png(out_path, overlay)
             n_points = "no points" if points is None else f"{len(points[0])} points"
             logger.info("%s: %d instances (%s) in %.2fs -> %s", path, len(output["instances"]), n_points,

@@ -223,3 +223,30 @@ def test_nan_in_a_points_dir_file_names_file_and_line(tmp_path):
     (tmp_path / "img0.txt").write_text("10 20 1\nnan 5 1\n")
     with pytest.raises(ValueError, match=r"img0.txt:2: x, y and conf must be finite"):
         demo.read_points_dir(str(tmp_path), "some/where/img0.png", 1, 3)
+
+
+def test_points_keyed_by_relative_path_and_outputs_of_same_named_inputs_do_not_collide(tmp_path, caplog):
+    """a/x.png and b/x.png: each gets its own entry's points (by relative path), a base-name entry
+    both would match is an error, and their overlays get distinct names; a missing --points-dir
+    file warns as --points does."""
+    import logging
+
+    paths = [str(tmp_path / "a" / "x.png"), str(tmp_path / "b" / "x.png"), str(tmp_path / "a" / "x.jpg"),
+             str(tmp_path / "a" / "y.png")]
+    table = {"a/x.png": (np.zeros((1, 2)), np.zeros(1, np.int64)), "b/x.png": (np.ones((2, 2)), np.zeros(2, np.int64))}
+    assert demo.matching_key(table, paths[0]) == "a/x.png" and demo.matching_key(table, paths[1]) == "b/x.png"
+    assert demo.matching_key(table, paths[2]) is None
+    demo.check_one_image_per_key(table, paths, "p.json")
+    simple = tmp_path / "p.json"
+    simple.write_text(json.dumps({"x.png": [[1, 1, 0]], "b/x.png": [[2, 2, 0], [3, 3, 0]]}))
+    read = demo.read_points_json(str(simple), 3)
+    assert demo.matching_key(read, paths[1]) == "b/x.png"  # the longer entry wins
+    with pytest.raises(ValueError, match=r"inputs .*a/x.png' and .*b/x.png' both match its entry 'x.png'"):
+        demo.check_one_image_per_key({"x.png": table["a/x.png"]}, paths, "p.json")
+    names = demo.output_names(paths)
+    assert names == {paths[0]: "a__x_png.png", paths[1]: "b__x_png.png", paths[2]: "a__x_jpg.png",
+                     paths[3]: "y.png"}
+    with caplog.at_level(logging.WARNING):
+        assert demo.read_points_dir(str(tmp_path), paths[3], 1, 3) is None
+    assert any("no file" in r.getMessage() and "y.txt" in r.getMessage() and "without points" in r.getMessage()
+               for r in caplog.records)
