@@ -1,6 +1,7 @@
 """Data tools: point rules (make_points), VOC conversion, semantic rendering/degradation, mIoU."""
 import json
 import os
+import re
 
 import cv2
 import numpy as np
@@ -441,14 +442,14 @@ def test_points_from_csv_then_load(tmp_path, capsys):
                                         ("a.png,one,1,nucleus", "line 2: x, y must be numbers"),
                                         ("a.png,1,1,cell", "line 2: class 'cell' is not one of --classes"),
                                         ("a.png,1,1,", "line 2: the class is empty")])
-def test_points_from_csv_errors_name_file_and_line(tmp_path, row, words):
+def test_points_from_csv_errors_name_file_and_line(tmp_path, capsys, row, words):
     from p2seg.cli import points_from_csv
 
     images, csv_file = _csv_layout(tmp_path, [row])
     out = tmp_path / "points.json"
-    with pytest.raises((ValueError, FileNotFoundError), match=words) as e:
-        points_from_csv.main([str(csv_file), str(out), "--images", str(images), "--classes", "nucleus"])
-    assert str(csv_file) in str(e.value) and not out.exists()
+    assert points_from_csv.main([str(csv_file), str(out), "--images", str(images), "--classes", "nucleus"]) == 1
+    err = capsys.readouterr().err
+    assert re.search(words, err) and str(csv_file) in err and not out.exists()
 
 
 def test_points_from_csv_ids_agree_between_csvs_and_duplicates_are_dropped(tmp_path, capsys):
@@ -483,7 +484,9 @@ def test_points_from_csv_reads_excel_utf8_and_names_what_it_cannot_read(tmp_path
         points_from_csv.points_from_csv(str(latin), str(images))
     (images / "._a.png").write_bytes(b"\x00\x05\x16\x07 macOS resource fork")  # hidden: not an image
     assert len(points_from_csv.points_from_csv(str(bom), str(images))["images"]) == 2
-    (images / "broken.png").write_bytes(b"not a png")
+    (images / "broken.png").write_bytes(b"not a png")  # not in the CSV: left out with a message
+    assert len(points_from_csv.points_from_csv(str(bom), str(images))["images"]) == 2
+    bom.write_bytes("image,x,y,class\nbroken.png,1,2,noyau\n".encode("utf-8-sig"))
     with pytest.raises(ValueError, match=r"broken\.png: cannot be read as an image"):
         points_from_csv.points_from_csv(str(bom), str(images))
 
@@ -506,3 +509,25 @@ def test_pixel_flips_change_the_expected_share_to_another_label_and_spare_ignore
     three[60:70, 60:70] = 1
     flipped = flip_pixels(three, 1.0, np.random.default_rng(1))
     assert not (flipped[10:] == three[10:]).any()  # every pixel takes another label
+
+
+def test_points_from_csv_reads_only_the_images_it_names_and_huge_ones_by_their_header(tmp_path, capsys):
+    """Junk beside the images (macOS's ._a.png, a corrupt c.png) stops nothing unless the CSV
+    names it; a 20000 x 20000 image (over PIL's decompression-bomb limit) gets its size from the
+    header; a named corrupt file is an error naming it, without a traceback."""
+    from p2seg.cli import points_from_csv
+
+    images, csv_file = _csv_layout(tmp_path, ["a.png,3,4,nucleus,", "huge.png,19999,5,nucleus,"])
+    (images / "._a.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    (images / "c.png").write_bytes(b"not a png")
+    Image.new("1", (20000, 20000)).save(images / "huge.png")  # 1-bit: a small file
+    out = tmp_path / "points.json"
+    assert points_from_csv.main([str(csv_file), str(out), "--images", str(images)]) == 0
+    sizes = {i["file_name"]: (i["width"], i["height"]) for i in json.loads(out.read_text())["images"]}
+    assert sizes == {"a.png": (40, 30), "b.tif": (20, 10), "huge.png": (20000, 20000)}  # b.tif: no click
+    assert "c.png: cannot be read as an image" in capsys.readouterr().err  # not in the CSV: left out
+    assert Image.MAX_IMAGE_PIXELS is not None  # the limit is back for everything else
+    csv_file.write_text("image,x,y,class\nc.png,1,1,nucleus\n")
+    assert points_from_csv.main([str(csv_file), str(out), "--images", str(images)]) == 1
+    err = capsys.readouterr().err
+    assert "c.png: cannot be read as an image" in err and "Traceback" not in err

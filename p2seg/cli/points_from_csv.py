@@ -26,7 +26,7 @@ import csv
 import math
 import os
 import sys
-from typing import Dict, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 from PIL import Image, UnidentifiedImageError
 
@@ -39,23 +39,29 @@ __all__ = ["points_from_csv", "main"]
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
 
-def _image_sizes(image_root: str) -> Dict[str, tuple]:
-    """``{file name: (width, height)}`` of the image files directly under ``image_root``."""
-    sizes = {}
-    for name in sorted(os.listdir(image_root)):
-        if name.startswith(".") or not name.lower().endswith(IMAGE_EXTENSIONS):
-            continue
-        path = os.path.join(image_root, name)
-        try:
-            with Image.open(path) as im:
-                width, height = im.size
-                if im.getexif().get(_EXIF_ORIENT, 1) in (5, 6, 7, 8):  # turned by 90 degrees when read
-                    width, height = height, width
-                sizes[name] = (width, height)
-        except (UnidentifiedImageError, Image.DecompressionBombError, OSError) as e:
-            raise ValueError(f"{path}: cannot be read as an image ({type(e).__name__}: {e}); "
-                             "remove it from --images or fix it") from None
-    return sizes
+def _image_files(image_root: str) -> List[str]:
+    """Names of the image files directly under ``image_root`` (hidden files such as macOS's
+    ``._x.png`` left out); nothing is opened."""
+    return sorted(n for n in os.listdir(image_root) if not n.startswith(".") and n.lower().endswith(IMAGE_EXTENSIONS))
+
+
+def _image_size(path: str) -> tuple:
+    """``(width, height)`` of an image as training reads it (EXIF rotation applied), from its header
+    only: a huge image is not decoded, so PIL's decompression-bomb limit does not apply here.
+    ValueError naming the file when it is not an image."""
+    limit = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None  # only the header is read
+    try:
+        with Image.open(path) as im:
+            width, height = im.size
+            if im.getexif().get(_EXIF_ORIENT, 1) in (5, 6, 7, 8):  # turned by 90 degrees when read
+                width, height = height, width
+            return width, height
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise ValueError(f"{path}: cannot be read as an image ({type(e).__name__}: {e}); fix it or leave it out "
+                         "of the CSV") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
 
 
 def _read_rows(csv_file: str, columns: Sequence[str]):
@@ -89,14 +95,17 @@ def points_from_csv(csv_file: str, image_root: str, columns: Sequence[str] = ("i
     """
     if not os.path.isdir(image_root):
         raise FileNotFoundError(f"--images {image_root}: not a folder")
-    sizes = _image_sizes(image_root)
+    files = set(_image_files(image_root))
+    sizes = {}  # file name -> (width, height): the CSV's images (an unreadable one is an error), then the others
     image_col, x_col, y_col, class_col = columns
     clicks, seen = [], {}  # seen: (image, x, y) -> (line, class)
     for line, row in _read_rows(csv_file, columns):
         where = f"{csv_file}: line {line}"
         image = (row[image_col] or "").strip()
-        if image not in sizes:
+        if image not in files:
             raise FileNotFoundError(f"{where}: image {image!r} is not an image file of {image_root}")
+        if image not in sizes:
+            sizes[image] = _image_size(os.path.join(image_root, image))
         try:
             x, y = float(row[x_col]), float(row[y_col])
         except (TypeError, ValueError) as e:
@@ -118,12 +127,17 @@ def points_from_csv(csv_file: str, image_root: str, columns: Sequence[str] = ("i
             print(f"{where}: repeats line {first[0]} ({image}, {x:g}, {y:g}, {label}); dropped", file=sys.stderr)
             continue
         clicks.append((image, x, y, label))
+    for name in sorted(files - set(sizes)):  # images without clicks are kept (objects-free images)
+        try:
+            sizes[name] = _image_size(os.path.join(image_root, name))
+        except ValueError as e:
+            print(f"{e} -- it has no click in {csv_file}: left out of the JSON", file=sys.stderr)
     names = list(classes) if classes else sorted({label for *_, label in clicks})
-    image_ids = {name: i + 1 for i, name in enumerate(sizes)}
+    image_ids = {name: i + 1 for i, name in enumerate(sorted(sizes))}
     annotations = [{"id": k + 1, "image_id": image_ids[image], "category_id": names.index(label) + 1,
                     "point": [x, y], "iscrowd": 0} for k, (image, x, y, label) in enumerate(clicks)]
     return {
-        "images": [{"id": image_ids[n], "file_name": n, "width": w, "height": h} for n, (w, h) in sizes.items()],
+        "images": [{"id": image_ids[n], "file_name": n, "width": sizes[n][0], "height": sizes[n][1]} for n in sorted(sizes)],
         "annotations": annotations,
         "categories": [{"id": k + 1, "name": n} for k, n in enumerate(names)],
     }
@@ -147,7 +161,11 @@ def main(argv=None) -> int:
     if len(columns) != 4:
         parser.error(f"--columns needs 4 names (image,x,y,class), got {args.columns!r}")
     classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
-    data = points_from_csv(args.csv, args.images, columns, classes)
+    try:
+        data = points_from_csv(args.csv, args.images, columns, classes)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"p2seg-points-from-csv: error: {e}", file=sys.stderr)
+        return 1
     write_json_atomic(data, args.output)
     print(f"{args.output}: images={len(data['images'])} points={len(data['annotations'])} "
           f"classes={[c['name'] for c in data['categories']]}")
