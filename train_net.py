@@ -68,7 +68,7 @@ def main(args):
         model = Trainer.build_model(cfg)
         checkpointer = P2SegCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
         checkpointer.config_text = cfg.dump()
-        checkpointer.load_for_evaluation(cfg.MODEL.WEIGHTS, resume=args.resume)
+        checkpointer.load_for_evaluation(cfg.MODEL.WEIGHTS, resume=args.resume, datasets=cfg.DATASETS.TEST)
         results = Trainer.test(cfg, model)
         save_results(cfg, results)
         return results

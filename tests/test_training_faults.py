@@ -342,3 +342,30 @@ def test_eval_only_refuses_random_or_mismatched_weights(tmp_path, cache_dir, mon
     loaded = evaluator()
     assert loaded.load_for_evaluation(weights)["config"] == cfg.dump()
     torch.testing.assert_close(loaded.model.state_dict(), trained.state_dict())
+
+
+def test_eval_only_refuses_weights_trained_on_other_class_names(tmp_path, cache_dir, monkeypatch):
+    """Same class count, other names (or order): class k of the weights would be read as another
+    class; the checkpoint records the training set's classes and the evaluation refuses."""
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    monkeypatch.setenv("P2SEG_CACHE", str(cache_dir))
+    cfg = tiny_cfg(tmp_path / "a")
+    saver = P2SegCheckpointer(Trainer.build_model(cfg), save_dir=str(tmp_path / "a"))
+    saver.class_names = ["circle", "square", "triangle"]
+    saver.save("model_final")
+    weights = str(tmp_path / "a" / "model_final.pth")
+    assert torch.load(weights, weights_only=False)["thing_classes"] == ["circle", "square", "triangle"]
+    for name, classes in (("same_classes", ["circle", "square", "triangle"]), ("other_order", ["square", "circle", "triangle"])):
+        DatasetCatalog.register(name, lambda: [])
+        MetadataCatalog.get(name).set(thing_classes=classes)
+    try:
+        checkpointer = P2SegCheckpointer(Trainer.build_model(cfg), save_dir=str(tmp_path / "b"))
+        checkpointer.load_for_evaluation(weights, datasets=["same_classes"])
+        with pytest.raises(ValueError, match=r"trained on the classes \['circle', 'square', 'triangle'\], but dataset "
+                                             r"'other_order' has \['square', 'circle', 'triangle'\]"):
+            checkpointer.load_for_evaluation(weights, datasets=["other_order"])
+    finally:
+        for name in ("same_classes", "other_order"):
+            DatasetCatalog.remove(name)
+            MetadataCatalog.remove(name)

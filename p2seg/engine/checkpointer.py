@@ -19,6 +19,7 @@
 import glob
 import os
 import re
+from typing import Optional, Sequence
 
 import torch
 
@@ -37,10 +38,13 @@ class P2SegCheckpointer(DetectionCheckpointer):
     """``DetectionCheckpointer`` with weights-only loading of ``.pth`` files and atomic saves.
 
     ``config_text`` (the run's ``cfg.dump()``, set by the trainer) is saved in each checkpoint
-    under ``"config"``, so that a resume with a changed config can say which keys changed.
+    under ``"config"``, so that a resume with a changed config can say which keys changed;
+    ``class_names`` (the training set's ``thing_classes``) under ``"thing_classes"``, so that
+    weights evaluated on data of other classes are refused (:meth:`load_for_evaluation`).
     """
 
     config_text = None
+    class_names = None
 
     def check_resumable(self) -> None:
         """Before ``--resume``: the checkpoint to resume must fit the model.
@@ -120,11 +124,13 @@ class P2SegCheckpointer(DetectionCheckpointer):
         self.last_incompatible = super()._load_model(checkpoint)
         return self.last_incompatible
 
-    def load_for_evaluation(self, path: str, *, resume: bool = False) -> dict:
+    def load_for_evaluation(self, path: str, *, resume: bool = False, datasets: Sequence[str] = ()) -> dict:
         """Load the weights to evaluate or export with (``--eval-only``), refusing a model that
         would be partly or wholly random: no weights at all (``path`` "" without a checkpoint to
         resume), or weights that do not fit the model (parameters of other shapes, e.g. another
-        ``MODEL.P2SEG.NUM_CLASSES``, or missing). ValueError naming the file and the parameters."""
+        ``MODEL.P2SEG.NUM_CLASSES``, or missing), or weights trained on classes of other names or
+        order than the registered ``datasets`` they will run on (when the checkpoint records
+        them). ValueError naming the file and the parameters or classes."""
         if not resume and not path:
             raise ValueError("--eval-only needs trained weights: MODEL.WEIGHTS is empty, so every head would be "
                              "random. Give MODEL.WEIGHTS path/to/model_final.pth")
@@ -147,6 +153,7 @@ class P2SegCheckpointer(DetectionCheckpointer):
                    if missing else "")
                 + ". Evaluate with the config the weights were trained with."
             )
+        check_class_names(checkpoint.get("thing_classes"), datasets, self.get_checkpoint_file() if resume else path)
         return checkpoint
 
     def resume_or_load(self, path: str, *, resume: bool = True):
@@ -196,6 +203,8 @@ class P2SegCheckpointer(DetectionCheckpointer):
             data[key] = obj.state_dict()
         if self.config_text is not None:
             data["config"] = self.config_text
+        if self.class_names is not None:
+            data["thing_classes"] = list(self.class_names)
         data.update(kwargs)
         basename = f"{name}.pth"
         save_file = os.path.join(self.save_dir, basename)
@@ -208,6 +217,21 @@ class P2SegCheckpointer(DetectionCheckpointer):
     def tag_last_checkpoint(self, last_filename_basename: str) -> None:
         """Atomically write ``last_filename_basename`` to ``save_dir/last_checkpoint``."""
         write_text_atomic(last_filename_basename, os.path.join(self.save_dir, "last_checkpoint"))
+
+
+def check_class_names(trained: Optional[Sequence[str]], datasets: Sequence[str], source: str) -> None:
+    """ValueError when weights trained on classes ``trained`` (a checkpoint's ``thing_classes``;
+    None: not recorded) meet a dataset whose ``thing_classes`` differ (names or order: class k
+    would be read as another class)."""
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    for name in datasets if trained is not None else ():
+        DatasetCatalog.get(name)  # loading fills the metadata
+        classes = getattr(MetadataCatalog.get(name), "thing_classes", None)
+        if classes is not None and list(classes) != list(trained):
+            raise ValueError(f"--eval-only: {source} was trained on the classes {list(trained)[:8]}, but dataset "
+                             f"'{name}' has {list(classes)[:8]} (names or order differ); evaluate on data of those "
+                             "classes, or train on this one")
 
 
 def _checkpoint_recency(path: str):

@@ -314,6 +314,8 @@ class Trainer(DefaultTrainer):
 
         self.checkpointer = P2SegCheckpointer(self._trainer.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
         self.checkpointer.config_text = self.cfg.dump()
+        if len(self.cfg.DATASETS.TRAIN):  # the loader has filled the metadata
+            self.checkpointer.class_names = getattr(MetadataCatalog.get(self.cfg.DATASETS.TRAIN[0]), "thing_classes", None)
         hooks = [NonFiniteLossGuard()] + super().build_hooks()
         if is_p2seg(self.cfg):
             loss = self.cfg.MODEL.P2SEG.LOSS
