@@ -5,6 +5,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import torch
 import pytest
 
 from p2seg.datasets.shapes import ensure_shapes_dataset, split_paths
@@ -136,6 +137,14 @@ def test_without_points_p2seg_and_mask_rcnn(shapes, tmp_path, p2seg_opts, rcnn_o
     rc = demo.main(["--config-file", str(MASK_RCNN), "--input", str(image_root / "000000.png"), "--output",
                     str(tmp_path / "rcnn"), "--confidence-threshold", "0", "--", *rcnn_opts])
     assert rc == 0 and (tmp_path / "rcnn" / "000000.png").is_file()
+    # the final model as a Detectron2 user runs it: DefaultPredictor on the stage-2 config gives
+    # the same instances as the demo (README, "The end product")
+    from detectron2.engine import DefaultPredictor
+
+    plain = DefaultPredictor(cfg)(image)["instances"]
+    assert len(plain) == len(out["instances"])
+    torch.testing.assert_close(plain.pred_boxes.tensor, out["instances"].pred_boxes.tensor)
+    assert torch.equal(plain.pred_masks, out["instances"].pred_masks)
 
 
 def test_bad_points_files_name_file_and_line(shapes, tmp_path, capsys, p2seg_opts):
