@@ -142,6 +142,9 @@ def add_p2seg_config(cfg):
     # "source" suits sources that are exact where they fire (thresholds, SAM masks); README, Recipe.
     cfg.MODEL.P2SEG.INFERENCE.SEMANTICS = "model"
     cfg.MODEL.P2SEG.INFERENCE.MIN_INSTANCE_AREA = 1  # peak-path instances below this are dropped
+    # Point-guided masks whose dense form (points x H x W bytes) would exceed this come as one id
+    # map (p2seg/modeling/id_map_masks.py): a crowded large image exports in memory ~ H x W.
+    cfg.MODEL.P2SEG.INFERENCE.MAX_DENSE_MASK_MB = 256
 
     # ---------------------------------------------------------------- backbones (p2seg/modeling/backbone/)
     # HRNetV2 (BACKBONE.NAME "build_hrnet_backbone"); W18 / W32 / W48 = WIDTH 18 / 32 / 48.

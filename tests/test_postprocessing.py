@@ -1,4 +1,5 @@
 """Tests of p2seg/modeling/postprocessing.py on tiny hand-made tensors."""
+import numpy as np
 import pytest
 import torch
 
@@ -359,3 +360,60 @@ def test_fast_argmax_matches_torch_argmax():
     max_prob, labels = _argmax_channels(probs)
     assert torch.equal(max_prob, probs.amax(0))
     assert torch.equal(labels, probs.argmax(0))
+
+
+def test_id_map_masks_match_the_dense_masks_everywhere_they_are_used():
+    """A crowded image's masks as one id map (MAX_DENSE_MASK_MB exceeded): the same masks, boxes,
+    areas, RLEs and export records as dense ones, also after Instances indexing and fallback boxes."""
+    from detectron2.structures import BitMasks, Instances
+
+    from p2seg.evaluation.pseudo_mask_exporter import pseudo_annotations
+    from p2seg.modeling.id_map_masks import IdMapMasks, mask_boxes, masks_to_rles
+
+    g = torch.Generator().manual_seed(0)
+    height, width = 37, 53
+    probs = torch.softmax(torch.randn(3, height, width, generator=g) * 3, dim=0)
+    offsets = torch.randn(2, height, width, generator=g)
+    points = torch.rand(9, 2, generator=g) * torch.tensor([width - 1.0, height - 1.0])
+    classes = torch.tensor([0, 1, 0, 1, 0, 1, 0, 1, 1])
+    probs[2, :, :] = 0  # class 1 has no pixel: its four points get fallback boxes (one at a corner)
+    points[8] = torch.tensor([0.0, 0.0])
+    dense = point_guided_instances(probs, offsets, points, classes, 6, 0.5)
+    sparse = point_guided_instances(probs, offsets, points, classes, 6, 0.5, max_dense_bytes=100)
+    assert isinstance(sparse["masks"], IdMapMasks) and isinstance(dense["masks"], torch.Tensor)
+    assert dense["fallback"].tolist() == [False, True] * 4 + [True]
+    masks = sparse["masks"]
+    assert len(masks) == 9 and masks.shape == (9, height, width)
+    assert torch.equal(masks.dense(), dense["masks"]) and np.array_equal(masks.numpy(), dense["masks"].numpy())
+    assert torch.equal(mask_boxes(masks), BitMasks(dense["masks"]).get_bounding_boxes().tensor)
+    assert masks.areas().tolist() == dense["masks"].sum(dim=(1, 2)).tolist()
+    assert masks_to_rles(masks) == masks_to_rles(dense["masks"])
+    assert masks.rles(chunk_bytes=1) == masks_to_rles(dense["masks"])[0]  # one mask per chunk
+    # Instances indexing and device moves keep the correspondence
+    inst = Instances((height, width), pred_masks=masks, scores=sparse["scores"])
+    picked = inst[torch.tensor([7, 2, 8])].to("cpu")
+    assert torch.equal(picked.pred_masks.dense(), dense["masks"][[7, 2, 8]])
+    assert torch.equal(inst[3:5].pred_masks.dense(), dense["masks"][3:5])
+    assert torch.equal(masks[4], dense["masks"][4])
+    # the export records are identical
+    as_dense = Instances((height, width), pred_masks=dense["masks"], scores=dense["scores"])
+    xy = points.numpy().astype(np.float64)
+    assert pseudo_annotations(inst, xy, classes.tolist(), [3, 7]) == pseudo_annotations(as_dense, xy, classes.tolist(), [3, 7])
+
+
+def test_instance_inference_switches_to_id_maps_above_max_dense_mask_mb():
+    from p2seg.modeling.id_map_masks import IdMapMasks
+    from p2seg.modeling.instance_inference import InstanceInference
+
+    g = torch.Generator().manual_seed(1)
+    sem = torch.softmax(torch.randn(1, 2, 8, 8, generator=g), dim=1)
+    outputs = {"center": torch.zeros(1, 1, 8, 8), "offset": torch.zeros(1, 2, 8, 8)}
+    inputs = [{"height": 32, "width": 32, "points": torch.tensor([[3.0, 4.0], [20.0, 25.0]]),
+               "point_classes": torch.zeros(2, dtype=torch.int64)}]
+    results = {}
+    for mb in (256, 1e-4):  # 2 x 32 x 32 bytes = 0.002 MB
+        inference = InstanceInference(num_classes=1, common_stride=4, max_dense_mask_mb=mb)
+        results[mb] = inference(sem, outputs, inputs, [(32, 32)])[0]["instances"]
+    assert isinstance(results[1e-4].pred_masks, IdMapMasks) and isinstance(results[256].pred_masks, torch.Tensor)
+    assert torch.equal(results[1e-4].pred_masks.dense(), results[256].pred_masks)
+    assert torch.equal(results[1e-4].pred_boxes.tensor, results[256].pred_boxes.tensor)

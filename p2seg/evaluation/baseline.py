@@ -20,9 +20,10 @@ import numpy as np
 import torch
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.structures import BitMasks, Instances
+from detectron2.structures import Boxes, Instances
 
 from p2seg.data.semantic_sources import read_semantic_png
+from p2seg.modeling.id_map_masks import mask_boxes
 from p2seg.modeling.postprocessing import one_hot_semantics, point_guided_instances
 
 from .instance_evaluator import DEFAULT_IOU_THRESHOLDS, InstanceMaskEvaluator
@@ -33,7 +34,7 @@ logger = logging.getLogger(__name__)
 
 
 def nearest_point_instances(sem: np.ndarray, points, classes, fallback_box_size: int = 0,
-                            fallback_score: float = 0.0) -> Instances:
+                            fallback_score: float = 0.0, max_dense_mask_mb: float = 256.0) -> Instances:
     """Baseline masks of one image: class-``k`` pixels of ``sem`` -> nearest class-``k`` point.
 
     Only the classes that have points get a probability channel (a K-class image costs K + 1
@@ -44,6 +45,7 @@ def nearest_point_instances(sem: np.ndarray, points, classes, fallback_box_size:
         points: float ``(P, 2)`` (x, y) in the map's pixel coordinates.
         classes: int ``(P,)`` contiguous classes of the points.
         fallback_box_size, fallback_score: mask and score of a point that gets no pixel.
+        max_dense_mask_mb: larger masks come as one id map (``IdMapMasks``, a crowded large image).
     Returns:
         ``Instances`` of P masks in point order: ``pred_masks`` bool ``(P, H, W)``, ``pred_boxes``,
         ``pred_classes`` int64 ``(P,)``, ``scores`` float32 ``(P,)``, ``fallback`` bool ``(P,)`` (the
@@ -56,10 +58,11 @@ def nearest_point_instances(sem: np.ndarray, points, classes, fallback_box_size:
     labels = torch.cat([torch.zeros(1, dtype=torch.int64), present + 1])
     one_hot = one_hot_semantics(sem, labels)  # (K+1) x H x W
     offsets = torch.zeros((2,) + tuple(sem.shape), dtype=torch.float32)
-    found = point_guided_instances(one_hot, offsets, points, local.reshape(-1), fallback_box_size, fallback_score)
+    found = point_guided_instances(one_hot, offsets, points, local.reshape(-1), fallback_box_size, fallback_score,
+                                   max_dense_bytes=int(max_dense_mask_mb * 2**20))
     inst = Instances(tuple(sem.shape))
     inst.pred_masks = found["masks"]
-    inst.pred_boxes = BitMasks(found["masks"]).get_bounding_boxes()
+    inst.pred_boxes = Boxes(mask_boxes(found["masks"]))
     inst.pred_classes = classes.clone()
     inst.scores = found["scores"].to(torch.float32)
     inst.fallback = found.get("fallback", torch.zeros(len(classes), dtype=torch.bool))

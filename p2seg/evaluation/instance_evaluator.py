@@ -43,11 +43,12 @@ from detectron2.evaluation.coco_evaluation import _evaluate_predictions_on_coco
 from detectron2.utils import comm
 from detectron2.utils.logger import create_small_table
 
+from p2seg.modeling.id_map_masks import masks_to_rles
 from p2seg.utils.atomic import write_json_atomic
 from p2seg.data.coco_format import image_id_sort_key, read_coco_json, segmentation_to_rle
 
 from .fallback_check import fallback_summary
-from .voc_mask_ap import encode_masks, eval_instance_segmentation_voc_multi, threshold_key
+from .voc_mask_ap import eval_instance_segmentation_voc_multi, threshold_key
 
 logger = logging.getLogger(__name__)
 
@@ -178,7 +179,7 @@ def instances_to_coco_results(instances, image_id, dataset_ids: Optional[Sequenc
     """COCO result dicts of one image's predicted instances.
 
     Args:
-        instances: Detectron2 ``Instances`` with ``pred_masks`` (bool ``R x H x W``),
+        instances: Detectron2 ``Instances`` with ``pred_masks`` (bool ``R x H x W`` or an ``IdMapMasks``),
             ``pred_classes`` (int64 ``R``, contiguous), ``scores`` (float ``R``); any device.
         image_id: the image's id.
         dataset_ids: dataset category id per contiguous class; None keeps the contiguous ids.
@@ -186,7 +187,7 @@ def instances_to_coco_results(instances, image_id, dataset_ids: Optional[Sequenc
         R dicts ``{"image_id", "category_id", "segmentation": RLE (str counts), "score"}``.
     """
     instances = instances.to("cpu")
-    rles = encode_masks(instances.pred_masks.numpy().astype(bool))
+    rles, _ = masks_to_rles(instances.pred_masks)
     classes = instances.pred_classes.tolist()
     scores = instances.scores.tolist()
     return [

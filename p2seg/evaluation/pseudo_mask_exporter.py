@@ -67,6 +67,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.evaluation import DatasetEvaluator
 from detectron2.utils import comm
 
+from p2seg.modeling.id_map_masks import masks_to_rles
 from p2seg.utils.atomic import atomic_file, write_json_atomic
 
 from .fallback_check import fallback_summary
@@ -79,7 +80,6 @@ from .instance_evaluator import (
     load_source_coco,
     source_contiguous_ids,
 )
-from .voc_mask_ap import encode_masks
 
 logger = logging.getLogger(__name__)
 
@@ -233,7 +233,7 @@ def pseudo_annotations(instances, points: np.ndarray, classes: Sequence[int], da
     """COCO annotations (without ``id`` / ``image_id``) of one image's point-guided masks.
 
     Args:
-        instances: ``Instances`` with ``pred_masks`` bool ``P x H x W`` and ``scores`` ``P``;
+        instances: ``Instances`` with ``pred_masks`` bool ``P x H x W`` (or an ``IdMapMasks``) and ``scores`` ``P``;
             instance i belongs to point i.
         points: float ``(P, 2)`` original-image points.
         classes: P contiguous class ids (the points' labels).
@@ -242,13 +242,11 @@ def pseudo_annotations(instances, points: np.ndarray, classes: Sequence[int], da
         P dicts ``{"category_id", "segmentation", "bbox", "area", "iscrowd", "score", "point"}``.
     """
     instances = instances.to("cpu")
-    masks = instances.pred_masks.numpy().astype(bool)
-    rles = encode_masks(masks)
+    # Pixel counts from the masks: pycocotools' area() of a list overflows past 255 RLEs.
+    rles, areas = masks_to_rles(instances.pred_masks)
     if not rles:
         return []
     boxes = mask_util.toBbox(rles).tolist()
-    # Pixel counts from the dense masks: pycocotools' area() of a list overflows past 255 RLEs.
-    areas = masks.reshape(len(masks), -1).sum(axis=1).tolist()
     scores = instances.scores.tolist()
     return [
         {

@@ -13,11 +13,11 @@ from typing import List, Sequence
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
+from p2seg.modeling.id_map_masks import masks_to_rles
 from p2seg.utils.atomic import write_json_atomic
 
 from .baseline import baseline_prediction
 from .instance_evaluator import dataset_dicts_to_coco_dict
-from .voc_mask_ap import encode_masks
 
 __all__ = ["baseline_mask_records", "write_baseline_masks_json", "write_ground_truth_masks_json"]
 
@@ -36,12 +36,12 @@ def baseline_mask_records(dataset_dicts: Sequence[dict], fallback_box_size: int 
     records = []
     for d in dataset_dicts:
         instances = baseline_prediction(d, fallback_box_size)["instances"]
-        masks = instances.pred_masks.numpy().astype(bool)
+        rles, areas = masks_to_rles(instances.pred_masks)
         points = [a["point"] for a in d.get("annotations", []) if not a.get("iscrowd", 0) and "point" in a]
         annotations = [
             {"category_id": int(c), "segmentation": rle, "iscrowd": 0, "point": list(p)}
-            for rle, c, p, m in zip(encode_masks(masks), instances.pred_classes.tolist(), points, masks)
-            if m.any()
+            for rle, c, p, area in zip(rles, instances.pred_classes.tolist(), points, areas)
+            if area > 0
         ]
         records.append(dict(d, annotations=annotations))
     return records

@@ -13,10 +13,11 @@ from torch.nn import functional as F
 
 from detectron2.config import configurable
 from detectron2.modeling.postprocessing import sem_seg_postprocess
-from detectron2.structures import BitMasks, Boxes, Instances
+from detectron2.structures import Boxes, Instances
 
 from p2seg.config import semantic_channels
 
+from .id_map_masks import mask_boxes
 from .postprocessing import one_hot_semantics, peak_instances, point_guided_instances
 
 __all__ = ["InstanceInference", "GROUPING_SEMANTICS"]
@@ -31,7 +32,7 @@ class InstanceInference:
     def __init__(self, *, num_classes: int, common_stride: int, center_threshold: float = 0.1,
                  nms_kernel: int = 41, top_k: int = 200, min_instance_area: int = 1,
                  fallback_box_size: int = 64, fallback_score: float = 0.5, grouping_semantics: str = "model",
-                 foreground_semantics: bool = False):
+                 foreground_semantics: bool = False, max_dense_mask_mb: float = 256.0):
         """
         Args:
             num_classes: C, the classes of the semantic and centre heads (1 with
@@ -44,6 +45,8 @@ class InstanceInference:
             foreground_semantics: the heads predict one foreground class for every class
                 (MODEL.P2SEG.FOREGROUND_SEMANTICS): all points are grouped together and each mask
                 takes the class of its point.
+            max_dense_mask_mb: point-guided masks larger than this as dense bools come as an
+                ``IdMapMasks`` (p2seg/modeling/id_map_masks.py).
         """
         if grouping_semantics not in GROUPING_SEMANTICS:
             raise ValueError(
@@ -59,6 +62,7 @@ class InstanceInference:
         self.fallback_score = fallback_score
         self.grouping_semantics = grouping_semantics
         self.foreground_semantics = foreground_semantics
+        self.max_dense_bytes = int(max_dense_mask_mb * 2**20)
         if foreground_semantics and num_classes != 1:
             raise ValueError(f"InstanceInference: foreground semantics have 1 class, got num_classes={num_classes}")
 
@@ -76,6 +80,7 @@ class InstanceInference:
             "fallback_score": inference.FALLBACK_SCORE,
             "grouping_semantics": inference.SEMANTICS,
             "foreground_semantics": cfg.MODEL.P2SEG.FOREGROUND_SEMANTICS,
+            "max_dense_mask_mb": inference.MAX_DENSE_MASK_MB,
         }
 
     def head_classes(self, point_classes: torch.Tensor) -> torch.Tensor:
@@ -134,7 +139,8 @@ class InstanceInference:
                 grouped = self._source_probabilities(x, height, width, device) * present[:, None, None]
             point_classes = x["point_classes"].to(device).long()
             found = point_guided_instances(grouped, offset, points, self.head_classes(point_classes),
-                                           self.fallback_box_size, self.fallback_score)
+                                           self.fallback_box_size, self.fallback_score,
+                                           max_dense_bytes=self.max_dense_bytes)
             found["classes"] = point_classes.clone()  # the point's class, also for foreground semantics
         else:
             center = self.to_output_size(center, image_size, height, width)
@@ -176,13 +182,13 @@ class InstanceInference:
 
 
 def _to_instances(found: Dict[str, torch.Tensor], height: int, width: int) -> Instances:
-    """dict(masks RxHxW bool, scores R, classes R[, fallback R]) -> Instances with pred_masks /
+    """dict(masks RxHxW bool or IdMapMasks, scores R, classes R[, fallback R]) -> Instances with pred_masks /
     pred_boxes (tight boxes of the masks) / scores / pred_classes [/ fallback: bool R, the
     mask is a point's fallback box]."""
     masks = found["masks"]
     instances = Instances((height, width))
     instances.pred_masks = masks
-    instances.pred_boxes = Boxes(BitMasks(masks).get_bounding_boxes().tensor.to(masks.device))
+    instances.pred_boxes = Boxes(mask_boxes(masks))
     instances.scores = found["scores"].float()
     instances.pred_classes = found["classes"].long()
     if "fallback" in found:

@@ -21,6 +21,8 @@ from detectron2.projects.panoptic_deeplab.post_processing import find_instance_c
 
 from p2seg.utils.nearest_point import nearest_point
 
+from .id_map_masks import IdMapMasks
+
 __all__ = ["point_guided_instances", "peak_instances", "one_hot_semantics"]
 
 
@@ -98,8 +100,12 @@ def _voted_positions(flat_index, offsets):
     return torch.stack((ys + flat_offsets[0], xs + flat_offsets[1]), dim=1)
 
 
-def _masks_from_ids(instance_ids, num_instances, height, width):
-    """int64 (H*W,) ids in [-1, R) -> bool RxHxW masks (mask r = pixels with id r)."""
+def _masks_from_ids(instance_ids, num_instances, height, width, max_dense_bytes=None):
+    """int64 (H*W,) ids in [-1, R) -> R masks (mask r = pixels with id r): bool RxHxW, or an
+    :class:`~p2seg.modeling.id_map_masks.IdMapMasks` when R*H*W bytes would exceed
+    ``max_dense_bytes`` (None: always dense)."""
+    if max_dense_bytes is not None and num_instances * height * width > max_dense_bytes:
+        return IdMapMasks.from_instance_ids(instance_ids, num_instances, height, width)
     ids = torch.arange(num_instances, device=instance_ids.device)
     return (instance_ids[None, :] == ids[:, None]).reshape(num_instances, height, width)
 
@@ -117,8 +123,9 @@ def _mean_per_instance(instance_ids, values, num_instances):
     return sums[1:], counts[1:]
 
 
-def _box_mask(center_xy, box_size, height, width, device):
-    """bool HxW mask of a box_size x box_size box centred on pixel (round(x), round(y)), clipped.
+def _box_bounds(center_xy, box_size, height, width):
+    """``(x0, y0, x1, y1)`` (end exclusive) of a box_size x box_size box centred on pixel
+    (round(x), round(y)), clipped to the image.
 
     The unclipped box spans columns [cx - box_size // 2, cx - box_size // 2 + box_size), likewise
     rows, where (cx, cy) is the rounded point clamped into the image.
@@ -126,9 +133,17 @@ def _box_mask(center_xy, box_size, height, width, device):
     cx = int(min(max(round(float(center_xy[0])), 0), width - 1))
     cy = int(min(max(round(float(center_xy[1])), 0), height - 1))
     x0, y0 = cx - box_size // 2, cy - box_size // 2
-    mask = torch.zeros((height, width), dtype=torch.bool, device=device)
-    mask[max(y0, 0):max(y0 + box_size, 0), max(x0, 0):max(x0 + box_size, 0)] = True
-    return mask
+    return (max(x0, 0), max(y0, 0), min(max(x0 + box_size, 0), width), min(max(y0 + box_size, 0), height))
+
+
+def _set_box_mask(masks, index, center_xy, box_size, height, width):
+    """Make mask ``index`` of ``masks`` (bool RxHxW or IdMapMasks) the :func:`_box_bounds` box."""
+    x0, y0, x1, y1 = _box_bounds(center_xy, box_size, height, width)
+    if isinstance(masks, IdMapMasks):
+        masks.set_box(index, x0, y0, x1, y1)
+        return
+    masks[index] = False
+    masks[index, y0:y1, x0:x1] = True
 
 
 # ---------------------------------------------------------------------------- with points
@@ -141,6 +156,7 @@ def point_guided_instances(
     fallback_score=0.5,
     *,
     chunk_elements=2**22,
+    max_dense_bytes=None,
 ):
     """One instance mask per annotated point (docs/METHOD.md "inference with points").
 
@@ -161,8 +177,10 @@ def point_guided_instances(
         fallback_box_size: int, side of the fallback box mask (px).
         fallback_score: float, score of a fallback mask.
         chunk_elements: int, bound on pixels x points distance entries computed at once.
+        max_dense_bytes: masks above this size (P*H*W bytes) come as an ``IdMapMasks`` (one id
+            map; a crowded large image), None: always dense.
     Returns:
-        dict(masks bool PxHxW, scores (P,) dtype of sem_probs, classes int64 (P,), fallback bool
+        dict(masks bool PxHxW (or IdMapMasks), scores (P,) dtype of sem_probs, classes int64 (P,), fallback bool
         (P,): the mask is the fallback box); instance i belongs to point i. P == 0 gives masks of
         shape (0, H, W) (and no "fallback").
     """
@@ -201,13 +219,13 @@ def point_guided_instances(
         )
         instance_ids[pixel_index] = point_index[nearest]
 
-    masks = _masks_from_ids(instance_ids, num_points, height, width)
+    masks = _masks_from_ids(instance_ids, num_points, height, width, max_dense_bytes)
     # sem_probs[k+1] == max_prob on pixels labelled k+1 (the argmax), so the mean uses max_prob.
     sums, counts = _mean_per_instance(instance_ids, max_prob, num_points)
     scores = sums / counts.clamp(min=1).to(sums.dtype)
     fallback = counts == 0
     for i in torch.nonzero(fallback).squeeze(1).tolist():
-        masks[i] = _box_mask(points[i], int(fallback_box_size), height, width, device)
+        _set_box_mask(masks, i, points[i], int(fallback_box_size), height, width)
         scores[i] = fallback_score
     return {"masks": masks, "scores": scores, "classes": point_classes.clone(), "fallback": fallback}
 
