@@ -183,6 +183,9 @@ def add_p2seg_config(cfg):
     cfg.DATASETS.PSEUDO_LABELS.JSON = ""  # "" = none; else path of pseudo_masks_<dataset>.json
     cfg.DATASETS.PSEUDO_LABELS.SOURCE = ""  # registered dataset the JSON was exported from
     cfg.DATASETS.PSEUDO_LABELS.NAME = "p2seg_pseudo_train"  # name to list in DATASETS.TRAIN
+    # Stage 2 refuses a JSON whose exporter gave more than this share of its points the fallback
+    # box (its info.num_fallback / info.num_points): it would learn boxes, not masks. 1.0 = accept.
+    cfg.DATASETS.PSEUDO_LABELS.MAX_FALLBACK_FRACTION = 0.5
     # Evaluation / export (p2seg/engine/trainer.py). Export: OUTPUT_DIR/pseudo_masks_<dataset>.json per test set.
     cfg.TEST.EXPORT_PSEUDO_MASKS = False
     # Evaluate as on new images: the test mapper drops the annotations' points, so P2Seg finds the

@@ -551,3 +551,32 @@ def test_stage2_refuses_pseudo_masks_exported_from_another_dataset(tiny):
         for n in (source, "test_pseudo_train_b"):
             DatasetCatalog.remove(n)
             MetadataCatalog.remove(n)
+
+
+def test_stage2_refuses_pseudo_masks_that_are_mostly_fallback_boxes(tiny):
+    """A JSON whose export gave 5 of 6 points the fallback box trained stage 2 on boxes without a
+    word; it is refused (DATASETS.PSEUDO_LABELS.MAX_FALLBACK_FRACTION), and accepted when raised."""
+    from p2seg.datasets.registration import register_pseudo_label_dataset
+
+    root, path, _ = tiny
+    source = "test_pseudo_source_fb"
+    register_point_coco_instances(source, {}, str(path), str(root / "img"), str(root / "sem"))
+    exported = root / "pseudo_masks.json"
+    data = json.loads(path.read_text())
+    exported.write_text(json.dumps(dict(data, info={"source_dataset": source, "num_points": 6, "num_fallback": 5})))
+    try:
+        for limit, ok in ((0.5, False), (1.0, True)):
+            cfg = _cfg(**{"DATASETS.PSEUDO_LABELS.JSON": str(exported), "DATASETS.PSEUDO_LABELS.SOURCE": source,
+                          "DATASETS.PSEUDO_LABELS.NAME": "test_pseudo_train_fb",
+                          "DATASETS.PSEUDO_LABELS.MAX_FALLBACK_FRACTION": limit})
+            name = register_pseudo_label_dataset(cfg)
+            if ok:
+                assert len(DatasetCatalog.get(name)) == 3
+            else:
+                with pytest.raises(ValueError, match=r"pseudo_masks.json: 5 of its 6 points \(83 %\) got the fallback "
+                                                     r"box.*MAX_FALLBACK_FRACTION 0.5"):
+                    DatasetCatalog.get(name)
+    finally:
+        for n in (source, "test_pseudo_train_fb"):
+            DatasetCatalog.remove(n)
+            MetadataCatalog.remove(n)

@@ -329,6 +329,9 @@ def test_fallback_boxes_are_counted_and_warned_about(tmp_path, caplog):
     [message] = [r.getMessage() for r in caplog.records]
     assert f"{num_points} of {num_points} points (100%) got the fallback box" in message
     assert "masks.json" in message and "loss_sem" in message
+    # the JSON itself says so, for stage 2 (DATASETS.PSEUDO_LABELS.MAX_FALLBACK_FRACTION)
+    info = json.loads((tmp_path / "masks.json").read_text())["info"]
+    assert info["num_points"] == info["num_fallback"] == num_points
 
 
 def test_resume_after_the_points_changed_starts_over(tmp_path, caplog):

@@ -56,35 +56,47 @@ def register_pseudo_label_dataset(cfg):
     if p.NAME in MetadataCatalog.list():
         MetadataCatalog.remove(p.NAME)
     # Detectron2's register_coco_instances, with a loader whose parse errors name the file.
-    json_file, name, source = p.JSON, p.NAME, p.SOURCE
-    DatasetCatalog.register(name, lambda: _load_pseudo_label_json(json_file, image_root, name, source))
+    json_file, name, source, max_fallback = p.JSON, p.NAME, p.SOURCE, p.MAX_FALLBACK_FRACTION
+    DatasetCatalog.register(name, lambda: _load_pseudo_label_json(json_file, image_root, name, source, max_fallback))
     MetadataCatalog.get(name).set(json_file=json_file, image_root=image_root, evaluator_type="coco")
     logger.info("Registered %s: %s (images in %s)", p.NAME, p.JSON, image_root)
     return p.NAME
 
 
-def _check_exported_from(json_file, source):
+def _check_exported_from(json_file, source, max_fallback_fraction=1.0):
     """ValueError when the exporter's ``info.source_dataset`` of ``json_file`` is not ``source``
     (DATASETS.PSEUDO_LABELS.SOURCE): the masks of another dataset with the same file names and
-    sizes would train stage 2 without a word. A JSON without the field (made elsewhere) passes."""
+    sizes would train stage 2 without a word; or when more than ``max_fallback_fraction`` of its
+    points got the fallback box (``info.num_fallback`` / ``info.num_points``): stage 2 would learn
+    boxes. A JSON without these fields (made elsewhere) passes."""
     with open(json_file) as f:
         info = json.load(f).get("info") or {}
-    exported_from = info.get("source_dataset") if isinstance(info, dict) else None
+    info = info if isinstance(info, dict) else {}
+    exported_from = info.get("source_dataset")
     if exported_from is not None and exported_from != source:
         raise ValueError(
             f"config DATASETS.PSEUDO_LABELS: {json_file} was exported from dataset {exported_from!r} "
             f"(its info.source_dataset), but DATASETS.PSEUDO_LABELS.SOURCE is {source!r}; set SOURCE "
             f"{exported_from!r} or give the JSON exported from {source!r}"
         )
+    points, fallback = info.get("num_points"), info.get("num_fallback")
+    if points and fallback is not None and fallback / points > max_fallback_fraction:
+        raise ValueError(
+            f"config DATASETS.PSEUDO_LABELS: {json_file}: {fallback} of its {points} points "
+            f"({100 * fallback / points:.0f} %) got the fallback box, not a mask (info.num_fallback), above "
+            f"DATASETS.PSEUDO_LABELS.MAX_FALLBACK_FRACTION {max_fallback_fraction}: stage 2 would learn boxes. "
+            "Fix stage 1 first (its log, the semantic source; p2seg-baseline shows what the source alone gives), "
+            "or raise MAX_FALLBACK_FRACTION to train on it anyway"
+        )
 
 
-def _load_pseudo_label_json(json_file, image_root, name, source=None):
+def _load_pseudo_label_json(json_file, image_root, name, source=None, max_fallback_fraction=1.0):
     """Detectron2's ``load_coco_json`` after :func:`_check_exported_from`; a JSON that does not
     parse (e.g. truncated) is a ValueError naming the file and the config key, not a bare
     ``JSONDecodeError``."""
     try:
         if source is not None:
-            _check_exported_from(json_file, source)
+            _check_exported_from(json_file, source, max_fallback_fraction)
         return load_coco_json(json_file, image_root, name)
     except json.JSONDecodeError as e:
         raise ValueError(

@@ -71,7 +71,8 @@ QUICK_STAGE1 = [
     "MODEL.INS_EMBED_HEAD.CENTER_HEAD_CHANNELS", "8",
     "TEST.FALLBACK_STOP_FRACTION", "1.0",  # a 2-iteration model finds little foreground: run stage 2 anyway
 ]
-QUICK_STAGE2 = ["INPUT.MIN_SIZE_TRAIN", "(128,)", "INPUT.MIN_SIZE_TEST", "128", "MODEL.FPN.OUT_CHANNELS", "32"]
+QUICK_STAGE2 = ["INPUT.MIN_SIZE_TRAIN", "(128,)", "INPUT.MIN_SIZE_TEST", "128", "MODEL.FPN.OUT_CHANNELS", "32",
+                "DATASETS.PSEUDO_LABELS.MAX_FALLBACK_FRACTION", "1.0"]  # a 2-iteration stage 1 exports boxes
 
 # The comparison rows (``--compare``): training masks -> row title. Every row trains the same
 # stage-2 config on masks of the same training images; P2Seg's own row always runs.

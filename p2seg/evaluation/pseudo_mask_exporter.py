@@ -439,7 +439,9 @@ class PseudoMaskExporter(DatasetEvaluator):
         if missing:
             raise ValueError(f"dataset '{self._dataset_name}' has no image entry for exported image ids {missing[:5]}")
         image_ids = sorted(index, key=image_id_sort_key)
-        info = {"description": "P2Seg pseudo masks, one per point", "source_dataset": self._dataset_name}
+        info = {"description": "P2Seg pseudo masks, one per point", "source_dataset": self._dataset_name,
+                "num_points": sum(index[i]["num_points"] for i in image_ids),
+                "num_fallback": sum(index[i]["num_fallback"] for i in image_ids)}
         predictions, num_annotations, files = [], 0, {}
         try:
             with atomic_file(self._output_file, suffix=".json") as tmp, open(tmp, "w") as out:
