@@ -69,6 +69,12 @@ def add_p2seg_config(cfg):
     # Semantic loss: ignore pseudo-label components that hold no point of their class (false
     # positives of the source, or objects whose point was cropped away).
     cfg.MODEL.P2SEG.TARGETS.IGNORE_UNPOINTED = False
+    # A component holding several points is split by the nearest point (P2Seg's "distance
+    # grouping"); False leaves it out of the offset loss, as BESTIE does.
+    cfg.MODEL.P2SEG.TARGETS.DISTANCE_GROUPING = True
+    # Offsets of a one-point component point at the "point" or at its "centroid" (the authors'
+    # released code, utils.py); split components always point at their points.
+    cfg.MODEL.P2SEG.TARGETS.OFFSET_TARGET = "point"
 
     # Loss weights: L = SEM*L_sem + CENTER*(L_ctr) + OFFSET*avg(L_off, L_off') + AFF*avg(L_aff, L_aff')
     cfg.MODEL.P2SEG.LOSS = CN()

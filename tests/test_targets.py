@@ -49,7 +49,7 @@ def test_two_points_in_one_component_split_by_nearest_point():
     sem[5:15, 5:55] = 1  # one class-0 bar of 500 px
     points = np.array([[10.0, 10.0], [40.0, 10.0]])
     classes = np.array([0, 0])
-    assign = offset_assignment(sem, point_pixels(points, 20, 60), classes)
+    assign = offset_assignment(sem, point_pixels(points, 20, 60), classes).ids
     assert assign[6, 6] == 0 and assign[14, 54] == 1
     # boundary = bisector x = 25: x <= 24 -> point 0, x = 25 ties -> lowest index, x >= 26 -> 1
     np.testing.assert_array_equal(assign[5:15, 5:26], 0)
@@ -66,7 +66,7 @@ def test_nearest_point_is_euclidean_not_axis():
     sem[0:40, 0:40] = 1
     points = np.array([[5.0, 5.0], [30.0, 30.0], [5.0, 34.0]])
     classes = np.array([0, 0, 0])
-    assign = offset_assignment(sem, point_pixels(points, 40, 40), classes)
+    assign = offset_assignment(sem, point_pixels(points, 40, 40), classes).ids
     yy, xx = np.mgrid[:40, :40]
     d = np.stack([(yy - py) ** 2 + (xx - px) ** 2 for px, py in points.astype(int)])
     np.testing.assert_array_equal(assign, d.argmin(0))
@@ -186,3 +186,36 @@ def test_ignore_unpointed_components_keeps_only_components_with_a_point_of_their
     assert (out[1:4, 1:4] == 1).all()
     assert (out[6:9, 1:4] == 255).all() and (out[1:4, 6:9] == 255).all() and (out[6:9, 6:9] == 255).all()
     assert (out[sem == 0] == 0).all() and out[0, 11] == 255
+
+
+def test_without_distance_grouping_a_component_with_several_points_is_left_out():
+    """BESTIE's rule (TARGETS.DISTANCE_GROUPING False): the two-point bar gets no offset target,
+    the one-point square keeps its own."""
+    sem = np.zeros((20, 90), np.uint8)
+    sem[5:15, 5:55] = 1  # two points
+    sem[5:15, 65:85] = 1  # one point
+    points = np.array([[10.0, 10.0], [40.0, 10.0], [75.0, 10.0]])
+    grouped = build_targets(sem, points, [0, 0, 0], C)
+    bestie = build_targets(sem, points, [0, 0, 0], C, distance_grouping=False)
+    assert grouped["offset_weights"][5:15, 5:55].all() and not bestie["offset_weights"][5:15, 5:55].any()
+    np.testing.assert_array_equal(bestie["offset"][:, 5:15, 65:85], grouped["offset"][:, 5:15, 65:85])
+    assert bestie["offset_weights"][5:15, 65:85].all()
+    assign = offset_assignment(sem, point_pixels(points, 20, 90), [0, 0, 0], distance_grouping=False)
+    assert assign.alone.tolist() == [False, False, True]
+
+
+def test_centroid_offset_targets_for_one_point_components_only():
+    """TARGETS.OFFSET_TARGET centroid (the authors' code): a one-point component's pixels point at
+    its centroid, not at its off-centre point; a split component still points at its points."""
+    sem = np.zeros((20, 90), np.uint8)
+    sem[5:15, 5:55] = 1  # two points: split, points kept
+    sem[4:14, 60:80] = 1  # one point near its corner; centroid (69.5, 8.5)
+    points = np.array([[10.0, 10.0], [40.0, 10.0], [61.0, 5.0]])
+    t = build_targets(sem, points, [0, 0, 0], C, offset_target="centroid")
+    ref = build_targets(sem, points, [0, 0, 0], C)
+    np.testing.assert_array_equal(t["offset"][:, 5:15, 5:55], ref["offset"][:, 5:15, 5:55])
+    ys, xs = np.mgrid[4:14, 60:80]
+    np.testing.assert_allclose(t["offset"][0, 4:14, 60:80], 8.5 - ys)
+    np.testing.assert_allclose(t["offset"][1, 4:14, 60:80], 69.5 - xs)
+    with pytest.raises(ValueError, match="OFFSET_TARGET must be 'point' or 'centroid'"):
+        build_targets(sem, points, [0, 0, 0], C, offset_target="middle")

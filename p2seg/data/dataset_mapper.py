@@ -389,6 +389,8 @@ class P2SegDatasetMapper:
         ignore_unpointed=False,
         foreground_semantics=False,
         point_free=False,
+        distance_grouping=True,
+        offset_target="point",
     ):
         """
         Args:
@@ -407,6 +409,8 @@ class P2SegDatasetMapper:
                 targets of a one-class model); at inference ``point_classes`` keep their classes.
             point_free: inference without the annotations' points (cfg.TEST.POINT_FREE): no
                 ``points`` / ``point_classes``, so the model finds instances from its centre peaks.
+            distance_grouping, offset_target: cfg.MODEL.P2SEG.TARGETS.DISTANCE_GROUPING /
+                OFFSET_TARGET (:func:`~p2seg.data.targets.build_targets`).
         """
         if bad_samples not in BAD_SAMPLE_POLICIES:
             raise ValueError(
@@ -423,6 +427,8 @@ class P2SegDatasetMapper:
         self.ignore_unpointed = ignore_unpointed
         self.foreground_semantics = foreground_semantics
         self.point_free = point_free
+        self.distance_grouping = distance_grouping
+        self.offset_target = offset_target
         self.skip_bad_samples = is_train and bad_samples == "skip"
         self.num_bad_samples = 0  # samples skipped so far (this process)
         self.num_samples = None  # size of the dataset mapped, when known (set by the train loader)
@@ -446,6 +452,8 @@ class P2SegDatasetMapper:
             "ignore_unpointed": targets.IGNORE_UNPOINTED,
             "foreground_semantics": cfg.MODEL.P2SEG.FOREGROUND_SEMANTICS,
             "point_free": cfg.TEST.POINT_FREE,
+            "distance_grouping": targets.DISTANCE_GROUPING,
+            "offset_target": targets.OFFSET_TARGET,
         }
 
     def __call__(self, dataset_dict):
@@ -539,6 +547,8 @@ class P2SegDatasetMapper:
             min_component_area=self.min_component_area,
             connectivity=self.connectivity,
             ignore_value=self.ignore_value,
+            distance_grouping=self.distance_grouping,
+            offset_target=self.offset_target,
         )
         if self.ignore_unpointed:  # the semantic loss only: offsets already skip such components
             sem_seg = ignore_unpointed_components(

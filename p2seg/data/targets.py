@@ -8,7 +8,9 @@ Pure numpy / OpenCV functions (no torch), called by the training mapper after au
 * offsets ("S2I" initial targets): for each class ``k`` with points, the connected components of
   ``sem_seg == k + 1``; components smaller than ``min_component_area`` are ignored; a component with
   one point of class ``k`` goes entirely to that point; a component with several points is split
-  by the nearest point (Euclidean, "distance grouping"); components without a point get weight 0.
+  by the nearest point (Euclidean, "distance grouping"; ``DISTANCE_GROUPING False``: left out, as
+  BESTIE); components without a point get weight 0. The pixels point at their point, or
+  (``OFFSET_TARGET centroid``, the authors' code) a one-point component's pixels at its centroid.
 
 Conventions
 -----------
@@ -23,6 +25,7 @@ Conventions
   point with the lowest index.
 """
 from functools import lru_cache
+from typing import NamedTuple
 
 import cv2
 import numpy as np
@@ -38,7 +41,9 @@ __all__ = [
     "bounding_box",
     "class_components",
     "offset_assignment",
+    "offset_target_positions",
     "offsets_from_assignment",
+    "PointAssignment",
     "ignore_unpointed_components",
 ]
 
@@ -140,12 +145,21 @@ def class_components(class_mask, connectivity=8):
     return labels, stats
 
 
-def offset_assignment(sem_seg, pixels, point_classes, min_component_area=50, connectivity=8):
+class PointAssignment(NamedTuple):
+    """:func:`offset_assignment`'s result: ``ids`` int32 ``H x W`` (the assigned point, -1 none);
+    ``alone`` bool ``(P,)``: the point is the only one of its component (it got all of it)."""
+
+    ids: np.ndarray
+    alone: np.ndarray
+
+
+def offset_assignment(sem_seg, pixels, point_classes, min_component_area=50, connectivity=8, distance_grouping=True):
     """Assign each foreground pixel to a point (distance grouping inside pseudo-label components).
 
     For each class ``k`` that has points: components of ``sem_seg == k + 1`` of area
     ``>= min_component_area`` that contain at least one point pixel of class ``k`` are assigned to
-    their point (one point) or pixel-wise to the nearest of their points (several points).
+    their point (one point) or pixel-wise to the nearest of their points (several points; with
+    ``distance_grouping`` False such components are left unassigned, as BESTIE does).
 
     Args:
         sem_seg: integer array ``H x W`` (0 bg, ``k + 1`` class ``k``, ignore value otherwise).
@@ -153,12 +167,15 @@ def offset_assignment(sem_seg, pixels, point_classes, min_component_area=50, con
         point_classes: int array ``P``.
         min_component_area: components with fewer pixels are ignored.
         connectivity: 4 or 8 (component connectivity).
+        distance_grouping: split components holding several points by the nearest point
+            (cfg.MODEL.P2SEG.TARGETS.DISTANCE_GROUPING; P2Seg's addition over BESTIE).
     Returns:
-        int32 array ``H x W``: index of the assigned point, -1 for unassigned pixels.
+        :class:`PointAssignment` (``ids`` int32 ``H x W``, ``alone`` bool ``(P,)``).
     """
     height, width = sem_seg.shape
     assignment = np.full((height, width), -1, dtype=np.int32)
     point_classes = np.asarray(point_classes, dtype=np.int64)
+    alone = np.zeros(len(point_classes), dtype=bool)
     for k in np.unique(point_classes).tolist():
         idx_k = np.flatnonzero(point_classes == k)
         class_mask = sem_seg == k + 1
@@ -181,21 +198,45 @@ def offset_assignment(sem_seg, pixels, point_classes, min_component_area=50, con
             members = idx_k[comp == c]
             if len(members) == 1:
                 comp_box[in_comp] = members[0]
-            else:
+                alone[members[0]] = True
+            elif distance_grouping:
                 ys, xs = np.nonzero(in_comp)
                 # exact int64 distances; ties to the lowest point index
                 pixel_yx = torch.from_numpy(np.stack((ys + (y + y0), xs + (x + x0)), 1).astype(np.int64))
                 member_yx = torch.from_numpy(np.ascontiguousarray(pixels[members][:, ::-1], dtype=np.int64))
                 comp_box[ys, xs] = members[nearest_point(pixel_yx, member_yx).numpy()]
-    return assignment
+    return PointAssignment(assignment, alone)
 
 
-def offsets_from_assignment(assignment, pixels):
-    """Offset targets ``(dy, dx) = point - pixel`` and weights from a point assignment.
+def offset_target_positions(assignment: PointAssignment, pixels, offset_target="point"):
+    """Where each point's assigned pixels point to: float ``P x 2`` ``(x, y)``.
+
+    ``"point"``: the point pixel; ``"centroid"``: for a point alone in its component, the
+    component's centroid (the authors' initial targets), else the point pixel.
+    """
+    targets = np.asarray(pixels, dtype=np.float64).reshape(-1, 2).copy()
+    if offset_target == "point" or not assignment.alone.any():
+        return targets
+    if offset_target != "centroid":
+        raise ValueError(f"config MODEL.P2SEG.TARGETS.OFFSET_TARGET must be 'point' or 'centroid', got {offset_target!r}")
+    ys, xs = np.nonzero(assignment.ids >= 0)
+    owner = assignment.ids[ys, xs]
+    counts = np.bincount(owner, minlength=len(targets))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        centroid = np.stack([np.bincount(owner, xs, len(targets)), np.bincount(owner, ys, len(targets))], 1) / counts[:, None]
+    use = assignment.alone & (counts > 0)
+    targets[use] = centroid[use]
+    return targets
+
+
+def offsets_from_assignment(assignment, pixels, targets=None):
+    """Offset targets ``(dy, dx) = target - pixel`` and weights from a point assignment.
 
     Args:
-        assignment: int array ``H x W`` of point indices, -1 unassigned (:func:`offset_assignment`).
+        assignment: int array ``H x W`` of point indices, -1 unassigned (``offset_assignment(...).ids``).
         pixels: int array ``P x 2`` point pixels ``(x, y)``.
+        targets: float ``P x 2`` ``(x, y)`` each point's pixels point to (default: ``pixels``;
+            :func:`offset_target_positions`).
     Returns:
         ``(offset, weights)``: float32 ``2 x H x W`` (dy, dx), 0 where unassigned;
         float32 ``H x W``, 1 on assigned pixels, else 0.
@@ -206,11 +247,12 @@ def offsets_from_assignment(assignment, pixels):
     box = bounding_box(assigned)
     if box is None:
         return offset, assigned.astype(np.float32)
+    targets = pixels if targets is None else targets
     y0, y1, x0, x1 = box  # only the bounding box of the assigned pixels is computed
     sub, sub_assigned = assignment[y0:y1, x0:x1], assigned[y0:y1, x0:x1]
     # Index -1 picks the appended 0: unassigned pixels read a dummy point, then get zeroed.
-    py = np.append(pixels[:, 1], 0).astype(np.float32)
-    px = np.append(pixels[:, 0], 0).astype(np.float32)
+    py = np.append(targets[:, 1], 0).astype(np.float32)
+    px = np.append(targets[:, 0], 0).astype(np.float32)
     np.subtract(py[sub], np.arange(y0, y1, dtype=np.float32)[:, None], out=offset[0, y0:y1, x0:x1])
     np.subtract(px[sub], np.arange(x0, x1, dtype=np.float32)[None, :], out=offset[1, y0:y1, x0:x1])
     offset[:, y0:y1, x0:x1] *= sub_assigned
@@ -226,6 +268,8 @@ def build_targets(
     min_component_area=50,
     connectivity=8,
     ignore_value=255,
+    distance_grouping=True,
+    offset_target="point",
 ):
     """All per-image training targets (centre heatmaps, offsets and their weights).
 
@@ -238,6 +282,8 @@ def build_targets(
         min_component_area: cfg.MODEL.P2SEG.TARGETS.MIN_COMPONENT_AREA.
         connectivity: cfg.MODEL.P2SEG.TARGETS.CONNECTIVITY (4 or 8).
         ignore_value: cfg.INPUT.IGNORE_VALUE.
+        distance_grouping: cfg.MODEL.P2SEG.TARGETS.DISTANCE_GROUPING (:func:`offset_assignment`).
+        offset_target: cfg.MODEL.P2SEG.TARGETS.OFFSET_TARGET (:func:`offset_target_positions`).
     Returns:
         dict of numpy arrays:
         ``"center"`` float32 ``C x H x W``; ``"center_weights"`` float32 ``H x W`` (1 where
@@ -267,9 +313,10 @@ def build_targets(
         )
     pixels = point_pixels(points, height, width)
     assignment = offset_assignment(
-        sem_seg, pixels, point_classes, min_component_area, connectivity
+        sem_seg, pixels, point_classes, min_component_area, connectivity, distance_grouping
     )
-    offset, offset_weights = offsets_from_assignment(assignment, pixels)
+    targets = offset_target_positions(assignment, pixels, offset_target)
+    offset, offset_weights = offsets_from_assignment(assignment.ids, pixels, targets)
     return {
         "center": center_heatmaps(pixels, point_classes, num_classes, height, width, sigma),
         "center_weights": (sem_seg != ignore_value).astype(np.float32),
