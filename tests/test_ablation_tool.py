@@ -78,3 +78,20 @@ def test_a_run_trains_and_scores_a_dataset_that_only_the_config_registers(tmp_pa
     row = json.loads((tmp_path / "t_none_s1" / "ablation_run.json").read_text())
     assert row["dataset"] == name and row["iters"] == 2
     assert all(0.0 <= row[m] <= 100.0 for m in ("AP", "AP50", "AP75"))
+
+
+def test_the_ladder_adds_one_contribution_per_row():
+    """bestie -> dg -> dg_s2i -> authors_i2s -> walk: each rung's overrides differ from the one
+    before in one contribution (as a set of final KEY VALUE settings)."""
+    def settings(variant):
+        opts = ablation.VARIANTS[variant]
+        return dict(zip(opts[::2], opts[1::2]))
+
+    rungs = [settings(v) for v in ablation.LADDER]
+    assert rungs[0]["MODEL.P2SEG.TARGETS.DISTANCE_GROUPING"] == "False" and rungs[0]["MODEL.P2SEG.S2I.ENABLED"] == "False"
+    changed = [sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k)) for a, b in zip(rungs, rungs[1:])]
+    assert changed[0] == ["MODEL.P2SEG.TARGETS.DISTANCE_GROUPING"]
+    assert changed[1] == ["MODEL.P2SEG.S2I.ENABLED"]
+    assert "MODEL.P2SEG.I2S.ENABLED" in changed[2] and rungs[3]["MODEL.P2SEG.I2S.RANDOM_WALK"] == "False"
+    assert rungs[3]["MODEL.P2SEG.I2S.HEAD_NAME"] == "SimpleAffinityHead"  # the shared trunk
+    assert changed[3] == ["MODEL.P2SEG.I2S.RANDOM_WALK", "MODEL.P2SEG.I2S.RANDOM_WALK_IN_LOSS"]

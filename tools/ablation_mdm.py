@@ -4,13 +4,16 @@
 Usage::
 
     .venv/bin/python tools/ablation_mdm.py --config configs/shapes/p2seg_R18_cpu.yaml \\
-        [--variants none s2i i2s both] [--seeds 3407 1] [--iters 800] [--parallel 2] [--threads 1] \\
+        [--variants none s2i i2s both | ladder] [--seeds 3407 1] [--iters 800] [--parallel 2] [--threads 1] \\
         [--dataset NAME] [--out output/ablation_mdm] [--tag shapes] [--opts KEY VALUE ...]
 
 Every (variant, seed) trains in a FRESH subprocess (``--worker``; ``--parallel`` at a time, each
-with ``--threads`` torch threads) from ``--config`` with ``MODEL.P2SEG.S2I.ENABLED`` /
-``MODEL.P2SEG.I2S.ENABLED`` per variant, ``SEED`` and ``SOLVER.MAX_ITER`` (the config's when
-``--iters`` is 0), then scores the pseudo masks of ``--dataset`` (default: the config's first
+with ``--threads`` torch threads) from ``--config`` with the variant's overrides (``VARIANTS``:
+``none`` / ``s2i`` / ``i2s`` / ``both`` switch ``MODEL.P2SEG.S2I.ENABLED`` / ``I2S.ENABLED``;
+``--variants ladder`` = ``bestie`` (no distance grouping, no refinement, no affinity) -> ``dg``
+(+ distance grouping) -> ``dg_s2i`` (+ self-refinement) -> ``authors_i2s`` (+ affinity losses on
+the shared trunk, the authors' label and loss scale, no walk) -> ``walk`` (+ our random walk in
+the loss and at inference)), ``SEED`` and ``SOLVER.MAX_ITER`` (the config's when ``--iters`` is 0), then scores the pseudo masks of ``--dataset`` (default: the config's first
 ``DATASETS.TRAIN``, i.e. the training images with their points) with the project's
 :class:`p2seg.evaluation.InstanceMaskEvaluator`: COCO mask AP / AP50 / AP75 (percent).
 
@@ -33,7 +36,30 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-VARIANTS = {"none": (False, False), "s2i": (True, False), "i2s": (False, True), "both": (True, True)}
+_S2I, _I2S = "MODEL.P2SEG.S2I.ENABLED", "MODEL.P2SEG.I2S.ENABLED"
+# The authors' effective I2S (their released walk is inert, docs/METHOD.md): affinity losses on the
+# shared stride-4 trunk features, their background-negative class label, the loss scaled as their
+# second sigmoid does (x0.25), no walk in the loss or at inference.
+_AUTHORS_I2S = [_I2S, "True", "MODEL.P2SEG.I2S.HEAD_NAME", "SimpleAffinityHead",
+                "MODEL.P2SEG.I2S.CLASS_LABEL_BACKGROUND", "negative", "MODEL.P2SEG.I2S.LOSS_WEIGHT", "0.25",
+                "MODEL.P2SEG.I2S.RANDOM_WALK", "False", "MODEL.P2SEG.I2S.RANDOM_WALK_IN_LOSS", "False"]
+# variant -> config overrides. The first four switch the two halves of MDM as the paper describes
+# them; the ladder bestie -> +dg -> +s2i -> +authors_i2s -> +walk adds P2Seg's contributions over
+# BESTIE one at a time (each row one change).
+VARIANTS = {
+    "none": [_S2I, "False", _I2S, "False"],
+    "s2i": [_S2I, "True", _I2S, "False"],
+    "i2s": [_S2I, "False", _I2S, "True"],
+    "both": [_S2I, "True", _I2S, "True"],
+    "bestie": [_S2I, "False", _I2S, "False", "MODEL.P2SEG.TARGETS.DISTANCE_GROUPING", "False"],
+    "dg": [_S2I, "False", _I2S, "False", "MODEL.P2SEG.TARGETS.DISTANCE_GROUPING", "True"],
+    "dg_s2i": [_S2I, "True", _I2S, "False", "MODEL.P2SEG.TARGETS.DISTANCE_GROUPING", "True"],
+    "authors_i2s": [_S2I, "True", "MODEL.P2SEG.TARGETS.DISTANCE_GROUPING", "True"] + _AUTHORS_I2S,
+    "walk": [_S2I, "True", "MODEL.P2SEG.TARGETS.DISTANCE_GROUPING", "True"] + _AUTHORS_I2S[:-4]
+            + ["MODEL.P2SEG.I2S.RANDOM_WALK", "True", "MODEL.P2SEG.I2S.RANDOM_WALK_IN_LOSS", "True"],
+}
+DEFAULT_VARIANTS = ["none", "s2i", "i2s", "both"]
+LADDER = ["bestie", "dg", "dg_s2i", "authors_i2s", "walk"]
 METRICS = ("AP", "AP50", "AP75")
 
 
@@ -43,9 +69,8 @@ def run_dir(args, variant, seed):
 
 def run_opts(args, variant, seed):
     """Config overrides of one run."""
-    s2i, i2s = VARIANTS[variant]
-    opts = ["MODEL.P2SEG.S2I.ENABLED", str(s2i), "MODEL.P2SEG.I2S.ENABLED", str(i2s), "SEED", str(seed),
-            "TEST.EVAL_PERIOD", "0", "OUTPUT_DIR", run_dir(args, variant, seed)]
+    opts = list(VARIANTS[variant]) + ["SEED", str(seed), "TEST.EVAL_PERIOD", "0", "OUTPUT_DIR",
+                                      run_dir(args, variant, seed)]
     if args.iters:
         opts += ["SOLVER.MAX_ITER", str(args.iters)]
     return opts + list(args.opts)
@@ -185,7 +210,7 @@ def worker(args):
            "fallback_fraction": results.get("points", {}).get("fallback_fraction"), "train_s": round(train_s, 1),
            "eval_s": round(time.perf_counter() - t0, 1), "threads": args.threads,
            "loadavg_1min": round(os.getloadavg()[0], 2)}
-    if VARIANTS[args.variant][1]:
+    if cfg.MODEL.P2SEG.I2S.ENABLED:
         row["diagnosis"] = walk_diagnostics(trainer.model, cfg, name)
     write_json_atomic(row, os.path.join(cfg.OUTPUT_DIR, "ablation_run.json"))
     print(json.dumps(row), flush=True)
@@ -227,7 +252,8 @@ def _command(args, variant, seed):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=os.path.join(ROOT, "configs", "shapes", "p2seg_R18_cpu.yaml"))
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=list(VARIANTS) + ["ladder"],
+                        help="variants to run ('ladder': P2Seg's contributions over BESTIE, one at a time)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[3407, 1])
     parser.add_argument("--iters", type=int, default=0, help="SOLVER.MAX_ITER (0: the config's)")
     parser.add_argument("--dataset", default="", help="scored dataset (default: the config's first DATASETS.TRAIN)")
@@ -246,7 +272,8 @@ def main(argv=None):
         return worker(args)
     os.makedirs(args.out, exist_ok=True)
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", OMP_NUM_THREADS=str(args.threads))
-    todo = [(v, s) for s in args.seeds for v in args.variants]
+    variants = [v for name in args.variants for v in (LADDER if name == "ladder" else [name])]
+    todo = [(v, s) for s in args.seeds for v in variants]
     rows, running, t_all = [], [], time.perf_counter()
     while todo or running:
         while todo and len(running) < args.parallel:
