@@ -49,7 +49,7 @@ import torch
 import p2seg  # noqa: F401  (first: it quiets the deprecation warnings of the imports below)
 
 from detectron2.config import get_cfg
-from detectron2.data import MetadataCatalog
+from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data import transforms as T
 from detectron2.engine import DefaultPredictor
 from detectron2.utils.logger import setup_logger
@@ -108,17 +108,13 @@ class PointPredictor(DefaultPredictor):
         self.model = Trainer.build_model(self.cfg)
         self.model.eval()
         register_datasets(self.cfg)
-        name = cfg.DATASETS.TEST[0] if len(cfg.DATASETS.TEST) else "__p2seg_demo"
-        self.metadata = MetadataCatalog.get(name)
-        if not getattr(self.metadata, "thing_classes", None):
-            self.metadata = MetadataCatalog.get("__p2seg_demo_classes")
-            self.metadata.set(thing_classes=[f"class {k}" for k in range(num_classes(cfg))])
         if not cfg.MODEL.WEIGHTS:
             raise ValueError(
                 "MODEL.WEIGHTS is empty: the demo needs trained weights (e.g. MODEL.WEIGHTS "
                 "output/shapes_p2seg/model_final.pth); without them it would draw a random model"
             )
-        P2SegCheckpointer(self.model).load(cfg.MODEL.WEIGHTS)
+        checkpoint = P2SegCheckpointer(self.model).load(cfg.MODEL.WEIGHTS)
+        self.metadata = class_metadata(cfg, checkpoint.get("thing_classes"))
         self.aug = T.AugmentationList(test_augmentations(cfg))
         self.input_format = cfg.INPUT.FORMAT
         assert self.input_format in ("RGB", "BGR"), self.input_format
@@ -149,6 +145,24 @@ class PointPredictor(DefaultPredictor):
 
 
 # ------------------------------------------------------------------------------ inputs / points
+def class_metadata(cfg, trained_classes: Optional[List[str]] = None):
+    """Metadata whose ``thing_classes`` name the model's classes: those its checkpoint was trained
+    on, else those of ``DATASETS.TEST[0]`` (its JSON read if not yet loaded), else "class k"."""
+    name = cfg.DATASETS.TEST[0] if len(cfg.DATASETS.TEST) else None
+    classes = list(trained_classes) if trained_classes else None
+    if classes is None and name in DatasetCatalog.list():
+        try:
+            DatasetCatalog.get(name)  # loading a dataset fills its metadata's thing_classes
+        except (OSError, ValueError, KeyError) as e:
+            logger.warning("dataset %s (DATASETS.TEST) could not be read for its class names: %s", name, e)
+        classes = getattr(MetadataCatalog.get(name), "thing_classes", None)
+    if "__p2seg_demo_classes" in MetadataCatalog.list():
+        MetadataCatalog.remove("__p2seg_demo_classes")  # metadata attributes cannot be set twice
+    metadata = MetadataCatalog.get("__p2seg_demo_classes")
+    metadata.thing_classes = list(classes or [f"class {k}" for k in range(num_classes(cfg))])
+    return metadata
+
+
 def expand_inputs(patterns: List[str]) -> List[str]:
     """Image paths of files, folders (their image files, sorted) and glob patterns, in order.
 
@@ -408,7 +422,12 @@ def main(argv=None) -> int:
             out_path = os.path.join(args.output, out_names[path])
             write_rgb_png(out_path, overlay)
             n_points = "no points" if points is None else f"{len(points[0])} points"
-            logger.info("%s: %d instances (%s) in %.2fs -> %s", path, len(output["instances"]), n_points,
+            found = output["instances"]
+            drawn = len(found) if points is not None or not found.has("scores") else int(
+                (found.scores >= args.confidence_threshold).sum())
+            hidden = f", {len(found) - drawn} below --confidence-threshold {args.confidence_threshold} not drawn" \
+                if drawn < len(found) else ""
+            logger.info("%s: %d instances drawn (%s%s) in %.2fs -> %s", path, drawn, n_points, hidden,
                         time.perf_counter() - start, out_path)
     except (ValueError, OSError, KeyError) as e:
         print(f"demo.py: error: {e}", file=sys.stderr)

@@ -259,3 +259,30 @@ def test_points_keyed_by_relative_path_and_outputs_of_same_named_inputs_do_not_c
         assert demo.read_points_dir(str(tmp_path), paths[3], 1, 3) is None
     assert any("no file" in r.getMessage() and "y.txt" in r.getMessage() and "without points" in r.getMessage()
                for r in caplog.records)
+
+
+def test_class_names_come_from_the_checkpoint_then_the_test_set(shapes, tmp_path, p2seg_opts, caplog):
+    """The overlay's class names: those the weights were trained on (checkpoint 'thing_classes'),
+    else the test set's (its JSON read), never 'class k' when either is known; the log says how
+    many instances were drawn and how many the threshold hid."""
+    import logging
+
+    import torch as _torch
+
+    from p2seg.utils.atomic import torch_save_atomic
+
+    weights = dict(zip(p2seg_opts[::2], p2seg_opts[1::2]))["MODEL.WEIGHTS"]
+    named = tmp_path / "named.pth"
+    checkpoint = _torch.load(weights, weights_only=False)
+    torch_save_atomic(dict(checkpoint, thing_classes=["a", "b", "c"]), str(named))
+    cfg = demo.setup_cfg(str(P2SEG), p2seg_opts[:-2] + ["MODEL.WEIGHTS", str(named)])
+    assert demo.PointPredictor(cfg).metadata.thing_classes == ["a", "b", "c"]
+    cfg = demo.setup_cfg(str(P2SEG), p2seg_opts)  # no classes in the checkpoint: the test set's
+    assert demo.PointPredictor(cfg).metadata.thing_classes == ["disc", "box", "triangle"]
+    image_root, _ = shapes
+    with caplog.at_level(logging.INFO, logger="p2seg.demo"):
+        rc = demo.main(["--config-file", str(P2SEG), "--input", str(image_root / "000000.png"), "--output",
+                        str(tmp_path / "o"), "--confidence-threshold", "1.01", "--opts", *p2seg_opts])
+    assert rc == 0
+    [line] = [r.getMessage() for r in caplog.records if "instances drawn" in r.getMessage()]
+    assert line.split(": ", 1)[1].startswith("0 instances drawn (no points")  # scores are <= 1
