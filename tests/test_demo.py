@@ -286,3 +286,21 @@ def test_class_names_come_from_the_checkpoint_then_the_test_set(shapes, tmp_path
     assert rc == 0
     [line] = [r.getMessage() for r in caplog.records if "instances drawn" in r.getMessage()]
     assert line.split(": ", 1)[1].startswith("0 instances drawn (no points")  # scores are <= 1
+
+
+def test_the_readme_python_snippet_runs(shapes, tmp_path, p2seg_opts, monkeypatch):
+    """README "From Python", verbatim but for the weights, image and output paths."""
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("### From Python", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    weights = dict(zip(p2seg_opts[::2], p2seg_opts[1::2]))["MODEL.WEIGHTS"]
+    image_root, _ = shapes
+    code = (code.replace("output/pipeline/stage1/model_final.pth", weights)
+            .replace("my_image.png", str(image_root / "000000.png"))
+            .replace('"guided.png"', repr(str(tmp_path / "guided.png"))))
+    monkeypatch.chdir(REPO)
+    scope = {}
+    exec(compile(code, "README.md (From Python)", "exec"), scope)
+    assert len(scope["guided"]) == 1 and scope["guided"].pred_masks.shape[-2:] == scope["image"].shape[:2]
+    assert cv2.imread(str(tmp_path / "guided.png")) is not None
+    assert scope["predictor"].metadata.thing_classes == ["disc", "box", "triangle"]
