@@ -41,8 +41,25 @@ from p2seg.engine import Trainer
 from p2seg.engine.checkpointer import P2SegCheckpointer
 
 
+def plain_config_dumps_off_a_terminal() -> None:
+    """Detectron2's ``default_setup`` colours the config it logs (ANSI codes from pygments), also
+    into ``log.txt`` and into pipes; keep the colours for a terminal only."""
+    import sys
+
+    from detectron2.engine import defaults
+
+    highlight = defaults._highlight
+    if not getattr(highlight, "p2seg_plain", False):
+        def plain_unless_terminal(code, filename):
+            return highlight(code, filename) if sys.stdout.isatty() else code
+
+        plain_unless_terminal.p2seg_plain = True
+        defaults._highlight = plain_unless_terminal
+
+
 def setup(args):
     """Config from Detectron2's defaults + P2Seg keys + ``--config-file`` + trailing overrides."""
+    plain_config_dumps_off_a_terminal()
     cfg = get_cfg()
     add_p2seg_config(cfg)
     merge_config_file(cfg, args.config_file)

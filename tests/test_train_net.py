@@ -46,6 +46,9 @@ def test_train_two_iterations_then_eval_only(tmp_path):
     log = _run(["--config-file", str(CONFIG), "OUTPUT_DIR", str(out_dir), *TINY], env)
     assert (out_dir / "model_final.pth").is_file()
     assert "loss_sem" in (out_dir / "metrics.json").read_text()
+    # output to a pipe and log.txt: the config dump without ANSI colour codes
+    assert "Running with full config" in log and "\x1b[" not in log
+    assert "\x1b[" not in (out_dir / "log.txt").read_text()
     metrics = [json.loads(line) for line in (out_dir / "metrics.json").read_text().splitlines()]
     assert any("loss_center" in m and "loss_offset" in m for m in metrics)
 

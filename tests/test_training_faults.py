@@ -369,3 +369,29 @@ def test_eval_only_refuses_weights_trained_on_other_class_names(tmp_path, cache_
         for name in ("same_classes", "other_order"):
             DatasetCatalog.remove(name)
             MetadataCatalog.remove(name)
+
+
+def test_empty_weights_say_what_the_model_starts_from(caplog):
+    """MODEL.WEIGHTS "": no fvcore "Initializing model from scratch" after the pretrained backbone
+    was loaded; the log names the ImageNet weights (or says random initialisation)."""
+    import logging
+
+    from p2seg.modeling.backbone.efficientnet_lite import lite0_weights_path
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    model[0].pretrained_from = "imagenet.pth"
+    with caplog.at_level(logging.INFO):
+        assert P2SegCheckpointer(model).load("") == {}
+        assert P2SegCheckpointer(torch.nn.Linear(2, 2)).load("") == {}
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("ImageNet weights in 0" in m for m in messages) and any("random initialisation" in m for m in messages)
+    assert not any("from scratch" in m for m in messages)
+    from detectron2.config import get_cfg
+    from detectron2.modeling import build_backbone
+
+    from p2seg import add_p2seg_config
+
+    cfg = get_cfg()
+    add_p2seg_config(cfg)
+    cfg.MODEL.BACKBONE.NAME = "build_efficientnet_lite0_backbone"
+    assert build_backbone(cfg).pretrained_from == lite0_weights_path()

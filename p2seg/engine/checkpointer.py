@@ -114,8 +114,16 @@ class P2SegCheckpointer(DetectionCheckpointer):
 
     def load(self, path: str, *args, **kwargs):
         """Detectron2's ``load``; a local ``path`` that does not exist is a FileNotFoundError that
-        names it (fvcore asserts). "" still means "no weights" (random initialisation)."""
-        if path and "://" not in path and not os.path.isfile(path):
+        names it (fvcore asserts). "" still means "no weights file": the model keeps what it was
+        built with (pretrained backbone weights included), which the log says instead of fvcore's
+        "Initializing model from scratch"."""
+        if not path:
+            pretrained = [name for name, module in self.model.named_modules() if getattr(module, "pretrained_from", None)]
+            self.logger.info("MODEL.WEIGHTS is empty: no weights file loaded; the model starts as built%s",
+                             f" (ImageNet weights in {', '.join(pretrained)})" if pretrained else
+                             " (random initialisation)")
+            return {}
+        if "://" not in path and not os.path.isfile(path):
             raise FileNotFoundError(f"MODEL.WEIGHTS / checkpoint: file not found: {path}")
         return super().load(path, *args, **kwargs)
 

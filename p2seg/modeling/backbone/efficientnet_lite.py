@@ -205,6 +205,8 @@ def build_efficientnet_lite0_backbone(cfg, input_shape: Optional[ShapeSpec] = No
     e = cfg.MODEL.EFFICIENTNET
     classifier = build_efficientnet_lite0_classifier(e.PRETRAINED, e.WEIGHTS_FILE)
     backbone = EfficientNetLiteBackbone(classifier, list(e.OUT_FEATURES), e.DROP_CONNECT_RATE, e.NORM)
+    if e.PRETRAINED:  # named by the checkpointer when MODEL.WEIGHTS is empty (what the model starts from)
+        backbone.pretrained_from = e.WEIGHTS_FILE or lite0_weights_path()
     return backbone.freeze(cfg.MODEL.BACKBONE.FREEZE_AT)
 
 
