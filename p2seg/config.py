@@ -208,6 +208,8 @@ def add_p2seg_config(cfg):
 
     # ---------------------------------------------------------------- solver
     cfg.SOLVER.OPTIMIZER = "ADAM"
+    # Training logs (console, metrics.json) every 20 iterations and at least this often (seconds).
+    cfg.SOLVER.LOG_EVERY_SECONDS = 30.0
     cfg.SOLVER.POLY_LR_POWER = 0.9
     cfg.SOLVER.POLY_LR_CONSTANT_ENDING = 0.0
     # Mixed precision (Detectron2's SOLVER.AMP.ENABLED; p2seg/utils/precision.py): "auto" = bfloat16

@@ -18,20 +18,25 @@ at the cross-entropy of a uniform guess (``SEM_WEIGHT * ln(C + 1)``) after a num
 or at the end (the signature of hard-pixel mining on a noisy source). Training goes on; the
 warning names the key to change, a marker file in OUTPUT_DIR lets ``tools/run_pipeline.py`` stop
 before the export, and the export's fallback count (p2seg/evaluation/fallback_check.py) confirms it.
+
+:class:`TimedPeriodicWriter` replaces Detectron2's ``PeriodicWriter``: progress lines also every
+``SOLVER.LOG_EVERY_SECONDS``, however slow the iterations.
 """
 import json
 import logging
 import math
 import os
+import time
 from typing import Dict, List, Mapping
 
 import torch
 
 from detectron2.engine import HookBase
+from detectron2.engine.hooks import PeriodicWriter
 from detectron2.utils import comm
 
-__all__ = ["NonFiniteLossError", "NonFiniteLossGuard", "SemanticLossMonitor", "STUCK_MARKER", "nonfinite_terms",
-           "nonfinite_parameters", "read_stuck_marker", "stuck_advice"]
+__all__ = ["NonFiniteLossError", "NonFiniteLossGuard", "SemanticLossMonitor", "STUCK_MARKER", "TimedPeriodicWriter",
+           "nonfinite_terms", "nonfinite_parameters", "read_stuck_marker", "stuck_advice"]
 
 logger = logging.getLogger(__name__)
 
@@ -229,3 +234,27 @@ class SemanticLossMonitor(HookBase):
         """Check again on the last iterations: a head can collapse after the first check."""
         if self.check_iter > 0 and self.trainer.iter >= self.check_iter:
             self._check(final=True)
+
+
+class TimedPeriodicWriter(PeriodicWriter):
+    """Detectron2's ``PeriodicWriter`` (every ``period`` iterations and after the last) that also
+    writes when ``max_seconds`` passed since its last write, so a slow run (12 s per iteration on a
+    small CPU) still shows its progress and ETA at least that often (``SOLVER.LOG_EVERY_SECONDS``)."""
+
+    def __init__(self, writers, period: int = 20, max_seconds: float = 30.0, clock=time.monotonic):
+        super().__init__(writers, period)
+        self._max_seconds, self._clock = max_seconds, clock
+        self._last = None
+
+    def before_train(self):
+        self._last = self._clock()
+
+    def after_step(self):
+        now = self._clock()
+        it = self.trainer.iter
+        due = (it + 1) % self._period == 0 or it == self.trainer.max_iter - 1
+        if due or (self._max_seconds > 0 and self._last is not None and now - self._last >= self._max_seconds):
+            for writer in self._writers:
+                writer.write()
+            self._last = now
+

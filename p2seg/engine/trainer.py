@@ -310,13 +310,18 @@ class Trainer(DefaultTrainer):
         import weakref
 
         from .checkpointer import P2SegCheckpointer
-        from .hooks import NonFiniteLossGuard, SemanticLossMonitor
+        from detectron2.engine.hooks import PeriodicWriter
+
+        from .hooks import NonFiniteLossGuard, SemanticLossMonitor, TimedPeriodicWriter
 
         self.checkpointer = P2SegCheckpointer(self._trainer.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
         self.checkpointer.config_text = self.cfg.dump()
         if len(self.cfg.DATASETS.TRAIN):  # the loader has filled the metadata
             self.checkpointer.class_names = getattr(MetadataCatalog.get(self.cfg.DATASETS.TRAIN[0]), "thing_classes", None)
-        hooks = [NonFiniteLossGuard()] + super().build_hooks()
+        hooks = [NonFiniteLossGuard()] + [
+            TimedPeriodicWriter(h._writers, h._period, self.cfg.SOLVER.LOG_EVERY_SECONDS)
+            if type(h) is PeriodicWriter else h for h in super().build_hooks()
+        ]
         if is_p2seg(self.cfg):
             loss = self.cfg.MODEL.P2SEG.LOSS
             check = min(loss.STUCK_CHECK_ITER, self.cfg.SOLVER.MAX_ITER - 1)
