@@ -45,6 +45,10 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
+# Idle OpenMP threads sleep instead of spinning (read once, when torch loads): spinning threads made
+# 2-thread runs several times slower on a loaded 2-core machine. A value the user set is kept.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import p2seg  # noqa: F401  (first: it quiets the deprecation warnings of the imports below)
 
 from detectron2.config import get_cfg

@@ -26,6 +26,10 @@ Multi-machine: ``--num-machines N --machine-rank R --dist-url tcp://HOST:PORT`` 
 """
 import os
 
+# Idle OpenMP threads sleep instead of spinning (read once, when torch loads): spinning threads made
+# 2-thread runs several times slower on a loaded 2-core machine. A value the user set is kept.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import p2seg  # noqa: F401  (first: it quiets the deprecation warnings of the imports below)
 
 from detectron2.config import get_cfg

@@ -23,3 +23,15 @@ def test_no_deprecation_warnings_at_startup(args):
 def test_other_warnings_still_show():
     proc = _run("-c", "import warnings, p2seg; warnings.warn('a real one', FutureWarning)")
     assert "FutureWarning: a real one" in proc.stderr
+
+
+@pytest.mark.parametrize("script", ["train_net.py", "demo.py"])
+def test_entry_points_let_idle_openmp_threads_sleep_unless_the_user_chose(script):
+    code = ("import os, runpy, sys\nsys.argv = [{s!r}, '--help']\ntry:\n    runpy.run_path({s!r}, run_name='__main__')\n"
+            "except SystemExit:\n    pass\nprint('POLICY', os.environ.get('OMP_WAIT_POLICY'))\n").format(s=script)
+    env = {k: v for k, v in __import__("os").environ.items() if k != "OMP_WAIT_POLICY"}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=str(REPO), capture_output=True, text=True, timeout=120, env=env)
+    assert "POLICY PASSIVE" in proc.stdout, proc.stderr[-2000:]
+    proc = subprocess.run([sys.executable, "-c", code], cwd=str(REPO), capture_output=True, text=True, timeout=120,
+                          env=dict(env, OMP_WAIT_POLICY="ACTIVE"))
+    assert "POLICY ACTIVE" in proc.stdout
