@@ -372,3 +372,38 @@ def _cfg():
     cfg = get_cfg()
     add_p2seg_config(cfg)
     return cfg
+
+
+
+def test_fallback_warning_states_the_measured_foreground_and_orders_the_causes(tmp_path, caplog):
+    """The model calls 2 % of the pixels foreground where the source has 25 %: the warning says so
+    and names the semantic head first; with the model's foreground as large as the source's it
+    names the class / point mismatch first."""
+    import logging
+
+    dicts = make_dicts()
+    name = register(dicts)
+    for model_share, first in ((0.02, "semantic head predicts background"), (0.25, "point classes do not match")):
+        out_file = tmp_path / f"masks_{model_share}.json"
+        exporter = PseudoMaskExporter(name, str(out_file), fallback_warn_fraction=0.2)
+        for d in dicts:
+            inp = mapper(d)
+            h, w = d["height"], d["width"]
+            source = torch.zeros(h, w, dtype=torch.int64)
+            source.view(-1)[: h * w // 4] = 1
+            source[-1, -1] = 255  # ignore: neither foreground nor counted
+            inp["sem_seg"] = source
+            probs = torch.zeros(2, h, w)
+            probs[0] = 1.0
+            probs.view(2, -1)[1, : int(h * w * model_share)] = 2.0
+            out = fake_model(inp)
+            out["sem_seg"] = probs
+            out["instances"].fallback = torch.ones(len(out["instances"]), dtype=torch.bool)
+            exporter.process([inp], [out])
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="p2seg.evaluation.fallback_check"):
+            exporter.evaluate()
+        [message] = [r.getMessage() for r in caplog.records]
+        assert f"the model calls {100 * model_share:.1f} % of the pixels foreground" in message
+        assert "the semantic source 25." in message
+        assert message.index(first) < message.index("Check before"), message

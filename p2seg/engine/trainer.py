@@ -220,7 +220,7 @@ class Trainer(DefaultTrainer):
                                  "with TEST.POINT_FREE True (which drops the points)")
             return PseudoMaskExporter(
                 dataset_name, pseudo_masks_path(cfg, dataset_name), iou_thresholds=thresholds, max_dets_per_image=max_dets,
-                fallback_warn_fraction=cfg.TEST.FALLBACK_WARN_FRACTION,
+                fallback_warn_fraction=cfg.TEST.FALLBACK_WARN_FRACTION, ignore_value=cfg.INPUT.IGNORE_VALUE,
             )
         if output_folder is None:
             output_folder = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)

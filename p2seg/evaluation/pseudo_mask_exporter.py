@@ -273,6 +273,7 @@ class PseudoMaskExporter(DatasetEvaluator):
         iou_thresholds: Sequence[float] = DEFAULT_IOU_THRESHOLDS,
         max_dets_per_image: int = 100,
         fallback_warn_fraction: float = 0.2,
+        ignore_value: int = 255,
     ):
         """
         Args:
@@ -283,8 +284,11 @@ class PseudoMaskExporter(DatasetEvaluator):
             iou_thresholds, max_dets_per_image: of the metrics against ground truth.
             fallback_warn_fraction: warn when more points than this fraction got the fallback box
                 (:func:`~p2seg.evaluation.fallback_check.fallback_summary`).
+            ignore_value: the semantic source's ignore label (cfg.INPUT.IGNORE_VALUE), left out of
+                its foreground share in that warning.
         """
         self._dataset_name = dataset_name
+        self._ignore_value = ignore_value
         self._fallback_warn_fraction = fallback_warn_fraction
         self._output_file = os.path.abspath(output_file)
         self._distributed = distributed
@@ -390,6 +394,7 @@ class PseudoMaskExporter(DatasetEvaluator):
         record = {"image_id": image_id, "num_points": num_points, "annotations": anns}
         if instances.has("fallback"):
             record["num_fallback"] = int(instances.fallback.sum())
+        record.update(foreground_counts(inp, out, self._ignore_value))
         return record
 
     def process(self, inputs, outputs):
@@ -499,9 +504,22 @@ class PseudoMaskExporter(DatasetEvaluator):
             "num_masks": num_masks,
             "num_points": num_points,
             **fallback_summary(sum(e["num_fallback"] for e in index.values()), num_points,
-                               self._fallback_warn_fraction, self._output_file),
+                               self._fallback_warn_fraction, self._output_file, foreground_shares(index)),
         }
         return results
+
+
+def foreground_counts(inp: dict, out: dict, ignore_value: int = 255) -> dict:
+    """Foreground pixel counts of one image, for the fallback warning: the model's (argmax of
+    ``out["sem_seg"]`` not background) and the semantic source's (``inp["sem_seg"]`` neither 0 nor
+    ``ignore_value``), each with its pixel total; ``{}`` when either map is missing."""
+    if "sem_seg" not in out or "sem_seg" not in inp:
+        return {}
+    model = out["sem_seg"].argmax(dim=0) != 0
+    source = inp["sem_seg"]
+    valid = source != ignore_value
+    return {"fg_model": int(model.sum()), "px_model": int(model.numel()),
+            "fg_source": int(((source != 0) & valid).sum()), "px_source": int(valid.sum())}
 
 
 def index_sidecars(paths: Sequence[str]) -> Dict:
@@ -513,8 +531,21 @@ def index_sidecars(paths: Sequence[str]) -> Dict:
             if record["image_id"] not in index:
                 index[record["image_id"]] = {"path": path, "offset": offset,
                                              "num_points": int(record.get("num_points", 0)),
-                                             "num_fallback": int(record.get("num_fallback", 0))}
+                                             "num_fallback": int(record.get("num_fallback", 0)),
+                                             **{k: int(record[k]) for k in _FOREGROUND_KEYS if k in record}}
     return index
+
+
+_FOREGROUND_KEYS = ("fg_model", "px_model", "fg_source", "px_source")
+
+
+def foreground_shares(index: Dict):
+    """``(model, source)`` foreground shares over the indexed images that measured both (None if none)."""
+    measured = [e for e in index.values() if all(k in e for k in _FOREGROUND_KEYS)]
+    if not measured:
+        return None
+    total = {k: sum(e[k] for e in measured) for k in _FOREGROUND_KEYS}
+    return total["fg_model"] / max(total["px_model"], 1), total["fg_source"] / max(total["px_source"], 1)
 
 
 def _fsync_file(path: str) -> None:
