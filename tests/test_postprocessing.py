@@ -388,6 +388,8 @@ def test_id_map_masks_match_the_dense_masks_everywhere_they_are_used():
     assert torch.equal(mask_boxes(masks), BitMasks(dense["masks"]).get_bounding_boxes().tensor)
     assert masks.areas().tolist() == dense["masks"].sum(dim=(1, 2)).tolist()
     assert masks_to_rles(masks) == masks_to_rles(dense["masks"])
+    assert masks_to_rles(torch.zeros(0, height, width, dtype=torch.bool)) == ([], [])  # a model that found nothing
+    assert masks_to_rles(masks[torch.zeros(9, dtype=torch.bool)]) == ([], [])
     assert masks.rles(chunk_bytes=1) == masks_to_rles(dense["masks"])[0]  # one mask per chunk
     # Instances indexing and device moves keep the correspondence
     inst = Instances((height, width), pred_masks=masks, scores=sparse["scores"])

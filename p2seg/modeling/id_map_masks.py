@@ -152,5 +152,7 @@ def masks_to_rles(masks) -> Tuple[List[dict], List[float]]:
     if isinstance(masks, IdMapMasks):
         return masks.rles(), masks.areas().cpu().to(torch.float64).tolist()
     masks = masks.cpu().numpy() if isinstance(masks, torch.Tensor) else np.asarray(masks)
+    if len(masks) == 0:  # no detection (numpy cannot reshape (0, H, W) to (0, -1))
+        return [], []
     masks = masks.astype(bool, copy=False)
     return encode_masks(masks), masks.reshape(len(masks), -1).sum(axis=1).astype(np.float64).tolist()
