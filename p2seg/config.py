@@ -142,6 +142,10 @@ def add_p2seg_config(cfg):
     cfg.MODEL.P2SEG.INFERENCE.TOP_K = 200  # max centre peaks per image
     cfg.MODEL.P2SEG.INFERENCE.FALLBACK_BOX_SIZE = 64  # box mask for a point that gets no pixel
     cfg.MODEL.P2SEG.INFERENCE.FALLBACK_SCORE = 0.5
+    # A point that gets no pixel of the model's foreground gets: "box" (the fallback box) or
+    # "source" (its nearest-point mask in the semantic source when the source has one there -- the
+    # baseline's mask for that point -- else the box; needs the source, i.e. the export).
+    cfg.MODEL.P2SEG.INFERENCE.FALLBACK_MASK = "box"
     cfg.MODEL.P2SEG.INFERENCE.FLIP_TTA = False  # average with the horizontally flipped input
     # With points, the foreground grouped by the offsets: "model" (the semantic head) or "source"
     # (the dataset's semantic source, pixel for pixel; the learned offsets still split the objects).

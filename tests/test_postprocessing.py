@@ -419,3 +419,33 @@ def test_instance_inference_switches_to_id_maps_above_max_dense_mask_mb():
     assert isinstance(results[1e-4].pred_masks, IdMapMasks) and isinstance(results[256].pred_masks, torch.Tensor)
     assert torch.equal(results[1e-4].pred_masks.dense(), results[256].pred_masks)
     assert torch.equal(results[1e-4].pred_boxes.tensor, results[256].pred_boxes.tensor)
+
+
+def test_source_fallback_gives_a_missed_point_its_mask_in_the_source_not_a_box():
+    """INFERENCE.FALLBACK_MASK source: the model finds no foreground at the second point, the source
+    does: that point takes the source's region (the baseline's mask), still flagged fallback; a
+    point the source misses too keeps the box; the default keeps boxes."""
+    from p2seg.modeling.instance_inference import InstanceInference
+
+    sem = torch.zeros(1, 2, 8, 8)
+    sem[0, 0] = 1.0
+    sem[0, 1, 0:3, 0:3] = 5.0  # model foreground around the first point only (stride 4: 0..12 px)
+    sem = torch.softmax(sem, dim=1)
+    outputs = {"center": torch.zeros(1, 1, 8, 8), "offset": torch.zeros(1, 2, 8, 8)}
+    source = torch.zeros(32, 32, dtype=torch.int64)
+    source[2:10, 2:10] = 1
+    source[20:30, 18:28] = 1  # the second point's object, missed by the model
+    points = torch.tensor([[5.0, 5.0], [22.0, 24.0], [2.0, 28.0]])  # the third: background in both
+    inputs = [{"height": 32, "width": 32, "points": points, "point_classes": torch.zeros(3, dtype=torch.int64),
+               "sem_seg": source}]
+    results = {}
+    for mode in ("box", "source"):
+        inference = InstanceInference(num_classes=1, common_stride=4, fallback_box_size=4, fallback_mask=mode)
+        results[mode] = inference(sem, outputs, inputs, [(32, 32)])[0]["instances"]
+    box, src = results["box"], results["source"]
+    assert box.fallback.tolist() == src.fallback.tolist() == [False, True, True]
+    assert int(box.pred_masks[1].sum()) == 16 and torch.equal(src.pred_masks[1], source == 1) is False
+    np.testing.assert_array_equal(src.pred_masks[1].numpy(), ((source == 1) & (torch.arange(32)[:, None] >= 15)).numpy())
+    assert torch.equal(src.pred_masks[2], box.pred_masks[2]) and torch.equal(src.pred_masks[0], box.pred_masks[0])
+    with pytest.raises(ValueError, match="FALLBACK_MASK must be 'box' or 'source'"):
+        InstanceInference(num_classes=1, common_stride=4, fallback_mask="nearest")

@@ -32,7 +32,7 @@ class InstanceInference:
     def __init__(self, *, num_classes: int, common_stride: int, center_threshold: float = 0.1,
                  nms_kernel: int = 41, top_k: int = 200, min_instance_area: int = 1,
                  fallback_box_size: int = 64, fallback_score: float = 0.5, grouping_semantics: str = "model",
-                 foreground_semantics: bool = False, max_dense_mask_mb: float = 256.0):
+                 foreground_semantics: bool = False, max_dense_mask_mb: float = 256.0, fallback_mask: str = "box"):
         """
         Args:
             num_classes: C, the classes of the semantic and centre heads (1 with
@@ -47,7 +47,12 @@ class InstanceInference:
                 takes the class of its point.
             max_dense_mask_mb: point-guided masks larger than this as dense bools come as an
                 ``IdMapMasks`` (p2seg/modeling/id_map_masks.py).
+            fallback_mask: "box", or "source": a point without model pixels takes its
+                nearest-point mask in the input's ``sem_seg`` when there is one (:meth:`_source_fallback`).
         """
+        if fallback_mask not in ("box", "source"):
+            raise ValueError(f"config MODEL.P2SEG.INFERENCE.FALLBACK_MASK must be 'box' or 'source', got {fallback_mask!r}")
+        self.fallback_mask = fallback_mask
         if grouping_semantics not in GROUPING_SEMANTICS:
             raise ValueError(
                 f"config MODEL.P2SEG.INFERENCE.SEMANTICS must be 'model' or 'source', got {grouping_semantics!r}"
@@ -81,6 +86,7 @@ class InstanceInference:
             "grouping_semantics": inference.SEMANTICS,
             "foreground_semantics": cfg.MODEL.P2SEG.FOREGROUND_SEMANTICS,
             "max_dense_mask_mb": inference.MAX_DENSE_MASK_MB,
+            "fallback_mask": inference.FALLBACK_MASK,
         }
 
     def head_classes(self, point_classes: torch.Tensor) -> torch.Tensor:
@@ -142,11 +148,27 @@ class InstanceInference:
                                            self.fallback_box_size, self.fallback_score,
                                            max_dense_bytes=self.max_dense_bytes)
             found["classes"] = point_classes.clone()  # the point's class, also for foreground semantics
+            if self.fallback_mask == "source":
+                self._source_fallback(found, x, points, self.head_classes(point_classes), present, height, width)
         else:
             center = self.to_output_size(center, image_size, height, width)
             found = peak_instances(probs, center, offset, self.center_threshold, self.nms_kernel, self.top_k,
                                    self.min_instance_area)
         return {"instances": _to_instances(found, height, width), "sem_seg": probs}
+
+    def _source_fallback(self, found: Dict, x: Dict, points, head_classes, present, height: int, width: int) -> None:
+        """In place: each fallback point of ``found`` whose class has pixels in the input's semantic
+        source takes its nearest-point mask there (the baseline's mask for that point: the source
+        grouped with zero offsets) instead of the box; it stays flagged ``fallback``. Needs
+        ``x["sem_seg"]`` and dense masks (an id map cannot hold the overlap), else nothing changes."""
+        if "sem_seg" not in x or not isinstance(found["masks"], torch.Tensor) or not found["fallback"].any():
+            return
+        device = found["masks"].device
+        source = self._source_probabilities(x, height, width, device) * present[:, None, None]
+        zero = torch.zeros((2, height, width), dtype=torch.float32, device=device)
+        from_source = point_guided_instances(source, zero, points, head_classes, 0, 0.0)
+        use = found["fallback"] & ~from_source["fallback"]
+        found["masks"][use] = from_source["masks"][use]
 
     def _source_probabilities(self, x: Dict, height: int, width: int, device) -> torch.Tensor:
         """One-hot (C+1) x ``height`` x ``width`` probabilities of the input's semantic source
