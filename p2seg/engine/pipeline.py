@@ -289,6 +289,11 @@ def _eval_results(path: Path, test_sets: Sequence[str]) -> dict:
     return results[test_sets[0]] if len(test_sets) > 1 else results
 
 
+def comparison_label_files(labels_dir: Path, train_set: str, rows: Sequence[str]) -> Dict[str, Path]:
+    """``{row: labels_dir/<row>_masks_<train_set>.json}``: where the comparison rows' masks go."""
+    return {row: labels_dir / f"{row}_masks_{train_set}.json" for row in rows}
+
+
 def write_comparison_labels(cfg1, train_set: str, labels_dir: Path, rows: Sequence[str]) -> Dict[str, Path]:
     """Write the training masks of the comparison rows (``"baseline"``, ``"gt"``) of ``train_set``
     into ``labels_dir``; returns ``{row: JSON path}``. The baseline's points without a region get
@@ -297,7 +302,7 @@ def write_comparison_labels(cfg1, train_set: str, labels_dir: Path, rows: Sequen
     from p2seg.evaluation.stage2_labels import write_baseline_masks_json, write_ground_truth_masks_json
 
     register_datasets(cfg1)
-    paths = {row: labels_dir / f"{row}_masks_{train_set}.json" for row in rows}
+    paths = comparison_label_files(labels_dir, train_set, rows)
     if "baseline" in paths:
         write_baseline_masks_json(train_set, str(paths["baseline"]), cfg1.MODEL.P2SEG.INFERENCE.FALLBACK_BOX_SIZE)
     if "gt" in paths:
@@ -359,7 +364,7 @@ def run_pipeline(pc: PipelineConfig) -> dict:
             _refuse_fallback_export(dx / "results.json", cfg1.TEST.FALLBACK_STOP_FRACTION)
     train_and_eval("", pseudo_json, d2, de)
 
-    label_files = {row: dl / f"{row}_masks_{train_set}.json" for row in pc.compare}
+    label_files = comparison_label_files(dl, train_set, pc.compare)
     if pc.compare:
         _stage(pc, "labels", all(p.is_file() for p in label_files.values()),
                ["--config-file", pc.stage1_config, *o1, *pc.compare],
