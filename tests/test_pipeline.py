@@ -146,8 +146,10 @@ def test_pipeline_quick_runs_stage2_and_resumes(stage1):
     (out / "stage1").mkdir(parents=True)
     shutil.copy(stage1["weights"], out / "stage1" / "model_final.pth")
     shutil.copytree(stage1["json"].parent, out / "export")
-    log = _run(["--quick", "--output-dir", str(out)], stage1["env"], script="tools/run_pipeline.py")
+    log = _run(["--quick", "--output-dir", str(out), "--parallel-rows", "2"], stage1["env"],
+               script="tools/run_pipeline.py")
     assert "[stage1] outputs exist: skipped" in log and "[export] outputs exist: skipped" in log
+    assert "[stage2] 2 rows, 2 at a time with 1 thread(s) each" in log  # OMP_NUM_THREADS 1: one each
     assert "[stage2] done in" in log and "[eval] done in" in log
     # stage 2 = Detectron2's Mask R-CNN trained on the exported JSON (2 iterations)
     metrics = [json.loads(line) for line in (out / "stage2" / "metrics.json").read_text().splitlines()]
@@ -197,6 +199,43 @@ def test_pipeline_quick_runs_stage2_and_resumes(stage1):
     assert "[eval] rerun: stage 'stage2' before it was run again" in log3
     metrics = [json.loads(line) for line in (out / "stage2" / "metrics.json").read_text().splitlines()]
     assert max(m["iteration"] for m in metrics if "iteration" in m) == 2  # 3 iterations now (0, 1, 2)
+
+
+def test_row_workers_share_the_threads(monkeypatch):
+    """Stage-2 rows side by side: as many as rows and threads allow, each with its share of
+    OMP_NUM_THREADS; one row, or --parallel-rows 1, keeps the environment's threads."""
+    from p2seg.engine.pipeline import PipelineConfig
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")
+    assert PipelineConfig("/tmp/x").row_workers(2) == (2, 2)
+    assert PipelineConfig("/tmp/x").row_workers(3) == (3, 1)
+    assert PipelineConfig("/tmp/x").row_workers(1) == (1, None)
+    assert PipelineConfig("/tmp/x", parallel_rows=1).row_workers(3) == (1, None)
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert PipelineConfig("/tmp/x").row_workers(3) == (2, 1)
+    with pytest.raises(ValueError, match="--parallel-rows"):
+        PipelineConfig("/tmp/x", parallel_rows=-1)
+
+
+def test_stage_record_branches_rerun_only_their_own_chain(tmp_path):
+    """Rows that run side by side: a row whose training reruns reruns its evaluation, not the
+    other row; the stages after the rows depend on any stage a row ran."""
+    from p2seg.engine.pipeline import StageRecord
+
+    record = StageRecord(tmp_path)
+    for name in ("stage2", "eval", "stage2_baseline", "eval_baseline", "pointfree"):
+        record.done(name, ["a"])
+    record = StageRecord(tmp_path)  # a rerun reads the file
+    first, second = record.branch(), record.branch()
+    assert first.decide("stage2", True, ["b"]).startswith("rerun: its options changed")
+    first.rerun_from = "stage2"  # what _stage does when it runs one
+    assert first.decide("eval", True, ["a"]) == "rerun: stage 'stage2' before it was run again"
+    assert second.decide("stage2_baseline", True, ["a"]) is None and second.decide("eval_baseline", True, ["a"]) is None
+    second.done("eval_baseline", ["c"])
+    assert json.loads((tmp_path / "stages.json").read_text())["eval_baseline"] == ["c"]  # one shared file
+    assert record.decide("pointfree", True, ["a"]) is None
+    record.join([first, second])
+    assert record.decide("pointfree", True, ["a"]) == "rerun: stage 'stage2' before it was run again"
 
 
 def test_pipeline_stops_before_export_when_stage1_learned_nothing(stage1):

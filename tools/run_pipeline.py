@@ -38,6 +38,9 @@ def build_parser():
                    help="also train the same stage 2 on these masks of the training images, comma-separated: "
                         f"{' / '.join(COMPARE_ROWS)} (the nearest-point baseline's / the true ones), or 'none' "
                         "(default: %(default)s)")
+    p.add_argument("--parallel-rows", type=int, default=0,
+                   help="stage-2 rows trained at once, each with its share of OMP_NUM_THREADS; 0: as many as rows "
+                        "and threads allow, 1: one after the other (default: %(default)s)")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides for both stages")
     return p
 
@@ -51,7 +54,8 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         pc = PipelineConfig(args.output_dir, args.stage1_config, args.stage2_config, args.quick, args.opts,
-                            shlex.split(args.stage1_opts), shlex.split(args.stage2_opts), compare=_compare_rows(args.compare))
+                            shlex.split(args.stage1_opts), shlex.split(args.stage2_opts), compare=_compare_rows(args.compare),
+                            parallel_rows=args.parallel_rows)
         run_pipeline(pc)
     except (RuntimeError, ValueError, FileNotFoundError) as e:
         print(f"run_pipeline: error: {e}", file=sys.stderr)

@@ -10,13 +10,13 @@ before it ran again: then it runs again, and every stage after it):
 2. ``export``   ``--eval-only TEST.EXPORT_PSEUDO_MASKS True`` on that training set: one pseudo
    mask per point -> ``export/pseudo_masks_<train>.json`` and their metrics vs the ground truth
    (resumable inside the stage too: the exporter's sidecar);
-3. ``stage2``   train the stage-2 config (Detectron2's Mask R-CNN) on the exported JSON
-   (``DATASETS.PSEUDO_LABELS``);
-4. ``eval``     ``--eval-only`` of the stage-2 model on its ``DATASETS.TEST`` (no points);
-5. the comparison rows of ``stage2_on`` (``--stage2-on``): ``labels`` (in this process) writes the
-   nearest-point baseline's masks and the ground-truth masks of the training images
-   (:mod:`p2seg.evaluation.stage2_labels`), then ``stage2_<row>`` / ``eval_<row>`` train and score
-   the same stage-2 config, schedule and seed on them;
+3. ``labels``   (in this process, with ``--compare``) the training masks of the comparison rows:
+   the nearest-point baseline's and/or the ground truth (:mod:`p2seg.evaluation.stage2_labels`);
+4. ``stage2`` / ``eval``: train the stage-2 config (Detectron2's Mask R-CNN) on the exported JSON
+   (``DATASETS.PSEUDO_LABELS``) and score it ``--eval-only`` on its ``DATASETS.TEST`` (no points);
+5. ``stage2_<row>`` / ``eval_<row>``: the same stage-2 config, schedule and seed on the masks of
+   each comparison row. The rows train side by side (``--parallel-rows``; each with its share of
+   the threads);
 6. ``pointfree`` ``--eval-only TEST.POINT_FREE True`` of the stage-1 model on the stage-2 test set:
    P2Seg's own instances from its centre peaks, as on new images (skipped when the stage-1
    config does not register that dataset);
@@ -44,10 +44,12 @@ import os
 import shlex
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter, OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 __all__ = ["PipelineConfig", "run_pipeline", "results_table", "write_comparison_labels", "COMPARE_ROWS", "QUICK_STAGE1",
            "QUICK_STAGE2", "QUICK_COMMON"]
@@ -84,6 +86,12 @@ POINTS_GIVEN, POINT_FREE = "points given (training images)", "point-free (test i
 _PROGRESS_MARKERS = ("d2.utils.events", "copypaste", "Error", "error:", "Traceback")
 
 
+def total_threads() -> int:
+    """Threads the pipeline may use: ``OMP_NUM_THREADS`` when set (the Makefile sets 2), else the CPU count."""
+    value = os.environ.get("OMP_NUM_THREADS", "")
+    return int(value) if value.isdigit() and int(value) > 0 else (os.cpu_count() or 1)
+
+
 class PipelineConfig:
     """Options of :func:`run_pipeline` (the command-line flags of tools/run_pipeline.py)."""
 
@@ -91,7 +99,7 @@ class PipelineConfig:
                  stage2_config: str = str(DEFAULT_STAGE2), quick: bool = False,
                  opts: Sequence[str] = (), stage1_opts: Sequence[str] = (), stage2_opts: Sequence[str] = (),
                  python: str = sys.executable, train_net: str = str(REPO / "train_net.py"),
-                 compare: Sequence[str] = DEFAULT_COMPARE):
+                 compare: Sequence[str] = DEFAULT_COMPARE, parallel_rows: int = 0):
         """
         Args:
             output_dir: folder of every stage's outputs and of the results JSON.
@@ -100,6 +108,10 @@ class PipelineConfig:
             opts: ``KEY VALUE`` overrides for both stages; stage1_opts / stage2_opts: for one.
             python, train_net: interpreter and script that run the stages.
             compare: keys of :data:`COMPARE_ROWS`: the same stage 2 trained on those masks too.
+            parallel_rows: how many stage-2 rows (P2Seg's and the comparison rows) train at once, each
+                with ``total threads // parallel_rows`` threads (total: ``OMP_NUM_THREADS``, else the
+                CPU count); 0: as many as there are rows and threads, 1: one after the other. Small
+                CPU trainings use one thread better than two, so side by side they finish sooner.
         """
         self.output_dir = Path(output_dir).resolve()
         self.stage1_config = str(Path(stage1_config).resolve())
@@ -113,6 +125,17 @@ class PipelineConfig:
         if unknown:
             raise ValueError(f"--compare: unknown rows {unknown}; choose from {list(COMPARE_ROWS)}")
         self.compare = list(dict.fromkeys(compare))
+        if parallel_rows < 0:
+            raise ValueError(f"--parallel-rows must be >= 0, got {parallel_rows}")
+        self.parallel_rows = parallel_rows
+
+    def row_workers(self, num_rows: int) -> Tuple[int, Optional[int]]:
+        """(rows trained at once, threads of each: None keeps the environment's) for ``num_rows``
+        stage-2 rows (:attr:`parallel_rows`)."""
+        total = total_threads()
+        workers = min(num_rows, total) if self.parallel_rows == 0 else min(num_rows, self.parallel_rows)
+        workers = max(1, workers)
+        return workers, (None if workers == 1 else max(1, total // workers))
 
     def stage_opts(self, stage: int) -> List[str]:
         """Overrides of stage 1 or 2: quick ones first, then the common, then the stage's own."""
@@ -162,8 +185,9 @@ def _refuse_fallback_export(results_file: Path, stop_fraction: float) -> None:
         )
 
 
-def _run_train_net(pc: PipelineConfig, name: str, args: List[str]) -> None:
-    """Run ``train_net.py args`` to ``<output_dir>/<name>.log``, echoing progress lines.
+def _run_train_net(pc: PipelineConfig, name: str, args: List[str], threads: Optional[int] = None) -> None:
+    """Run ``train_net.py args`` to ``<output_dir>/<name>.log``, echoing progress lines; ``threads``:
+    its ``OMP_NUM_THREADS`` (None: the environment's).
 
     Raises RuntimeError naming the log file when the command fails.
     """
@@ -172,6 +196,8 @@ def _run_train_net(pc: PipelineConfig, name: str, args: List[str]) -> None:
     print(f"[{name}] $ {' '.join(shlex.quote(c) for c in cmd)}", flush=True)
     with open(log_path, "w") as log:
         env = dict(os.environ, PYTHONUNBUFFERED="1")  # progress lines as they happen
+        if threads is not None:
+            env["OMP_NUM_THREADS"] = str(threads)
         proc = subprocess.Popen(cmd, cwd=str(REPO), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True)
         for line in proc.stdout:
@@ -228,6 +254,20 @@ class StageRecord:
         self.path = output_dir / STAGES_FILE
         self.inputs = _read_json(self.path) if self.path.is_file() else {}
         self.rerun_from = None  # the first stage run in this invocation: the later ones depend on it
+        self._lock = threading.Lock()  # branches share the inputs and the file
+
+    def branch(self) -> "StageRecord":
+        """A record for a chain of stages that runs beside other chains (a stage-2 row): it shares
+        the recorded inputs and the file, and its stages depend on the stages before the branch
+        point and on the earlier stages of its own chain only."""
+        view = object.__new__(StageRecord)
+        view.path, view.inputs, view._lock = self.path, self.inputs, self._lock
+        view.rerun_from = self.rerun_from
+        return view
+
+    def join(self, branches: Sequence["StageRecord"]) -> None:
+        """After the branches ran: the later stages depend on any stage they ran."""
+        self.rerun_from = self.rerun_from or next((b.rerun_from for b in branches if b.rerun_from), None)
 
     def decide(self, name: str, outputs_exist: bool, inputs: List[str]) -> Optional[str]:
         """Why stage ``name`` must run (a sentence), or None to skip it."""
@@ -245,8 +285,9 @@ class StageRecord:
     def done(self, name: str, inputs: List[str]) -> None:
         from p2seg.utils.atomic import write_json_atomic
 
-        self.inputs[name] = list(inputs)
-        write_json_atomic(self.inputs, str(self.path))
+        with self._lock:
+            self.inputs[name] = list(inputs)
+            write_json_atomic(self.inputs, str(self.path))
 
 
 def _stage(pc: PipelineConfig, name: str, outputs_exist: bool, inputs: List[str], run, timings: Dict[str, dict],
@@ -310,6 +351,27 @@ def write_comparison_labels(cfg1, train_set: str, labels_dir: Path, rows: Sequen
     return paths
 
 
+def _run_rows(pc: PipelineConfig, rows: Sequence[tuple], train_and_eval, record: StageRecord) -> Dict[str, dict]:
+    """Train and score the stage-2 rows, :meth:`PipelineConfig.row_workers` of them at once, each
+    in its own branch of ``record``; returns the rows' timings in row order. A failed row fails
+    the pipeline after the others finish (their outputs are kept for the rerun)."""
+    workers, threads = pc.row_workers(len(rows))
+    branches = [record.branch() for _ in rows]
+    if workers > 1:
+        print(f"[stage2] {len(rows)} rows, {workers} at a time with {threads} thread(s) each", flush=True)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        futures = [pool.submit(train_and_eval, *row, threads, branch) for row, branch in zip(rows, branches)]
+        errors = [f.exception() for f in futures]
+    record.join(branches)
+    failed = [e for e in errors if e is not None]
+    if failed:
+        raise failed[0]
+    timings: Dict[str, dict] = OrderedDict()
+    for f in futures:
+        timings.update(f.result())
+    return timings
+
+
 def run_pipeline(pc: PipelineConfig) -> dict:
     """Run the stages (module docstring), write and return the results dict::
 
@@ -342,11 +404,16 @@ def run_pipeline(pc: PipelineConfig) -> dict:
                 "eval": ["--config-file", pc.stage2_config, "--eval-only", *o2, *pseudo_opts, "OUTPUT_DIR",
                          str(eval_dir), "MODEL.WEIGHTS", str(train_dir / "model_final.pth")]}
 
-    def train_and_eval(suffix: str, json_file: Path, train_dir: Path, eval_dir: Path) -> None:
+    def train_and_eval(suffix: str, json_file: Path, train_dir: Path, eval_dir: Path, threads: Optional[int],
+                       row_record: StageRecord) -> Dict[str, dict]:
+        """One stage-2 row: train on ``json_file``, score on the test set; returns its timings."""
         a = stage2_args(json_file, train_dir, eval_dir)
+        row_timings: Dict[str, dict] = OrderedDict()
         for name, args, done in ((f"stage2{suffix}", a["train"], (train_dir / "model_final.pth").is_file()),
                                  (f"eval{suffix}", a["eval"], (eval_dir / "results.json").is_file())):
-            _stage(pc, name, done, args, lambda n=name, x=args: _run_train_net(pc, n, x), timings, record)
+            _stage(pc, name, done, args, lambda n=name, x=args: _run_train_net(pc, n, x, threads), row_timings,
+                   row_record)
+        return row_timings
 
     args = {
         "stage1": ["--config-file", pc.stage1_config, *o1, "OUTPUT_DIR", str(d1), "DATASETS.TEST", "()"],
@@ -362,15 +429,15 @@ def run_pipeline(pc: PipelineConfig) -> dict:
             _refuse_stuck_stage1(d1)
         if name == "export":
             _refuse_fallback_export(dx / "results.json", cfg1.TEST.FALLBACK_STOP_FRACTION)
-    train_and_eval("", pseudo_json, d2, de)
 
     label_files = comparison_label_files(dl, train_set, pc.compare)
     if pc.compare:
         _stage(pc, "labels", all(p.is_file() for p in label_files.values()),
                ["--config-file", pc.stage1_config, *o1, *pc.compare],
                lambda: write_comparison_labels(cfg1, train_set, dl, pc.compare), timings, record)
-    for row in pc.compare:
-        train_and_eval(f"_{row}", label_files[row], pc.output_dir / f"stage2_{row}", pc.output_dir / f"eval_{row}")
+    stage2_rows = [("", pseudo_json, d2, de)] + [
+        (f"_{row}", label_files[row], pc.output_dir / f"stage2_{row}", pc.output_dir / f"eval_{row}") for row in pc.compare]
+    timings.update(_run_rows(pc, stage2_rows, train_and_eval, record))
 
     pointfree = _registers(cfg1, test_sets[0])
     if pointfree:
