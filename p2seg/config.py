@@ -151,6 +151,16 @@ def add_p2seg_config(cfg):
     # (the dataset's semantic source, pixel for pixel; the learned offsets still split the objects).
     # "source" suits sources that are exact where they fire (thresholds, SAM masks); README, Recipe.
     cfg.MODEL.P2SEG.INFERENCE.SEMANTICS = "model"
+    # With points and a semantic source (the export): the source's foreground as evidence on the
+    # model's, its likelihood ratio TPR / FPR (estimated per image against the model) raised to this
+    # power multiplies the model's foreground odds there (postprocessing.blend_with_source). 0: the
+    # model alone. A precise source fills in what the model is unsure of; a random one changes little.
+    # 1.0 (naive Bayes) chosen over 0.5 and 2.0 on nuclei fold A and shapes (docs/RECIPE_SELECTION.md).
+    cfg.MODEL.P2SEG.INFERENCE.SOURCE_PRIOR = 1.0
+    # With FOREGROUND_SEMANTICS and points: a foreground pixel the source labels with the class of a
+    # point goes only to the points of that class (others: the nearest point of any class), so
+    # neighbouring objects of different classes do not take each other's pixels.
+    cfg.MODEL.P2SEG.INFERENCE.SOURCE_CLASSES = False
     cfg.MODEL.P2SEG.INFERENCE.MIN_INSTANCE_AREA = 1  # peak-path instances below this are dropped
     # Point-guided masks whose dense form (points x H x W bytes) would exceed this come as one id
     # map (p2seg/modeling/id_map_masks.py): a crowded large image exports in memory ~ H x W.

@@ -58,4 +58,56 @@ def test_mapper_merges_the_classes_for_training_and_keeps_them_at_inference(tmp_
     assert float(train["offset_weights"].sum()) == pytest.approx(float(((sem == 1) | (sem == 3)).sum()))
     test = P2SegDatasetMapper(cfg, is_train=False)(record)
     assert test["point_classes"].tolist() == [0, 2]
+    # the source's own classes come too at inference (MODEL.P2SEG.INFERENCE.SOURCE_CLASSES)
+    assert set(test["sem_seg"].unique().tolist()) == {0, 1, 255}
+    assert torch.equal(test["sem_seg_classes"], torch.as_tensor(sem.astype(np.int64)))
     assert NUM_CLASSES == 3  # the data's classes are still checked against NUM_CLASSES
+
+
+def _two_touching_objects():
+    """A 1x24 strip, all foreground, zero offsets: a dog (class 2, pixels 0-11) and a person
+    (class 0, pixels 12-23) side by side, points at x = 2 and x = 23: the person's pixel 12 is
+    10 px from the dog's point and 11 from its own."""
+    fg = torch.stack([torch.full((1, 24), 0.2), torch.full((1, 24), 0.8)])
+    points = torch.tensor([[2.0, 0.0], [23.0, 0.0]])
+    classes = torch.tensor([2, 0])
+    source = torch.zeros((1, 24), dtype=torch.int64)
+    source[0, :12], source[0, 12:] = 3, 1
+    return fg, points, classes, source
+
+
+def test_source_classes_keep_pixels_with_points_of_their_class():
+    """Class-agnostic grouping gives the person's pixel 12 to the dog (distance alone); with the
+    source's classes every person pixel goes to the person, every dog pixel to the dog;
+    pixels the source does not label go to the nearest point of any class."""
+    from p2seg.modeling.postprocessing import point_guided_instances, split_foreground_by_class
+
+    fg, points, classes, source = _two_touching_objects()
+    zero = torch.zeros((2, 1, 24))
+    agnostic = point_guided_instances(fg, zero, points, torch.zeros_like(classes))["masks"]
+    assert agnostic[0, 0, :13].all() and not agnostic[0, 0, 13]
+    probs, local = split_foreground_by_class(fg, zero, points, classes, source)
+    assert probs.shape == (3, 1, 24) and local.tolist() == [1, 0]  # channels: person (0), dog (2)
+    masks = point_guided_instances(probs, zero, points, local)["masks"]
+    assert masks[0, 0].tolist() == [True] * 12 + [False] * 12 and masks[1, 0].tolist() == [False] * 12 + [True] * 12
+    source[0, 10:14] = 255  # not labelled: nearest point of any class
+    masks = point_guided_instances(*split_foreground_by_class(fg, zero, points, classes, source)[:1], zero, points,
+                                   local)["masks"]
+    assert masks[0, 0, :13].all() and masks[1, 0, 13:].all() and not masks[1, 0, 12]
+
+
+def test_inference_source_classes_option():
+    """InstanceInference with SOURCE_CLASSES groups by the input's ``sem_seg_classes``; off, by distance."""
+    from p2seg.modeling.instance_inference import InstanceInference
+
+    fg, points, classes, source = _two_touching_objects()
+    x = {"points": points, "point_classes": classes, "height": 1, "width": 24, "sem_seg_classes": source,
+         "sem_seg": (source > 0).long()}
+    offsets = {"offset": torch.zeros((1, 2, 1, 24)), "center": torch.zeros((1, 1, 1, 24))}
+    masks = {}
+    for on in (False, True):
+        inference = InstanceInference(num_classes=1, common_stride=1, foreground_semantics=True, source_classes=on)
+        [out] = inference(fg[None], offsets, [x], [(1, 24)])
+        masks[on] = out["instances"].pred_masks
+        assert out["instances"].pred_classes.tolist() == [2, 0]
+    assert masks[False][0, 0, 12] and not masks[True][0, 0, 12] and masks[True][1, 0, 12:].all()

@@ -548,7 +548,7 @@ def test_channels_last_is_the_same_model_up_to_summation_order(mdm):
 
 def test_grouping_on_the_source_semantics_keeps_its_pixels():
     """INFERENCE.SEMANTICS 'source': the offsets group the semantic source's foreground, pixel for
-    pixel (an untrained model would otherwise give fallback boxes); 'model' is the default."""
+    pixel (an untrained model alone would give fallback boxes); 'model' is the default."""
     x = synthetic_input()
     inputs = {k: x[k] for k in ("image", "sem_seg", "points", "point_classes", "height", "width", "file_name")}
     source = tiny_model("MODEL.P2SEG.INFERENCE.SEMANTICS", "source").eval()
@@ -558,8 +558,8 @@ def test_grouping_on_the_source_semantics_keeps_its_pixels():
     assert masks.shape == (2, 64, 96)
     assert torch.equal(masks[0], sem == 1) and torch.equal(masks[1], sem == 3)
     with torch.no_grad():
-        default = tiny_model().eval()([inputs])[0]["instances"]
-    assert default.fallback.all()  # the untrained semantic head finds no foreground
+        alone = tiny_model("MODEL.P2SEG.INFERENCE.SOURCE_PRIOR", 0.0).eval()([inputs])[0]["instances"]
+    assert alone.fallback.all()  # the untrained semantic head finds no foreground
     with pytest.raises(KeyError, match="INFERENCE.SEMANTICS 'source' needs the semantic source"):
         with torch.no_grad():
             source([{k: v for k, v in inputs.items() if k != "sem_seg"}])

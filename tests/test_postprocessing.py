@@ -449,3 +449,29 @@ def test_source_fallback_gives_a_missed_point_its_mask_in_the_source_not_a_box()
     assert torch.equal(src.pred_masks[2], box.pred_masks[2]) and torch.equal(src.pred_masks[0], box.pred_masks[0])
     with pytest.raises(ValueError, match="FALLBACK_MASK must be 'box' or 'source'"):
         InstanceInference(num_classes=1, common_stride=4, fallback_mask="nearest")
+
+
+def test_blend_with_source_trusts_a_precise_source_and_ignores_a_random_one():
+    """SOURCE_PRIOR: on the source's foreground the model's odds grow by the source's likelihood
+    ratio, estimated against the model on the image; a precise source turns the model's unsure
+    pixels into foreground, a source that fires at random (ratio ~1) leaves the model's decision;
+    the source's background and ignore pixels never change anything; strength 0 is the model."""
+    from p2seg.modeling.postprocessing import blend_with_source
+
+    generator = torch.Generator().manual_seed(0)
+    truth = torch.zeros(64, 64, dtype=torch.bool)
+    truth[8:40, 8:40] = True
+    model_fg = torch.where(truth, torch.full((64, 64), 0.9), torch.full((64, 64), 0.05))
+    model_fg[30:40, 30:40] = 0.3  # a corner of the object the model is unsure of
+    probs = torch.stack([1 - model_fg, model_fg])
+    labels = torch.tensor([0, 1])
+    precise = truth.long()
+    precise[0, :4] = 255  # ignore
+    fused = blend_with_source(probs, precise, labels, 1.0)
+    assert (fused[1, 30:40, 30:40] > 0.5).all()  # filled in
+    assert torch.equal(fused[:, ~truth], probs[:, ~truth])  # background and ignore: the model's
+    assert torch.allclose(fused.sum(0), torch.ones(64, 64))
+    random = (torch.rand(64, 64, generator=generator) < 0.3).long()  # fires at random
+    noisy = blend_with_source(probs, random, labels, 1.0)
+    assert torch.equal(noisy[1] > 0.5, model_fg > 0.5)
+    assert blend_with_source(probs, precise, labels, 0.0) is probs

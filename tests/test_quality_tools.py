@@ -96,3 +96,26 @@ def test_noise_sweep_reads_the_worst_loss_after_the_warm_up_and_flags_a_collapse
     assert out["collapsed"] is True
     learned = summary(str(metrics), warmup_iters=20, chance=math.log(4), margin=0.01, window=5)
     assert learned["collapsed"] is False
+
+
+def test_noise_sweep_rescore_scores_a_finished_checkpoint_with_the_extra_options(tmp_path, monkeypatch):
+    """--rescore: an --eval-only command of the run's own checkpoint, dataset and recipe plus the
+    inference overrides, into <run>/rescore_<name>/; its results.json gives the row."""
+    import argparse
+    import json
+
+    sweep = load_tool("noise_sweep")
+    monkeypatch.setattr(sweep, "data_paths", lambda data: ("cfg.yaml", "p.json", "images", "given"))
+    args = argparse.Namespace(data="nuclei_A", iters=0, threads=1, out=str(tmp_path))
+    spec = ("sweep_nuclei_A_given", "p.json", "images", "given")
+    cmd, out_dir = sweep.rescore_one(args, spec, "safe", ["KEY", "1"], 3407, "lr10",
+                                     ["MODEL.P2SEG.INFERENCE.SOURCE_PRIOR", "1.0"])
+    _, run_dir = sweep.run_one(args, spec, "safe", ["KEY", "1"], 3407)
+    assert out_dir == str(Path(run_dir) / "rescore_lr10") and "--eval-only" in cmd
+    assert cmd[cmd.index("MODEL.WEIGHTS") + 1] == str(Path(run_dir) / "model_final.pth")
+    assert cmd.index("KEY") < cmd.index("MODEL.P2SEG.INFERENCE.SOURCE_PRIOR")  # the recipe, then the rescore
+    assert cmd[cmd.index("DATASETS.TEST") + 1] == repr(("sweep_nuclei_A_given",))
+    Path(out_dir).mkdir(parents=True)
+    (Path(out_dir) / "results.json").write_text(json.dumps(
+        {"segm": {"AP": 20.1, "AP50": 49.1, "AP75": 13.5}, "points": {"fallback_fraction": 0.095}}))
+    assert sweep.rescore_row(out_dir) == {"AP": 20.1, "AP50": 49.1, "AP75": 13.5, "fallback_fraction": 0.095}

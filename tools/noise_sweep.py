@@ -25,6 +25,11 @@ warm-up, ``SEM_TOP_K_WARMUP_ITERS``, whatever the recipe (the highest 20-iterati
 ``--chance-margin`` of a uniform guess, ``ln(C + 1)`` for the head's C classes), and the nearest-point baseline on the same
 source. Finished runs are reused. Prints one JSON line per run and a table; everything also goes to
 ``--out/<data>_sweep.json`` (atomically).
+
+``--rescore NAME "OPTS"`` (repeatable) trains nothing: it scores the finished runs' checkpoints
+again (``train_net.py --eval-only``) with inference overrides, e.g. ``--rescore prior30
+"MODEL.P2SEG.INFERENCE.SOURCE_PRIOR 0.3"``; rows carry ``"rescore": NAME`` and go to
+``--out/<data>_sweep_rescore_<names>.json``.
 """
 import argparse
 import json
@@ -153,6 +158,26 @@ def run_one(args, spec, recipe, opts, seed):
     return cmd, os.path.join(args.out, f"{tag}_none_s{seed}")
 
 
+def rescore_one(args, spec, recipe, opts, seed, name, rescore_opts):
+    """Command and output folder that score a finished run's checkpoint again with other
+    (inference) overrides, ``--eval-only`` (no training): ``<run>/rescore_<name>/results.json``."""
+    _, run_dir = run_one(args, spec, recipe, opts, seed)
+    out_dir = os.path.join(run_dir, f"rescore_{name}")
+    cmd = [sys.executable, os.path.join(ROOT, "train_net.py"), "--config-file", data_paths(args.data)[0], "--eval-only",
+           "DATASETS.POINT_COCO", repr((tuple(spec),)), "DATASETS.TRAIN", repr((spec[0],)),
+           "DATASETS.TEST", repr((spec[0],)), *opts, *rescore_opts, "SEED", str(seed),
+           "MODEL.WEIGHTS", os.path.join(run_dir, "model_final.pth"), "OUTPUT_DIR", out_dir]
+    return cmd, out_dir
+
+
+def rescore_row(out_dir):
+    """AP / AP50 / AP75 and the fallback share of a :func:`rescore_one` folder."""
+    with open(os.path.join(out_dir, "results.json")) as f:
+        results = json.load(f)
+    segm = results.get("segm", {})
+    return {**{k: segm.get(k) for k in METRICS}, "fallback_fraction": results.get("points", {}).get("fallback_fraction")}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", required=True, choices=list(DATA))
@@ -165,6 +190,9 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--chance-margin", type=float, default=0.01)
     parser.add_argument("--out", default=os.path.join(ROOT, "output", "noise_sweep"))
+    parser.add_argument("--rescore", nargs=2, action="append", metavar=("NAME", "OPTS"), default=[],
+                        help='score the finished runs again with these (inference) overrides, --eval-only, no '
+                             'training: name and "KEY VALUE ..." (repeatable; rows get "rescore": NAME)')
     args = parser.parse_args(argv)
     args.out = os.path.abspath(args.out)
     recipes = args.recipe or [["config", ""]]
@@ -191,16 +219,27 @@ def main(argv=None):
             chance = loss.SEM_WEIGHT * math.log(semantic_channels(cfg) + 1)
             for seed in args.seeds:
                 cmd, out_dir = run_one(args, spec, name, opts.split(), seed)
-                todo.append(dict(source=source, recipe=name, seed=seed, cmd=cmd, out_dir=out_dir,
-                                 warmup=loss.SEM_TOP_K_WARMUP_ITERS, chance=chance))
+                job = dict(source=source, recipe=name, seed=seed, cmd=cmd, out_dir=out_dir,
+                           done=os.path.join(out_dir, "ablation_run.json"), warmup=loss.SEM_TOP_K_WARMUP_ITERS,
+                           chance=chance)
+                if not args.rescore:
+                    todo.append(job)
+                for rescore, rescore_opts in args.rescore:
+                    if not os.path.isfile(job["done"]):
+                        print(f"--rescore: {out_dir} has not finished training: left out", flush=True)
+                        continue
+                    cmd, rescore_dir = rescore_one(args, spec, name, opts.split(), seed, rescore, rescore_opts.split())
+                    todo.append(dict(job, cmd=cmd, out_dir=rescore_dir, rescore=rescore,
+                                     done=os.path.join(rescore_dir, "results.json")))
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", OMP_NUM_THREADS=str(args.threads))
     rows, running = [], []
     while todo or running:
         while todo and len(running) < args.parallel:
             job = todo.pop(0)
-            if os.path.isfile(os.path.join(job["out_dir"], "ablation_run.json")):
+            if os.path.isfile(job["done"]):
                 running.append((job, None, None))
                 continue
+            os.makedirs(os.path.dirname(job["out_dir"]), exist_ok=True)
             log = open(job["out_dir"] + ".log", "w")
             running.append((job, subprocess.Popen(job["cmd"], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
                                                   env=env), log))
@@ -212,8 +251,10 @@ def main(argv=None):
             if log is not None:
                 log.close()
             row = {"data": args.data, "source": job["source"], "recipe": job["recipe"], "seed": job["seed"]}
-            done = os.path.join(job["out_dir"], "ablation_run.json")
-            if os.path.isfile(done):
+            done = job["done"]
+            if "rescore" in job and os.path.isfile(done):
+                row.update(rescore=job["rescore"], **rescore_row(job["out_dir"]))
+            elif os.path.isfile(done):
                 with open(done) as f:
                     run = json.load(f)
                 row.update({k: run.get(k) for k in (*METRICS, "fallback_fraction", "train_s", "iters")})
@@ -225,8 +266,9 @@ def main(argv=None):
             print(json.dumps(row), flush=True)
             rows.append(row)
         time.sleep(2)
-    write_json_atomic({"data": args.data, "recipes": recipes, "rows": rows},
-                      os.path.join(args.out, f"{args.data}_sweep.json"))
+    suffix = "_rescore_" + "_".join(n for n, _ in args.rescore) if args.rescore else ""
+    write_json_atomic({"data": args.data, "recipes": recipes, "rescore": args.rescore, "rows": rows},
+                      os.path.join(args.out, f"{args.data}_sweep{suffix}.json"))
     print(format_table(rows))
     return 0
 
@@ -236,11 +278,12 @@ def format_table(rows):
     lines = [f"{'source':8} {'fgIoU':>6} {'mIoU':>6} {'recipe':8} {'seed':>5} {'P2Seg AP/50/75':>18} "
              f"{'baseline AP/50/75':>18} {'fallback':>8} {'worst':>7} {'collapsed':>9}"]
     fmt = lambda v: "  n/a" if v is None else f"{v:5.1f}"
-    for r in sorted(rows, key=lambda r: (r["source"], r["recipe"], r["seed"])):
+    for r in sorted(rows, key=lambda r: (r["source"], r["recipe"], r["seed"], r.get("rescore", ""))):
         b = r.get("baseline", {})
+        recipe = r["recipe"] + (f"+{r['rescore']}" if "rescore" in r else "")
         lines.append(
             f"{r['source']:8} {r.get('source_fg_iou') or float('nan'):6.3f} {r.get('source_mIoU') or float('nan'):6.3f} "
-            f"{r['recipe']:8} {r['seed']:5d} {' '.join(fmt(r.get(k)) for k in METRICS):>18} "
+            f"{recipe:8} {r['seed']:5d} {' '.join(fmt(r.get(k)) for k in METRICS):>18} "
             f"{' '.join(fmt(b.get(k)) for k in METRICS):>18} {r.get('fallback_fraction') or 0:8.3f} "
             f"{r.get('loss_sem_worst_after_warmup') or float('nan'):7.4f} {str(r.get('collapsed', r.get('error'))):>9}")
     return "\n".join(lines)

@@ -504,8 +504,9 @@ class P2SegDatasetMapper:
             self._map_test(dataset_dict, image, out)
         return out
 
-    def _read_sem_seg(self, dataset_dict, image):
-        """The checked semantic map (uint8 HxW); labels 1..C merged into 1 with foreground semantics."""
+    def _read_sem_seg(self, dataset_dict, image, merge=True):
+        """The checked semantic map (uint8 HxW); labels 1..C merged into 1 with foreground
+        semantics unless ``merge`` is False."""
         sem_seg = read_sem_seg(
             dataset_dict["sem_seg_file_name"],
             image.shape[0],
@@ -513,7 +514,7 @@ class P2SegDatasetMapper:
             self.num_classes,
             self.ignore_value,
         )
-        if self.foreground_semantics:
+        if self.foreground_semantics and merge:
             sem_seg = merge_classes(sem_seg, self.ignore_value)
         return sem_seg
 
@@ -562,15 +563,21 @@ class P2SegDatasetMapper:
             out[key] = torch.from_numpy(value)
 
     def _map_test(self, dataset_dict, image, out):
-        """Resize the image (and the semantic map / points if any) into ``out``."""
+        """Resize the image (and the semantic map / points if any) into ``out``. With foreground
+        semantics the source's own classes also come, as ``"sem_seg_classes"`` (for
+        MODEL.P2SEG.INFERENCE.SOURCE_CLASSES)."""
         sem_seg = None
         if "sem_seg_file_name" in dataset_dict:
-            sem_seg = self._read_sem_seg(dataset_dict, image)
+            sem_seg = self._read_sem_seg(dataset_dict, image, merge=False)
         aug_input = T.AugInput(image, sem_seg=sem_seg)
         transforms = self.augmentations(aug_input)
         out["image"] = torch.as_tensor(np.ascontiguousarray(aug_input.image.transpose(2, 0, 1)))
         if sem_seg is not None:
-            out["sem_seg"] = torch.as_tensor(aug_input.sem_seg.astype(np.int64))
+            resized = aug_input.sem_seg
+            if self.foreground_semantics:
+                out["sem_seg_classes"] = torch.as_tensor(resized.astype(np.int64))
+                resized = merge_classes(resized, self.ignore_value)
+            out["sem_seg"] = torch.as_tensor(resized.astype(np.int64))
         if "annotations" in dataset_dict:
             annotations = dataset_dict["annotations"]
             out["annotations"] = copy.deepcopy(annotations)

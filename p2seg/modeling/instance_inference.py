@@ -18,7 +18,8 @@ from detectron2.structures import Boxes, Instances
 from p2seg.config import semantic_channels
 
 from .id_map_masks import mask_boxes
-from .postprocessing import one_hot_semantics, peak_instances, point_guided_instances
+from .postprocessing import (blend_with_source, one_hot_semantics, peak_instances, point_guided_instances,
+                             split_foreground_by_class)
 
 __all__ = ["InstanceInference", "GROUPING_SEMANTICS"]
 
@@ -32,7 +33,8 @@ class InstanceInference:
     def __init__(self, *, num_classes: int, common_stride: int, center_threshold: float = 0.1,
                  nms_kernel: int = 41, top_k: int = 200, min_instance_area: int = 1,
                  fallback_box_size: int = 64, fallback_score: float = 0.5, grouping_semantics: str = "model",
-                 foreground_semantics: bool = False, max_dense_mask_mb: float = 256.0, fallback_mask: str = "box"):
+                 foreground_semantics: bool = False, max_dense_mask_mb: float = 256.0, fallback_mask: str = "box",
+                 source_prior: float = 0.0, source_classes: bool = False):
         """
         Args:
             num_classes: C, the classes of the semantic and centre heads (1 with
@@ -49,7 +51,16 @@ class InstanceInference:
                 ``IdMapMasks`` (p2seg/modeling/id_map_masks.py).
             fallback_mask: "box", or "source": a point without model pixels takes its
                 nearest-point mask in the input's ``sem_seg`` when there is one (:meth:`_source_fallback`).
+            source_prior: with points and the input's ``sem_seg``, the strength of the source's
+                evidence on the grouped foreground (:func:`~p2seg.modeling.postprocessing.blend_with_source`).
+            source_classes: with ``foreground_semantics``, points and the input's
+                ``sem_seg_classes``, group each foreground pixel among the points of its source class
+                (:func:`~p2seg.modeling.postprocessing.split_foreground_by_class`).
         """
+        if not source_prior >= 0.0:
+            raise ValueError(f"config MODEL.P2SEG.INFERENCE.SOURCE_PRIOR must be >= 0, got {source_prior}")
+        self.source_prior = float(source_prior)
+        self.source_classes = bool(source_classes)
         if fallback_mask not in ("box", "source"):
             raise ValueError(f"config MODEL.P2SEG.INFERENCE.FALLBACK_MASK must be 'box' or 'source', got {fallback_mask!r}")
         self.fallback_mask = fallback_mask
@@ -87,6 +98,8 @@ class InstanceInference:
             "foreground_semantics": cfg.MODEL.P2SEG.FOREGROUND_SEMANTICS,
             "max_dense_mask_mb": inference.MAX_DENSE_MASK_MB,
             "fallback_mask": inference.FALLBACK_MASK,
+            "source_prior": inference.SOURCE_PRIOR,
+            "source_classes": inference.SOURCE_CLASSES,
         }
 
     def head_classes(self, point_classes: torch.Tensor) -> torch.Tensor:
@@ -143,8 +156,16 @@ class InstanceInference:
             grouped = probs
             if self.grouping_semantics == "source":
                 grouped = self._source_probabilities(x, height, width, device) * present[:, None, None]
+            elif self.source_prior > 0 and "sem_seg" in x:
+                grouped = probs.clone()
+                grouped[keep] = blend_with_source(probs[keep], self._source_labels(x, "sem_seg", height, width, device),
+                                                  keep, self.source_prior)
             point_classes = x["point_classes"].to(device).long()
-            found = point_guided_instances(grouped, offset, points, self.head_classes(point_classes),
+            head_classes = self.head_classes(point_classes)
+            if self.source_classes and self.foreground_semantics and "sem_seg_classes" in x and len(point_classes):
+                grouped, head_classes = split_foreground_by_class(
+                    grouped, offset, points, point_classes, self._source_labels(x, "sem_seg_classes", height, width, device))
+            found = point_guided_instances(grouped, offset, points, head_classes,
                                            self.fallback_box_size, self.fallback_score,
                                            max_dense_bytes=self.max_dense_bytes)
             found["classes"] = point_classes.clone()  # the point's class, also for foreground semantics
@@ -179,10 +200,16 @@ class InstanceInference:
                 f"MODEL.P2SEG.INFERENCE.SEMANTICS 'source' needs the semantic source of image "
                 f"{x.get('file_name', '?')} ('sem_seg_file_name' in its dataset dict)"
             )
-        sem = x["sem_seg"].to(device)
+        sem = self._source_labels(x, "sem_seg", height, width, device)
+        return one_hot_semantics(sem, torch.arange(self.num_classes + 1, device=device))
+
+    @staticmethod
+    def _source_labels(x: Dict, key: str, height: int, width: int, device) -> torch.Tensor:
+        """The input's source labels ``x[key]`` (int HxW) at ``height`` x ``width`` (nearest neighbour)."""
+        sem = x[key].to(device)
         if tuple(sem.shape) != (height, width):
             sem = F.interpolate(sem[None, None].float(), size=(height, width), mode="nearest")[0, 0].long()
-        return one_hot_semantics(sem, torch.arange(self.num_classes + 1, device=device))
+        return sem
 
     def to_output_size(self, x: torch.Tensor, image_size, height: int, width: int) -> torch.Tensor:
         """A 1/``common_stride`` map of the padded input at the output size: bilinear upsampling by

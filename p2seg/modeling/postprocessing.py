@@ -23,7 +23,7 @@ from p2seg.utils.nearest_point import nearest_point
 
 from .id_map_masks import IdMapMasks
 
-__all__ = ["point_guided_instances", "peak_instances", "one_hot_semantics"]
+__all__ = ["point_guided_instances", "peak_instances", "one_hot_semantics", "blend_with_source", "split_foreground_by_class"]
 
 
 
@@ -243,6 +243,90 @@ def one_hot_semantics(sem: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     one_hot = (sem[None] == labels.to(sem.device)[:, None, None]).to(torch.float32)
     one_hot[0] = 0.0
     return one_hot
+
+
+def blend_with_source(probs: torch.Tensor, sem: torch.Tensor, labels: torch.Tensor, strength: float,
+                      eps: float = 1e-4) -> torch.Tensor:
+    """The semantic source as evidence on the model's foreground (MODEL.P2SEG.INFERENCE.SOURCE_PRIOR).
+
+    Where the source labels a pixel foreground (one of ``labels[1:]``), the model's foreground
+    odds are multiplied by the source's likelihood ratio ``TPR / FPR`` raised to ``strength``;
+    TPR and FPR are estimated on this image with the model's probabilities as soft truth
+    (``TPR = sum p [s fg] / sum p``, ``FPR = sum (1 - p) [s fg] / sum (1 - p)`` over the pixels the
+    source labels). A precise source (few foreground pixels where the model sees background)
+    thus fills in the objects the model is unsure of, while a source whose foreground is spread
+    at random (ratio near 1) changes almost nothing. The source's background is not used: sources
+    miss objects (thresholds, dropped instances) far more often than the model does. The class
+    split of the foreground stays the model's.
+
+    Args:
+        probs: float ``K x H x W`` probabilities of the channels ``labels`` (channel 0 background).
+        sem: int ``H x W`` source labels (0 background, ``k + 1`` class ``k``, other values ignored).
+        labels: int64 ``(K,)``: the source label of each channel (``labels[0]`` = 0).
+        strength: float >= 0, the exponent of the ratio (0: the model alone; 1: naive Bayes, which
+            counts twice what the model learned from the same source).
+        eps: bound of the estimated rates away from 0 and 1.
+    Returns:
+        float ``K x H x W``, dtype of ``probs``.
+    """
+    if strength == 0.0 or probs.shape[0] < 2:
+        return probs
+    sem = sem.to(probs.device)
+    source_fg = torch.isin(sem, labels[1:].to(sem.device))
+    labelled = source_fg | (sem == 0)
+    fg = (1.0 - probs[0]).clamp(eps, 1.0 - eps)
+    weights = labelled.to(fg.dtype)
+    tpr = (fg * source_fg).sum() / (fg * weights).sum().clamp(min=eps)
+    fpr = ((1.0 - fg) * source_fg).sum() / ((1.0 - fg) * weights).sum().clamp(min=eps)
+    log_ratio = strength * (torch.log(tpr.clamp(eps, 1.0)) - torch.log(fpr.clamp(eps, 1.0)))
+    fused_fg = torch.where(source_fg, torch.sigmoid(torch.logit(fg) + log_ratio.clamp(min=0.0)), fg)
+    out = probs.clone()
+    out[1:] = probs[1:] * (fused_fg / fg)[None]
+    out[0] = 1.0 - fused_fg
+    return torch.where(source_fg[None], out, probs)
+
+
+def split_foreground_by_class(fg_probs, offsets, points, point_classes, source_sem, *, chunk_elements=2**22):
+    """Foreground-only probabilities (MODEL.P2SEG.FOREGROUND_SEMANTICS) split into the classes of
+    the points, for :func:`point_guided_instances` (MODEL.P2SEG.INFERENCE.SOURCE_CLASSES).
+
+    A foreground pixel (foreground >= background) takes the source's class where the source labels
+    it with the class of some point, else the class of the nearest point (any class) from
+    ``pixel + offset``; it then competes only for the points of that class, so that a pixel of a
+    person is not grouped to the nearby point of a dog.
+
+    Args:
+        fg_probs: float 2xHxW (background, foreground).
+        offsets: float 2xHxW (dy, dx) in pixels.
+        points: float Px2 (x, y), P >= 1; point_classes: int64 (P,) the points' classes.
+        source_sem: int HxW source labels (0 background, ``k + 1`` class ``k``, other values ignored).
+    Returns:
+        (probs float (K+1)xHxW, local int64 (P,)): channel 0 the background, channel ``j + 1`` the
+        foreground of the pixels of class ``classes[j]`` (``classes`` the sorted distinct point
+        classes, K of them), and each point's channel index ``j``: pass both to
+        :func:`point_guided_instances` in place of the foreground and the classes.
+    """
+    device = fg_probs.device
+    height, width = fg_probs.shape[1:]
+    point_classes = torch.as_tensor(point_classes, device=device).long().reshape(-1)
+    classes, local = torch.unique(point_classes, return_inverse=True)
+    to_local = torch.full((int(max(int(source_sem.max()), int(classes.max()) + 1)) + 1,), -1, dtype=torch.int64,
+                          device=device)
+    to_local[classes + 1] = torch.arange(classes.numel(), device=device)
+    sem = source_sem.to(device).long().reshape(-1)
+    pixel_class = torch.where(sem >= 0, to_local[sem.clamp(min=0)], torch.full_like(sem, -1))
+    foreground = fg_probs[1].reshape(-1) >= fg_probs[0].reshape(-1)
+    unlabelled = torch.nonzero(foreground & (pixel_class < 0)).squeeze(1)
+    if unlabelled.numel():
+        offsets = offsets.to(torch.promote_types(offsets.dtype, torch.float32))
+        points_yx = torch.as_tensor(points, device=device).reshape(-1, 2).to(offsets.dtype).flip(1)
+        nearest = nearest_point(_voted_positions(unlabelled, offsets), points_yx, chunk_elements=chunk_elements)
+        pixel_class[unlabelled] = local[nearest]
+    probs = fg_probs.new_zeros((classes.numel() + 1, height * width))
+    probs[0] = fg_probs[0].reshape(-1)
+    assigned = torch.nonzero(foreground & (pixel_class >= 0)).squeeze(1)
+    probs[pixel_class[assigned] + 1, assigned] = fg_probs[1].reshape(-1)[assigned]
+    return probs.reshape(-1, height, width), local
 
 
 # ---------------------------------------------------------------------------- without points
