@@ -39,7 +39,7 @@ from detectron2.utils.logger import setup_logger
 
 from p2seg import add_p2seg_config
 from p2seg.config import merge_config_file
-from p2seg.datasets.registration import register_datasets
+from p2seg.datasets.registration import adopt_pseudo_label_classes, register_datasets
 from p2seg.utils.atomic import write_json_atomic
 from p2seg.engine import Trainer
 from p2seg.engine.checkpointer import P2SegCheckpointer
@@ -68,10 +68,13 @@ def setup(args):
     add_p2seg_config(cfg)
     merge_config_file(cfg, args.config_file)
     cfg.merge_from_list(args.opts)
+    adopted = adopt_pseudo_label_classes(cfg)  # stage 2 on your data with a config made for another
     cfg.freeze()
     default_setup(cfg, args)
     # The project's own logger, like Detectron2's: console (main process) and OUTPUT_DIR/log.txt.
-    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="p2seg", abbrev_name="p2seg")
+    logger = setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="p2seg", abbrev_name="p2seg")
+    if adopted:
+        logger.info(adopted)
     register_datasets(cfg)  # once per process: the datasets the config names, with its settings
     return cfg
 

@@ -157,10 +157,11 @@ def add_p2seg_config(cfg):
     # model alone. A precise source fills in what the model is unsure of; a random one changes little.
     # 1.0 (naive Bayes) chosen over 0.5 and 2.0 on nuclei fold A and shapes (docs/RECIPE_SELECTION.md).
     cfg.MODEL.P2SEG.INFERENCE.SOURCE_PRIOR = 1.0
+    cfg.MODEL.P2SEG.INFERENCE.SOURCE_PRIOR_BACKGROUND = False  # also the source's background, (1-TPR)/(1-FPR)
     # With FOREGROUND_SEMANTICS and points: a foreground pixel the source labels with the class of a
     # point goes only to the points of that class (others: the nearest point of any class), so
     # neighbouring objects of different classes do not take each other's pixels.
-    cfg.MODEL.P2SEG.INFERENCE.SOURCE_CLASSES = False
+    cfg.MODEL.P2SEG.INFERENCE.SOURCE_CLASSES = True
     cfg.MODEL.P2SEG.INFERENCE.MIN_INSTANCE_AREA = 1  # peak-path instances below this are dropped
     # Point-guided masks whose dense form (points x H x W bytes) would exceed this come as one id
     # map (p2seg/modeling/id_map_masks.py): a crowded large image exports in memory ~ H x W.

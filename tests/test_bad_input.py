@@ -519,18 +519,19 @@ def test_truncated_pseudo_mask_json_names_file_and_key(tiny):
     cfg = _cfg(**{"DATASETS.PSEUDO_LABELS.JSON": str(truncated), "DATASETS.PSEUDO_LABELS.SOURCE": source,
                   "DATASETS.PSEUDO_LABELS.NAME": "test_pseudo_train"})
     try:
-        name = register_pseudo_label_dataset(cfg)
         with pytest.raises(ValueError, match=r"DATASETS.PSEUDO_LABELS.JSON: .*pseudo_masks.json: line 1 column"):
-            DatasetCatalog.get(name)
+            register_pseudo_label_dataset(cfg)  # read when registered: before any training starts
     finally:
         for n in (source, "test_pseudo_train"):
-            DatasetCatalog.remove(n)
-            MetadataCatalog.remove(n)
+            for catalog in (DatasetCatalog, MetadataCatalog):
+                if n in catalog.list():
+                    catalog.remove(n)
 
 
 def test_stage2_refuses_pseudo_masks_exported_from_another_dataset(tiny):
     """DATASETS.PSEUDO_LABELS.SOURCE 'nucB' with a JSON exported from 'nuc' (same file names and
-    sizes) used to train without a word; the JSON's info.source_dataset is now compared."""
+    sizes) used to train without a word; for a JSON without its own info.image_root (its images
+    come from SOURCE) the JSON's info.source_dataset is now compared."""
     from p2seg.datasets.registration import register_pseudo_label_dataset
 
     root, path, _ = tiny

@@ -21,7 +21,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
 
 from p2seg import add_p2seg_config
-from p2seg.engine.pipeline import QUICK_COMMON, QUICK_STAGE1
+from p2seg.engine.pipeline import QUICK_COMMON, QUICK_STAGE1, QUICK_STAGE2
 
 REPO = Path(__file__).resolve().parents[1]
 STAGE1 = REPO / "configs" / "shapes" / "p2seg_R18_cpu.yaml"
@@ -138,6 +138,31 @@ def _replace(text, pairs):
     for old, new in pairs:
         text = text.replace(old, new)
     return text
+
+
+def _readme_stage2_command():
+    """The README's own-data stage-2 command ("Your own data"), as train_net.py arguments."""
+    import shlex
+
+    readme = (REPO / "README.md").read_text()
+    block = readme[readme.index("# stage 2: Detectron2's Mask R-CNN (pretrained Lite0"):]
+    command = block[block.index(".venv/bin/python train_net.py"):block.index("```")]
+    return shlex.split(command.replace("\\\n", " "))[2:]
+
+
+def test_readme_stage2_on_your_own_data_needs_only_the_json(stage1):
+    """README "Your own data", stage 2 verbatim (but the JSON, output folder and a 1-iteration
+    schedule): a config made for other data (coco_mini's, 80 classes, another SOURCE) trains on
+    the exported JSON alone: its images from the JSON, its 3 classes adopted and logged."""
+    args = _readme_stage2_command()
+    assert args[:2] == ["--config-file", "configs/coco_mini/mask_rcnn_lite0_FPN_cpu.yaml"]
+    out = stage1["root"] / "my_mask_rcnn"
+    args = [{"output/my_export/pseudo_masks_my_train.json": str(stage1["json"]),
+             "output/my_mask_rcnn": str(out)}.get(a, a) for a in args]
+    assert str(stage1["json"]) in args and str(out) in args
+    log = _run([*args, *QUICK_COMMON, *QUICK_STAGE2, "SOLVER.MAX_ITER", "1"], stage1["env"])
+    assert "MODEL.ROI_HEADS.NUM_CLASSES 80 -> 3: the categories of DATASETS.PSEUDO_LABELS.JSON" in log
+    assert "NUM_CLASSES: 3" in (out / "config.yaml").read_text() and (out / "model_final.pth").is_file()
 
 
 def test_pipeline_quick_runs_stage2_and_resumes(stage1):

@@ -1,6 +1,7 @@
 """The comparison's training masks (baseline's, ground truth) as stage-2 JSONs
 (:mod:`p2seg.evaluation.stage2_labels`), read back by the stage-2 registration."""
 import json
+import os
 
 import cv2
 import numpy as np
@@ -89,11 +90,19 @@ def test_ground_truth_json_trains_stage2_through_the_pseudo_label_registration(d
         assert len(dicts) == 1 and len(dicts[0]["annotations"]) == 4
         assert sorted(a["category_id"] for a in dicts[0]["annotations"]) == [0, 0, 1, 1]
         assert MetadataCatalog.get(registered).thing_classes == ["three", "seven"]
-        # the JSON names its dataset: registering it as another dataset's masks is refused
+        # the JSON carries its images and dataset: another SOURCE (a config made for other data)
+        # is not used; without info.image_root the images come from SOURCE, and a JSON of another
+        # dataset is refused
+        info = json.loads(out.read_text())["info"]
+        assert info["source_dataset"] == name and info["image_root"] == os.path.abspath(root / "img")
         cfg.DATASETS.PSEUDO_LABELS.SOURCE = "p2seg_shapes_val"
         from p2seg.datasets.shapes import register_shapes
 
         register_shapes(4, 2, 0)
+        register_pseudo_label_dataset(cfg)
+        assert DatasetCatalog.get(f"{name}_gt")[0]["file_name"] == dicts[0]["file_name"]
+        coco = json.loads(out.read_text())
+        out.write_text(json.dumps(dict(coco, info={"source_dataset": name})))
         register_pseudo_label_dataset(cfg)
         with pytest.raises(ValueError, match="was exported from dataset"):
             DatasetCatalog.get(f"{name}_gt")

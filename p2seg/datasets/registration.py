@@ -9,7 +9,8 @@ from detectron2.data.datasets import load_coco_json
 from .config_datasets import register_config_datasets
 from .shapes import register_shapes
 
-__all__ = ["register_datasets", "register_pseudo_label_dataset"]
+__all__ = ["register_datasets", "register_pseudo_label_dataset", "adopt_pseudo_label_classes", "pseudo_label_info",
+           "dataset_image_root"]
 
 logger = logging.getLogger(__name__)
 
@@ -34,33 +35,89 @@ def register_pseudo_label_dataset(cfg):
     """Register ``DATASETS.PSEUDO_LABELS.JSON`` (an exported pseudo-mask COCO JSON) as
     ``DATASETS.PSEUDO_LABELS.NAME`` as Detectron2's ``register_coco_instances`` does.
 
-    Images are read from the ``image_root`` metadata of ``DATASETS.PSEUDO_LABELS.SOURCE`` (the
-    dataset the masks were exported from); the classes come from the JSON's categories. Nothing
-    happens when JSON is "". Returns the registered name or None.
+    Images are read from the JSON's own ``info.image_root`` (the exporter writes it), so the JSON
+    alone is enough on any dataset; a JSON without it (made elsewhere, or by an older export) reads
+    them from the ``image_root`` metadata of ``DATASETS.PSEUDO_LABELS.SOURCE`` (the dataset the masks
+    were exported from). The classes come from the JSON's categories. Nothing happens when JSON is
+    "". Returns the registered name or None.
     """
     p = cfg.DATASETS.PSEUDO_LABELS
     if not p.JSON:
         return None
-    if not os.path.isfile(p.JSON):
-        raise FileNotFoundError(f"config DATASETS.PSEUDO_LABELS.JSON: file not found: {p.JSON}")
-    if p.SOURCE not in DatasetCatalog.list():
-        raise KeyError(
-            f"config DATASETS.PSEUDO_LABELS.SOURCE: {p.SOURCE!r} is not a registered dataset "
-            f"(the dataset {p.JSON} was exported from)"
-        )
-    image_root = getattr(MetadataCatalog.get(p.SOURCE), "image_root", None)
-    if not image_root:
-        raise KeyError(f"config DATASETS.PSEUDO_LABELS.SOURCE: dataset {p.SOURCE!r} has no 'image_root' metadata")
-    if p.NAME in DatasetCatalog.list():
-        DatasetCatalog.remove(p.NAME)
-    if p.NAME in MetadataCatalog.list():
-        MetadataCatalog.remove(p.NAME)
+    info = pseudo_label_info(p.JSON)
+    json_file, name, max_fallback = p.JSON, p.NAME, p.MAX_FALLBACK_FRACTION
+    image_root, source = info.get("image_root"), p.SOURCE
+    if image_root:
+        if source and source != info.get("source_dataset"):
+            logger.info("%s carries its images (%s, exported from %r): DATASETS.PSEUDO_LABELS.SOURCE %r is not used",
+                        json_file, image_root, info.get("source_dataset"), source)
+        source = info.get("source_dataset")
+    else:
+        image_root = _source_image_root(json_file, source)
+    for catalog in (DatasetCatalog, MetadataCatalog):
+        if name in catalog.list():
+            catalog.remove(name)
     # Detectron2's register_coco_instances, with a loader whose parse errors name the file.
-    json_file, name, source, max_fallback = p.JSON, p.NAME, p.SOURCE, p.MAX_FALLBACK_FRACTION
     DatasetCatalog.register(name, lambda: _load_pseudo_label_json(json_file, image_root, name, source, max_fallback))
     MetadataCatalog.get(name).set(json_file=json_file, image_root=image_root, evaluator_type="coco")
-    logger.info("Registered %s: %s (images in %s)", p.NAME, p.JSON, image_root)
-    return p.NAME
+    logger.info("Registered %s: %s (images in %s)", name, json_file, image_root)
+    return name
+
+
+def dataset_image_root(dataset_name):
+    """Absolute ``image_root`` metadata of a registered dataset, or None: what the exporters write
+    as ``info.image_root`` so that their JSON is enough for stage 2."""
+    root = getattr(MetadataCatalog.get(dataset_name), "image_root", None)
+    return os.path.abspath(root) if root else None
+
+
+def _source_image_root(json_file, source):
+    """The ``image_root`` of the registered dataset ``source`` (DATASETS.PSEUDO_LABELS.SOURCE) for
+    a JSON that does not carry its own; errors name the key and the file."""
+    if not source or source not in DatasetCatalog.list():
+        raise KeyError(
+            f"config DATASETS.PSEUDO_LABELS.SOURCE: {source!r} is not a registered dataset, and {json_file} has no "
+            "info.image_root (the exporter writes it): set SOURCE to the dataset the masks were exported from, "
+            "or export them again"
+        )
+    image_root = getattr(MetadataCatalog.get(source), "image_root", None)
+    if not image_root:
+        raise KeyError(f"config DATASETS.PSEUDO_LABELS.SOURCE: dataset {source!r} has no 'image_root' metadata")
+    return image_root
+
+
+def pseudo_label_info(json_file):
+    """``info`` of a pseudo-mask JSON (``{}`` when absent) plus ``num_categories``; a missing file
+    or one that does not parse is an error naming DATASETS.PSEUDO_LABELS.JSON."""
+    if not os.path.isfile(json_file):
+        raise FileNotFoundError(f"config DATASETS.PSEUDO_LABELS.JSON: file not found: {json_file}")
+    try:
+        with open(json_file) as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(
+            f"config DATASETS.PSEUDO_LABELS.JSON: {json_file}: line {e.lineno} column {e.colno}: not valid "
+            f"JSON ({e.msg}); a truncated file? Export it again (train_net.py --eval-only "
+            f"TEST.EXPORT_PSEUDO_MASKS True)"
+        ) from e
+    info = data.get("info") if isinstance(data.get("info"), dict) else {}
+    return dict(info, num_categories=len(data.get("categories") or []))
+
+
+def adopt_pseudo_label_classes(cfg):
+    """Before the config is frozen: a Mask R-CNN trained on ``DATASETS.PSEUDO_LABELS.JSON`` takes
+    its class count (``MODEL.ROI_HEADS.NUM_CLASSES``) from the JSON's categories, so that a stage-2
+    config made for another dataset works on yours. Returns a sentence for the log when it
+    changed the count, else None."""
+    p = cfg.DATASETS.PSEUDO_LABELS
+    if not p.JSON or cfg.MODEL.META_ARCHITECTURE != "GeneralizedRCNN" or not cfg.MODEL.MASK_ON:
+        return None
+    count = pseudo_label_info(p.JSON)["num_categories"]
+    if not count or count == cfg.MODEL.ROI_HEADS.NUM_CLASSES:
+        return None
+    before, cfg.MODEL.ROI_HEADS.NUM_CLASSES = cfg.MODEL.ROI_HEADS.NUM_CLASSES, count
+    return (f"MODEL.ROI_HEADS.NUM_CLASSES {before} -> {count}: the categories of DATASETS.PSEUDO_LABELS.JSON "
+            f"{p.JSON}")
 
 
 def _check_exported_from(json_file, source, max_fallback_fraction=1.0):

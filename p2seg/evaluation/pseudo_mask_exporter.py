@@ -67,6 +67,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.evaluation import DatasetEvaluator
 from detectron2.utils import comm
 
+from p2seg.datasets.registration import dataset_image_root
 from p2seg.modeling.id_map_masks import masks_to_rles
 from p2seg.utils.atomic import atomic_file, write_json_atomic
 
@@ -445,6 +446,7 @@ class PseudoMaskExporter(DatasetEvaluator):
             raise ValueError(f"dataset '{self._dataset_name}' has no image entry for exported image ids {missing[:5]}")
         image_ids = sorted(index, key=image_id_sort_key)
         info = {"description": "P2Seg pseudo masks, one per point", "source_dataset": self._dataset_name,
+                "image_root": dataset_image_root(self._dataset_name),
                 "num_points": sum(index[i]["num_points"] for i in image_ids),
                 "num_fallback": sum(index[i]["num_fallback"] for i in image_ids)}
         predictions, num_annotations, files = [], 0, {}

@@ -34,7 +34,7 @@ class InstanceInference:
                  nms_kernel: int = 41, top_k: int = 200, min_instance_area: int = 1,
                  fallback_box_size: int = 64, fallback_score: float = 0.5, grouping_semantics: str = "model",
                  foreground_semantics: bool = False, max_dense_mask_mb: float = 256.0, fallback_mask: str = "box",
-                 source_prior: float = 0.0, source_classes: bool = False):
+                 source_prior: float = 0.0, source_classes: bool = False, source_prior_background: bool = False):
         """
         Args:
             num_classes: C, the classes of the semantic and centre heads (1 with
@@ -60,6 +60,7 @@ class InstanceInference:
         if not source_prior >= 0.0:
             raise ValueError(f"config MODEL.P2SEG.INFERENCE.SOURCE_PRIOR must be >= 0, got {source_prior}")
         self.source_prior = float(source_prior)
+        self.source_prior_background = bool(source_prior_background)
         self.source_classes = bool(source_classes)
         if fallback_mask not in ("box", "source"):
             raise ValueError(f"config MODEL.P2SEG.INFERENCE.FALLBACK_MASK must be 'box' or 'source', got {fallback_mask!r}")
@@ -100,6 +101,7 @@ class InstanceInference:
             "fallback_mask": inference.FALLBACK_MASK,
             "source_prior": inference.SOURCE_PRIOR,
             "source_classes": inference.SOURCE_CLASSES,
+            "source_prior_background": inference.SOURCE_PRIOR_BACKGROUND,
         }
 
     def head_classes(self, point_classes: torch.Tensor) -> torch.Tensor:
@@ -159,7 +161,8 @@ class InstanceInference:
             elif self.source_prior > 0 and "sem_seg" in x:
                 grouped = probs.clone()
                 grouped[keep] = blend_with_source(probs[keep], self._source_labels(x, "sem_seg", height, width, device),
-                                                  keep, self.source_prior)
+                                                  keep, self.source_prior,
+                                                  use_background=self.source_prior_background)
             point_classes = x["point_classes"].to(device).long()
             head_classes = self.head_classes(point_classes)
             if self.source_classes and self.foreground_semantics and "sem_seg_classes" in x and len(point_classes):

@@ -246,7 +246,7 @@ def one_hot_semantics(sem: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def blend_with_source(probs: torch.Tensor, sem: torch.Tensor, labels: torch.Tensor, strength: float,
-                      eps: float = 1e-4) -> torch.Tensor:
+                      eps: float = 1e-4, use_background: bool = False) -> torch.Tensor:
     """The semantic source as evidence on the model's foreground (MODEL.P2SEG.INFERENCE.SOURCE_PRIOR).
 
     Where the source labels a pixel foreground (one of ``labels[1:]``), the model's foreground
@@ -266,6 +266,9 @@ def blend_with_source(probs: torch.Tensor, sem: torch.Tensor, labels: torch.Tens
         strength: float >= 0, the exponent of the ratio (0: the model alone; 1: naive Bayes, which
             counts twice what the model learned from the same source).
         eps: bound of the estimated rates away from 0 and 1.
+        use_background: also on the source's background pixels, with the ratio
+            ``(1 - TPR) / (1 - FPR)`` (strong for a source that rarely misses foreground, weak for
+            one that misses much of it).
     Returns:
         float ``K x H x W``, dtype of ``probs``.
     """
@@ -280,10 +283,16 @@ def blend_with_source(probs: torch.Tensor, sem: torch.Tensor, labels: torch.Tens
     fpr = ((1.0 - fg) * source_fg).sum() / ((1.0 - fg) * weights).sum().clamp(min=eps)
     log_ratio = strength * (torch.log(tpr.clamp(eps, 1.0)) - torch.log(fpr.clamp(eps, 1.0)))
     fused_fg = torch.where(source_fg, torch.sigmoid(torch.logit(fg) + log_ratio.clamp(min=0.0)), fg)
+    changed = source_fg
+    if use_background:
+        source_bg = sem == 0
+        log_ratio_bg = strength * (torch.log((1.0 - tpr).clamp(eps, 1.0)) - torch.log((1.0 - fpr).clamp(eps, 1.0)))
+        fused_fg = torch.where(source_bg, torch.sigmoid(torch.logit(fg) + log_ratio_bg.clamp(max=0.0)), fused_fg)
+        changed = source_fg | source_bg
     out = probs.clone()
     out[1:] = probs[1:] * (fused_fg / fg)[None]
     out[0] = 1.0 - fused_fg
-    return torch.where(source_fg[None], out, probs)
+    return torch.where(changed[None], out, probs)
 
 
 def split_foreground_by_class(fg_probs, offsets, points, point_classes, source_sem, *, chunk_elements=2**22):
