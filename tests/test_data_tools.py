@@ -531,3 +531,11 @@ def test_points_from_csv_reads_only_the_images_it_names_and_huge_ones_by_their_h
     assert points_from_csv.main([str(csv_file), str(out), "--images", str(images)]) == 1
     err = capsys.readouterr().err
     assert "c.png: cannot be read as an image" in err and "Traceback" not in err
+
+
+def test_render_semseg_help_gives_the_defaults_and_what_it_is_for(capsys):
+    with pytest.raises(SystemExit):
+        render_semseg.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: 0.1)" in text and "(default: 255)" in text  # --blob-radius, --ignore-label
+    assert "for experiments" in text and "threshold" in text

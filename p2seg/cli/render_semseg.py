@@ -32,7 +32,10 @@ from p2seg.evaluation.semantic_miou import mean_iou
 
 def build_parser() -> argparse.ArgumentParser:
     """Command-line interface."""
-    p = argparse.ArgumentParser(prog="p2seg-render-semseg", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="p2seg-render-semseg", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                description=__doc__.split("\n")[0].rstrip(".") + ". A degraded rendering of true masks is for "
+                                "experiments (a source of known quality); for your own data use a segmenter's "
+                                "output, p2seg-threshold-semseg (one class), or this tool on masks you already have.")
     p.add_argument("json", help="COCO JSON of masks (ground truth or pseudo masks)")
     p.add_argument("--out", required=True, help="output folder of PNGs (created; files written atomically)")
     p.add_argument("--drop-prob", type=float, default=0.0, help="probability to drop an instance")
@@ -43,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="max disk radius as a fraction of the shorter image side (default 0.1)")
     p.add_argument("--flip-prob", type=float, default=0.0,
                    help="probability that a pixel takes another label, independently per pixel")
-    p.add_argument("--seed", type=int, default=0, help="seed of the degradation (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the degradation")
     p.add_argument("--ignore-label", type=int, default=255, help="value of crowd/ignored pixels")
     p.add_argument("--categories", default=None, metavar="POINT_JSON",
                    help="the point JSON the maps are for: its categories set the labels (k + 1 for the k-th "
