@@ -2,6 +2,7 @@
 data enters (point JSON loader, dataset mapper); "skip" mode of the training mapper."""
 import copy
 import json
+import os
 import logging
 import math
 
@@ -265,6 +266,12 @@ def test_images_without_points_are_kept_counted_and_filtered_by_detectron2(tiny,
     assert [len(d["annotations"]) for d in dicts] == [2, 0, 0]
     warnings = [r.getMessage() for r in caplog.records if "have no point" in r.getMessage()]
     assert len(warnings) == 1 and "2 of 3 images" in warnings[0] and str(path) in warnings[0]
+    names = {im["id"]: os.path.basename(im["file_name"]) for im in data["images"]}
+    assert f"{names[2]}, {names[3]}" in warnings[0] and names[1] not in warnings[0]  # the list, by file
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="p2seg.data.point_coco"):
+        _load(root, path)  # the catalog loads a dataset again and again: listed once
+    assert not [r for r in caplog.records if "have no point" in r.getMessage()]
     name = "test_h9_empty_images"
     register_point_coco_instances(name, {}, str(path), str(root / "img"), str(root / "sem"))
     try:

@@ -113,6 +113,18 @@ def test_baseline_cli_is_perfect_on_ground_truth_semantics(tmp_path, capsys, num
     assert printed["voc_mask"]["mAP50"] == 100.0
 
 
+def test_baseline_cli_shows_progress_unless_quiet(tmp_path, capsys):
+    """p2seg-baseline says what it reads and shows images done / total on stderr; --quiet does not."""
+    points = write_dataset(tmp_path, 3)
+    args = [str(points), "--images", str(tmp_path / "img"), "--semantic", str(tmp_path / "sem")]
+    baseline_tool.main(args)
+    err = capsys.readouterr().err
+    assert "p2seg-baseline: reading" in err and "1/1" in err and "image" in err
+    baseline_tool.main(args + ["--quiet"])
+    err = capsys.readouterr().err
+    assert "p2seg-baseline: reading" not in err and "1/1" not in err
+
+
 def test_baseline_cli_with_an_eroded_source_scores_below_perfect(tmp_path, capsys):
     points = write_dataset(tmp_path)
     sem = cv2.imread(str(tmp_path / "sem" / "a.png"), cv2.IMREAD_UNCHANGED)

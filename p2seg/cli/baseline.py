@@ -49,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vis", default=None, metavar="DIR",
                    help="also write DIR/baseline_overview.png: image + points, source, baseline masks, ground truth")
     p.add_argument("--vis-images", type=int, default=4, help="images (rows) of the overview (default 4)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
 
@@ -65,6 +66,8 @@ def run_baseline(args) -> dict:
         if _DATASET in catalog.list():
             catalog.remove(_DATASET)
     register_point_coco_instances(_DATASET, {}, args.json, args.images, args.semantic)
+    if not args.quiet:
+        print(f"p2seg-baseline: reading {args.json} and its semantic source {args.semantic}", file=sys.stderr)
     dicts = DatasetCatalog.get(_DATASET)
     summary = {"json": args.json, "semantic": args.semantic, "images": len(dicts),
                "points": sum(len(d["annotations"]) for d in dicts)}
@@ -79,7 +82,7 @@ def run_baseline(args) -> dict:
     else:
         with contextlib.redirect_stdout(sys.stderr):  # pycocotools prints its tables
             results = evaluate_baseline(_DATASET, dicts, tuple(args.iou_thresholds), args.max_dets,
-                                        args.fallback_box_size, 0.0)
+                                        args.fallback_box_size, 0.0, progress=not args.quiet)
         summary.update(scored=True, points_without_region=results["baseline"]["num_without_region"],
                        segm={k: round(v, 2) for k, v in results["segm"].items()},
                        voc_mask={k: round(v, 2) for k, v in results["voc_mask"].items()})

@@ -333,23 +333,29 @@ def _read_json(json_file: str) -> dict:
         raise ValueError(f"{json_file}: not a UTF-8 text file ({e})") from e
 
 
+_WARNED_EMPTY = set()  # point JSONs whose images without a point were already listed
+_MAX_LISTED = 20
+
+
 def _check_not_empty(dicts: List[dict], json_file: str, require_points: bool) -> None:
     """Error for an empty dataset / a training set without points; warn about pointless images."""
     if not dicts:
         raise ValueError(f"{json_file}: field 'images' is empty: the dataset has no image")
     if not require_points:
         return
-    empty = [d["image_id"] for d in dicts if not d["annotations"]]
+    empty = [d for d in dicts if not d["annotations"]]
     if len(empty) == len(dicts):
         raise ValueError(
             f"{json_file}: no image has a point (field 'annotations' holds no non-crowd "
             f"annotation of a listed image); a training set needs points"
         )
-    if empty:
+    if empty and json_file not in _WARNED_EMPTY:  # once per file and process (the catalog reloads it)
+        _WARNED_EMPTY.add(json_file)
+        names = [os.path.basename(d["file_name"]) for d in empty]
+        shown = ", ".join(names[:_MAX_LISTED]) + (f", ... ({len(names) - _MAX_LISTED} more)" if len(names) > _MAX_LISTED else "")
         logger.warning(
-            "%s: %d of %d images have no point (e.g. image ids %s); Detectron2's training loader "
-            "drops them when DATALOADER.FILTER_EMPTY_ANNOTATIONS is True",
-            json_file, len(empty), len(dicts), empty[:5],
+            "%s: %d of %d images have no point: %s. Detectron2's training loader drops them when "
+            "DATALOADER.FILTER_EMPTY_ANNOTATIONS is True", json_file, len(empty), len(dicts), shown,
         )
 
 

@@ -14,10 +14,12 @@ A point whose class region is empty gets the fallback box of the post-processing
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Dict, Iterable, Optional, Sequence
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import Boxes, Instances
@@ -117,6 +119,7 @@ def evaluate_baseline(
     fallback_box_size: int = 0,
     fallback_score: float = 0.0,
     on_prediction=None,
+    progress: bool = False,
 ):
     """Score the baseline on a registered dataset with the models' evaluator.
 
@@ -127,6 +130,7 @@ def evaluate_baseline(
             raised to the points of the most crowded image).
         fallback_box_size, fallback_score: see :func:`nearest_point_instances`.
         on_prediction: optional ``callable(record, output)`` (e.g. to draw pictures).
+        progress: a progress bar on stderr (images done / total, rate, time left).
     Returns:
         the evaluator's results: ``OrderedDict(segm={"AP", "AP50", "AP75"}, voc_mask={...})``, plus
         ``baseline={"num_points", "num_without_region"}`` (warned about when not 0).
@@ -137,7 +141,7 @@ def evaluate_baseline(
                                       max_dets_per_image=max_dets_per_image)
     evaluator.reset()
     counts = {"num_points": 0, "num_without_region": 0}
-    for d in dicts:
+    for d in tqdm(dicts, desc=f"baseline {dataset_name}", unit="image", disable=not progress, file=sys.stderr):
         out = baseline_prediction(d, fallback_box_size, fallback_score, num_classes)
         num_points = len(out["instances"])
         counts["num_points"] += num_points
