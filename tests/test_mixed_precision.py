@@ -216,7 +216,10 @@ def _cfg(*opts):
     return cfg
 
 
-def test_amp_dtype_from_the_config():
+def test_amp_dtype_from_the_config(monkeypatch):
+    import p2seg.utils.precision as precision
+
+    monkeypatch.setattr(precision, "cpu_bfloat16_native", lambda: True)
     assert amp_dtype(_cfg(), "cpu") is None
     assert amp_dtype(_cfg("SOLVER.AMP.ENABLED", True), "cpu") == torch.bfloat16
     assert amp_dtype(_cfg("SOLVER.AMP.ENABLED", True), "cuda") == torch.float16
@@ -227,6 +230,40 @@ def test_amp_dtype_from_the_config():
         assert autocast_dtype(torch.device("cpu")) == torch.bfloat16
     with mixed_precision(_cfg(), "cpu"):
         assert autocast_dtype(torch.device("cpu")) is None
+
+
+def test_auto_dtype_is_float32_on_a_cpu_that_only_emulates_bfloat16(monkeypatch, caplog):
+    """SOLVER.AMP.DTYPE 'auto' on a CPU without avx512_bf16 / amx_bf16 (bfloat16 emulated, slower
+    than float32): float32, said once; an explicit 'bfloat16' is kept with a warning; CUDA keeps
+    float16."""
+    import logging
+
+    import p2seg.utils.precision as precision
+
+    monkeypatch.setattr(precision, "cpu_bfloat16_native", lambda: False)
+    precision._warn_once.cache_clear()
+    with caplog.at_level(logging.WARNING, logger="p2seg.utils.precision"):
+        assert amp_dtype(_cfg("SOLVER.AMP.ENABLED", True), "cpu") is None
+        assert amp_dtype(_cfg("SOLVER.AMP.ENABLED", True), "cpu") is None
+        assert amp_dtype(_cfg("SOLVER.AMP.ENABLED", True, "SOLVER.AMP.DTYPE", "bfloat16"), "cpu") == torch.bfloat16
+        assert amp_dtype(_cfg("SOLVER.AMP.ENABLED", True), "cuda") == torch.float16
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("no native bfloat16" in m and "runs in float32" in m for m in messages) == 1
+    assert sum("emulated and likely slower" in m for m in messages) == 1
+    with mixed_precision(_cfg("SOLVER.AMP.ENABLED", True), "cpu"):
+        assert autocast_dtype(torch.device("cpu")) is None
+
+
+def test_cpu_flags_are_read():
+    from p2seg.utils.precision import cpu_bfloat16_native
+
+    native = cpu_bfloat16_native()
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        assert native is None
+        return
+    assert native == any(f in flags.split() for f in ("avx512_bf16", "amx_bf16", "bf16"))
 
 
 @pytest.mark.parametrize("dtype", sorted(LOW))
