@@ -209,6 +209,9 @@ def test_pipeline_quick_runs_stage2_and_resumes(stage1):
     assert overview is not None and overview.shape[1] > 1.2 * overview.shape[0]  # 5 panels wide, 4 rows
     assert cv2.imread(results["files"]["curves"]) is not None
     assert results["stages"]["stage2"]["seconds"] > 0
+    # the total is the command's wall time (the stage-2 rows overlap, so not the sum of the stages)
+    assert results["total_seconds"] >= max(t["seconds"] or 0 for t in results["stages"].values())
+    assert "| total (wall time; the stage-2 rows run side by side) |" in log
     assert "| Mask R-CNN on P2Seg pseudo masks |" in log and "**point-free (test images)**" in log
     # a rerun skips every stage and prints the same table
     log2 = _run(["--quick", "--output-dir", str(out)], stage1["env"], script="tools/run_pipeline.py")

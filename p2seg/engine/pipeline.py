@@ -382,6 +382,7 @@ def run_pipeline(pc: PipelineConfig) -> dict:
     """
     from p2seg.utils.atomic import write_json_atomic
 
+    started = time.perf_counter()
     pc.output_dir.mkdir(parents=True, exist_ok=True)
     cfg1, cfg2 = pc.load_cfg(1), pc.load_cfg(2)
     if not len(cfg1.DATASETS.TRAIN):
@@ -491,7 +492,7 @@ def run_pipeline(pc: PipelineConfig) -> dict:
     out = {
         "rows": rows,
         "stages": timings,
-        "total_seconds": round(sum(t["seconds"] or 0.0 for t in timings.values()), 1),
+        "total_seconds": round(time.perf_counter() - started, 1),  # wall time: the stage-2 rows overlap
         "files": {"pseudo_masks": str(pseudo_json), "stage1_model": str(d1 / "model_final.pth"),
                   "stage2_model": str(d2 / "model_final.pth"), **{k: str(v) for k, v in pictures.items()},
                   **{f"{row}_masks": str(p) for row, p in label_files.items()}},
@@ -529,5 +530,5 @@ def results_table(out: dict) -> str:
     lines += ["| stage | wall time (s) |", "|---|---:|"]
     for name, t in out["stages"].items():
         lines.append(f"| {name} | {'skipped (done)' if t['skipped'] else _fmt(t['seconds'])} |")
-    lines.append(f"| total | {_fmt(out['total_seconds'])} |")
+    lines.append(f"| total (wall time; the stage-2 rows run side by side) | {_fmt(out['total_seconds'])} |")
     return "\n".join(lines)
