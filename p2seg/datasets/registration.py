@@ -125,12 +125,11 @@ def _check_exported_from(json_file, source, max_fallback_fraction=1.0):
     (DATASETS.PSEUDO_LABELS.SOURCE): the masks of another dataset with the same file names and
     sizes would train stage 2 without a word; or when more than ``max_fallback_fraction`` of its
     points got the fallback box (``info.num_fallback`` / ``info.num_points``): stage 2 would learn
-    boxes. A JSON without these fields (made elsewhere) passes."""
-    with open(json_file) as f:
-        info = json.load(f).get("info") or {}
-    info = info if isinstance(info, dict) else {}
+    boxes. A JSON without these fields (made elsewhere) passes; one that does not parse is named
+    (:func:`pseudo_label_info`)."""
+    info = pseudo_label_info(json_file)
     exported_from = info.get("source_dataset")
-    if exported_from is not None and exported_from != source:
+    if source is not None and exported_from is not None and exported_from != source:
         raise ValueError(
             f"config DATASETS.PSEUDO_LABELS: {json_file} was exported from dataset {exported_from!r} "
             f"(its info.source_dataset), but DATASETS.PSEUDO_LABELS.SOURCE is {source!r}; set SOURCE "
@@ -148,16 +147,7 @@ def _check_exported_from(json_file, source, max_fallback_fraction=1.0):
 
 
 def _load_pseudo_label_json(json_file, image_root, name, source=None, max_fallback_fraction=1.0):
-    """Detectron2's ``load_coco_json`` after :func:`_check_exported_from`; a JSON that does not
-    parse (e.g. truncated) is a ValueError naming the file and the config key, not a bare
-    ``JSONDecodeError``."""
-    try:
-        if source is not None:
-            _check_exported_from(json_file, source, max_fallback_fraction)
-        return load_coco_json(json_file, image_root, name)
-    except json.JSONDecodeError as e:
-        raise ValueError(
-            f"config DATASETS.PSEUDO_LABELS.JSON: {json_file}: line {e.lineno} column {e.colno}: not valid "
-            f"JSON ({e.msg}); a truncated file? Export it again (train_net.py --eval-only "
-            f"TEST.EXPORT_PSEUDO_MASKS True)"
-        ) from e
+    """Detectron2's ``load_coco_json`` after :func:`_check_exported_from` (which also turns a JSON
+    that does not parse, e.g. truncated, into a ValueError naming the file and the config key)."""
+    _check_exported_from(json_file, source, max_fallback_fraction)
+    return load_coco_json(json_file, image_root, name)

@@ -319,7 +319,7 @@ def split_foreground_by_class(fg_probs, offsets, points, point_classes, source_s
     height, width = fg_probs.shape[1:]
     point_classes = torch.as_tensor(point_classes, device=device).long().reshape(-1)
     classes, local = torch.unique(point_classes, return_inverse=True)
-    to_local = torch.full((int(max(int(source_sem.max()), int(classes.max()) + 1)) + 1,), -1, dtype=torch.int64,
+    to_local = torch.full((max(int(source_sem.max()), int(classes.max()) + 1) + 1,), -1, dtype=torch.int64,
                           device=device)
     to_local[classes + 1] = torch.arange(classes.numel(), device=device)
     sem = source_sem.to(device).long().reshape(-1)
