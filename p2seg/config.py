@@ -75,6 +75,11 @@ def add_p2seg_config(cfg):
     # Offsets of a one-point component point at the "point" or at its "centroid" (the authors'
     # released code, utils.py); split components always point at their points.
     cfg.MODEL.P2SEG.TARGETS.OFFSET_TARGET = "point"
+    # A point on the source's background marks an object the source missed: the semantic target
+    # ignores the background within IGNORE_RADIUS of it and labels FOREGROUND_RADIUS around it with
+    # its class (input pixels, after resizing; 0: off), instead of teaching that object as background.
+    cfg.MODEL.P2SEG.TARGETS.MISSED_POINT_FOREGROUND_RADIUS = 0
+    cfg.MODEL.P2SEG.TARGETS.MISSED_POINT_IGNORE_RADIUS = 0
 
     # Loss weights: L = SEM*L_sem + CENTER*(L_ctr) + OFFSET*avg(L_off, L_off') + AFF*avg(L_aff, L_aff')
     cfg.MODEL.P2SEG.LOSS = CN()
@@ -144,7 +149,8 @@ def add_p2seg_config(cfg):
     cfg.MODEL.P2SEG.INFERENCE.FALLBACK_SCORE = 0.5
     # A point that gets no pixel of the model's foreground gets: "box" (the fallback box) or
     # "source" (its nearest-point mask in the semantic source when the source has one there -- the
-    # baseline's mask for that point -- else the box; needs the source, i.e. the export).
+    # baseline's mask for that point -- else the box; needs the source, i.e. the export). With
+    # SEMANTICS "source", "model": a point the source misses takes the model's own mask there.
     cfg.MODEL.P2SEG.INFERENCE.FALLBACK_MASK = "box"
     cfg.MODEL.P2SEG.INFERENCE.FLIP_TTA = False  # average with the horizontally flipped input
     # With points, the foreground grouped by the offsets: "model" (the semantic head) or "source"

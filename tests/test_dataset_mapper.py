@@ -208,12 +208,14 @@ def test_test_mapper_passes_annotations_and_scales_points(sample):
     assert out["image"].shape == (3, 160, 224)
     assert (out["height"], out["width"]) == (80, 112)
     assert out["annotations"] == original["annotations"]
-    assert out["sem_seg"].shape == (160, 224)
+    # the source stays at the original size (the instances' size), unblurred by the resize
+    assert out["sem_seg"].shape == (80, 112)
+    np.testing.assert_array_equal(out["sem_seg"].numpy(), read_sem_seg(original["sem_seg_file_name"], 80, 112, C, 255))
     pts = np.array([a["point"] for a in original["annotations"]])
     np.testing.assert_allclose(out["points"].numpy(), (pts + 0.5) * 2 - 0.5)
     assert out["point_classes"].tolist() == [k for *_, k in DISCS]
     sem = out["sem_seg"].numpy()
-    pix = np.rint(out["points"].numpy()).astype(int)
+    pix = np.rint(pts).astype(int)
     np.testing.assert_array_equal(sem[pix[:, 1], pix[:, 0]], out["point_classes"].numpy() + 1)
     assert not {"center", "offset", "center_weights", "offset_weights"} & set(out)
 
@@ -306,3 +308,23 @@ def test_ignore_unpointed_drops_a_pseudo_label_blob_without_point(tmp_path):
     assert plain["sem_seg"][45, 45] == 2 and consistent["sem_seg"][45, 45] == 255
     assert plain["sem_seg"][20, 20] == consistent["sem_seg"][20, 20] == 1
     assert torch.equal(plain["center_weights"], consistent["center_weights"])  # centre loss untouched
+
+
+def test_missed_point_radii_reach_the_training_targets(tmp_path):
+    """TARGETS.MISSED_POINT_*: a point whose object the source lacks (its disc erased from the
+    semantic PNG) has its class at the point and ignore around it in the training target."""
+    sample = _write_sample(tmp_path, "m", 64, 64, [(20, 20, 8, 0), (44, 44, 8, 1)])
+    sem = cv2.imread(sample["sem_seg_file_name"], cv2.IMREAD_UNCHANGED)
+    sem[sem == 2] = 0  # the source misses the class-1 object
+    cv2.imwrite(sample["sem_seg_file_name"], sem)
+    overrides = {"INPUT.RESIZE_TARGET": 64, "INPUT.SCALE_RANGE": (1.0, 1.0), "INPUT.CROP.ENABLED": False,
+                 "INPUT.RANDOM_FLIP": "none"}
+    plain = P2SegDatasetMapper(_cfg(**overrides), is_train=True)(copy.deepcopy(sample))
+    marked = P2SegDatasetMapper(_cfg(**overrides, **{"MODEL.P2SEG.TARGETS.MISSED_POINT_FOREGROUND_RADIUS": 1,
+                                                     "MODEL.P2SEG.TARGETS.MISSED_POINT_IGNORE_RADIUS": 4}),
+                                is_train=True)(copy.deepcopy(sample))
+    x, y = np.rint(plain["points"][1].numpy()).astype(int)
+    assert plain["sem_seg"][y, x] == 0 and marked["sem_seg"][y, x] == 2
+    assert marked["sem_seg"][y, x + 3] == 255 and marked["sem_seg"][y, x + 6] == 0
+    changed = (marked["sem_seg"] != plain["sem_seg"]).numpy()
+    assert changed.sum() > 0 and not changed[:32, :32].any()  # the other object is untouched

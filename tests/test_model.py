@@ -548,7 +548,8 @@ def test_channels_last_is_the_same_model_up_to_summation_order(mdm):
 
 def test_grouping_on_the_source_semantics_keeps_its_pixels():
     """INFERENCE.SEMANTICS 'source': the offsets group the semantic source's foreground, pixel for
-    pixel (an untrained model alone would give fallback boxes); 'model' is the default."""
+    pixel (an untrained model alone would give fallback boxes); an input without a source is
+    grouped on the model's foreground; 'model' is the default."""
     x = synthetic_input()
     inputs = {k: x[k] for k in ("image", "sem_seg", "points", "point_classes", "height", "width", "file_name")}
     source = tiny_model("MODEL.P2SEG.INFERENCE.SEMANTICS", "source").eval()
@@ -560,8 +561,10 @@ def test_grouping_on_the_source_semantics_keeps_its_pixels():
     with torch.no_grad():
         alone = tiny_model("MODEL.P2SEG.INFERENCE.SOURCE_PRIOR", 0.0).eval()([inputs])[0]["instances"]
     assert alone.fallback.all()  # the untrained semantic head finds no foreground
-    with pytest.raises(KeyError, match="INFERENCE.SEMANTICS 'source' needs the semantic source"):
-        with torch.no_grad():
-            source([{k: v for k, v in inputs.items() if k != "sem_seg"}])
+    without_source = {k: v for k, v in inputs.items() if k != "sem_seg"}  # interactive use: the model's
+    with torch.no_grad():
+        fallback = source([without_source])[0]["instances"]
+        model = tiny_model("MODEL.P2SEG.INFERENCE.SOURCE_PRIOR", 0.0).eval()([without_source])[0]["instances"]
+    assert torch.equal(fallback.pred_masks, model.pred_masks) and fallback.fallback.all()
     with pytest.raises(ValueError, match="must be 'model' or 'source'"):
         tiny_model("MODEL.P2SEG.INFERENCE.SEMANTICS", "gt")

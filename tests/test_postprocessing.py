@@ -447,8 +447,41 @@ def test_source_fallback_gives_a_missed_point_its_mask_in_the_source_not_a_box()
     assert int(box.pred_masks[1].sum()) == 16 and torch.equal(src.pred_masks[1], source == 1) is False
     np.testing.assert_array_equal(src.pred_masks[1].numpy(), ((source == 1) & (torch.arange(32)[:, None] >= 15)).numpy())
     assert torch.equal(src.pred_masks[2], box.pred_masks[2]) and torch.equal(src.pred_masks[0], box.pred_masks[0])
-    with pytest.raises(ValueError, match="FALLBACK_MASK must be 'box' or 'source'"):
+    with pytest.raises(ValueError, match="FALLBACK_MASK must be one of"):
         InstanceInference(num_classes=1, common_stride=4, fallback_mask="nearest")
+
+
+def test_model_fallback_gives_a_point_the_source_missed_the_models_mask():
+    """SEMANTICS source + FALLBACK_MASK model: the source misses the second point's object, the
+    model sees it: that point takes the model's region (still flagged fallback); the first point
+    keeps its source mask; a point both miss keeps the box. 'model' without source semantics is
+    refused (its fallback points have no model mask by definition)."""
+    from p2seg.modeling.instance_inference import InstanceInference
+
+    sem = torch.zeros(1, 2, 8, 8)
+    sem[0, 0] = 1.0
+    sem[0, 1, 5:8, 4:7] = 5.0  # model foreground on the second object only (stride 4: 16..28 px)
+    sem = torch.softmax(sem, dim=1)
+    outputs = {"center": torch.zeros(1, 1, 8, 8), "offset": torch.zeros(1, 2, 8, 8)}
+    source = torch.zeros(32, 32, dtype=torch.int64)
+    source[2:10, 2:10] = 1  # the first object only
+    points = torch.tensor([[5.0, 5.0], [22.0, 24.0], [2.0, 28.0]])
+    inputs = [{"height": 32, "width": 32, "points": points, "point_classes": torch.zeros(3, dtype=torch.int64),
+               "sem_seg": source}]
+    results = {}
+    for mode in ("box", "model"):
+        inference = InstanceInference(num_classes=1, common_stride=4, fallback_box_size=4, fallback_mask=mode,
+                                      grouping_semantics="source")
+        results[mode] = inference(sem, outputs, inputs, [(32, 32)])[0]["instances"]
+    box, model = results["box"], results["model"]
+    assert box.fallback.tolist() == model.fallback.tolist() == [False, True, True]
+    np.testing.assert_array_equal(model.pred_masks[0].numpy(), (source == 1).numpy())
+    assert int(box.pred_masks[1].sum()) == 16
+    upsampled = InstanceInference(num_classes=1, common_stride=4).to_output_size(sem[0], (32, 32), 32, 32)
+    np.testing.assert_array_equal(model.pred_masks[1].numpy(), (upsampled[1] >= upsampled[0]).numpy())
+    assert torch.equal(model.pred_masks[2], box.pred_masks[2])
+    with pytest.raises(ValueError, match="FALLBACK_MASK 'model' needs INFERENCE.SEMANTICS 'source'"):
+        InstanceInference(num_classes=1, common_stride=4, fallback_mask="model")
 
 
 def test_blend_with_source_trusts_a_precise_source_and_ignores_a_random_one():

@@ -188,6 +188,27 @@ def test_ignore_unpointed_components_keeps_only_components_with_a_point_of_their
     assert (out[sem == 0] == 0).all() and out[0, 11] == 255
 
 
+def test_mark_missed_points_ignores_around_a_point_on_background_and_labels_its_centre():
+    """TARGETS.MISSED_POINT_*: a class-1 point on the source's background (an object the source
+    missed) gets its class within the foreground radius and ignore within the ignore radius, on
+    background pixels only; a point on its labelled object changes nothing."""
+    from p2seg.data.targets import mark_missed_points
+
+    sem = np.zeros((30, 30), np.uint8)
+    sem[2:8, 2:8] = 1  # class 0, with its point
+    sem[15:17, 20:30] = 1  # another object inside the ring: stays
+    pixels = np.array([[4, 4], [20, 20]])
+    out = mark_missed_points(sem, pixels, [0, 1], foreground_radius=2, ignore_radius=6)
+    assert out is not sem and sem[20, 20] == 0  # input untouched
+    yy, xx = np.mgrid[:30, :30]
+    dist = np.hypot(xx - 20, yy - 20)
+    assert (out[dist <= 2] == 2).all()  # class 1 -> label 2
+    assert (out[(dist > 2.5) & (dist <= 5.5) & (sem == 0)] == 255).all()
+    assert (out[dist > 6.5] == sem[dist > 6.5]).all() and (out[15:17, 20:30] == 1).all()
+    np.testing.assert_array_equal(mark_missed_points(sem, pixels[:1], [0], 2, 6), sem)
+    np.testing.assert_array_equal(mark_missed_points(sem, pixels, [0, 1], 0, 0), sem)
+
+
 def test_without_distance_grouping_a_component_with_several_points_is_left_out():
     """BESTIE's rule (TARGETS.DISTANCE_GROUPING False): the two-point bar gets no offset target,
     the one-point square keeps its own."""

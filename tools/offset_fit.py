@@ -122,8 +122,10 @@ def main(argv=None):
         inp = mapper(d)
         if "points" not in inp or "sem_seg" not in inp:
             continue
-        sem, points, classes = inp["sem_seg"], inp["points"], inp["point_classes"]
+        points, classes = inp["points"], inp["point_classes"]
         h, w = inp["image"].shape[-2:]
+        # the test mapper keeps the source at the original size; the targets live at the input's
+        sem = torch.nn.functional.interpolate(inp["sem_seg"][None, None].float(), size=(h, w), mode="nearest")[0, 0].long()
         # the training targets' offsets (p2seg.data.targets.build_targets), keeping their grouping
         pixels = point_pixels(points.numpy(), h, w)
         initial = offset_assignment(sem.numpy(), pixels, classes.numpy(), p2.TARGETS.MIN_COMPONENT_AREA,

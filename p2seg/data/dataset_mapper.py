@@ -49,7 +49,7 @@ from fvcore.transforms.transform import PadTransform
 
 from .image_io import read_image_any_depth
 from .semantic_sources import LABEL_PNG_MODES, merge_classes
-from .targets import build_targets, ignore_unpointed_components, point_pixels
+from .targets import build_targets, ignore_unpointed_components, mark_missed_points, point_pixels
 
 __all__ = [
     "P2SegDatasetMapper",
@@ -366,7 +366,7 @@ class P2SegDatasetMapper:
 
     Test output: "image" (resized), "height"/"width" (original), "file_name", "image_id",
     "annotations" (untouched, if present), "points"/"point_classes" (resized coordinates, if the
-    annotations have points), "sem_seg" (resized, if "sem_seg_file_name" is present).
+    annotations have points), "sem_seg" (original size, if "sem_seg_file_name" is present).
 
     Invalid samples raise :class:`BadSampleError`; in training with ``bad_samples="skip"`` the
     mapper returns None instead (Detectron2's ``MapDataset`` then maps another sample) and counts
@@ -391,6 +391,7 @@ class P2SegDatasetMapper:
         point_free=False,
         distance_grouping=True,
         offset_target="point",
+        missed_point_radii=(0, 0),
     ):
         """
         Args:
@@ -411,6 +412,9 @@ class P2SegDatasetMapper:
                 ``points`` / ``point_classes``, so the model finds instances from its centre peaks.
             distance_grouping, offset_target: cfg.MODEL.P2SEG.TARGETS.DISTANCE_GROUPING /
                 OFFSET_TARGET (:func:`~p2seg.data.targets.build_targets`).
+            missed_point_radii: (foreground, ignore) radii in input pixels around the points the
+                source labels background (cfg.MODEL.P2SEG.TARGETS.MISSED_POINT_FOREGROUND_RADIUS /
+                MISSED_POINT_IGNORE_RADIUS, :func:`~p2seg.data.targets.mark_missed_points`).
         """
         if bad_samples not in BAD_SAMPLE_POLICIES:
             raise ValueError(
@@ -429,6 +433,7 @@ class P2SegDatasetMapper:
         self.point_free = point_free
         self.distance_grouping = distance_grouping
         self.offset_target = offset_target
+        self.missed_point_radii = tuple(int(r) for r in missed_point_radii)
         self.skip_bad_samples = is_train and bad_samples == "skip"
         self.num_bad_samples = 0  # samples skipped so far (this process)
         self.num_samples = None  # size of the dataset mapped, when known (set by the train loader)
@@ -454,6 +459,7 @@ class P2SegDatasetMapper:
             "point_free": cfg.TEST.POINT_FREE,
             "distance_grouping": targets.DISTANCE_GROUPING,
             "offset_target": targets.OFFSET_TARGET,
+            "missed_point_radii": (targets.MISSED_POINT_FOREGROUND_RADIUS, targets.MISSED_POINT_IGNORE_RADIUS),
         }
 
     def __call__(self, dataset_dict):
@@ -538,6 +544,9 @@ class P2SegDatasetMapper:
         points, classes = points[keep], classes[keep]
         if self.foreground_semantics:
             classes = np.zeros_like(classes)
+        if any(self.missed_point_radii):
+            sem_seg = mark_missed_points(sem_seg, point_pixels(points, height, width), classes,
+                                         *self.missed_point_radii, self.ignore_value)
 
         targets = build_targets(
             sem_seg,
@@ -563,21 +572,21 @@ class P2SegDatasetMapper:
             out[key] = torch.from_numpy(value)
 
     def _map_test(self, dataset_dict, image, out):
-        """Resize the image (and the semantic map / points if any) into ``out``. With foreground
+        """Resize the image (and the points if any) into ``out``. The semantic map, if any, stays at
+        the image's original size (``"height"`` x ``"width"``, the size the instances are returned
+        at): the inference uses it there as evidence, so resizing it to the network's input would
+        only blur the boundaries and drop the thin parts the user's source has. With foreground
         semantics the source's own classes also come, as ``"sem_seg_classes"`` (for
         MODEL.P2SEG.INFERENCE.SOURCE_CLASSES)."""
-        sem_seg = None
-        if "sem_seg_file_name" in dataset_dict:
-            sem_seg = self._read_sem_seg(dataset_dict, image, merge=False)
-        aug_input = T.AugInput(image, sem_seg=sem_seg)
+        aug_input = T.AugInput(image)
         transforms = self.augmentations(aug_input)
         out["image"] = torch.as_tensor(np.ascontiguousarray(aug_input.image.transpose(2, 0, 1)))
-        if sem_seg is not None:
-            resized = aug_input.sem_seg
+        if "sem_seg_file_name" in dataset_dict:
+            sem_seg = self._read_sem_seg(dataset_dict, image, merge=False)
             if self.foreground_semantics:
-                out["sem_seg_classes"] = torch.as_tensor(resized.astype(np.int64))
-                resized = merge_classes(resized, self.ignore_value)
-            out["sem_seg"] = torch.as_tensor(resized.astype(np.int64))
+                out["sem_seg_classes"] = torch.as_tensor(sem_seg.astype(np.int64))
+                sem_seg = merge_classes(sem_seg, self.ignore_value)
+            out["sem_seg"] = torch.as_tensor(sem_seg.astype(np.int64))
         if "annotations" in dataset_dict:
             annotations = dataset_dict["annotations"]
             out["annotations"] = copy.deepcopy(annotations)

@@ -360,3 +360,39 @@ def ignore_unpointed_components(sem_seg, pixels, point_classes, ignore_value=255
     return out
 
 
+
+
+def mark_missed_points(sem_seg, pixels, point_classes, foreground_radius, ignore_radius, ignore_value=255):
+    """Semantic targets that do not teach "background" where a point shows the source missed an object.
+
+    A point marks an object, so a point the source labels background is an object the source
+    missed (a dropped instance, a faint nucleus). Left alone, the semantic loss teaches the model
+    that this object is background. Here the source's background pixels within ``ignore_radius``
+    of such a point become ``ignore_value``, and those within ``foreground_radius`` the point's
+    class: the model learns the object from the other objects like it, not from the source's
+    mistake. Points on foreground or ignore pixels change nothing.
+
+    Args:
+        sem_seg: integer array ``H x W`` (0 bg, ``k + 1`` class ``k``, ``ignore_value`` ignore).
+        pixels: int array ``P x 2`` point pixels ``(x, y)`` inside the image (:func:`point_pixels`).
+        point_classes: int array ``P``.
+        foreground_radius, ignore_radius: int radii in pixels (0: nothing of that kind).
+    Returns:
+        array like ``sem_seg`` (a copy).
+    """
+    out = np.array(sem_seg, copy=True)
+    pixels = np.asarray(pixels, dtype=np.int64).reshape(-1, 2)
+    point_classes = np.asarray(point_classes, dtype=np.int64).reshape(-1)
+    missed = out[pixels[:, 1], pixels[:, 0]] == 0
+    if not missed.any():
+        return out
+    background = out == 0
+    for radius, fill in ((ignore_radius, None), (foreground_radius, "class")):
+        if radius <= 0:
+            continue
+        drawn = np.zeros(out.shape, dtype=np.int32)  # 0: not drawn, else the label to write
+        for (x, y), k in zip(pixels[missed].tolist(), point_classes[missed].tolist()):
+            cv2.circle(drawn, (x, y), int(radius), ignore_value if fill is None else k + 1, thickness=-1)
+        where = background & (drawn > 0)
+        out[where] = drawn[where]
+    return out

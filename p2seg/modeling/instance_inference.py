@@ -24,6 +24,7 @@ from .postprocessing import (blend_with_source, one_hot_semantics, peak_instance
 __all__ = ["InstanceInference", "GROUPING_SEMANTICS"]
 
 GROUPING_SEMANTICS = ("model", "source")
+FALLBACK_MASKS = ("box", "source", "model")
 
 
 class InstanceInference:
@@ -43,14 +44,17 @@ class InstanceInference:
             center_threshold, nms_kernel, top_k, min_instance_area: peak grouping (no points).
             fallback_box_size, fallback_score: mask of a point that gets no pixel.
             grouping_semantics: with points, the foreground that the offsets group: "model" (the
-                semantic head's) or "source" (the input's ``sem_seg``, the semantic source).
+                semantic head's) or "source" (the input's ``sem_seg``, the semantic source; the
+                model's for an input without one).
             foreground_semantics: the heads predict one foreground class for every class
                 (MODEL.P2SEG.FOREGROUND_SEMANTICS): all points are grouped together and each mask
                 takes the class of its point.
             max_dense_mask_mb: point-guided masks larger than this as dense bools come as an
                 ``IdMapMasks`` (p2seg/modeling/id_map_masks.py).
-            fallback_mask: "box", or "source": a point without model pixels takes its
-                nearest-point mask in the input's ``sem_seg`` when there is one (:meth:`_source_fallback`).
+            fallback_mask: "box"; "source": a point without model pixels takes its nearest-point
+                mask in the input's ``sem_seg`` when there is one (:meth:`_source_fallback`); "model"
+                (with ``grouping_semantics`` "source"): a point without source pixels takes the mask
+                the model's own foreground gives it, when there is one.
             source_prior: with points and the input's ``sem_seg``, the strength of the source's
                 evidence on the grouped foreground (:func:`~p2seg.modeling.postprocessing.blend_with_source`).
             source_classes: with ``foreground_semantics``, points and the input's
@@ -62,8 +66,12 @@ class InstanceInference:
         self.source_prior = float(source_prior)
         self.source_prior_background = bool(source_prior_background)
         self.source_classes = bool(source_classes)
-        if fallback_mask not in ("box", "source"):
-            raise ValueError(f"config MODEL.P2SEG.INFERENCE.FALLBACK_MASK must be 'box' or 'source', got {fallback_mask!r}")
+        if fallback_mask not in FALLBACK_MASKS:
+            raise ValueError(f"config MODEL.P2SEG.INFERENCE.FALLBACK_MASK must be one of {FALLBACK_MASKS}, "
+                             f"got {fallback_mask!r}")
+        if fallback_mask == "model" and grouping_semantics != "source":
+            raise ValueError("config MODEL.P2SEG.INFERENCE.FALLBACK_MASK 'model' needs INFERENCE.SEMANTICS 'source' "
+                             "(with the model's own foreground grouped, its fallback points have no model mask)")
         self.fallback_mask = fallback_mask
         if grouping_semantics not in GROUPING_SEMANTICS:
             raise ValueError(
@@ -156,7 +164,9 @@ class InstanceInference:
             scale = torch.tensor([width / image_size[1], height / image_size[0]], device=device)
             points = x["points"].to(device).reshape(-1, 2).float() * scale
             grouped = probs
-            if self.grouping_semantics == "source":
+            # without a source (interactive use: demo.py, PointPredictor) the model's foreground is grouped
+            on_source = self.grouping_semantics == "source" and "sem_seg" in x
+            if on_source:
                 grouped = self._source_probabilities(x, height, width, device) * present[:, None, None]
             elif self.source_prior > 0 and "sem_seg" in x:
                 grouped = probs.clone()
@@ -164,45 +174,45 @@ class InstanceInference:
                                                   keep, self.source_prior,
                                                   use_background=self.source_prior_background)
             point_classes = x["point_classes"].to(device).long()
-            head_classes = self.head_classes(point_classes)
-            if self.source_classes and self.foreground_semantics and "sem_seg_classes" in x and len(point_classes):
-                grouped, head_classes = split_foreground_by_class(
-                    grouped, offset, points, point_classes, self._source_labels(x, "sem_seg_classes", height, width, device))
-            found = point_guided_instances(grouped, offset, points, head_classes,
-                                           self.fallback_box_size, self.fallback_score,
-                                           max_dense_bytes=self.max_dense_bytes)
+            found = self._point_masks(grouped, offset, points, point_classes, x, self.fallback_box_size)
             found["classes"] = point_classes.clone()  # the point's class, also for foreground semantics
             if self.fallback_mask == "source":
                 self._source_fallback(found, x, points, self.head_classes(point_classes), present, height, width)
+            elif self.fallback_mask == "model" and on_source:
+                _fill_fallbacks(found, self._point_masks(probs, offset, points, point_classes, x, 0))
         else:
             center = self.to_output_size(center, image_size, height, width)
             found = peak_instances(probs, center, offset, self.center_threshold, self.nms_kernel, self.top_k,
                                    self.min_instance_area)
         return {"instances": _to_instances(found, height, width), "sem_seg": probs}
 
+    def _point_masks(self, semantics, offset, points, point_classes, x: Dict, fallback_box_size: int) -> Dict:
+        """:func:`point_guided_instances` of ``semantics`` ((C+1) x H x W at the output size) grouped
+        by ``offset`` (2 x H x W) among ``points`` (P x 2, output pixels) of ``point_classes`` (P,),
+        split by the source's classes first when SOURCE_CLASSES applies."""
+        head_classes = self.head_classes(point_classes)
+        if self.source_classes and self.foreground_semantics and "sem_seg_classes" in x and len(point_classes):
+            height, width = semantics.shape[1:]
+            semantics, head_classes = split_foreground_by_class(
+                semantics, offset, points, point_classes,
+                self._source_labels(x, "sem_seg_classes", height, width, semantics.device))
+        return point_guided_instances(semantics, offset, points, head_classes, fallback_box_size,
+                                      self.fallback_score, max_dense_bytes=self.max_dense_bytes)
+
     def _source_fallback(self, found: Dict, x: Dict, points, head_classes, present, height: int, width: int) -> None:
         """In place: each fallback point of ``found`` whose class has pixels in the input's semantic
         source takes its nearest-point mask there (the baseline's mask for that point: the source
-        grouped with zero offsets) instead of the box; it stays flagged ``fallback``. Needs
-        ``x["sem_seg"]`` and dense masks (an id map cannot hold the overlap), else nothing changes."""
-        if "sem_seg" not in x or not isinstance(found["masks"], torch.Tensor) or not found["fallback"].any():
+        grouped with zero offsets) instead of the box (:func:`_fill_fallbacks`)."""
+        if "sem_seg" not in x or not found["fallback"].any():
             return
-        device = found["masks"].device
-        source = self._source_probabilities(x, height, width, device) * present[:, None, None]
-        zero = torch.zeros((2, height, width), dtype=torch.float32, device=device)
-        from_source = point_guided_instances(source, zero, points, head_classes, 0, 0.0)
-        use = found["fallback"] & ~from_source["fallback"]
-        found["masks"][use] = from_source["masks"][use]
+        source = self._source_probabilities(x, height, width, points.device) * present[:, None, None]
+        zero = torch.zeros((2, height, width), dtype=torch.float32, device=points.device)
+        _fill_fallbacks(found, point_guided_instances(source, zero, points, head_classes, 0, 0.0))
 
     def _source_probabilities(self, x: Dict, height: int, width: int, device) -> torch.Tensor:
         """One-hot (C+1) x ``height`` x ``width`` probabilities of the input's semantic source
         (``x["sem_seg"]``, resized by nearest neighbour if needed; background and ignore pixels
         belong to no class: :func:`one_hot_semantics`)."""
-        if "sem_seg" not in x:
-            raise KeyError(
-                f"MODEL.P2SEG.INFERENCE.SEMANTICS 'source' needs the semantic source of image "
-                f"{x.get('file_name', '?')} ('sem_seg_file_name' in its dataset dict)"
-            )
         sem = self._source_labels(x, "sem_seg", height, width, device)
         return one_hot_semantics(sem, torch.arange(self.num_classes + 1, device=device))
 
@@ -231,6 +241,17 @@ class InstanceInference:
         up = self.to_output_size(offset, image_size, height, width)
         scale = torch.tensor([height / image_size[0], width / image_size[1]], device=up.device)
         return up * (scale * self.common_stride).view(2, 1, 1)
+
+
+def _fill_fallbacks(found: Dict, other: Dict) -> None:
+    """In place: each point that fell back to the box in ``found`` but has a mask in ``other`` (both
+    :func:`point_guided_instances` results for the same points) takes that mask; it stays flagged
+    ``fallback`` (the grouped semantics had no pixel for it). Needs dense masks (an id map cannot
+    hold the overlap), else nothing changes."""
+    if not isinstance(found["masks"], torch.Tensor) or not isinstance(other["masks"], torch.Tensor):
+        return
+    use = found["fallback"] & ~other["fallback"]
+    found["masks"][use] = other["masks"][use]
 
 
 def _to_instances(found: Dict[str, torch.Tensor], height: int, width: int) -> Instances:
