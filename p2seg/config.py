@@ -139,6 +139,9 @@ def add_p2seg_config(cfg):
     # The walk's affinity is sigmoid(F_i . F_j) ** RANDOM_WALK_POWER (the losses keep the plain
     # sigmoid). 1 is the paper's walk; above 1 sharpens it as AffinityNet's beta (README "MDM").
     cfg.MODEL.P2SEG.I2S.RANDOM_WALK_POWER = 1.0
+    # The inference walk runs on each image's own cells (padding left out) in independent tiles of
+    # this many input pixels (0: the whole image; the training crop's size: the walk's trained extent).
+    cfg.MODEL.P2SEG.I2S.INFERENCE_TILE = 0
 
     # Inference.
     cfg.MODEL.P2SEG.INFERENCE = CN()

@@ -586,6 +586,31 @@ def test_refine_semantic_probs_walks_present_channels_and_renormalises():
     assert logits.grad.abs().sum() > 0 and feats.grad.abs().sum() > 0
 
 
+def test_tiled_walk_leaves_padding_out_and_walks_each_tile_on_its_own():
+    """I2S.INFERENCE_TILE: image 0 (5 x 7 valid cells of a 6 x 8 padded map) walked in 3 x 3 tiles
+    equals the plain walk of each tile; its padding cells are unchanged; tile 0 = one walk of the
+    unpadded image (image 1 fills the map: the plain walk)."""
+    from p2seg.modeling.i2s import refine_semantic_probs_tiled, tile_slices
+
+    gen = torch.Generator().manual_seed(7)
+    probs = torch.randn(2, 3, 6, 8, generator=gen, dtype=torch.float64).softmax(1)
+    feats = torch.randn(2, 4, 6, 8, generator=gen, dtype=torch.float64)
+    classes = [torch.tensor([0]), torch.tensor([0, 1])]
+    walk = dict(block_size=4, transition="row")
+    tiled = refine_semantic_probs_tiled(probs, feats, classes, [(5, 7), (6, 8)], 3, **walk)
+    assert len(tile_slices(5, 7, 3)) == 6 and tile_slices(5, 7, 0) == [(slice(0, 5), slice(0, 7))]
+    for rows, cols in tile_slices(5, 7, 3):
+        alone = refine_semantic_probs(probs[:1, :, rows, cols], feats[:1, :, rows, cols], classes[:1], **walk)
+        assert torch.allclose(tiled[:1, :, rows, cols], alone, rtol=1e-12)
+    assert torch.equal(tiled[0, :, 5, :], probs[0, :, 5, :]) and torch.equal(tiled[0, :, :, 7], probs[0, :, :, 7])
+    whole = refine_semantic_probs_tiled(probs, feats, classes, [(5, 7), (6, 8)], 0, **walk)
+    plain = refine_semantic_probs(probs, feats, classes, **walk)
+    assert torch.allclose(whole[1], plain[1], rtol=1e-12)
+    unpadded = refine_semantic_probs(probs[:1, :, :5, :7], feats[:1, :, :5, :7], classes[:1], **walk)
+    assert torch.allclose(whole[:1, :, :5, :7], unpadded, rtol=1e-12)
+    assert not torch.allclose(tiled[0], whole[0])  # the tiles do change the walk
+
+
 # ------------------------------------------------------------------------------- memory bound
 class _SavedNumel:
     """saved_tensors_hooks that records the largest tensor autograd saves for backward."""

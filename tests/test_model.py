@@ -242,12 +242,18 @@ def test_random_walk_at_inference_only_leaves_the_training_loss_plain(monkeypatc
     walked = []
     refine = meta_arch.i2s.refine_semantic_probs
     monkeypatch.setattr(meta_arch.i2s, "refine_semantic_probs",
-                        lambda probs, *a, **k: walked.append(probs.shape[0]) or refine(probs, *a, **k))
+                        lambda probs, *a, **k: walked.append(tuple(probs.shape)) or refine(probs, *a, **k))
     inference_only.i2s.random_walk = True
     inference_only.eval()
     with torch.no_grad():
         inference_only(_eval_inputs())
-    assert walked == [1]  # the one image with points
+    assert [shape[0] for shape in walked] == [1]  # the one image with points
+    walked.clear()
+    inference_only.i2s.inference_tile = 32  # I2S.INFERENCE_TILE: 8 x 8-cell tiles at stride 4
+    with torch.no_grad():
+        inference_only(_eval_inputs())
+    height, width = _eval_inputs()[0]["image"].shape[-2:]
+    assert len(walked) == -(-height // 32) * -(-width // 32) and walked[0][2:] == (8, 8)
 
 
 def test_random_walk_power_reaches_the_training_and_inference_walks(monkeypatch):

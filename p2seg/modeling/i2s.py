@@ -50,6 +50,7 @@ __all__ = [
     "i2s_losses",
     "i2s_terms",
     "refine_semantic_probs",
+    "refine_semantic_probs_tiled",
 ]
 
 
@@ -74,6 +75,7 @@ class I2SSettings:
     loss_type: str = "l1"
     class_label_background: str = "region"
     cache_mb: float = DEFAULT_CACHE_MB
+    inference_tile: int = 0
 
     @classmethod
     def from_config(cls, cfg) -> "I2SSettings":
@@ -83,10 +85,13 @@ class I2SSettings:
             block_size=i2s.BLOCK_SIZE, random_walk=i2s.RANDOM_WALK, random_walk_in_loss=i2s.RANDOM_WALK_IN_LOSS,
             transition=i2s.RANDOM_WALK_TRANSITION, power=i2s.RANDOM_WALK_POWER, loss_type=i2s.LOSS_TYPE,
             class_label_background=i2s.CLASS_LABEL_BACKGROUND, cache_mb=i2s.CACHE_MB,
+            inference_tile=i2s.INFERENCE_TILE,
         )
 
     def __post_init__(self):
         # At build time: with MDM_START_ITER the labels are first built many iterations later.
+        if self.inference_tile < 0:
+            raise ValueError(f"I2S.INFERENCE_TILE must be >= 0 (0: the whole image), got {self.inference_tile}")
         if self.class_label_background not in CLASS_LABEL_BACKGROUNDS:
             raise ValueError(f"I2S.CLASS_LABEL_BACKGROUND must be one of {CLASS_LABEL_BACKGROUNDS}, "
                              f"got {self.class_label_background!r}")
@@ -340,3 +345,38 @@ def refine_semantic_probs(sem_probs, features, image_classes, block_size, transi
                              matmul_dtype, power)
         out.append(_merge_walked(probs, channels, walked).view_as(sem_probs[b]))
     return torch.stack(out)
+
+
+def tile_slices(height, width, tile):
+    """``(rows, cols)`` slice pairs that cover an ``height x width`` grid with tiles of at most
+    ``tile x tile`` cells (``tile`` <= 0: one tile, the whole grid)."""
+    if tile <= 0:
+        return [(slice(0, height), slice(0, width))]
+    return [(slice(y, min(y + tile, height)), slice(x, min(x + tile, width)))
+            for y in range(0, height, tile) for x in range(0, width, tile)]
+
+
+def refine_semantic_probs_tiled(sem_probs, features, image_classes, valid_sizes, tile, **walk):
+    """:func:`refine_semantic_probs` at inference on each image's own cells only, tile by tile.
+
+    The walk was trained on crops; on a larger test image it diffuses over more cells than it ever
+    saw, and the padding cells of a batch (not part of any image) would take part. Here each image's
+    unpadded ``valid_sizes[b]`` cells are walked in independent ``tile x tile`` blocks (``tile`` <= 0:
+    the whole unpadded image in one walk); padding cells keep their probabilities.
+
+    Args:
+        sem_probs, features, image_classes: as :func:`refine_semantic_probs` (``B x (C+1) x h x w``,
+            ``B x D x h x w``, B class tensors).
+        valid_sizes: B pairs ``(h_b, w_b)``, the cells of each image without padding.
+        tile: cells per tile side (cfg.MODEL.P2SEG.I2S.INFERENCE_TILE / the output stride).
+        walk: the remaining keyword arguments of :func:`refine_semantic_probs`.
+    Returns:
+        float ``B x (C+1) x h x w``.
+    """
+    _check_probs(sem_probs, features)
+    out = sem_probs.clone()
+    for b, (valid_h, valid_w) in enumerate(valid_sizes):
+        for rows, cols in tile_slices(int(valid_h), int(valid_w), tile):
+            out[b:b + 1, :, rows, cols] = refine_semantic_probs(
+                sem_probs[b:b + 1, :, rows, cols], features[b:b + 1, :, rows, cols], [image_classes[b]], **walk)
+    return out

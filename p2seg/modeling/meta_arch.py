@@ -162,7 +162,8 @@ class P2Seg(nn.Module):
         if not self.training:
             outputs = self.predict_for_inference(images)
             with full_precision(self.device):
-                sem_probs = self.refine_semantics(outputs["sem_probs"], outputs, batched_inputs, low)
+                sem_probs = self.refine_semantics(outputs["sem_probs"], outputs, batched_inputs, low,
+                                                  images.image_sizes)
                 return self.postprocess(sem_probs, outputs, batched_inputs, images.image_sizes)
         outputs = self.predict(self.backbone(images.tensor))
         with full_precision(self.device):
@@ -199,7 +200,7 @@ class P2Seg(nn.Module):
             outputs["affinity"] = self.affinity_head.layers(features)
         return {key: value.float() for key, value in outputs.items()}
 
-    def refine_semantics(self, sem_probs, outputs, batched_inputs, matmul_dtype=None):
+    def refine_semantics(self, sem_probs, outputs, batched_inputs, matmul_dtype=None, image_sizes=None):
         """Inference random walk (I2S.RANDOM_WALK) on the 1/4-resolution probabilities of the
         images that have points (their classes are the image-level labels); identity otherwise.
 
@@ -208,6 +209,9 @@ class P2Seg(nn.Module):
             outputs: :meth:`predict_for_inference` outputs (``affinity`` with I2S).
             batched_inputs: the inputs (``point_classes`` of images with ``points``).
             matmul_dtype: dtype of the affinity products (None: float32).
+            image_sizes: unpadded (H, W) input size of each image: the walk then leaves the padding
+                out and runs in I2S.INFERENCE_TILE tiles (:func:`~p2seg.modeling.i2s.refine_semantic_probs_tiled`);
+                None: the whole padded map in one walk.
         Returns:
             float Bx(C+1)xhxw.
         """
@@ -218,11 +222,15 @@ class P2Seg(nn.Module):
             return sem_probs
         classes = i2s.image_classes([self.postprocess.head_classes(batched_inputs[i]["point_classes"].to(self.device))
                                      for i in index])
-        walked = i2s.refine_semantic_probs(
-            sem_probs[index], outputs["affinity"][index], classes,
-            block_size=self.i2s.block_size, transition=self.i2s.transition,
-            cache_mb=self.i2s.cache_mb, matmul_dtype=matmul_dtype, power=self.i2s.power,
-        )
+        walk = dict(block_size=self.i2s.block_size, transition=self.i2s.transition,
+                    cache_mb=self.i2s.cache_mb, matmul_dtype=matmul_dtype, power=self.i2s.power)
+        if image_sizes is None:
+            walked = i2s.refine_semantic_probs(sem_probs[index], outputs["affinity"][index], classes, **walk)
+        else:
+            stride = self.common_stride
+            cells = [(-(-image_sizes[i][0] // stride), -(-image_sizes[i][1] // stride)) for i in index]
+            walked = i2s.refine_semantic_probs_tiled(sem_probs[index], outputs["affinity"][index], classes, cells,
+                                                     self.i2s.inference_tile // stride, **walk)
         sem_probs = sem_probs.clone()
         sem_probs[index] = walked
         return sem_probs
