@@ -48,6 +48,11 @@ def add_p2seg_config(cfg):
     # names the class. Point-free inference (demo.py without points) then labels every mask with
     # class 0.
     cfg.MODEL.P2SEG.FOREGROUND_SEMANTICS = False
+    # Where the points come from: "point" (clicks on the objects) or "image" (peak points of a
+    # classifier trained on image tags, p2seg/modeling/peak_classifier.py): then the centre targets
+    # sit at the centroid of the component a point is alone in, and with S2I the centres of the
+    # refined instances supervise the centre head too (the authors' --sup cls).
+    cfg.MODEL.P2SEG.SUPERVISION = "point"
     # Inputs are padded to a multiple of this.
     cfg.MODEL.P2SEG.SIZE_DIVISIBILITY = 32
     # Std of the N(0, std) init of decoder/head convs (BN weight 1, bias 0).
@@ -202,6 +207,8 @@ def add_p2seg_config(cfg):
     # (name, json_file, image_root, semantic_source) 4-tuples; semantic_source a PNG folder, a COCO
     # JSON of masks, or "" (none). Relative paths resolve against the working directory.
     cfg.DATASETS.POINT_COCO = ()
+    # Points whose "score" (peak points) is below this are dropped; points without a score are kept.
+    cfg.DATASETS.POINT_SCORE_THRESH = 0.0
     cfg.DATASETS.SHAPES = CN()
     cfg.DATASETS.SHAPES.NUM_TRAIN = 200
     cfg.DATASETS.SHAPES.NUM_VAL = 50
@@ -229,6 +236,29 @@ def add_p2seg_config(cfg):
     # fallback box: a head that finds no foreground at the points (e.g. a source too poor to learn
     # from) would otherwise train stage 2 on boxes. 1.0 = never stop.
     cfg.TEST.FALLBACK_STOP_FRACTION = 0.5
+
+    # ---------------------------------------------------------------- image-level supervision
+    # The peak-point classifier (META_ARCHITECTURE "PeakClassifier", p2seg/modeling/peak_classifier.py):
+    # backbone feature IN_FEATURE -> NUM_CONVS x (3x3 conv of CONV_DIM + Peak Attention) -> class maps.
+    cfg.MODEL.PAM = CN()
+    cfg.MODEL.PAM.NUM_CLASSES = 20
+    cfg.MODEL.PAM.IN_FEATURE = "res5"
+    cfg.MODEL.PAM.CONV_DIM = 256
+    cfg.MODEL.PAM.NUM_CONVS = 3
+    cfg.MODEL.PAM.ALPHA = 0.7  # activations below ALPHA x their channel's maximum are zeroed (the authors')
+    # Peak points of the class maps (the authors' point_extraction.py): local maxima in NMS_KERNEL
+    # windows of the SMOOTHING_KERNEL-averaged maps, TOP_K per class, score >= SCORE_THRESH, from the
+    # image's tags (or, without tags, the classes scored >= CLASS_SCORE_THRESH).
+    cfg.TEST.PEAKS = CN()
+    cfg.TEST.PEAKS.NMS_KERNEL = 15
+    cfg.TEST.PEAKS.TOP_K = 25
+    cfg.TEST.PEAKS.SCORE_THRESH = 0.1
+    cfg.TEST.PEAKS.CLASS_SCORE_THRESH = 0.5
+    cfg.TEST.PEAKS.SMOOTHING_KERNEL = 3
+    cfg.TEST.PEAKS.FLIP_TTA = True
+    # --eval-only with a PeakClassifier: write OUTPUT_DIR/peak_points_<dataset>.json (a point JSON,
+    # each point with its "score") besides the classification mAP and the points' precision / recall.
+    cfg.TEST.EXPORT_PEAK_POINTS = True
 
     # ---------------------------------------------------------------- solver
     cfg.SOLVER.OPTIMIZER = "ADAM"

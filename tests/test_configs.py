@@ -143,6 +143,17 @@ def test_config_builds_trains_one_step_and_predicts(path):
         assert len(with_points["instances"]) == 2  # one mask per point
         assert with_points["instances"].pred_masks.shape[-2:] == (SIZE, SIZE)
         assert isinstance(without["instances"], Instances)
+    elif cfg.MODEL.META_ARCHITECTURE == "PeakClassifier":  # image-level supervision
+        model = build_model(cfg)
+        image = rcnn_training_input()["image"]
+        tags = torch.zeros(cfg.MODEL.PAM.NUM_CLASSES)
+        tags[0] = 1.0
+        assert set(one_training_step(model, [{"image": image, "image_labels": tags}])) == {"loss_cls"}
+        model.eval()
+        with torch.no_grad():
+            out = model([{"image": image, "height": SIZE, "width": SIZE, "image_labels": tags}])[0]
+        assert out["class_scores"].shape == (cfg.MODEL.PAM.NUM_CLASSES,)
+        assert set(out["peaks"]["classes"].tolist()) <= {0}
     else:  # stage-2 Mask R-CNN configs
         model = build_model(cfg)
         losses = one_training_step(model, [rcnn_training_input()])

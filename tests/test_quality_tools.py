@@ -119,3 +119,39 @@ def test_noise_sweep_rescore_scores_a_finished_checkpoint_with_the_extra_options
     (Path(out_dir) / "results.json").write_text(json.dumps(
         {"segm": {"AP": 20.1, "AP50": 49.1, "AP75": 13.5}, "points": {"fallback_fraction": 0.095}}))
     assert sweep.rescore_row(out_dir) == {"AP": 20.1, "AP50": 49.1, "AP75": 13.5, "fallback_fraction": 0.095}
+
+
+def test_score_masks_matches_images_by_file_name_and_scores_exact_masks_100(tmp_path):
+    """tools/score_masks.py: the true masks themselves (images numbered differently) score AP 100;
+    one mask moved away from its object lowers it; an image missing from the ground truth is named."""
+    import json as _json
+
+    import pycocotools.mask as mask_util
+
+    score_masks = load_tool("score_masks").score_masks
+
+    def rle(y0, x0):
+        m = np.zeros((40, 40), np.uint8)
+        m[y0:y0 + 10, x0:x0 + 10] = 1
+        r = mask_util.encode(np.asfortranarray(m))
+        r["counts"] = r["counts"].decode()
+        return r
+
+    gt = {"images": [{"id": 1, "file_name": "a.png", "height": 40, "width": 40}],
+          "categories": [{"id": 3, "name": "thing"}],
+          "annotations": [{"id": i + 1, "image_id": 1, "category_id": 3, "segmentation": rle(*yx), "area": 100.0,
+                           "bbox": [yx[1], yx[0], 10, 10], "iscrowd": 0} for i, yx in enumerate([(2, 2), (20, 25)])]}
+    pred = {"images": [{"id": 7, "file_name": "dir/a.png", "height": 40, "width": 40}], "categories": gt["categories"],
+            "annotations": [{"image_id": 7, "category_id": 3, "segmentation": a["segmentation"], "score": 0.9}
+                            for a in gt["annotations"]]}
+    (tmp_path / "gt.json").write_text(_json.dumps(gt))
+    (tmp_path / "pred.json").write_text(_json.dumps(pred))
+    exact = score_masks(str(tmp_path / "gt.json"), str(tmp_path / "pred.json"))
+    assert exact["images"] == 1 and exact["segm"]["AP"] == pytest.approx(100.0)
+    pred["annotations"][1]["segmentation"] = rle(28, 5)
+    (tmp_path / "pred.json").write_text(_json.dumps(pred))
+    assert score_masks(str(tmp_path / "gt.json"), str(tmp_path / "pred.json"))["segm"]["AP"] < 60.0
+    pred["images"][0]["file_name"] = "b.png"
+    (tmp_path / "pred.json").write_text(_json.dumps(pred))
+    with pytest.raises(ValueError, match="'b.png'.*is not in"):
+        score_masks(str(tmp_path / "gt.json"), str(tmp_path / "pred.json"))

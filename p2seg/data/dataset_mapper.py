@@ -274,8 +274,9 @@ def read_image_checked(dataset_dict, image_format):
     return image
 
 
-def _points_from_annotations(dataset_dict, num_classes, height=None, width=None):
-    """Points and classes of the non-crowd annotations of a dataset dict.
+def _points_from_annotations(dataset_dict, num_classes, height=None, width=None, min_score=0.0):
+    """Points and classes of the non-crowd annotations of a dataset dict whose ``"score"`` (peak
+    points) is at least ``min_score`` (annotations without a score are kept).
 
     Args:
         dataset_dict: dataset dict with "annotations" (each with "point" [x, y] and
@@ -289,7 +290,8 @@ def _points_from_annotations(dataset_dict, num_classes, height=None, width=None)
         BadSampleValueError (a ValueError) naming the file and the field when "point" /
         "category_id" are missing or invalid.
     """
-    anns = [a for a in dataset_dict.get("annotations", []) if a.get("iscrowd", 0) == 0]
+    anns = [a for a in dataset_dict.get("annotations", [])
+            if a.get("iscrowd", 0) == 0 and a.get("score", min_score) >= min_score]
     file_name = dataset_dict.get("file_name", "<no file_name>")
     for i, a in enumerate(anns):
         point = a.get("point")
@@ -392,6 +394,8 @@ class P2SegDatasetMapper:
         distance_grouping=True,
         offset_target="point",
         missed_point_radii=(0, 0),
+        supervision="point",
+        min_point_score=0.0,
     ):
         """
         Args:
@@ -415,7 +419,13 @@ class P2SegDatasetMapper:
             missed_point_radii: (foreground, ignore) radii in input pixels around the points the
                 source labels background (cfg.MODEL.P2SEG.TARGETS.MISSED_POINT_FOREGROUND_RADIUS /
                 MISSED_POINT_IGNORE_RADIUS, :func:`~p2seg.data.targets.mark_missed_points`).
+            supervision: cfg.MODEL.P2SEG.SUPERVISION; "image" puts the centre targets at the
+                centroids of the points' components (:func:`~p2seg.data.targets.build_targets`).
+            min_point_score: cfg.DATASETS.POINT_SCORE_THRESH: annotations with a lower "score"
+                give no point (training and test).
         """
+        if supervision not in ("point", "image"):
+            raise ValueError(f"config MODEL.P2SEG.SUPERVISION must be 'point' or 'image', got {supervision!r}")
         if bad_samples not in BAD_SAMPLE_POLICIES:
             raise ValueError(
                 f"DATALOADER.BAD_SAMPLES must be one of {BAD_SAMPLE_POLICIES}, got {bad_samples!r}"
@@ -434,6 +444,8 @@ class P2SegDatasetMapper:
         self.distance_grouping = distance_grouping
         self.offset_target = offset_target
         self.missed_point_radii = tuple(int(r) for r in missed_point_radii)
+        self.center_target = "centroid" if supervision == "image" else "point"
+        self.min_point_score = float(min_point_score)
         self.skip_bad_samples = is_train and bad_samples == "skip"
         self.num_bad_samples = 0  # samples skipped so far (this process)
         self.num_samples = None  # size of the dataset mapped, when known (set by the train loader)
@@ -460,6 +472,8 @@ class P2SegDatasetMapper:
             "distance_grouping": targets.DISTANCE_GROUPING,
             "offset_target": targets.OFFSET_TARGET,
             "missed_point_radii": (targets.MISSED_POINT_FOREGROUND_RADIUS, targets.MISSED_POINT_IGNORE_RADIUS),
+            "supervision": cfg.MODEL.P2SEG.SUPERVISION,
+            "min_point_score": cfg.DATASETS.POINT_SCORE_THRESH,
         }
 
     def __call__(self, dataset_dict):
@@ -532,7 +546,8 @@ class P2SegDatasetMapper:
                 "(the semantic pseudo-label PNG)"
             )
         sem_seg = self._read_sem_seg(dataset_dict, image)
-        points, classes = _points_from_annotations(dataset_dict, self.num_classes, *image.shape[:2])
+        points, classes = _points_from_annotations(dataset_dict, self.num_classes, *image.shape[:2],
+                                                   self.min_point_score)
         points = clip_points(points, *image.shape[:2])
 
         aug_input = T.AugInput(image, sem_seg=sem_seg)
@@ -559,6 +574,7 @@ class P2SegDatasetMapper:
             ignore_value=self.ignore_value,
             distance_grouping=self.distance_grouping,
             offset_target=self.offset_target,
+            center_target=self.center_target,
         )
         if self.ignore_unpointed:  # the semantic loss only: offsets already skip such components
             sem_seg = ignore_unpointed_components(
@@ -591,7 +607,8 @@ class P2SegDatasetMapper:
             annotations = dataset_dict["annotations"]
             out["annotations"] = copy.deepcopy(annotations)
             if not self.point_free and any("point" in a for a in annotations):
-                points, classes = _points_from_annotations(dataset_dict, self.num_classes, *image.shape[:2])
+                points, classes = _points_from_annotations(dataset_dict, self.num_classes, *image.shape[:2],
+                                                   self.min_point_score)
                 points = transform_points(transforms, points)
                 out["points"] = torch.as_tensor(points, dtype=torch.float32).reshape(-1, 2)
                 out["point_classes"] = torch.as_tensor(classes, dtype=torch.int64)

@@ -174,6 +174,10 @@ def _convert_annotation(ann: dict, img: dict, id_map: Dict[int, int], json_file:
             f"{where}: missing field 'point' ([x, y] per non-crowd annotation); "
             "write point JSONs with p2seg-make-points or p2seg-convert-voc"
         )
+    if "score" in ann:  # peak points (image-level supervision): DATASETS.POINT_SCORE_THRESH reads it
+        if not _finite_numbers([ann["score"]]):
+            raise ValueError(f"{where}: field 'score' must be a finite number, got {ann['score']!r}")
+        obj["score"] = float(ann["score"])
     bbox = ann.get("bbox")
     if bbox is not None:
         if not _finite_numbers(bbox, 4):

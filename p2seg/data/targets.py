@@ -270,6 +270,7 @@ def build_targets(
     ignore_value=255,
     distance_grouping=True,
     offset_target="point",
+    center_target="point",
 ):
     """All per-image training targets (centre heatmaps, offsets and their weights).
 
@@ -284,6 +285,9 @@ def build_targets(
         ignore_value: cfg.INPUT.IGNORE_VALUE.
         distance_grouping: cfg.MODEL.P2SEG.TARGETS.DISTANCE_GROUPING (:func:`offset_assignment`).
         offset_target: cfg.MODEL.P2SEG.TARGETS.OFFSET_TARGET (:func:`offset_target_positions`).
+        center_target: where the centre Gaussians go, "point" or "centroid" (of the component a
+            point is alone in, as for the offsets; image-level supervision, whose peak points are
+            not object centres: MODEL.P2SEG.SUPERVISION "image").
     Returns:
         dict of numpy arrays:
         ``"center"`` float32 ``C x H x W``; ``"center_weights"`` float32 ``H x W`` (1 where
@@ -317,8 +321,13 @@ def build_targets(
     )
     targets = offset_target_positions(assignment, pixels, offset_target)
     offset, offset_weights = offsets_from_assignment(assignment.ids, pixels, targets)
+    centers = pixels
+    if center_target != "point":
+        if center_target != "centroid":
+            raise ValueError(f"build_targets: center_target must be 'point' or 'centroid', got {center_target!r}")
+        centers = point_pixels(offset_target_positions(assignment, pixels, "centroid"), height, width)
     return {
-        "center": center_heatmaps(pixels, point_classes, num_classes, height, width, sigma),
+        "center": center_heatmaps(centers, point_classes, num_classes, height, width, sigma),
         "center_weights": (sem_seg != ignore_value).astype(np.float32),
         "offset": offset,
         "offset_weights": offset_weights,
@@ -395,4 +404,26 @@ def mark_missed_points(sem_seg, pixels, point_classes, foreground_radius, ignore
             cv2.circle(drawn, (x, y), int(radius), ignore_value if fill is None else k + 1, thickness=-1)
         where = background & (drawn > 0)
         out[where] = drawn[where]
+    return out
+
+
+def centroid_pixels(instance_ids: torch.Tensor, pixels: np.ndarray) -> np.ndarray:
+    """Each point's pixel moved to the centroid of the pixels assigned to it.
+
+    Args:
+        instance_ids: int64 ``H x W`` tensor, the index of each pixel's point, -1 none (S2I's assignment).
+        pixels: int ``P x 2`` point pixels ``(x, y)``; a point without pixels keeps its own.
+    Returns:
+        int64 ``P x 2`` ``(x, y)``.
+    """
+    width = instance_ids.shape[1]
+    flat = torch.nonzero(instance_ids.reshape(-1) >= 0).squeeze(1)
+    owner = instance_ids.reshape(-1)[flat]
+    count = torch.bincount(owner, minlength=len(pixels)).double()
+    sums = torch.stack([torch.bincount(owner, (flat % width).double(), len(pixels)),
+                        torch.bincount(owner, torch.div(flat, width, rounding_mode="floor").double(), len(pixels))], 1)
+    centroid = (sums / count.clamp(min=1)[:, None]).round().long().cpu().numpy()
+    has = (count > 0).cpu().numpy()
+    out = np.asarray(pixels, dtype=np.int64).reshape(-1, 2).copy()
+    out[has] = centroid[has]
     return out

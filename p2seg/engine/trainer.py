@@ -34,6 +34,7 @@ __all__ = [
     "Trainer",
     "single_process_norm",
     "is_p2seg",
+    "is_peak_classifier",
     "pseudo_masks_path",
 ]
 
@@ -82,6 +83,16 @@ def is_p2seg(cfg):
     return cfg.MODEL.META_ARCHITECTURE == "P2Seg"
 
 
+def is_peak_classifier(cfg):
+    """Whether ``cfg`` builds the peak-point classifier of image-level supervision."""
+    return cfg.MODEL.META_ARCHITECTURE == "PeakClassifier"
+
+
+def peak_points_path(cfg, dataset_name):
+    """``OUTPUT_DIR/peak_points_<dataset_name>.json``: where a PeakClassifier writes its points."""
+    return os.path.join(cfg.OUTPUT_DIR, f"peak_points_{dataset_name}.json")
+
+
 def pseudo_masks_path(cfg, dataset_name):
     """``OUTPUT_DIR/pseudo_masks_<dataset_name>.json``: where the export of ``dataset_name`` goes."""
     return os.path.join(cfg.OUTPUT_DIR, f"pseudo_masks_{dataset_name}.json")
@@ -95,6 +106,10 @@ def _mapper(cfg, is_train):
         from p2seg.data.dataset_mapper import P2SegDatasetMapper
 
         return P2SegDatasetMapper(cfg, is_train=is_train)
+    if is_peak_classifier(cfg):
+        from p2seg.data.image_label_mapper import ImageLabelDatasetMapper
+
+        return ImageLabelDatasetMapper(cfg, is_train)
     from p2seg.data.detection_mapper import DetectionDatasetMapper
 
     return DetectionDatasetMapper(cfg, is_train)
@@ -107,8 +122,11 @@ def check_num_classes(cfg, dataset_names) -> None:
     (P2Seg) or ``MODEL.ROI_HEADS.NUM_CLASSES`` (stage 2). Raises ValueError naming the key, the
     dataset and its JSON; otherwise every sample would fail (or be skipped) one by one.
     """
-    key = "MODEL.P2SEG.NUM_CLASSES" if is_p2seg(cfg) else "MODEL.ROI_HEADS.NUM_CLASSES"
-    expected = cfg.MODEL.P2SEG.NUM_CLASSES if is_p2seg(cfg) else cfg.MODEL.ROI_HEADS.NUM_CLASSES
+    key = ("MODEL.P2SEG.NUM_CLASSES" if is_p2seg(cfg) else "MODEL.PAM.NUM_CLASSES" if is_peak_classifier(cfg)
+           else "MODEL.ROI_HEADS.NUM_CLASSES")
+    expected = cfg.get(key.split(".")[0])
+    for part in key.split(".")[1:]:
+        expected = expected[part]
     for name in dataset_names:
         meta = MetadataCatalog.get(name)
         classes = getattr(meta, "thing_classes", None)
@@ -205,8 +223,10 @@ class Trainer(DefaultTrainer):
         * otherwise ``DatasetEvaluators([InstanceMaskEvaluator])``: COCO mask AP / AP50 / AP75 and VOC mask mAP at
           ``TEST.VOC_IOU_THRESHOLDS``; predictions in ``OUTPUT_DIR/inference/<dataset_name>/``.
         """
-        from p2seg.evaluation import InstanceMaskEvaluator, PseudoMaskExporter
+        from p2seg.evaluation import InstanceMaskEvaluator, PeakPointEvaluator, PseudoMaskExporter
 
+        if is_peak_classifier(cfg):
+            return PeakPointEvaluator(dataset_name, peak_points_path(cfg, dataset_name) if cfg.TEST.EXPORT_PEAK_POINTS else None)
         thresholds = tuple(cfg.TEST.VOC_IOU_THRESHOLDS)
         max_dets = cfg.TEST.DETECTIONS_PER_IMAGE
         if cfg.TEST.EXPORT_PSEUDO_MASKS:

@@ -7,3 +7,6 @@ from .instance_evaluator import InstanceMaskEvaluator, evaluate_instance_masks  
 
 # pseudo_mask_exporter.py
 from .pseudo_mask_exporter import PseudoMaskExporter, export_provenance, remaining_dataset_dicts  # noqa: F401
+
+# peak_points.py (image-level supervision)
+from .peak_points import PeakPointEvaluator  # noqa: F401

@@ -7,4 +7,5 @@ from .simple_heads import SimpleAffinityHead, SimpleInsEmbedHead, SimpleSemSegHe
 from .criterion import P2SegCriterion
 from .instance_inference import InstanceInference
 from .meta_arch import P2Seg
+from .peak_classifier import PeakClassifier  # noqa: F401  (registers; image-level supervision)
 from . import backbone  # registers HRNet / EfficientNet-Lite0

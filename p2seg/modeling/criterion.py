@@ -20,6 +20,8 @@ from detectron2.config import configurable
 from detectron2.structures import ImageList
 from detectron2.utils.events import get_event_storage
 
+from p2seg.data.targets import center_heatmaps, centroid_pixels, point_pixels
+
 from .i2s import I2SSettings, i2s_terms, image_classes
 from .losses import (center_loss, hard_mining_fraction, noise_safe_mining_fraction, offset_loss, point_loss,
                      semantic_loss, wrong_label_fraction)
@@ -28,6 +30,20 @@ from .s2i import refine_offset_targets
 __all__ = ["P2SegCriterion", "TARGET_KEYS"]
 
 TARGET_KEYS = ("sem_seg", "center", "center_weights", "offset", "offset_weights", "points", "point_classes")
+
+
+def refined_center_targets(instance_ids: torch.Tensor, targets: Dict, sigma: float) -> torch.Tensor:
+    """Centre heatmaps (float BxCxH'xW', C = the centre targets' channels) with a Gaussian of
+    ``sigma`` at the centroid of each point's refined instance (``instance_ids`` int64 BxH'xW',
+    S2I's assignment); a point without pixels keeps its own position."""
+    batch, num_classes, height, width = targets["center"].shape
+    heatmaps = []
+    for i in range(batch):
+        pixels = point_pixels(targets["points"][i].detach().cpu().numpy(), height, width)
+        centers = centroid_pixels(instance_ids[i].cpu(), pixels)
+        heatmaps.append(torch.from_numpy(center_heatmaps(centers, targets["point_classes"][i].cpu().numpy(),
+                                                         num_classes, height, width, sigma)))
+    return torch.stack(heatmaps).to(targets["center"].device)
 
 
 def _put_scalar(name, value):
@@ -51,7 +67,8 @@ class P2SegCriterion(nn.Module):
                  sem_top_k: float, sem_top_k_warmup_iters: int = 0, sem_top_k_error_factor: float = 0.0,
                  center_weight: float, offset_weight: float,
                  point_weight: float = 0.0, s2i_enabled: bool = False, s2i_refined_weight: float = 0.5,
-                 i2s: Optional[I2SSettings] = None, mdm_start_iter: int = 0):
+                 i2s: Optional[I2SSettings] = None, mdm_start_iter: int = 0,
+                 refined_centers: bool = False, center_sigma: float = 6.0):
         """
         Args:
             common_stride: output stride of the heads (the outputs are at 1/``common_stride``).
@@ -69,6 +86,9 @@ class P2SegCriterion(nn.Module):
             s2i_refined_weight: share ``w`` of the refined-target loss in that average,
                 ``(1 - w) * initial + w * refined`` (0.5: the paper's mean).
             i2s: MODEL.P2SEG.I2S settings (None: I2S off).
+            refined_centers: with S2I, average the centre loss with the loss against Gaussians
+                (``center_sigma``) at the centroids of the refined instances (MODEL.P2SEG.SUPERVISION
+                "image": peak points are not object centres).
             mdm_start_iter: S2I and I2S act from this training iteration on; before it the
                 offset loss reads the initial targets only, the affinity loss is 0 and the
                 semantic loss reads the head's own probabilities.
@@ -90,6 +110,8 @@ class P2SegCriterion(nn.Module):
         self.s2i_refined_weight = s2i_refined_weight
         self.i2s = i2s if i2s is not None else I2SSettings()
         self.mdm_start_iter = mdm_start_iter
+        self.refined_centers = refined_centers
+        self.center_sigma = center_sigma
         self._local_iter = 0  # training batches seen, when no EventStorage gives the iteration
 
     @classmethod
@@ -110,6 +132,8 @@ class P2SegCriterion(nn.Module):
             "s2i_refined_weight": cfg.MODEL.P2SEG.S2I.REFINED_WEIGHT,
             "i2s": i2s if i2s is not None else I2SSettings.from_config(cfg),
             "mdm_start_iter": cfg.MODEL.P2SEG.MDM_START_ITER,
+            "refined_centers": cfg.MODEL.P2SEG.SUPERVISION == "image",
+            "center_sigma": cfg.MODEL.P2SEG.TARGETS.SIGMA,
         }
 
     # ------------------------------------------------------------------ targets
@@ -168,8 +192,7 @@ class P2SegCriterion(nn.Module):
         i2s = self._i2s(outputs, targets, s2i, matmul_dtype, walks) if mdm_active else None
         terms = {}
         terms.update(self._semantic_losses(up, targets, i2s))
-        terms["loss_center"] = self.center_weight * center_loss(
-            up["center"], targets["center"], targets["center_weights"])
+        terms["loss_center"] = self._center_loss(up, targets, s2i)
         terms["loss_offset"] = self._offset_loss(up, targets, s2i)
         if i2s is not None:
             terms["loss_affinity"] = self.i2s.loss_weight * 0.5 * (i2s["loss_aff_class"] + i2s["loss_aff_instance"])
@@ -230,6 +253,16 @@ class P2SegCriterion(nn.Module):
         _put_scalar("p2seg/offset_refined", refined.detach())
         w = self.s2i_refined_weight
         return self.offset_weight * ((1.0 - w) * initial + w * refined)
+
+    def _center_loss(self, up, targets, s2i) -> torch.Tensor:
+        """``loss_center``: against the initial targets, or with ``refined_centers`` and S2I the
+        mean with the loss against the refined instances' centroids (the authors' --sup cls)."""
+        initial = center_loss(up["center"], targets["center"], targets["center_weights"])
+        if s2i is None or not self.refined_centers:
+            return self.center_weight * initial
+        refined = center_loss(up["center"], refined_center_targets(s2i["instance_ids"], targets, self.center_sigma),
+                              targets["center_weights"])
+        return self.center_weight * 0.5 * (initial + refined)
 
     # ------------------------------------------------------------------ MDM
     def _s2i(self, up, targets) -> Optional[Dict[str, torch.Tensor]]:
