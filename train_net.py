@@ -33,7 +33,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import p2seg  # noqa: F401  (first: it quiets the deprecation warnings of the imports below)
 
 from detectron2.config import get_cfg
-from detectron2.engine import default_argument_parser, default_setup, launch
+from detectron2.engine import default_argument_parser, default_setup
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
@@ -42,6 +42,7 @@ from p2seg.config import merge_config_file
 from p2seg.datasets.registration import adopt_pseudo_label_classes, register_datasets
 from p2seg.utils.atomic import write_json_atomic
 from p2seg.engine import Trainer
+from p2seg.engine.launch import launch
 from p2seg.engine.checkpointer import P2SegCheckpointer
 
 
@@ -79,6 +80,16 @@ def setup(args):
     return cfg
 
 
+def config_device(args) -> str:
+    """``MODEL.DEVICE`` of the config and overrides (read before the processes start: on "cpu",
+    ``--num-gpus N`` starts N CPU processes on gloo, p2seg/engine/launch.py)."""
+    cfg = get_cfg()
+    add_p2seg_config(cfg)
+    merge_config_file(cfg, args.config_file)
+    cfg.merge_from_list(args.opts)
+    return cfg.MODEL.DEVICE
+
+
 def save_results(cfg, results):
     """Write ``results`` (nested dicts of numbers) to ``OUTPUT_DIR/results.json`` (main process)."""
     if results and comm.is_main_process():
@@ -114,4 +125,5 @@ if __name__ == "__main__":
         machine_rank=args.machine_rank,
         dist_url=args.dist_url,
         args=(args,),
+        device=config_device(args),
     )

@@ -51,20 +51,25 @@ _NORM_KEYS = (
 
 
 def single_process_norm(cfg):
-    """``cfg`` with "SyncBN" replaced by "BN" in the backbone/head norms when training on a
-    single process (``comm.get_world_size() == 1``); ``cfg`` itself when nothing changes.
+    """``cfg`` with "SyncBN" replaced in the backbone/head norms where torch's SyncBatchNorm cannot
+    run: by "BN" on a single process (``comm.get_world_size() == 1``), by Detectron2's
+    "naiveSyncBN" (all-reduce of the batch statistics, any backend) on several CPU processes;
+    ``cfg`` itself when nothing changes.
 
-    SyncBN and BN have the same parameters and buffers, so checkpoints are interchangeable.
+    The three have the same parameters and buffers, so checkpoints are interchangeable.
     """
     keys = [k for k in _NORM_KEYS if _get(cfg, k) == "SyncBN"]
-    if comm.get_world_size() > 1 or not keys:
+    several = comm.get_world_size() > 1
+    if not keys or (several and not cfg.MODEL.DEVICE.startswith("cpu")):
         return cfg
+    norm = "naiveSyncBN" if several else "BN"
     cfg = cfg.clone()
     cfg.defrost()
     for k in keys:
-        _get(cfg, k[:-1])[k[-1]] = "BN"
+        _get(cfg, k[:-1])[k[-1]] = norm
     cfg.freeze()
-    logger.info("One process: using BN instead of SyncBN for %s", [".".join(k) for k in keys])
+    logger.info("%s: using %s instead of SyncBN for %s", "Several CPU processes" if several else "One process",
+                norm, [".".join(k) for k in keys])
     return cfg
 
 
@@ -168,7 +173,9 @@ class Trainer(DefaultTrainer):
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
-        model = create_ddp_model(model, broadcast_buffers=False)
+        # DDP on CPU processes (p2seg/engine/launch.py) takes no device ids
+        on_cpu = next(model.parameters()).device.type == "cpu"
+        model = create_ddp_model(model, broadcast_buffers=False, **({"device_ids": None} if on_cpu else {}))
         dtype = amp_dtype(cfg, next(model.parameters()).device.type)
         if dtype is None:
             self._trainer = SimpleTrainer(model, data_loader, optimizer)

@@ -1,0 +1,96 @@
+"""Several processes on CPU (gloo, p2seg/engine/launch.py): DDP keeps the ranks' parameters equal,
+and a 2-process export and evaluation give what one process gives."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from p2seg.engine.launch import cpu_threads_per_process, launch
+from p2seg.engine.pipeline import QUICK_COMMON, QUICK_STAGE1
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "configs" / "shapes" / "p2seg_R18_cpu.yaml"
+TINY = QUICK_COMMON + QUICK_STAGE1 + ["DATALOADER.NUM_WORKERS", "0", "DATASETS.SHAPES.NUM_TRAIN", "6"]
+
+
+def _train_and_dump(out_dir: str, cache: str):
+    """One rank: 3 training iterations of the tiny shapes model, then its parameters to rank<r>.pt
+    (and the initial ones to init.pt)."""
+    os.environ["P2SEG_CACHE"] = cache
+    from detectron2.config import get_cfg
+    from detectron2.utils import comm
+
+    from p2seg import add_p2seg_config
+    from p2seg.config import merge_config_file
+    from p2seg.datasets.registration import register_datasets
+    from p2seg.engine import Trainer
+
+    cfg = get_cfg()
+    add_p2seg_config(cfg)
+    merge_config_file(cfg, str(CONFIG))
+    cfg.merge_from_list(TINY + ["SOLVER.MAX_ITER", "3", "SOLVER.IMS_PER_BATCH", "4", "TEST.EVAL_PERIOD", "0",
+                                "DATASETS.TEST", "()", "OUTPUT_DIR", out_dir])
+    cfg.freeze()
+    register_datasets(cfg)
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=False)
+    model = trainer.model.module if hasattr(trainer.model, "module") else trainer.model
+    if comm.is_main_process():
+        torch.save({k: v.detach().clone() for k, v in model.named_parameters()}, os.path.join(out_dir, "init.pt"))
+    trainer.train()
+    torch.save({k: v.detach().clone() for k, v in model.named_parameters()},
+               os.path.join(out_dir, f"rank{comm.get_rank()}.pt"))
+
+
+def test_two_cpu_processes_train_with_identical_parameters(tmp_path):
+    """DDP on gloo: after 3 steps both ranks hold the same parameters (BN running statistics stay per
+    rank, as in Detectron2: ``broadcast_buffers=False``; rank 0's are saved)."""
+    launch(_train_and_dump, 2, args=(str(tmp_path), str(tmp_path / "cache")), device="cpu")
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    assert ranks[0].keys() == ranks[1].keys()
+    for name in ranks[0]:
+        assert torch.equal(ranks[0][name], ranks[1][name]), name
+    init = torch.load(tmp_path / "init.pt")
+    assert any(not torch.equal(init[name], ranks[0][name]) for name in init)  # the steps were taken
+    assert (tmp_path / "model_final.pth").is_file()  # rank 0 wrote the checkpoint
+    assert cpu_threads_per_process(2) >= 1
+
+
+def _train_net(*opts, tmp_path, processes=1, flags=()):
+    env = dict(os.environ, P2SEG_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="2")
+    proc = subprocess.run([sys.executable, str(REPO / "train_net.py"), "--num-gpus", str(processes), *flags,
+                           "--config-file", str(CONFIG), *TINY, *opts], cwd=str(REPO), env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout + proc.stderr
+
+
+def _annotations(path):
+    """Order-independent content of a pseudo-mask JSON."""
+    data = json.loads(Path(path).read_text())
+    return sorted((a["image_id"], tuple(a["point"]), a["category_id"], json.dumps(a["segmentation"], sort_keys=True))
+                  for a in data["annotations"])
+
+
+def test_two_process_export_and_evaluation_equal_one_process(tmp_path):
+    """--eval-only with --num-gpus 2 on CPU: the export holds every image once with the same masks,
+    and its evaluation (gathered on rank 0) the same metrics, as one process."""
+    _train_net("SOLVER.MAX_ITER", "2", "TEST.EVAL_PERIOD", "0", "DATASETS.TEST", "()",
+               "OUTPUT_DIR", str(tmp_path / "train"), tmp_path=tmp_path)
+    weights = str(tmp_path / "train" / "model_final.pth")
+    results = {}
+    for n in (1, 2):
+        log = _train_net("MODEL.WEIGHTS", weights, "DATASETS.TEST", '("p2seg_shapes_train",)',
+                         "TEST.EXPORT_PSEUDO_MASKS", "True", "OUTPUT_DIR", str(tmp_path / f"export{n}"),
+                         tmp_path=tmp_path, processes=n, flags=("--eval-only",))
+        assert ("2 CPU processes" in log) == (n == 2)
+        results[n] = json.loads((tmp_path / f"export{n}" / "results.json").read_text())
+    one = _annotations(tmp_path / "export1" / "pseudo_masks_p2seg_shapes_train.json")
+    two = _annotations(tmp_path / "export2" / "pseudo_masks_p2seg_shapes_train.json")
+    assert len(one) > 0 and one == two
+    assert len({a[0] for a in one}) == 6  # every image, once
+    assert results[1] == results[2] and results[1]["segm"]["AP"] >= 0
