@@ -6,7 +6,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 
 from p2seg.engine.launch import cpu_threads_per_process, launch

@@ -5,7 +5,6 @@ processes on the gloo backend (each with its share of the cores); on CUDA it is 
 This lets every distributed path (DDP training, sharded data, the export's per-rank sidecars, the
 evaluators' gathers) run without a GPU, in CI.
 """
-import logging
 import os
 from datetime import timedelta
 
@@ -17,8 +16,6 @@ from detectron2.engine import launch as detectron2_launch
 from detectron2.utils import comm
 
 __all__ = ["launch", "cpu_threads_per_process"]
-
-logger = logging.getLogger(__name__)
 
 
 def cpu_threads_per_process(num_processes: int) -> int:
