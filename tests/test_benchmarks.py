@@ -166,3 +166,15 @@ def test_gpu_check_exit_status_follows_the_tests_and_workloads():
     assert not gpu_check.passed({"tests": dict(ok, passed=0, returncode=5), "errors": []})  # none collected
     assert not gpu_check.passed({"tests": {"timed_out": "device tests timed out after 190 s"}, "errors": []})
     assert not gpu_check.passed({"tests": ok, "errors": [{"error": "benchmarks timed out after 30 s"}]})
+
+
+def test_processes_benchmark_compares_one_and_two_cpu_processes(tmp_path, monkeypatch):
+    """benchmarks/bench_processes.py on the tiny shapes model: a run per process count, images/s from
+    Detectron2's speed line, the summary's speed-up relative to one process."""
+    from p2seg.engine.pipeline import QUICK_STAGE1
+
+    monkeypatch.setenv("P2SEG_CACHE", str(tmp_path / "cache"))
+    rec = _run_json("bench_processes.py", "--iters", "7", "--batch", "4", "--threads", "2",
+                    "DATASETS.SHAPES.NUM_TRAIN", "6", "DATASETS.SHAPES.NUM_VAL", "2", *QUICK_STAGE1)
+    assert rec["benchmark"] == "processes_summary" and set(rec["images_per_s"]) == {"1", "2"}
+    assert all(v > 0 for v in rec["images_per_s"].values()) and rec["speedup_vs_first"]["1"] == 1.0
