@@ -2,8 +2,10 @@
 and a 2-process export and evaluation give what one process gives."""
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -77,7 +79,8 @@ def _annotations(path):
 
 def test_two_process_export_and_evaluation_equal_one_process(tmp_path):
     """--eval-only with --num-gpus 2 on CPU: the export holds every image once with the same masks,
-    and its evaluation (gathered on rank 0) the same metrics, as one process."""
+    and its evaluation (gathered on rank 0) the same metrics, as one process; a rank killed
+    mid-export loses nothing."""
     _train_net("SOLVER.MAX_ITER", "2", "TEST.EVAL_PERIOD", "0", "DATASETS.TEST", "()",
                "OUTPUT_DIR", str(tmp_path / "train"), tmp_path=tmp_path)
     weights = str(tmp_path / "train" / "model_final.pth")
@@ -93,3 +96,26 @@ def test_two_process_export_and_evaluation_equal_one_process(tmp_path):
     assert len(one) > 0 and one == two
     assert len({a[0] for a in one}) == 6  # every image, once
     assert results[1] == results[2] and results[1]["segm"]["AP"] >= 0
+    # SIGKILL of rank 1 once its sidecar holds an image: the job dies without a JSON; the rerun
+    # skips the exported images and ends with the uninterrupted JSON.
+    out = tmp_path / "killed"
+    json_file = out / "pseudo_masks_p2seg_shapes_train.json"
+    env = dict(os.environ, P2SEG_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="2")
+    export = ["MODEL.WEIGHTS", weights, "DATASETS.TEST", '("p2seg_shapes_train",)', "TEST.EXPORT_PSEUDO_MASKS", "True"]
+    proc = subprocess.Popen([sys.executable, str(REPO / "train_net.py"), "--num-gpus", "2", "--eval-only",
+                             "--config-file", str(CONFIG), *TINY, *export, "OUTPUT_DIR", str(out)],
+                            cwd=str(REPO), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    rank1 = Path(f"{json_file}.partial.rank1.jsonl")
+    deadline = time.monotonic() + 240
+    while not (rank1.exists() and rank1.read_text().count("\n") >= 1):
+        assert proc.poll() is None and time.monotonic() < deadline, "rank 1 never wrote its sidecar"
+        time.sleep(0.01)
+    children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    workers = [int(c) for c in children if "spawn_main" in Path(f"/proc/{c}/cmdline").read_text()]
+    assert len(workers) == 2, children
+    os.kill(max(workers), signal.SIGKILL)  # spawned in rank order: the later one is rank 1
+    proc.wait(timeout=240)
+    assert not json_file.exists()  # nothing assembled from a half export
+    _train_net(*export, "OUTPUT_DIR", str(out), tmp_path=tmp_path, processes=2, flags=("--eval-only",))
+    assert _annotations(json_file) == two
+
