@@ -86,6 +86,8 @@ def test_peak_points_find_known_peaks_with_their_scores():
     np.testing.assert_allclose(found["scores"].numpy(), [1.0, 0.6], rtol=1e-6)
     smoothed = peak_points(cams, torch.tensor([0]), nms_kernel=7, top_k=1, score_thresh=0.1)
     assert smoothed["points"].tolist() == [[10.0, 12.0]] and smoothed["scores"].item() < 1.0
+    untagged = peak_points(cams, torch.tensor([], dtype=torch.int64), nms_kernel=7, top_k=5, score_thresh=0.1)
+    assert untagged["points"].shape == (0, 2) and len(untagged["classes"]) == len(untagged["scores"]) == 0
 
 
 def test_peak_matching_precision_recall_and_average_precision():

@@ -59,6 +59,8 @@ def peak_points(cams: torch.Tensor, classes: torch.Tensor, nms_kernel: int, top_
     if smoothing_kernel > 1:
         cams = F.avg_pool2d(cams[None], smoothing_kernel, stride=1, padding=smoothing_kernel // 2)[0]
     classes = torch.as_tensor(classes, device=cams.device).long().reshape(-1).unique()
+    if classes.numel() == 0:  # an image without tags (or no class scored high enough): no peaks
+        return {"points": cams.new_zeros((0, 2)), "classes": classes, "scores": cams.new_zeros((0,))}
     maps = cams[classes]  # K x H x W
     width = maps.shape[2]
     local_max = F.max_pool2d(maps[None], nms_kernel, stride=1, padding=nms_kernel // 2)[0]
