@@ -121,7 +121,7 @@ def test_image_mode_centres_go_to_the_component_centroids():
     ids = torch.full((30, 40), -1, dtype=torch.int64)
     ids[2:12, 2:22] = 0
     ids[18:28, 5:20] = 1
-    moved = centroid_pixels(ids, np.array([[4, 4], [8, 22], [30, 22]]))
+    moved = centroid_pixels(ids.numpy(), np.array([[4, 4], [8, 22], [30, 22]]))
     assert moved[0].tolist() in ([12, 6], [12, 7], [11, 6], [11, 7]) and moved[2].tolist() == [30, 22]
     with pytest.raises(ValueError, match="center_target"):
         build_targets(sem, points, [0, 0, 0], 1, center_target="peak")

@@ -421,23 +421,33 @@ def test_instance_inference_switches_to_id_maps_above_max_dense_mask_mb():
     assert torch.equal(results[1e-4].pred_boxes.tensor, results[256].pred_boxes.tensor)
 
 
+def _fallback_case(model_cells, source_regions):
+    """One 32 x 32 image with three class-0 points, (5, 5), (22, 24) and (2, 28): the model's 2 x 8 x 8
+    probabilities (stride 4, foreground on ``model_cells``), zero centres and offsets, and a source
+    with foreground on ``source_regions``. Returns (sem, outputs, source, inputs)."""
+    logits = torch.zeros(1, 2, 8, 8)
+    logits[0, 0] = 1.0
+    logits[(0, 1) + tuple(model_cells)] = 5.0
+    outputs = {"center": torch.zeros(1, 1, 8, 8), "offset": torch.zeros(1, 2, 8, 8)}
+    source = torch.zeros(32, 32, dtype=torch.int64)
+    for region in source_regions:
+        source[region] = 1
+    points = torch.tensor([[5.0, 5.0], [22.0, 24.0], [2.0, 28.0]])
+    inputs = [{"height": 32, "width": 32, "points": points, "point_classes": torch.zeros(3, dtype=torch.int64),
+               "sem_seg": source}]
+    return torch.softmax(logits, dim=1), outputs, source, inputs
+
+
 def test_source_fallback_gives_a_missed_point_its_mask_in_the_source_not_a_box():
     """INFERENCE.FALLBACK_MASK source: the model finds no foreground at the second point, the source
     does: that point takes the source's region (the baseline's mask), still flagged fallback; a
     point the source misses too keeps the box; the default keeps boxes."""
     from p2seg.modeling.instance_inference import InstanceInference
 
-    sem = torch.zeros(1, 2, 8, 8)
-    sem[0, 0] = 1.0
-    sem[0, 1, 0:3, 0:3] = 5.0  # model foreground around the first point only (stride 4: 0..12 px)
-    sem = torch.softmax(sem, dim=1)
-    outputs = {"center": torch.zeros(1, 1, 8, 8), "offset": torch.zeros(1, 2, 8, 8)}
-    source = torch.zeros(32, 32, dtype=torch.int64)
-    source[2:10, 2:10] = 1
-    source[20:30, 18:28] = 1  # the second point's object, missed by the model
-    points = torch.tensor([[5.0, 5.0], [22.0, 24.0], [2.0, 28.0]])  # the third: background in both
-    inputs = [{"height": 32, "width": 32, "points": points, "point_classes": torch.zeros(3, dtype=torch.int64),
-               "sem_seg": source}]
+    # model foreground around the first point only (stride 4: 0..12 px); the source also has the
+    # second point's object, missed by the model; the third point is background in both
+    sem, outputs, source, inputs = _fallback_case((slice(0, 3), slice(0, 3)),
+                                                  [(slice(2, 10), slice(2, 10)), (slice(20, 30), slice(18, 28))])
     results = {}
     for mode in ("box", "source"):
         inference = InstanceInference(num_classes=1, common_stride=4, fallback_box_size=4, fallback_mask=mode)
@@ -458,16 +468,8 @@ def test_model_fallback_gives_a_point_the_source_missed_the_models_mask():
     refused (its fallback points have no model mask by definition)."""
     from p2seg.modeling.instance_inference import InstanceInference
 
-    sem = torch.zeros(1, 2, 8, 8)
-    sem[0, 0] = 1.0
-    sem[0, 1, 5:8, 4:7] = 5.0  # model foreground on the second object only (stride 4: 16..28 px)
-    sem = torch.softmax(sem, dim=1)
-    outputs = {"center": torch.zeros(1, 1, 8, 8), "offset": torch.zeros(1, 2, 8, 8)}
-    source = torch.zeros(32, 32, dtype=torch.int64)
-    source[2:10, 2:10] = 1  # the first object only
-    points = torch.tensor([[5.0, 5.0], [22.0, 24.0], [2.0, 28.0]])
-    inputs = [{"height": 32, "width": 32, "points": points, "point_classes": torch.zeros(3, dtype=torch.int64),
-               "sem_seg": source}]
+    # model foreground on the second object only (stride 4: 16..28 px); the source has the first only
+    sem, outputs, source, inputs = _fallback_case((slice(5, 8), slice(4, 7)), [(slice(2, 10), slice(2, 10))])
     results = {}
     for mode in ("box", "model"):
         inference = InstanceInference(num_classes=1, common_stride=4, fallback_box_size=4, fallback_mask=mode,

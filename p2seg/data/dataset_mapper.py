@@ -608,7 +608,7 @@ class P2SegDatasetMapper:
             out["annotations"] = copy.deepcopy(annotations)
             if not self.point_free and any("point" in a for a in annotations):
                 points, classes = _points_from_annotations(dataset_dict, self.num_classes, *image.shape[:2],
-                                                   self.min_point_score)
+                                                           self.min_point_score)
                 points = transform_points(transforms, points)
                 out["points"] = torch.as_tensor(points, dtype=torch.float32).reshape(-1, 2)
                 out["point_classes"] = torch.as_tensor(classes, dtype=torch.int64)

@@ -219,14 +219,28 @@ def offset_target_positions(assignment: PointAssignment, pixels, offset_target="
         return targets
     if offset_target != "centroid":
         raise ValueError(f"config MODEL.P2SEG.TARGETS.OFFSET_TARGET must be 'point' or 'centroid', got {offset_target!r}")
-    ys, xs = np.nonzero(assignment.ids >= 0)
-    owner = assignment.ids[ys, xs]
-    counts = np.bincount(owner, minlength=len(targets))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        centroid = np.stack([np.bincount(owner, xs, len(targets)), np.bincount(owner, ys, len(targets))], 1) / counts[:, None]
+    centroid, counts = assigned_centroids(assignment.ids, len(targets))
     use = assignment.alone & (counts > 0)
     targets[use] = centroid[use]
     return targets
+
+
+def assigned_centroids(ids, num_points):
+    """Centroid of each point's assigned pixels.
+
+    Args:
+        ids: int ``H x W`` array, the index of each pixel's point, -1 none.
+        num_points: P.
+    Returns:
+        ``(centroids, counts)``: float64 ``P x 2`` ``(x, y)`` (NaN for a point without pixels) and
+        int ``P`` pixel counts.
+    """
+    ys, xs = np.nonzero(ids >= 0)
+    owner = ids[ys, xs]
+    counts = np.bincount(owner, minlength=num_points)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        sums = np.stack([np.bincount(owner, xs, num_points), np.bincount(owner, ys, num_points)], 1)
+        return sums / counts[:, None], counts
 
 
 def offsets_from_assignment(assignment, pixels, targets=None):
@@ -325,7 +339,8 @@ def build_targets(
     if center_target != "point":
         if center_target != "centroid":
             raise ValueError(f"build_targets: center_target must be 'point' or 'centroid', got {center_target!r}")
-        centers = point_pixels(offset_target_positions(assignment, pixels, "centroid"), height, width)
+        centroids = targets if offset_target == "centroid" else offset_target_positions(assignment, pixels, "centroid")
+        centers = point_pixels(centroids, height, width)
     return {
         "center": center_heatmaps(centers, point_classes, num_classes, height, width, sigma),
         "center_weights": (sem_seg != ignore_value).astype(np.float32),
@@ -370,7 +385,6 @@ def ignore_unpointed_components(sem_seg, pixels, point_classes, ignore_value=255
 
 
 
-
 def mark_missed_points(sem_seg, pixels, point_classes, foreground_radius, ignore_radius, ignore_value=255):
     """Semantic targets that do not teach "background" where a point shows the source missed an object.
 
@@ -407,23 +421,17 @@ def mark_missed_points(sem_seg, pixels, point_classes, foreground_radius, ignore
     return out
 
 
-def centroid_pixels(instance_ids: torch.Tensor, pixels: np.ndarray) -> np.ndarray:
-    """Each point's pixel moved to the centroid of the pixels assigned to it.
+def centroid_pixels(ids, pixels):
+    """Each point's pixel moved to the centroid of the pixels assigned to it (rounded).
 
     Args:
-        instance_ids: int64 ``H x W`` tensor, the index of each pixel's point, -1 none (S2I's assignment).
+        ids: int ``H x W`` array, the index of each pixel's point, -1 none (S2I's assignment).
         pixels: int ``P x 2`` point pixels ``(x, y)``; a point without pixels keeps its own.
     Returns:
         int64 ``P x 2`` ``(x, y)``.
     """
-    width = instance_ids.shape[1]
-    flat = torch.nonzero(instance_ids.reshape(-1) >= 0).squeeze(1)
-    owner = instance_ids.reshape(-1)[flat]
-    count = torch.bincount(owner, minlength=len(pixels)).double()
-    sums = torch.stack([torch.bincount(owner, (flat % width).double(), len(pixels)),
-                        torch.bincount(owner, torch.div(flat, width, rounding_mode="floor").double(), len(pixels))], 1)
-    centroid = (sums / count.clamp(min=1)[:, None]).round().long().cpu().numpy()
-    has = (count > 0).cpu().numpy()
     out = np.asarray(pixels, dtype=np.int64).reshape(-1, 2).copy()
-    out[has] = centroid[has]
+    centroid, counts = assigned_centroids(np.asarray(ids), len(out))
+    has = counts > 0
+    out[has] = np.rint(centroid[has]).astype(np.int64)
     return out

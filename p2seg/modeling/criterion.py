@@ -40,7 +40,7 @@ def refined_center_targets(instance_ids: torch.Tensor, targets: Dict, sigma: flo
     heatmaps = []
     for i in range(batch):
         pixels = point_pixels(targets["points"][i].detach().cpu().numpy(), height, width)
-        centers = centroid_pixels(instance_ids[i].cpu(), pixels)
+        centers = centroid_pixels(instance_ids[i].cpu().numpy(), pixels)
         heatmaps.append(torch.from_numpy(center_heatmaps(centers, targets["point_classes"][i].cpu().numpy(),
                                                          num_classes, height, width, sigma)))
     return torch.stack(heatmaps).to(targets["center"].device)
