@@ -17,6 +17,7 @@ Examples::
     python tools/run_pipeline.py --stage1-opts "SOLVER.MAX_ITER 300"
     python tools/run_pipeline.py --compare baseline,gt          # + the fully supervised ceiling
     python tools/run_pipeline.py --compare none                 # P2Seg's stage 2 only
+    python tools/run_pipeline.py --num-gpus 2                   # stage 1 and export in 2 processes
 """
 import argparse
 import shlex
@@ -41,6 +42,9 @@ def build_parser():
     p.add_argument("--parallel-rows", type=int, default=0,
                    help="stage-2 rows trained at once, each with its share of OMP_NUM_THREADS; 0: as many as rows "
                         "and threads allow, 1: one after the other (default: %(default)s)")
+    p.add_argument("--num-gpus", type=int, default=1,
+                   help="processes of stage 1, the export and P2Seg's point-free evaluation (train_net.py's "
+                        "--num-gpus: GPUs, or CPU processes with MODEL.DEVICE cpu) (default: %(default)s)")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides for both stages")
     return p
 
@@ -55,7 +59,7 @@ def main(argv=None):
     try:
         pc = PipelineConfig(args.output_dir, args.stage1_config, args.stage2_config, args.quick, args.opts,
                             shlex.split(args.stage1_opts), shlex.split(args.stage2_opts), compare=_compare_rows(args.compare),
-                            parallel_rows=args.parallel_rows)
+                            parallel_rows=args.parallel_rows, num_gpus=args.num_gpus)
         run_pipeline(pc)
     except (RuntimeError, ValueError, FileNotFoundError) as e:
         print(f"run_pipeline: error: {e}", file=sys.stderr)

@@ -99,7 +99,7 @@ class PipelineConfig:
                  stage2_config: str = str(DEFAULT_STAGE2), quick: bool = False,
                  opts: Sequence[str] = (), stage1_opts: Sequence[str] = (), stage2_opts: Sequence[str] = (),
                  python: str = sys.executable, train_net: str = str(REPO / "train_net.py"),
-                 compare: Sequence[str] = DEFAULT_COMPARE, parallel_rows: int = 0):
+                 compare: Sequence[str] = DEFAULT_COMPARE, parallel_rows: int = 0, num_gpus: int = 1):
         """
         Args:
             output_dir: folder of every stage's outputs and of the results JSON.
@@ -112,6 +112,10 @@ class PipelineConfig:
                 with ``total threads // parallel_rows`` threads (total: ``OMP_NUM_THREADS``, else the
                 CPU count); 0: as many as there are rows and threads, 1: one after the other. Small
                 CPU trainings use one thread better than two, so side by side they finish sooner.
+            num_gpus: processes of stage 1, the export and P2Seg's point-free evaluation
+                (``train_net.py --num-gpus``: GPUs on CUDA, CPU processes on gloo with
+                ``MODEL.DEVICE cpu``); ``SOLVER.IMS_PER_BATCH`` stays the total batch. The stage-2
+                rows keep one process each (they already run side by side).
         """
         self.output_dir = Path(output_dir).resolve()
         self.stage1_config = str(Path(stage1_config).resolve())
@@ -128,6 +132,13 @@ class PipelineConfig:
         if parallel_rows < 0:
             raise ValueError(f"--parallel-rows must be >= 0, got {parallel_rows}")
         self.parallel_rows = parallel_rows
+        if num_gpus < 1:
+            raise ValueError(f"--num-gpus must be >= 1, got {num_gpus}")
+        self.num_gpus = num_gpus
+
+    def launch_args(self) -> List[str]:
+        """``train_net.py`` flags of the stage-1 processes (none for one process)."""
+        return [] if self.num_gpus == 1 else ["--num-gpus", str(self.num_gpus)]
 
     def row_workers(self, num_rows: int) -> Tuple[int, Optional[int]]:
         """(rows trained at once, threads of each: None keeps the environment's) for ``num_rows``
@@ -417,8 +428,8 @@ def run_pipeline(pc: PipelineConfig) -> dict:
         return row_timings
 
     args = {
-        "stage1": ["--config-file", pc.stage1_config, *o1, "OUTPUT_DIR", str(d1), "DATASETS.TEST", "()"],
-        "export": ["--config-file", pc.stage1_config, "--eval-only", *o1, "OUTPUT_DIR", str(dx),
+        "stage1": [*pc.launch_args(), "--config-file", pc.stage1_config, *o1, "OUTPUT_DIR", str(d1), "DATASETS.TEST", "()"],
+        "export": [*pc.launch_args(), "--config-file", pc.stage1_config, "--eval-only", *o1, "OUTPUT_DIR", str(dx),
                    "MODEL.WEIGHTS", str(d1 / "model_final.pth"), "DATASETS.TEST", f'("{train_set}",)',
                    "TEST.EXPORT_PSEUDO_MASKS", "True"],
     }
@@ -442,7 +453,7 @@ def run_pipeline(pc: PipelineConfig) -> dict:
 
     pointfree = _registers(cfg1, test_sets[0])
     if pointfree:
-        pf_args = ["--config-file", pc.stage1_config, "--eval-only", *o1, "OUTPUT_DIR", str(dp),
+        pf_args = [*pc.launch_args(), "--config-file", pc.stage1_config, "--eval-only", *o1, "OUTPUT_DIR", str(dp),
                    "MODEL.WEIGHTS", str(d1 / "model_final.pth"), "DATASETS.TEST", f'("{test_sets[0]}",)',
                    "TEST.POINT_FREE", "True"]
         _stage(pc, "pointfree", (dp / "results.json").is_file(), pf_args,
