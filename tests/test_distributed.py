@@ -18,26 +18,82 @@ CONFIG = REPO / "configs" / "shapes" / "p2seg_R18_cpu.yaml"
 TINY = QUICK_COMMON + QUICK_STAGE1 + ["DATALOADER.NUM_WORKERS", "0", "DATASETS.SHAPES.NUM_TRAIN", "6"]
 
 
-def _train_and_dump(out_dir: str, cache: str):
-    """One rank: 3 training iterations of the tiny shapes model, then its parameters to rank<r>.pt
-    (and the initial ones to init.pt)."""
+SYNC_BN = ["MODEL.RESNETS.NORM", "SyncBN", "MODEL.SEM_SEG_HEAD.NORM", "SyncBN", "MODEL.INS_EMBED_HEAD.NORM", "SyncBN"]
+# The semantic loss without mining is a plain per-pixel mean, and SyncBN (naiveSyncBN on CPU
+# processes) normalises with the union batch's statistics, so the DDP-averaged gradient of two
+# halves is the whole batch's. The centre and offset losses are weighted means over each process's
+# own batch (as Panoptic-DeepLab's in Detectron2): with unequal weights per half their average is
+# not the union's (measured: 7.59 against 7.63 for the centre loss of these 4 images), so they are
+# off in the gradient check, and so is the ASPP's dropout (random masks differ between processes).
+SEMANTIC_ONLY = ["MODEL.P2SEG.LOSS.SEM_TOP_K", "1.0", "MODEL.P2SEG.LOSS.CENTER_WEIGHT", "0.0",
+                 "MODEL.P2SEG.LOSS.OFFSET_WEIGHT", "0.0", "MODEL.SEM_SEG_HEAD.ASPP_DROPOUT", "0.0",
+                 "MODEL.INS_EMBED_HEAD.ASPP_DROPOUT", "0.0"]
+UNION_BATCH = 4
+
+
+def _tiny_cfg(out_dir: str, cache: str, extra=()):
     os.environ["P2SEG_CACHE"] = cache
     from detectron2.config import get_cfg
-    from detectron2.utils import comm
 
     from p2seg import add_p2seg_config
     from p2seg.config import merge_config_file
     from p2seg.datasets.registration import register_datasets
-    from p2seg.engine import Trainer
 
     cfg = get_cfg()
     add_p2seg_config(cfg)
     merge_config_file(cfg, str(CONFIG))
-    cfg.merge_from_list(TINY + ["SOLVER.MAX_ITER", "3", "SOLVER.IMS_PER_BATCH", "4", "TEST.EVAL_PERIOD", "0",
-                                "DATASETS.TEST", "()", "OUTPUT_DIR", out_dir])
+    cfg.merge_from_list(TINY + SYNC_BN + ["SOLVER.MAX_ITER", "3", "SOLVER.IMS_PER_BATCH", str(UNION_BATCH),
+                                          "TEST.EVAL_PERIOD", "0", "DATASETS.TEST", "()", "OUTPUT_DIR", out_dir]
+                        + list(extra))
     cfg.freeze()
     register_datasets(cfg)
-    trainer = Trainer(cfg)
+    return cfg
+
+
+def _one_step_gradient(cfg):
+    """The gradient of one step of a fresh model (seed 0) on the first ``UNION_BATCH`` training
+    images, augmented identically in every process; with several processes each rank takes its
+    share of them and DDP averages the gradients. Returns {parameter name: gradient}, the losses."""
+    import copy
+    import random
+
+    import numpy as np
+    from detectron2.data import DatasetCatalog
+    from detectron2.engine import create_ddp_model
+    from detectron2.utils import comm
+    from detectron2.utils.events import EventStorage
+
+    from p2seg.data.dataset_mapper import P2SegDatasetMapper
+    from p2seg.engine import Trainer
+
+    torch.manual_seed(0)
+    model = Trainer.build_model(cfg)
+    random.seed(0), np.random.seed(0), torch.manual_seed(0)
+    mapper = P2SegDatasetMapper(cfg, is_train=True)
+    union = [mapper(copy.deepcopy(d)) for d in DatasetCatalog.get(cfg.DATASETS.TRAIN[0])[:UNION_BATCH]]
+    world, rank = comm.get_world_size(), comm.get_rank()
+    share = union[rank * UNION_BATCH // world:(rank + 1) * UNION_BATCH // world]
+    if world > 1:
+        model = create_ddp_model(model, broadcast_buffers=False, device_ids=None)
+    with EventStorage(0):
+        losses = model(share)
+        sum(losses.values()).backward()
+    inner = model.module if hasattr(model, "module") else model
+    return ({n: p.grad.detach().clone() for n, p in inner.named_parameters() if p.grad is not None},
+            {k: float(v.detach()) for k, v in losses.items()})
+
+
+def _train_and_dump(out_dir: str, cache: str):
+    """One rank: the one-step gradient of the union batch (:func:`_one_step_gradient`) to
+    grad<r>.pt, then 3 training iterations of the tiny shapes model and its parameters to rank<r>.pt
+    (and the initial ones to init.pt)."""
+    from detectron2.utils import comm
+
+    from p2seg.engine import Trainer
+
+    gradient = _one_step_gradient(_tiny_cfg(out_dir, cache, SEMANTIC_ONLY))[0]
+    torch.save(gradient, os.path.join(out_dir, f"grad{comm.get_rank()}.pt"))
+    trainer = Trainer(_tiny_cfg(out_dir, cache))
     trainer.resume_or_load(resume=False)
     model = trainer.model.module if hasattr(trainer.model, "module") else trainer.model
     if comm.is_main_process():
@@ -48,9 +104,20 @@ def _train_and_dump(out_dir: str, cache: str):
 
 
 def test_two_cpu_processes_train_with_identical_parameters(tmp_path):
-    """DDP on gloo: after 3 steps both ranks hold the same parameters (BN running statistics stay per
-    rank, as in Detectron2: ``broadcast_buffers=False``; rank 0's are saved)."""
+    """DDP on gloo with SyncBN (naiveSyncBN): one step's averaged gradient of 2 processes x 2 images
+    equals one process's gradient of the 4 images; after 3 steps both ranks hold the same parameters
+    (BN running statistics stay per rank, as in Detectron2: ``broadcast_buffers=False``; rank 0's
+    are saved)."""
     launch(_train_and_dump, 2, args=(str(tmp_path), str(tmp_path / "cache")), device="cpu")
+    union, losses = _one_step_gradient(_tiny_cfg(str(tmp_path / "one"), str(tmp_path / "cache"), SEMANTIC_ONLY))
+    assert losses["loss_sem"] > 0
+    for r in (0, 1):
+        averaged = torch.load(tmp_path / f"grad{r}.pt")
+        assert averaged.keys() == union.keys() and len(union) > 10
+        for name, g in union.items():
+            # float32 sums in another order: measured at most 1.7e-5 of the parameter's largest gradient
+            scale = float(g.abs().max()) + 1e-12
+            assert float((averaged[name] - g).abs().max()) <= 1e-4 * scale + 1e-8, name
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
     assert ranks[0].keys() == ranks[1].keys()
     for name in ranks[0]:
