@@ -148,23 +148,31 @@ def test_image_mode_trains_with_refined_centres_and_drops_low_score_points():
     assert points.tolist() == [[1.0, 2.0], [5.0, 6.0]] and classes.tolist() == [0, 1]
 
 
-def test_train_net_classifier_writes_a_point_json_the_point_pipeline_reads(tmp_path):
-    """train_net.py with the shapes PAM config (tiny): training, then the evaluation's metrics and
-    peak_points_<dataset>.json, which loads as a point dataset with each point's score."""
-    out = tmp_path / "pam"
-    env_opts = ["SOLVER.MAX_ITER", "2", "DATASETS.SHAPES.NUM_TRAIN", "6", "SOLVER.IMS_PER_BATCH", "2",
-                "MODEL.EFFICIENTNET.PRETRAINED", "False", "OUTPUT_DIR", str(out)]
-    run = subprocess.run([sys.executable, str(REPO / "train_net.py"), "--config-file",
-                          str(REPO / "configs" / "shapes" / "pam_lite0_cpu.yaml"), *env_opts],
+def test_pipeline_from_image_tags_trains_on_the_classifiers_peaks(tmp_path):
+    """tools/run_pipeline.py --supervision image (quick, pseudo masks only): the classifier trains on
+    the tags (train_net.py, the shapes PAM config), its peaks become a point JSON with a score per
+    point, stage 1 trains on them in the image mode, and the masks made from the peaks (P2Seg's and
+    the nearest-point baseline's) are scored against the training images' true masks."""
+    out = tmp_path / "run"
+    run = subprocess.run([sys.executable, str(REPO / "tools" / "run_pipeline.py"), "--quick", "--supervision", "image",
+                          "--pseudo-masks-only", "--output-dir", str(out), "MODEL.EFFICIENTNET.PRETRAINED", "False"],
                          cwd=str(REPO), capture_output=True, text=True, timeout=300,
                          env={**__import__("os").environ, "P2SEG_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"})
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert "cls_mAP" in run.stdout + run.stderr and "point_precision" in run.stdout + run.stderr
-    path = out / "peak_points_p2seg_shapes_train.json"
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    classifier_log = (out / "peaks.log").read_text()
+    assert "cls_mAP" in classifier_log and "point_precision" in classifier_log
+    path = out / "peaks" / "peak_points_p2seg_shapes_train.json"
     data = json.loads(path.read_text())
-    assert len(data["images"]) == 6 and all("score" in a and "point" in a for a in data["annotations"])
-    from p2seg.data.point_coco import load_point_coco_json
-
-    dicts = load_point_coco_json(str(path), str(tmp_path / "cache"), require_points=False)
-    scores = [a["score"] for d in dicts for a in d["annotations"]]
-    assert len(scores) == len(data["annotations"])
+    assert len(data["images"]) == 4 and all("score" in a and "point" in a for a in data["annotations"])
+    config = (out / "stage1" / "config.yaml").read_text()
+    assert "SUPERVISION: image" in config and "p2seg_shapes_train_peaks" in config and str(path) in config
+    results = json.loads((out / "pipeline_results.json").read_text())
+    assert results["supervision"] == "image" and "point_precision" in json.dumps(results["peaks"])
+    rows = results["rows"]
+    assert set(rows) == {"P2Seg pseudo masks (from peaks)", "nearest-point baseline (same peaks)",
+                         "nearest-point baseline (p2seg_shapes_val)"}
+    for name in ("P2Seg pseudo masks (from peaks)", "nearest-point baseline (same peaks)"):
+        assert rows[name]["dataset"] == "p2seg_shapes_train" and 0 <= rows[name]["AP50"] <= 100  # scored, not n/a
+    exported = json.loads(Path(results["files"]["pseudo_masks"]).read_text())
+    assert 0 < len(exported["annotations"]) <= len(data["annotations"])  # at most one mask per peak
+    assert not (out / "stage2").exists() and "stage2" not in results["stages"]

@@ -18,12 +18,13 @@ Examples::
     python tools/run_pipeline.py --compare baseline,gt          # + the fully supervised ceiling
     python tools/run_pipeline.py --compare none                 # P2Seg's stage 2 only
     python tools/run_pipeline.py --num-gpus 2                   # stage 1 and export in 2 processes
+    python tools/run_pipeline.py --supervision image            # image tags only: classifier -> peaks -> ...
 """
 import argparse
 import shlex
 import sys
 
-from p2seg.engine.pipeline import COMPARE_ROWS, DEFAULT_COMPARE, DEFAULT_STAGE1, DEFAULT_STAGE2, PipelineConfig, run_pipeline
+from p2seg.engine.pipeline import COMPARE_ROWS, DEFAULT_CLASSIFIER, DEFAULT_COMPARE, DEFAULT_STAGE1, DEFAULT_STAGE2, PipelineConfig, run_pipeline
 
 
 def build_parser():
@@ -45,6 +46,13 @@ def build_parser():
     p.add_argument("--num-gpus", type=int, default=1,
                    help="processes of stage 1, the export and P2Seg's point-free evaluation (train_net.py's "
                         "--num-gpus: GPUs, or CPU processes with MODEL.DEVICE cpu) (default: %(default)s)")
+    p.add_argument("--supervision", default="point", choices=["point", "image"],
+                   help="point: the training set's clicks; image: its image tags only (a peak-point classifier "
+                        "first, its peaks replace the clicks; README 'From image tags') (default: %(default)s)")
+    p.add_argument("--classifier-config", default=str(DEFAULT_CLASSIFIER),
+                   help="PeakClassifier config of --supervision image (default: %(default)s)")
+    p.add_argument("--pseudo-masks-only", action="store_true",
+                   help="stop after the pseudo masks and their scores (no stage 2, no point-free rows)")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides for both stages")
     return p
 
@@ -59,7 +67,9 @@ def main(argv=None):
     try:
         pc = PipelineConfig(args.output_dir, args.stage1_config, args.stage2_config, args.quick, args.opts,
                             shlex.split(args.stage1_opts), shlex.split(args.stage2_opts), compare=_compare_rows(args.compare),
-                            parallel_rows=args.parallel_rows, num_gpus=args.num_gpus)
+                            parallel_rows=args.parallel_rows, num_gpus=args.num_gpus,
+                            supervision=args.supervision, classifier_config=args.classifier_config,
+                            pseudo_masks_only=args.pseudo_masks_only)
         run_pipeline(pc)
     except (RuntimeError, ValueError, FileNotFoundError) as e:
         print(f"run_pipeline: error: {e}", file=sys.stderr)

@@ -14,29 +14,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from p2seg.data.coco_format import read_coco_json  # noqa: E402
-from p2seg.evaluation.instance_evaluator import coco_from_dict, evaluate_instance_masks  # noqa: E402
-
-
-def score_masks(gt_json: str, masks_json: str, max_dets: int = 100) -> dict:
-    """AP / AP50 / AP75 (and VOC mAP) of ``masks_json``'s annotations on the images they share with
-    ``gt_json`` (by file name); a predicted category must exist in the ground truth."""
-    gt, pred = read_coco_json(gt_json), read_coco_json(masks_json)
-    by_name = {os.path.basename(img["file_name"]): img["id"] for img in gt["images"]}
-    to_gt = {}
-    for img in pred["images"]:
-        name = os.path.basename(img["file_name"])
-        if name not in by_name:
-            raise ValueError(f"{masks_json}: image {img['file_name']!r} (id {img['id']}) is not in {gt_json}")
-        to_gt[img["id"]] = by_name[name]
-    results = [{"image_id": to_gt[a["image_id"]], "category_id": a["category_id"], "segmentation": a["segmentation"],
-                "score": float(a.get("score", 1.0))} for a in pred["annotations"]]
-    per_image = {}
-    for r in results:
-        per_image[r["image_id"]] = per_image.get(r["image_id"], 0) + 1
-    metrics = evaluate_instance_masks(coco_from_dict(gt), results, list(to_gt.values()),
-                                      max_dets_per_image=max(max_dets, max(per_image.values(), default=0)))
-    return {"gt": gt_json, "masks": masks_json, "images": len(to_gt), "masks_scored": len(results), **metrics}
+from p2seg.evaluation.score_masks import score_masks  # noqa: E402
 
 
 def main(argv=None):

@@ -27,6 +27,16 @@ before it ran again: then it runs again, and every stage after it):
    P2Seg's pseudo masks, ground truth) and ``curves.png`` (losses and evaluation metrics of both
    trainings over iterations, from their ``metrics.json``).
 
+With ``--supervision image`` (image tags instead of clicks, README "From image tags") two stages
+come first: ``classifier`` trains the peak-point classifier (``--classifier-config``, a
+``PeakClassifier``) on the image tags of the stage-1 training set, and ``peaks`` writes its peak
+points of those images (``peaks/peak_points_<train>.json``, a score per point); stage 1 then trains
+on the peaks (``<train>_peaks``: the same images and semantic source, ``MODEL.P2SEG.SUPERVISION
+image`` with S2I's refined centres) and the rest runs as above on them. The masks made from the
+peaks are scored against the training set's true masks by file name
+(:mod:`p2seg.evaluation.score_masks`): P2Seg's pseudo masks and the nearest-point baseline fed the
+same peaks; the ``gt`` row trains on the true masks of the training set.
+
 Any dataset works: the stages use the datasets named in the two configs and the overrides (e.g.
 ``DATASETS.POINT_COCO`` entries; README, "Your own data").
 
@@ -59,6 +69,11 @@ logger = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_STAGE1 = REPO / "configs" / "shapes" / "p2seg_R18_cpu.yaml"
 DEFAULT_STAGE2 = REPO / "configs" / "MaskRCNN" / "mask_rcnn_lite0_FPN_shapes_cpu.yaml"
+DEFAULT_CLASSIFIER = REPO / "configs" / "shapes" / "pam_lite0_cpu.yaml"
+SUPERVISIONS = ("point", "image")
+# Stage 1 on peak points: centre targets at the matched components' centroids, and S2I's refined
+# targets supervising the centres too, as in the authors' image-level mode (docs/METHOD.md).
+IMAGE_STAGE1_OPTS = ["MODEL.P2SEG.SUPERVISION", "image", "MODEL.P2SEG.S2I.ENABLED", "True"]
 RESULTS_FILE = "pipeline_results.json"
 STAGES_FILE = "stages.json"
 
@@ -99,7 +114,9 @@ class PipelineConfig:
                  stage2_config: str = str(DEFAULT_STAGE2), quick: bool = False,
                  opts: Sequence[str] = (), stage1_opts: Sequence[str] = (), stage2_opts: Sequence[str] = (),
                  python: str = sys.executable, train_net: str = str(REPO / "train_net.py"),
-                 compare: Sequence[str] = DEFAULT_COMPARE, parallel_rows: int = 0, num_gpus: int = 1):
+                 compare: Sequence[str] = DEFAULT_COMPARE, parallel_rows: int = 0, num_gpus: int = 1,
+                 supervision: str = "point", classifier_config: str = str(DEFAULT_CLASSIFIER),
+                 pseudo_masks_only: bool = False):
         """
         Args:
             output_dir: folder of every stage's outputs and of the results JSON.
@@ -116,6 +133,11 @@ class PipelineConfig:
                 (``train_net.py --num-gpus``: GPUs on CUDA, CPU processes on gloo with
                 ``MODEL.DEVICE cpu``); ``SOLVER.IMS_PER_BATCH`` stays the total batch. The stage-2
                 rows keep one process each (they already run side by side).
+            supervision: "point" (clicks, the training set's points) or "image" (image tags: the
+                classifier and peaks stages first, module docstring).
+            classifier_config: the ``PeakClassifier`` config of ``supervision="image"``.
+            pseudo_masks_only: stop after the pseudo masks and their scores (no stage 2, no
+                point-free rows, no pictures): for a stage 2 trained elsewhere.
         """
         self.output_dir = Path(output_dir).resolve()
         self.stage1_config = str(Path(stage1_config).resolve())
@@ -135,6 +157,11 @@ class PipelineConfig:
         if num_gpus < 1:
             raise ValueError(f"--num-gpus must be >= 1, got {num_gpus}")
         self.num_gpus = num_gpus
+        if supervision not in SUPERVISIONS:
+            raise ValueError(f"--supervision: {supervision!r}; choose from {list(SUPERVISIONS)}")
+        self.supervision = supervision
+        self.classifier_config = str(Path(classifier_config).resolve())
+        self.pseudo_masks_only = pseudo_masks_only
 
     def launch_args(self) -> List[str]:
         """``train_net.py`` flags of the stage-1 processes (none for one process)."""
@@ -149,12 +176,13 @@ class PipelineConfig:
         return workers, (None if workers == 1 else max(1, total // workers))
 
     def stage_opts(self, stage: int) -> List[str]:
-        """Overrides of stage 1 or 2: quick ones first, then the common, then the stage's own."""
-        quick = (QUICK_COMMON + (QUICK_STAGE1 if stage == 1 else QUICK_STAGE2)) if self.quick else []
-        return quick + self.opts + (self.stage1_opts if stage == 1 else self.stage2_opts)
+        """Overrides of stage 1 or 2 (0: the classifier of image-level supervision): quick ones
+        first, then the common, then the stage's own."""
+        quick = (QUICK_COMMON + {0: [], 1: QUICK_STAGE1, 2: QUICK_STAGE2}[stage]) if self.quick else []
+        return quick + self.opts + {0: [], 1: self.stage1_opts, 2: self.stage2_opts}[stage]
 
     def load_cfg(self, stage: int):
-        """The merged config of stage 1 or 2 (as train_net.py builds it, not frozen)."""
+        """The merged config of stage 1 or 2, or 0 the classifier (as train_net.py builds it, not frozen)."""
         from detectron2.config import get_cfg
 
         from p2seg import add_p2seg_config
@@ -162,7 +190,7 @@ class PipelineConfig:
 
         cfg = get_cfg()
         add_p2seg_config(cfg)
-        merge_config_file(cfg, self.stage1_config if stage == 1 else self.stage2_config)
+        merge_config_file(cfg, {0: self.classifier_config, 1: self.stage1_config, 2: self.stage2_config}[stage])
         cfg.merge_from_list(self.stage_opts(stage))
         return cfg
 
@@ -322,6 +350,39 @@ def _stage(pc: PipelineConfig, name: str, outputs_exist: bool, inputs: List[str]
     print(f"[{name}] done in {seconds:.1f} s", flush=True)
 
 
+def _run_peak_stages(pc: PipelineConfig, cfg1, gt_set: str, timings: Dict[str, dict], record: StageRecord) -> dict:
+    """Image-level supervision: train the classifier on ``gt_set``'s image tags (stage
+    ``classifier``) and write its peak points of those images (stage ``peaks``). Returns
+    ``{"stage1_opts": overrides that train stage 1 on the peaks, "json": the peak JSON, "gt_json":
+    gt_set's annotation JSON, "quality": the peaks' precision / recall (results.json of peaks)}``."""
+    from detectron2.data import MetadataCatalog
+
+    from p2seg.datasets.registration import register_datasets
+
+    dc, dk = pc.output_dir / "classifier", pc.output_dir / "peaks"
+    oc = pc.stage_opts(0) + ["DATASETS.TRAIN", f'("{gt_set}",)']
+    args = {"classifier": [*pc.launch_args(), "--config-file", pc.classifier_config, *oc, "OUTPUT_DIR", str(dc),
+                           "DATASETS.TEST", "()"],
+            "peaks": [*pc.launch_args(), "--config-file", pc.classifier_config, "--eval-only", *oc, "OUTPUT_DIR",
+                      str(dk), "MODEL.WEIGHTS", str(dc / "model_final.pth"), "DATASETS.TEST", f'("{gt_set}",)']}
+    peaks_json = dk / f"peak_points_{gt_set}.json"
+    outputs = {"classifier": (dc / "model_final.pth").is_file(),
+               "peaks": peaks_json.is_file() and (dk / "results.json").is_file()}
+    for name in ("classifier", "peaks"):
+        _stage(pc, name, outputs[name], args[name], lambda n=name: _run_train_net(pc, n, args[n]), timings, record)
+    register_datasets(cfg1)
+    meta = MetadataCatalog.get(gt_set)
+    image_root, sem_root, gt_json = (meta.get(k, None) for k in ("image_root", "sem_seg_root", "json_file"))
+    if not (image_root and sem_root and gt_json):
+        raise ValueError(f"--supervision image: the training set {gt_set!r} needs image_root, sem_seg_root (the "
+                         f"semantic source) and json_file metadata; it has {image_root!r}, {sem_root!r}, {gt_json!r}")
+    spec = (f"{gt_set}_peaks", str(peaks_json), str(image_root), str(sem_root))
+    point_coco = tuple(tuple(s) for s in cfg1.DATASETS.POINT_COCO) + (spec,)
+    return {"stage1_opts": ["DATASETS.POINT_COCO", repr(point_coco), "DATASETS.TRAIN", f'("{spec[0]}",)',
+                            *IMAGE_STAGE1_OPTS],
+            "json": str(peaks_json), "gt_json": str(gt_json), "quality": _read_json(dk / "results.json")}
+
+
 def _registers(cfg, dataset_name: str) -> bool:
     """Whether ``cfg`` (with ``dataset_name`` as its test set) registers ``dataset_name``."""
     from detectron2.data import DatasetCatalog
@@ -346,10 +407,12 @@ def comparison_label_files(labels_dir: Path, train_set: str, rows: Sequence[str]
     return {row: labels_dir / f"{row}_masks_{train_set}.json" for row in rows}
 
 
-def write_comparison_labels(cfg1, train_set: str, labels_dir: Path, rows: Sequence[str]) -> Dict[str, Path]:
+def write_comparison_labels(cfg1, train_set: str, labels_dir: Path, rows: Sequence[str],
+                            gt_set: Optional[str] = None) -> Dict[str, Path]:
     """Write the training masks of the comparison rows (``"baseline"``, ``"gt"``) of ``train_set``
     into ``labels_dir``; returns ``{row: JSON path}``. The baseline's points without a region get
-    the stage-1 config's fallback box, as P2Seg's exported points do."""
+    the stage-1 config's fallback box, as P2Seg's exported points do. ``gt_set``: where the true
+    masks come from when ``train_set`` has none (peak points of its images); default ``train_set``."""
     from p2seg.datasets.registration import register_datasets
     from p2seg.evaluation.stage2_labels import write_baseline_masks_json, write_ground_truth_masks_json
 
@@ -358,7 +421,7 @@ def write_comparison_labels(cfg1, train_set: str, labels_dir: Path, rows: Sequen
     if "baseline" in paths:
         write_baseline_masks_json(train_set, str(paths["baseline"]), cfg1.MODEL.P2SEG.INFERENCE.FALLBACK_BOX_SIZE)
     if "gt" in paths:
-        write_ground_truth_masks_json(train_set, str(paths["gt"]))
+        write_ground_truth_masks_json(gt_set or train_set, str(paths["gt"]))
     return paths
 
 
@@ -395,9 +458,18 @@ def run_pipeline(pc: PipelineConfig) -> dict:
 
     started = time.perf_counter()
     pc.output_dir.mkdir(parents=True, exist_ok=True)
-    cfg1, cfg2 = pc.load_cfg(1), pc.load_cfg(2)
+    timings: Dict[str, dict] = OrderedDict()
+    record = StageRecord(pc.output_dir)
+    cfg1 = pc.load_cfg(1)
     if not len(cfg1.DATASETS.TRAIN):
         raise ValueError(f"{pc.stage1_config}: DATASETS.TRAIN is empty")
+    gt_set = cfg1.DATASETS.TRAIN[0]  # the training images' own dataset (true masks, if any)
+    peaks = None
+    if pc.supervision == "image":
+        peaks = _run_peak_stages(pc, cfg1, gt_set, timings, record)
+        pc.stage1_opts = pc.stage1_opts + peaks["stage1_opts"]
+        cfg1 = pc.load_cfg(1)
+    cfg2 = pc.load_cfg(2)
     train_set = cfg1.DATASETS.TRAIN[0]
     test_sets = list(cfg2.DATASETS.TEST)
     if not test_sets:
@@ -405,9 +477,6 @@ def run_pipeline(pc: PipelineConfig) -> dict:
     d1, dx, d2, de, dl, dp = (pc.output_dir / n for n in ("stage1", "export", "stage2", "eval", "labels", "pointfree"))
     pseudo_json = dx / f"pseudo_masks_{train_set}.json"
     o1, o2 = pc.stage_opts(1), pc.stage_opts(2)
-    timings: Dict[str, dict] = OrderedDict()
-
-    record = StageRecord(pc.output_dir)
 
     def stage2_args(json_file: Path, train_dir: Path, eval_dir: Path) -> Dict[str, List[str]]:
         pseudo_opts = ["DATASETS.PSEUDO_LABELS.JSON", str(json_file), "DATASETS.PSEUDO_LABELS.SOURCE", train_set]
@@ -442,23 +511,26 @@ def run_pipeline(pc: PipelineConfig) -> dict:
         if name == "export":
             _refuse_fallback_export(dx / "results.json", cfg1.TEST.FALLBACK_STOP_FRACTION)
 
-    label_files = comparison_label_files(dl, train_set, pc.compare)
-    if pc.compare:
+    # from peaks the baseline's masks are always written: scored against the true masks below
+    label_rows = list(dict.fromkeys(pc.compare + (["baseline"] if peaks else [])))
+    label_files = comparison_label_files(dl, train_set, label_rows)
+    if label_rows:
         _stage(pc, "labels", all(p.is_file() for p in label_files.values()),
-               ["--config-file", pc.stage1_config, *o1, *pc.compare],
-               lambda: write_comparison_labels(cfg1, train_set, dl, pc.compare), timings, record)
+               ["--config-file", pc.stage1_config, *o1, *label_rows],
+               lambda: write_comparison_labels(cfg1, train_set, dl, label_rows, gt_set), timings, record)
     stage2_rows = [("", pseudo_json, d2, de)] + [
         (f"_{row}", label_files[row], pc.output_dir / f"stage2_{row}", pc.output_dir / f"eval_{row}") for row in pc.compare]
-    timings.update(_run_rows(pc, stage2_rows, train_and_eval, record))
+    if not pc.pseudo_masks_only:
+        timings.update(_run_rows(pc, stage2_rows, train_and_eval, record))
 
-    pointfree = _registers(cfg1, test_sets[0])
+    pointfree = not pc.pseudo_masks_only and _registers(cfg1, test_sets[0])
     if pointfree:
         pf_args = [*pc.launch_args(), "--config-file", pc.stage1_config, "--eval-only", *o1, "OUTPUT_DIR", str(dp),
                    "MODEL.WEIGHTS", str(d1 / "model_final.pth"), "DATASETS.TEST", f'("{test_sets[0]}",)',
                    "TEST.POINT_FREE", "True"]
         _stage(pc, "pointfree", (dp / "results.json").is_file(), pf_args,
                lambda: _run_train_net(pc, "pointfree", pf_args), timings, record)
-    else:
+    elif not pc.pseudo_masks_only:
         print(f"[pointfree] skipped: the stage-1 config does not register {test_sets[0]!r} (add it to its "
               "DATASETS.POINT_COCO to score P2Seg's own point-free instances)", flush=True)
     baseline_file = pc.output_dir / "baseline.json"
@@ -481,35 +553,50 @@ def run_pipeline(pc: PipelineConfig) -> dict:
         save_training_curves([("stage 1: P2Seg", str(d1 / "metrics.json")),
                               ("stage 2: Mask R-CNN", str(d2 / "metrics.json"))], str(pictures["curves"]))
 
-    _stage(pc, "pictures", all(p.is_file() for p in pictures.values()), [str(pseudo_json)], run_pictures, timings,
-           record)
+    if not pc.pseudo_masks_only:
+        _stage(pc, "pictures", all(p.is_file() for p in pictures.values()), [str(pseudo_json)], run_pictures,
+               timings, record)
 
     export_results = _read_json(dx / "results.json")
     baseline = _read_json(baseline_file)
     rows = OrderedDict()
-    rows["P2Seg pseudo masks"] = dict(task=POINTS_GIVEN, dataset=train_set, **_metrics(export_results))
+    if peaks:  # masks made from the peaks, scored against the training set's true masks
+        from p2seg.evaluation.score_masks import score_masks
+
+        rows["P2Seg pseudo masks (from peaks)"] = dict(task=POINTS_GIVEN, dataset=gt_set,
+                                                       **_metrics(score_masks(peaks["gt_json"], str(pseudo_json))))
+        rows["nearest-point baseline (same peaks)"] = dict(
+            task=POINTS_GIVEN, dataset=gt_set, **_metrics(score_masks(peaks["gt_json"], str(label_files["baseline"]))))
+    else:
+        rows["P2Seg pseudo masks"] = dict(task=POINTS_GIVEN, dataset=train_set, **_metrics(export_results))
     for name in baseline:
+        if name == train_set and peaks:
+            continue  # the peaks have no true masks of their own: scored above
         task = POINTS_GIVEN if name == train_set else "points given (test images)"
         rows[f"nearest-point baseline ({name})"] = dict(task=task, dataset=name, **baseline[name])
     test = test_sets[0]
     if pointfree:
         rows["P2Seg, centre peaks"] = dict(task=POINT_FREE, dataset=test,
                                            **_metrics(_eval_results(dp / "results.json", [test])))
-    rows["Mask R-CNN on P2Seg pseudo masks"] = dict(task=POINT_FREE, dataset=test,
-                                                    **_metrics(_eval_results(de / "results.json", test_sets)))
-    for row in pc.compare:
-        rows[f"Mask R-CNN on {COMPARE_ROWS[row]}"] = dict(
-            task=POINT_FREE, dataset=test, **_metrics(_eval_results(pc.output_dir / f"eval_{row}" / "results.json", test_sets)))
+    for suffix, _, _, eval_dir in ([] if pc.pseudo_masks_only else stage2_rows):
+        title = COMPARE_ROWS[suffix[1:]] if suffix else "P2Seg pseudo masks"
+        rows[f"Mask R-CNN on {title}"] = dict(task=POINT_FREE, dataset=test,
+                                              **_metrics(_eval_results(eval_dir / "results.json", test_sets)))
     out = {
         "rows": rows,
         "stages": timings,
         "total_seconds": round(time.perf_counter() - started, 1),  # wall time: the stage-2 rows overlap
         "files": {"pseudo_masks": str(pseudo_json), "stage1_model": str(d1 / "model_final.pth"),
-                  "stage2_model": str(d2 / "model_final.pth"), **{k: str(v) for k, v in pictures.items()},
+                  **({} if pc.pseudo_masks_only else {"stage2_model": str(d2 / "model_final.pth"),
+                                                      **{k: str(v) for k, v in pictures.items()}}),
                   **{f"{row}_masks": str(p) for row, p in label_files.items()}},
         "num_pseudo_masks": export_results.get("pseudo_masks", {}).get("num_masks"),
         "quick": pc.quick,
+        "supervision": pc.supervision,
     }
+    if peaks:
+        out["peaks"] = peaks["quality"]
+        out["files"]["peak_points"] = peaks["json"]
     write_json_atomic(out, str(pc.output_dir / RESULTS_FILE))
     print(results_table(out), flush=True)
     print(f"results: {pc.output_dir / RESULTS_FILE}", flush=True)
