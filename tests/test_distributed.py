@@ -93,7 +93,9 @@ def _train_and_dump(out_dir: str, cache: str):
 
     gradient = _one_step_gradient(_tiny_cfg(out_dir, cache, SEMANTIC_ONLY))[0]
     torch.save(gradient, os.path.join(out_dir, f"grad{comm.get_rank()}.pt"))
-    trainer = Trainer(_tiny_cfg(out_dir, cache))
+    trainer = Trainer(_tiny_cfg(out_dir, cache, ["SOLVER.AMP.ENABLED", "True"]))  # the AMP trainer under DDP
+    with open(os.path.join(out_dir, f"trainer{comm.get_rank()}.txt"), "w") as f:
+        f.write(type(trainer._trainer).__name__)
     trainer.resume_or_load(resume=False)
     model = trainer.model.module if hasattr(trainer.model, "module") else trainer.model
     if comm.is_main_process():
@@ -105,7 +107,8 @@ def _train_and_dump(out_dir: str, cache: str):
 
 def test_two_cpu_processes_train_with_identical_parameters(tmp_path):
     """DDP on gloo with SyncBN (naiveSyncBN): one step's averaged gradient of 2 processes x 2 images
-    equals one process's gradient of the 4 images; after 3 steps both ranks hold the same parameters
+    equals one process's gradient of the 4 images; after 3 steps of the mixed-precision trainer
+    (``SOLVER.AMP.ENABLED``: bfloat16 autocast on CPU) both ranks hold the same parameters
     (BN running statistics stay per rank, as in Detectron2: ``broadcast_buffers=False``; rank 0's
     are saved)."""
     launch(_train_and_dump, 2, args=(str(tmp_path), str(tmp_path / "cache")), device="cpu")
@@ -122,6 +125,7 @@ def test_two_cpu_processes_train_with_identical_parameters(tmp_path):
     assert ranks[0].keys() == ranks[1].keys()
     for name in ranks[0]:
         assert torch.equal(ranks[0][name], ranks[1][name]), name
+    assert {(tmp_path / f"trainer{r}.txt").read_text() for r in (0, 1)} == {"MixedPrecisionTrainer"}
     init = torch.load(tmp_path / "init.pt")
     assert any(not torch.equal(init[name], ranks[0][name]) for name in init)  # the steps were taken
     assert (tmp_path / "model_final.pth").is_file()  # rank 0 wrote the checkpoint
