@@ -7,7 +7,10 @@ Usage: ``python benchmarks/gpu_check.py [--device cuda|cpu] [--quick] [--budget-
    ``P2SEG_TEST_DEVICE=<device>``;
 2. ``benchmarks/run_all.py --only B1 B3 --crops 416 --amp --device <device>``: B1 (training step,
    R-50, batch 2, S2I + I2S on, and I2S off) and B3 (export forward) each in float32 and mixed
-   precision (float16 with gradient scaling on CUDA, bfloat16 on CPU), one fresh process each.
+   precision (float16 with gradient scaling on CUDA, bfloat16 on CPU), one fresh process each;
+3. on a machine with several GPUs, ``benchmarks/bench_processes.py --processes 1 N MODEL.DEVICE
+   cuda``: the shapes config trained on 1 GPU and on all N (``train_net.py --num-gpus``, NCCL,
+   the same total batch), images/s of each (skipped, and said so, with one GPU).
 
 Prints the children's JSON lines, then one summary line: test counts, per workload float32 / AMP
 median seconds, images per second, speed-up and peak memory (``peak_cuda_gib`` on CUDA). Every step
@@ -61,6 +64,27 @@ def run_benchmarks(device, quick, timeout_s):
     return [json.loads(ln) for ln in proc.stdout.splitlines() if ln.startswith("{")]
 
 
+def multi_gpu_records(device, timeout_s):
+    """bench_processes.py's records of 1 against every GPU (list of dicts), or one record saying why
+    it did not run (one GPU, not CUDA, timeout, failure)."""
+    if not device.startswith("cuda"):
+        return [{"multi_gpu": f"skipped: device {device}"}]
+    import torch
+
+    count = torch.cuda.device_count()
+    if count < 2:
+        return [{"multi_gpu": f"skipped: {count} GPU(s)"}]
+    argv = [sys.executable, os.path.join(HERE, "bench_processes.py"), "--processes", "1", str(count),
+            "--iters", "60", "--batch", str(8 * count), "MODEL.DEVICE", "cuda"]
+    try:
+        proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return [{"multi_gpu": "timed out", "error": f"bench_processes.py timed out after {timeout_s:.0f} s"}]
+    if proc.returncode != 0:
+        return [{"multi_gpu": "failed", "error": proc.stderr[-1500:]}]
+    return [json.loads(ln) for ln in proc.stdout.splitlines() if ln.startswith("{")]
+
+
 def summarise(tests, records):
     """One summary dict: test counts and, per workload, float32 vs AMP (s, images/s, memory)."""
     summary = next((r["summary"] for r in records if "summary" in r), {})
@@ -83,9 +107,12 @@ def main():
     tests = run_tests(args.device, 0.4 * args.budget_s)
     left = args.budget_s - (time.perf_counter() - start)
     records = run_benchmarks(args.device, args.quick, max(left - 10.0, 30.0))
-    for record in records:
+    left = args.budget_s - (time.perf_counter() - start)
+    multi = multi_gpu_records(args.device, max(left - 10.0, 30.0))
+    for record in records + multi:
         print(json.dumps(record, sort_keys=True), flush=True)
     out = summarise(tests, records)
+    out["multi_gpu"] = next((r for r in multi if r.get("benchmark") == "processes_summary"), multi[0])
     out.update(device=args.device, quick=args.quick, wall_s=round(time.perf_counter() - start, 1))
     if args.device.startswith("cuda"):
         import torch
@@ -96,11 +123,12 @@ def main():
 
 
 def passed(summary):
-    """True when the device tests all passed (pytest exit 0, none failed or in error, no timeout)
-    and every workload ran (no error record): the script's exit status 0."""
+    """True when the device tests all passed (pytest exit 0, none failed or in error, no timeout),
+    every workload ran (no error record) and the multi-GPU run did not fail (skipped is fine): the
+    script's exit status 0."""
     tests = summary["tests"]
     return (tests.get("returncode") == 0 and not tests.get("failed") and not tests.get("errors")
-            and "timed_out" not in tests and not summary["errors"])
+            and "timed_out" not in tests and not summary["errors"] and "error" not in summary.get("multi_gpu", {}))
 
 
 if __name__ == "__main__":

@@ -163,6 +163,9 @@ def test_gpu_check_exit_status_follows_the_tests_and_workloads():
     assert gpu_check.passed({"tests": ok, "errors": []})
     assert not gpu_check.passed({"tests": dict(ok, failed=1, returncode=1), "errors": []})
     assert not gpu_check.passed({"tests": dict(ok, errors=1, returncode=1), "errors": []})
+    assert gpu_check.passed({"tests": ok, "errors": [], "multi_gpu": {"multi_gpu": "skipped: 1 GPU(s)"}})
+    assert not gpu_check.passed({"tests": ok, "errors": [], "multi_gpu": {"multi_gpu": "failed", "error": "x"}})
+    assert gpu_check.multi_gpu_records("cpu", 1.0) == [{"multi_gpu": "skipped: device cpu"}]
     assert not gpu_check.passed({"tests": dict(ok, passed=0, returncode=5), "errors": []})  # none collected
     assert not gpu_check.passed({"tests": {"timed_out": "device tests timed out after 190 s"}, "errors": []})
     assert not gpu_check.passed({"tests": ok, "errors": [{"error": "benchmarks timed out after 30 s"}]})
