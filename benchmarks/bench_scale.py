@@ -15,7 +15,7 @@ Each measurement runs in a fresh process (peak RSS = ``ru_maxrss`` of that proce
 * ``crowded``: one crowded image (``--crowded POINTS SIDE``, default 2000 points on 2048 x 2048):
   the point-guided inference from 1/4-resolution head outputs and the exporter's records, peak
   RSS (masks stored as one id map above ``MODEL.P2SEG.INFERENCE.MAX_DENSE_MASK_MB``, 256);
-* ``export``: :class:`p2seg.evaluation.PseudoMaskExporter` over N synthetic 64 x 64 images with 7
+* ``export``: :class:`p2seg.export.PseudoMaskExporter` over N synthetic 64 x 64 images with 7
   points each (fake one-disc masks, no model) then ``evaluate()`` (no ground-truth masks: no
   metric), for each N of ``--export-images``: peak RSS minus the RSS before the export.
 
@@ -121,7 +121,7 @@ def measure_export(num_images, out_dir):
     from detectron2.data import DatasetCatalog, MetadataCatalog
     from detectron2.structures import Boxes, Instances
 
-    from p2seg.evaluation import PseudoMaskExporter
+    from p2seg.export import PseudoMaskExporter
 
     size, per_image = 64, 7
     rng = np.random.default_rng(0)
@@ -159,7 +159,7 @@ def measure_crowded(num_points, side, max_dense_mask_mb):
     import numpy as np
     import torch
 
-    from p2seg.evaluation.pseudo_mask_exporter import pseudo_annotations
+    from p2seg.export.exporter import pseudo_annotations
     from p2seg.modeling.instance_inference import InstanceInference
 
     rng = np.random.default_rng(0)

@@ -62,7 +62,7 @@ def add_p2seg_config(cfg):
     cfg.MODEL.P2SEG.CHANNELS_LAST = True
     # Channels of the centre head convs (Panoptic-DeepLab uses INS_EMBED_HEAD.HEAD_CHANNELS).
     cfg.MODEL.INS_EMBED_HEAD.CENTER_HEAD_CHANNELS = 128
-    # Centre/offset head with one centre heatmap per class (p2seg/modeling/heads.py).
+    # Centre/offset head with one centre heatmap per class (p2seg/modeling/deeplab_heads.py).
     cfg.MODEL.INS_EMBED_HEAD.NAME = "P2SegInsEmbedHead"
 
     # Training targets (p2seg/data/targets.py).
@@ -199,7 +199,7 @@ def add_p2seg_config(cfg):
     cfg.MODEL.EFFICIENTNET.OUT_FEATURES = ["res2", "res3", "res4", "res5"]  # strides 4, 8, 16, 32
     cfg.MODEL.EFFICIENTNET.NORM = "BN"  # "BN", "SyncBN" or "FrozenBN"
     cfg.MODEL.EFFICIENTNET.DROP_CONNECT_RATE = 0.0  # stochastic depth of the last block (ImageNet: 0.2)
-    # Simple heads (p2seg/modeling/simple_heads.py): norm after the 3x3 conv ("" = none, as the authors).
+    # Simple heads (p2seg/modeling/hrnet_heads.py): norm after the 3x3 conv ("" = none, as the authors).
     cfg.MODEL.P2SEG.SIMPLE_HEAD_NORM = ""
 
     # ---------------------------------------------------------------- datasets

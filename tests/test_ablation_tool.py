@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from p2seg.engine.pipeline import QUICK_COMMON, QUICK_STAGE1
+from p2seg.cli.pipeline import QUICK_COMMON, QUICK_STAGE1
 from test_config_datasets import unique, write_dataset
 
 REPO = Path(__file__).resolve().parents[1]

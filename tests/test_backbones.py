@@ -15,9 +15,9 @@ from detectron2.utils.events import EventStorage
 
 from p2seg import add_p2seg_config
 from p2seg.modeling.backbone.hrnet import HRNet
-from p2seg.modeling.heads import build_p2seg_heads
+from p2seg.modeling.deeplab_heads import build_p2seg_heads
 from p2seg.modeling.meta_arch import P2Seg
-from p2seg.modeling.simple_heads import SimpleAffinityHead, SimpleInsEmbedHead, SimpleSemSegHead
+from p2seg.modeling.hrnet_heads import SimpleAffinityHead, SimpleInsEmbedHead, SimpleSemSegHead
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"

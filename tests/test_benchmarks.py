@@ -174,7 +174,7 @@ def test_gpu_check_exit_status_follows_the_tests_and_workloads():
 def test_processes_benchmark_compares_one_and_two_cpu_processes(tmp_path, monkeypatch):
     """benchmarks/bench_processes.py on the tiny shapes model: a run per process count, images/s from
     Detectron2's speed line, the summary's speed-up relative to one process."""
-    from p2seg.engine.pipeline import QUICK_STAGE1
+    from p2seg.cli.pipeline import QUICK_STAGE1
 
     monkeypatch.setenv("P2SEG_CACHE", str(tmp_path / "cache"))
     rec = _run_json("bench_processes.py", "--iters", "7", "--batch", "4", "--threads", "2",

@@ -12,15 +12,15 @@ from scipy import ndimage
 
 from p2seg.data.point_coco import load_point_coco_json
 from p2seg.data.semantic_sources import render_semantic_map
-from p2seg.datasets.degradation import (
+from p2seg.prep.degradation import (
     Degradation,
     add_blob_noise,
     drop_instances,
     perturb_mask_boundaries,
     render_degraded_semantic_map,
 )
-from p2seg.datasets.points import box_center_point, mask_interior_point, random_point_in_mask
-from p2seg.evaluation.semantic_miou import confusion_matrix, mean_iou
+from p2seg.prep.points import box_center_point, mask_interior_point, random_point_in_mask
+from p2seg.utils.confusion import confusion_matrix, mean_iou
 from p2seg.cli import convert_voc, make_points, render_semseg
 
 
@@ -492,7 +492,7 @@ def test_points_from_csv_reads_excel_utf8_and_names_what_it_cannot_read(tmp_path
 
 
 def test_pixel_flips_change_the_expected_share_to_another_label_and_spare_ignore():
-    from p2seg.datasets.degradation import flip_pixels
+    from p2seg.prep.degradation import flip_pixels
 
     sem = np.zeros((200, 200), np.uint8)
     sem[50:150, 50:150] = 2

@@ -9,7 +9,7 @@ import torch
 import pytest
 
 from p2seg.datasets.shapes import ensure_shapes_dataset, split_paths
-from p2seg.engine.pipeline import QUICK_STAGE1
+from p2seg.cli.pipeline import QUICK_STAGE1
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))

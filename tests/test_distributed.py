@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from p2seg.engine.launch import cpu_threads_per_process, launch
-from p2seg.engine.pipeline import QUICK_COMMON, QUICK_STAGE1
+from p2seg.cli.pipeline import QUICK_COMMON, QUICK_STAGE1
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "shapes" / "p2seg_R18_cpu.yaml"

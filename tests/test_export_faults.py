@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from p2seg.engine.pipeline import QUICK_STAGE1
+from p2seg.cli.pipeline import QUICK_STAGE1
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "shapes" / "p2seg_R18_cpu.yaml"
@@ -26,7 +26,7 @@ TINY = [
 # with PAUSE_AFTER > 0, writes PAUSE_MARKER and sleeps after that many images (to be killed).
 WRAPPER = '''
 import os, runpy, sys, time
-from p2seg.evaluation import pseudo_mask_exporter as pme
+from p2seg.export import exporter as pme
 
 pause_after = int(os.environ.get("PAUSE_AFTER", "0"))
 seen = []

@@ -17,7 +17,7 @@ from detectron2.evaluation import inference_on_dataset
 from detectron2.structures import Boxes, Instances
 
 from p2seg.data.coco_format import segmentation_to_rle
-from p2seg.evaluation.pseudo_mask_exporter import (
+from p2seg.export.exporter import (
     PseudoMaskExporter,
     original_points,
     read_sidecar,
@@ -340,7 +340,7 @@ def test_resume_after_the_points_changed_starts_over(tmp_path, caplog):
     starts over (warning names the data) and the JSON has exactly the new points."""
     import logging
 
-    from p2seg.evaluation.pseudo_mask_exporter import export_provenance
+    from p2seg.export.exporter import export_provenance
 
     model = torch.nn.Linear(1, 1)
     dicts = make_dicts()
@@ -358,7 +358,7 @@ def test_resume_after_the_points_changed_starts_over(tmp_path, caplog):
     same.bind_provenance(export_provenance(model, _cfg(), name, dicts))
     assert same.finished_image_ids() == {100, 101, 102}
     second = PseudoMaskExporter(name, str(out))
-    with caplog.at_level(logging.WARNING, logger="p2seg.evaluation.pseudo_mask_exporter"):
+    with caplog.at_level(logging.WARNING, logger="p2seg.export.exporter"):
         second.bind_provenance(export_provenance(model, _cfg(), name, edited))
     assert second.finished_image_ids() == set()
     assert any("was made by other data_sha1" in r.getMessage() for r in caplog.records)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from p2seg.engine.pipeline import QUICK_COMMON, QUICK_STAGE1
+from p2seg.cli.pipeline import QUICK_COMMON, QUICK_STAGE1
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "shapes" / "p2seg_R18_cpu.yaml"

@@ -274,7 +274,7 @@ def test_trainer_trains_and_evaluates_in_mixed_precision_on_cpu(dtype, tmp_path,
     from p2seg.datasets.registration import register_datasets
     from p2seg.engine import Trainer
     from p2seg.engine.amp import MixedPrecisionTrainer
-    from p2seg.engine.pipeline import QUICK_COMMON, QUICK_STAGE1
+    from p2seg.cli.pipeline import QUICK_COMMON, QUICK_STAGE1
 
     monkeypatch.setenv("P2SEG_CACHE", str(tmp_path / "cache"))
     config = Path(__file__).resolve().parents[1] / "configs" / "shapes" / "p2seg_R18_cpu.yaml"

@@ -21,7 +21,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
 
 from p2seg import add_p2seg_config
-from p2seg.engine.pipeline import QUICK_COMMON, QUICK_STAGE1, QUICK_STAGE2
+from p2seg.cli.pipeline import QUICK_COMMON, QUICK_STAGE1, QUICK_STAGE2
 
 REPO = Path(__file__).resolve().parents[1]
 STAGE1 = REPO / "configs" / "shapes" / "p2seg_R18_cpu.yaml"
@@ -101,7 +101,7 @@ def test_export_resumes_from_sidecar(stage1, tmp_path, monkeypatch):
 
     from p2seg.datasets.registration import register_datasets
     from p2seg.engine import Trainer
-    from p2seg.evaluation.pseudo_mask_exporter import sidecar_path
+    from p2seg.export.exporter import sidecar_path
 
     monkeypatch.setenv("P2SEG_CACHE", stage1["env"]["P2SEG_CACHE"])
     cfg = get_cfg()
@@ -121,7 +121,7 @@ def test_export_resumes_from_sidecar(stage1, tmp_path, monkeypatch):
     Path(sidecar_path(str(out))).write_text(json.dumps({"image_id": 0, "num_points": len(anns), "annotations": anns}) + "\n")
     counting = _CountingModel(model)
     # ... made by this model and config (the export records what produced its sidecars)
-    from p2seg.evaluation.pseudo_mask_exporter import export_provenance, provenance_path
+    from p2seg.export.exporter import export_provenance, provenance_path
 
     Path(provenance_path(str(out))).write_text(json.dumps(export_provenance(counting, cfg, TRAIN)))
     import torch
@@ -232,7 +232,7 @@ def test_pipeline_quick_runs_stage2_and_resumes(stage1):
 def test_row_workers_share_the_threads(monkeypatch):
     """Stage-2 rows side by side: as many as rows and threads allow, each with its share of
     OMP_NUM_THREADS; one row, or --parallel-rows 1, keeps the environment's threads."""
-    from p2seg.engine.pipeline import PipelineConfig
+    from p2seg.cli.pipeline import PipelineConfig
 
     monkeypatch.setenv("OMP_NUM_THREADS", "4")
     assert PipelineConfig("/tmp/x").row_workers(2) == (2, 2)
@@ -248,7 +248,7 @@ def test_row_workers_share_the_threads(monkeypatch):
 def test_stage_record_branches_rerun_only_their_own_chain(tmp_path):
     """Rows that run side by side: a row whose training reruns reruns its evaluation, not the
     other row; the stages after the rows depend on any stage a row ran."""
-    from p2seg.engine.pipeline import StageRecord
+    from p2seg.cli.pipeline import StageRecord
 
     record = StageRecord(tmp_path)
     for name in ("stage2", "eval", "stage2_baseline", "eval_baseline", "pointfree"):

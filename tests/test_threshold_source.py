@@ -6,7 +6,7 @@ import numpy as np
 import pycocotools.mask as mask_util
 import pytest
 
-from p2seg.datasets.threshold import remove_small_blobs, threshold_foreground
+from p2seg.prep.threshold import remove_small_blobs, threshold_foreground
 from p2seg.cli import threshold_semseg
 
 

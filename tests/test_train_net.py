@@ -13,7 +13,7 @@ from detectron2.projects.deeplab.lr_scheduler import WarmupPolyLR
 
 from p2seg import add_p2seg_config
 from p2seg.engine import Trainer, single_process_norm
-from p2seg.engine.pipeline import QUICK_COMMON, QUICK_STAGE1
+from p2seg.cli.pipeline import QUICK_COMMON, QUICK_STAGE1
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "shapes" / "p2seg_R18_cpu.yaml"

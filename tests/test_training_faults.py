@@ -20,7 +20,7 @@ from p2seg.datasets.registration import register_datasets
 from p2seg.engine import Trainer
 from p2seg.engine.checkpointer import P2SegCheckpointer
 from p2seg.engine.hooks import NonFiniteLossError, NonFiniteLossGuard, nonfinite_terms
-from p2seg.engine.pipeline import QUICK_COMMON, QUICK_STAGE1
+from p2seg.cli.pipeline import QUICK_COMMON, QUICK_STAGE1
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "shapes" / "p2seg_R18_cpu.yaml"

@@ -53,7 +53,7 @@ DATA = {
                  NUCLEI_IMAGES, os.path.join(NUCLEI, "sem_otsu")),
     "coco_mini": ("configs/coco_mini/p2seg_lite0_cpu.yaml", None, None, None),
 }
-# name -> keyword arguments of p2seg.datasets.degradation.Degradation (None: the data's own source)
+# name -> keyword arguments of p2seg.prep.degradation.Degradation (None: the data's own source)
 SOURCES = {
     "given": None,
     "deg1": dict(erode=2, dilate=2, drop_prob=0.05, blob_noise=1, blob_radius=0.05),
@@ -89,7 +89,7 @@ def data_paths(data):
 def build_source(data, source, out):
     """Folder of the semantic PNGs of ``source`` for ``data`` (rendered once, seed 0)."""
     from p2seg.data.coco_format import category_labels, read_coco_json
-    from p2seg.datasets.degradation import Degradation, render_degraded_mask_json
+    from p2seg.prep.degradation import Degradation, render_degraded_mask_json
 
     _, json_file, _, given = data_paths(data)
     if SOURCES[source] is None:

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""The whole point-supervised pipeline in one command (logic: p2seg/engine/pipeline.py).
+"""The whole point-supervised pipeline in one command (logic: p2seg/cli/pipeline.py).
 
 stage-1 P2Seg training -> pseudo-mask export on the training images (one mask per point, with
 their metrics vs the ground truth) -> stage-2 Mask R-CNN training on the exported JSON ->
@@ -24,7 +24,7 @@ import argparse
 import shlex
 import sys
 
-from p2seg.engine.pipeline import COMPARE_ROWS, DEFAULT_CLASSIFIER, DEFAULT_COMPARE, DEFAULT_STAGE1, DEFAULT_STAGE2, PipelineConfig, run_pipeline
+from p2seg.cli.pipeline import COMPARE_ROWS, DEFAULT_CLASSIFIER, DEFAULT_COMPARE, DEFAULT_STAGE1, DEFAULT_STAGE2, PipelineConfig, run_pipeline
 
 
 def build_parser():

@@ -41,7 +41,7 @@ from PIL import Image
 
 from p2seg.datasets.builtin import VOC_CLASSES
 from p2seg.utils.atomic import write_json_atomic
-from p2seg.datasets.points import mask_interior_point
+from p2seg.prep.points import mask_interior_point
 
 
 def read_image_list(path: str) -> List[str]:

@@ -22,7 +22,7 @@ import argparse
 
 from p2seg.utils.atomic import write_json_atomic
 from p2seg.data.coco_format import read_coco_json
-from p2seg.datasets.points import RULES, make_points
+from p2seg.prep.points import RULES, make_points
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -26,8 +26,8 @@ import argparse
 import os
 
 from p2seg.data.coco_format import category_labels, read_coco_json
-from p2seg.datasets.degradation import Degradation, render_degraded_mask_json
-from p2seg.evaluation.semantic_miou import mean_iou
+from p2seg.prep.degradation import Degradation, render_degraded_mask_json
+from p2seg.utils.confusion import mean_iou
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -3,7 +3,7 @@
 For every image of a COCO JSON (``images`` entries; annotations optional), writes
 ``<out>/<image file stem>.png``: 0 background, ``k + 1`` on the foreground (``k`` the contiguous
 class of ``--category-id``; the JSON's only category by default). The rule
-(:mod:`p2seg.datasets.threshold`): optional Gaussian smoothing, Otsu's threshold of the grey
+(:mod:`p2seg.prep.threshold`): optional Gaussian smoothing, Otsu's threshold of the grey
 image, polarity per image (``auto``: the side covering less of the image is the object),
 blobs under ``--min-area`` pixels dropped, optional hole filling. Images are read as training reads
 them (EXIF orientation applied, 16-bit microscopy stretched by its own range), so the map lies on
@@ -29,7 +29,7 @@ import numpy as np
 from p2seg.data.coco_format import category_labels, decode_annotation_masks, read_coco_json
 from p2seg.data.image_io import read_image_any_depth
 from p2seg.data.semantic_sources import check_unique_semantic_names, semantic_png_name
-from p2seg.datasets.threshold import POLARITIES, threshold_foreground
+from p2seg.prep.threshold import POLARITIES, threshold_foreground
 from p2seg.utils.atomic import write_png_atomic
 
 

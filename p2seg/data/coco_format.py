@@ -20,6 +20,7 @@ __all__ = [
     "image_id_sort_key",
     "segmentation_to_rle",
     "decode_annotation_masks",
+    "encode_masks",
 ]
 
 
@@ -124,3 +125,22 @@ def segmentation_to_rle(segm, height: int, width: int, where: str = "annotation"
         raise ValueError(f"{where}: field 'segmentation' must be polygons or an RLE dict, got {type(segm).__name__}")
     counts = rle["counts"]
     return {"size": [height, width], "counts": counts.decode("ascii") if isinstance(counts, bytes) else counts}
+
+
+def encode_masks(masks: np.ndarray) -> List[dict]:
+    """Encode dense masks as COCO RLEs with ``str`` counts (JSON-serialisable).
+
+    Args:
+        masks: bool/uint8 array ``(R, H, W)``.
+    Returns:
+        list of R dicts ``{"size": [H, W], "counts": str}``.
+    """
+    masks = np.asarray(masks)
+    if masks.ndim != 3:
+        raise ValueError(f"encode_masks: masks must be (R, H, W), got shape {masks.shape}")
+    if masks.shape[0] == 0:
+        return []
+    rles = mask_util.encode(np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8)))
+    for rle in rles:
+        rle["counts"] = rle["counts"].decode("ascii")
+    return rles

@@ -12,7 +12,7 @@ folder under the cache (:func:`p2seg.data.cache.default_cache_root`), atomically
 order), so where masks overlap the **higher-score mask wins, and among equal scores the later
 annotation wins**. Crowd masks (``iscrowd=1``) only mark still-unlabelled pixels as ignore.
 Degraded sources (a weak semantic source of controlled quality) are produced by
-:mod:`p2seg.datasets.degradation`.
+:mod:`p2seg.prep.degradation`.
 """
 from __future__ import annotations
 

@@ -15,12 +15,12 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from p2seg.data.cache import default_cache_root, file_cache_key
 from p2seg.data.coco_format import category_labels, read_coco_json
 from p2seg.data.point_coco import load_point_coco_json
-from p2seg.evaluation.semantic_miou import mean_iou
+from p2seg.utils.confusion import mean_iou
 from p2seg.utils.atomic import atomic_directory, write_json_atomic
 
 from .builtin import coco_metadata
-from .degradation import Degradation, render_degraded_mask_json
-from .points import make_points
+from p2seg.prep.degradation import Degradation, render_degraded_mask_json
+from p2seg.prep.points import make_points
 
 __all__ = ["COCO_MINI_DEGRADATION", "build_coco_mini_train_cache", "register_coco_mini"]
 
@@ -55,9 +55,9 @@ def build_coco_mini_train_cache(
     renamed: atomic; a concurrent builder's result is kept):
 
     * ``points_train2017.json``: ``annotations/instances_train2017.json`` with one ``point`` per
-      non-crowd instance (:func:`p2seg.datasets.points.make_points`, ``rule``; crowds dropped);
+      non-crowd instance (:func:`p2seg.prep.points.make_points`, ``rule``; crowds dropped);
     * ``sem/<stem>.png``: semantic pseudo-labels rendered from the GT masks with ``degradation``
-      (:class:`p2seg.datasets.degradation.Degradation` fields; default :data:`COCO_MINI_DEGRADATION`),
+      (:class:`p2seg.prep.degradation.Degradation` fields; default :data:`COCO_MINI_DEGRADATION`),
       seeded per image by ``(seed, image id)``;
     * ``info.json``: the settings and the mIoU of the PNGs against the undegraded rendering.
 

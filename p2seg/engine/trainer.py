@@ -230,7 +230,8 @@ class Trainer(DefaultTrainer):
         * otherwise ``DatasetEvaluators([InstanceMaskEvaluator])``: COCO mask AP / AP50 / AP75 and VOC mask mAP at
           ``TEST.VOC_IOU_THRESHOLDS``; predictions in ``OUTPUT_DIR/inference/<dataset_name>/``.
         """
-        from p2seg.evaluation import InstanceMaskEvaluator, PeakPointEvaluator, PseudoMaskExporter
+        from p2seg.evaluation import InstanceMaskEvaluator, PeakPointEvaluator
+        from p2seg.export import PseudoMaskExporter
 
         if is_peak_classifier(cfg):
             return PeakPointEvaluator(dataset_name, peak_points_path(cfg, dataset_name) if cfg.TEST.EXPORT_PEAK_POINTS else None)
@@ -289,9 +290,9 @@ class Trainer(DefaultTrainer):
     @classmethod
     def _run_test(cls, cfg, model, dataset_name, evaluator):
         """:meth:`_test_one` without the precision context."""
-        from p2seg.evaluation import export_provenance, remaining_dataset_dicts
+        from p2seg.export import export_provenance, remaining_dataset_dicts
 
-        from p2seg.evaluation import PseudoMaskExporter
+        from p2seg.export import PseudoMaskExporter
 
         exporter = evaluator if isinstance(evaluator, PseudoMaskExporter) else None
         if exporter is None:

@@ -17,7 +17,7 @@ The VOC metric (:mod:`p2seg.evaluation.voc_mask_ap`) uses the non-crowd ground t
 nothing there); COCO AP treats crowd regions the COCO way.
 
 The metric functions (:func:`evaluate_instance_masks`) take a source COCO object and a list of
-COCO result dicts, so :class:`~p2seg.evaluation.pseudo_mask_exporter.PseudoMaskExporter` reuses
+COCO result dicts, so :class:`~p2seg.export.exporter.PseudoMaskExporter` reuses
 them on its exported annotations.
 """
 

@@ -61,6 +61,8 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import pycocotools.mask as mask_util
 
+from p2seg.data.coco_format import encode_masks
+
 __all__ = [
     "encode_masks",
     "as_rles",
@@ -79,25 +81,6 @@ Masks = Union[np.ndarray, Sequence[RLE]]
 def threshold_key(iou_thresh: float) -> str:
     """Name of the mAP at ``iou_thresh`` in reports: 0.5 -> "mAP50", 0.25 -> "mAP25"."""
     return f"mAP{int(round(iou_thresh * 100))}"
-
-
-def encode_masks(masks: np.ndarray) -> List[RLE]:
-    """Encode dense masks as COCO RLEs with ``str`` counts (JSON-serialisable).
-
-    Args:
-        masks: bool/uint8 array ``(R, H, W)``.
-    Returns:
-        list of R dicts ``{"size": [H, W], "counts": str}``.
-    """
-    masks = np.asarray(masks)
-    if masks.ndim != 3:
-        raise ValueError(f"encode_masks: masks must be (R, H, W), got shape {masks.shape}")
-    if masks.shape[0] == 0:
-        return []
-    rles = mask_util.encode(np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8)))
-    for rle in rles:
-        rle["counts"] = rle["counts"].decode("ascii")
-    return rles
 
 
 def as_rles(masks: Masks) -> List[RLE]:

@@ -2,8 +2,8 @@
 
 Importing the package registers the meta-architecture and heads in Detectron2's registries.
 """
-from .heads import AffinityHead, P2SegInsEmbedHead, build_p2seg_heads, init_head_weights
-from .simple_heads import SimpleAffinityHead, SimpleInsEmbedHead, SimpleSemSegHead  # noqa: F401  (registers)
+from .deeplab_heads import AffinityHead, P2SegInsEmbedHead, build_p2seg_heads, init_head_weights
+from .hrnet_heads import SimpleAffinityHead, SimpleInsEmbedHead, SimpleSemSegHead  # noqa: F401  (registers)
 from .criterion import P2SegCriterion
 from .instance_inference import InstanceInference
 from .meta_arch import P2Seg

@@ -126,7 +126,7 @@ class IdMapMasks:
 
     def rles(self, chunk_bytes: int = _ENCODE_CHUNK_BYTES) -> List[dict]:
         """COCO RLEs (str counts) of the masks, ``chunk_bytes`` of dense masks at a time."""
-        from p2seg.evaluation.voc_mask_ap import encode_masks
+        from p2seg.data.coco_format import encode_masks
 
         height, width = self.ids.shape
         step = max(1, chunk_bytes // max(height * width, 1))
@@ -147,7 +147,7 @@ def mask_boxes(masks) -> torch.Tensor:
 def masks_to_rles(masks) -> Tuple[List[dict], List[float]]:
     """COCO RLEs (str counts) and pixel areas of dense bool ``(R, H, W)`` masks (tensor or array)
     or an :class:`IdMapMasks` (encoded a chunk at a time)."""
-    from p2seg.evaluation.voc_mask_ap import encode_masks
+    from p2seg.data.coco_format import encode_masks
 
     if isinstance(masks, IdMapMasks):
         return masks.rles(), masks.areas().cpu().to(torch.float64).tolist()

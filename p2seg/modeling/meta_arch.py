@@ -29,7 +29,7 @@ from p2seg.utils.precision import autocast_dtype, full_precision, keep_depthwise
 
 from . import i2s
 from .criterion import P2SegCriterion
-from .heads import build_p2seg_heads, init_head_weights
+from .deeplab_heads import build_p2seg_heads, init_head_weights
 from .instance_inference import InstanceInference
 
 __all__ = ["P2Seg"]
@@ -109,7 +109,7 @@ class P2Seg(nn.Module):
     @classmethod
     def from_config(cls, cfg):
         """The backbone (``MODEL.BACKBONE.NAME``), the heads named by the config
-        (:func:`~p2seg.modeling.heads.build_p2seg_heads`) initialised per
+        (:func:`~p2seg.modeling.deeplab_heads.build_p2seg_heads`) initialised per
         ``MODEL.P2SEG.HEAD_INIT_STD``, the criterion and the post-processing."""
         backbone = build_backbone(cfg)
         p2 = cfg.MODEL.P2SEG

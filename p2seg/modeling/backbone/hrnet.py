@@ -19,7 +19,7 @@ Outputs (``MODEL.HRNET.OUT_FEATURES``, ``MODEL.HRNET.EXPOSE_ALL_BRANCHES``):
 
 * ``"hr4"`` (default), ``"hr8"``, ``"hr16"``, ``"hr32"``: the branches of stage 4 at strides
   4 / 8 / 16 / 32 with C / 2C / 4C / 8C channels. ``"hr4"`` alone is what the P2Seg authors feed
-  their simple heads (:mod:`p2seg.modeling.simple_heads`); all four feed Panoptic-DeepLab's
+  their simple heads (:mod:`p2seg.modeling.hrnet_heads`); all four feed Panoptic-DeepLab's
   decoders (``IN_FEATURES: [hr4, hr8, hr16, hr32]``, ``PROJECT_FEATURES: [hr4, hr8, hr16]``).
 * ``"cat"``: HRNetV2's segmentation representation, the four branches upsampled (bilinearly by
   default) to stride 4 and concatenated (15C channels).

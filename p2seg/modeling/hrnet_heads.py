@@ -25,7 +25,7 @@ Config (channel counts reuse the Panoptic-DeepLab keys; an HRNet config sets the
   ``MODEL.P2SEG.I2S.FEATURE_CHANNELS``;
 * ``MODEL.P2SEG.SIMPLE_HEAD_NORM``: norm after each 3x3 conv ("" = none, conv with bias).
 
-:func:`p2seg.modeling.heads.build_p2seg_heads` picks the heads of a config by these names from
+:func:`p2seg.modeling.deeplab_heads.build_p2seg_heads` picks the heads of a config by these names from
 Detectron2's registries.
 """
 from typing import Dict, List, Sequence, Tuple
@@ -41,7 +41,7 @@ from detectron2.projects.panoptic_deeplab.panoptic_seg import INS_EMBED_BRANCHES
 
 from p2seg.config import semantic_channels
 
-from .heads import P2SEG_AFFINITY_HEAD_REGISTRY
+from .deeplab_heads import P2SEG_AFFINITY_HEAD_REGISTRY
 
 __all__ = [
     "SimpleSemSegHead",

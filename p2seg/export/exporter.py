@@ -71,8 +71,8 @@ from p2seg.datasets.registration import dataset_image_root
 from p2seg.modeling.id_map_masks import masks_to_rles
 from p2seg.utils.atomic import atomic_file, write_json_atomic
 
-from .fallback_check import fallback_summary
-from .instance_evaluator import (
+from p2seg.evaluation.fallback_check import fallback_summary
+from p2seg.evaluation.instance_evaluator import (
     DEFAULT_IOU_THRESHOLDS,
     contiguous_to_dataset_ids,
     evaluate_instance_masks,

@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 
 from p2seg.data.semantic_sources import render_mask_json, render_semantic_map
-from p2seg.evaluation.semantic_miou import confusion_matrix
+from p2seg.utils.confusion import confusion_matrix
 
 __all__ = ["Degradation", "image_rng", "flip_pixels", "render_degraded_semantic_map",
            "render_degraded_mask_json"]
