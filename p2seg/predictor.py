@@ -49,7 +49,7 @@ def test_augmentations(cfg) -> List[T.Augmentation]:
     """The test-time resize of the project's loaders: P2Seg's mapper (``INPUT.MIN_SIZE_TEST`` 0 =
     original size) or Detectron2's ``ResizeShortestEdge`` (DefaultPredictor's)."""
     if cfg.MODEL.META_ARCHITECTURE == "P2Seg":
-        from p2seg.data.dataset_mapper import build_p2seg_augmentations
+        from p2seg.data.augmentations import build_p2seg_augmentations
 
         return list(build_p2seg_augmentations(cfg, is_train=False))
     return [T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MIN_SIZE_TEST], cfg.INPUT.MAX_SIZE_TEST)]
@@ -91,7 +91,7 @@ class PointPredictor(DefaultPredictor):
         Returns:
             the model's output for the image (``{"instances", ...}``, original size).
         """
-        from p2seg.data.dataset_mapper import transform_points
+        from p2seg.data.augmentations import transform_points
 
         with torch.no_grad():
             image = original_image[:, :, ::-1] if self.input_format == "RGB" else original_image

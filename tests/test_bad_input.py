@@ -16,7 +16,8 @@ from detectron2.data import transforms as T
 from detectron2.data.build import get_detection_dataset_dicts
 
 from p2seg.config import add_p2seg_config
-from p2seg.data.dataset_mapper import BadSampleError, P2SegDatasetMapper
+from p2seg.data.bad_samples import BadSampleError
+from p2seg.data.dataset_mapper import P2SegDatasetMapper
 from p2seg.data.point_coco import load_point_coco_json, register_point_coco_instances
 from p2seg.data.targets import build_targets
 

@@ -12,13 +12,9 @@ from detectron2.data import transforms as T
 from detectron2.structures import BoxMode
 
 from p2seg.config import add_p2seg_config
-from p2seg.data.dataset_mapper import (
-    FixedSizeCropSegPad,
-    P2SegDatasetMapper,
-    RandomScale,
-    build_p2seg_augmentations,
-    read_sem_seg,
-)
+from p2seg.data.augmentations import FixedSizeCropSegPad, RandomScale, build_p2seg_augmentations
+from p2seg.data.bad_samples import read_sem_seg
+from p2seg.data.dataset_mapper import P2SegDatasetMapper
 
 C = 3
 TRAIN_KEYS = {

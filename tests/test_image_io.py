@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from p2seg.data.dataset_mapper import read_image_checked
+from p2seg.data.bad_samples import read_image_checked
 from p2seg.data.detection_mapper import DetectionDatasetMapper
 from p2seg.data.image_io import read_image_any_depth, stretch_to_uint8
 

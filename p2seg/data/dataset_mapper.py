@@ -36,242 +36,24 @@ class-count mismatch between the JSON and the config is refused before training 
 """
 import copy
 import logging
-import struct
 
 import numpy as np
 import torch
-from PIL import Image
 
 from detectron2.config import configurable
 from detectron2.data import transforms as T
-from detectron2.utils.file_io import PathManager
-from fvcore.transforms.transform import PadTransform
 
-from .image_io import read_image_any_depth
-from .semantic_sources import LABEL_PNG_MODES, merge_classes
+from .augmentations import build_p2seg_augmentations, clip_points, inside_image, transform_points
+from .bad_samples import (BAD_SAMPLE_POLICIES, BadSampleError, BadSampleKeyError,
+                          BadSampleValueError, read_image_checked, read_sem_seg)
+from .semantic_sources import merge_classes
 from .targets import build_targets, ignore_unpointed_components, mark_missed_points, point_pixels
 
-__all__ = [
-    "P2SegDatasetMapper",
-    "FixedSizeCropSegPad",
-    "build_p2seg_augmentations",
-    "read_sem_seg",
-    "read_image_checked",
-    "BadSampleError",
-    "BAD_SAMPLE_POLICIES",
-]
+__all__ = ["P2SegDatasetMapper"]
 
 logger = logging.getLogger(__name__)
 
-# Values of cfg.DATALOADER.BAD_SAMPLES.
-BAD_SAMPLE_POLICIES = ("error", "skip")
-
-# Exceptions PIL / Detectron2 raise for a missing, truncated or undecodable image file.
-_IMAGE_READ_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, Image.DecompressionBombError)
-
-
-class BadSampleError(Exception):
-    """Base class of the errors for an invalid input sample (file or dataset-dict field).
-
-    Raised as one of the subclasses below, which also derive from the matching built-in
-    exception, so ``except FileNotFoundError`` / ``except ValueError`` keep working.
-    """
-
-
-class BadSampleFileError(BadSampleError, FileNotFoundError):
-    """A file named by the dataset dict does not exist."""
-
-
-class BadSampleValueError(BadSampleError, ValueError):
-    """A file cannot be decoded, or a field / file content is invalid."""
-
-
-class BadSampleKeyError(BadSampleError, KeyError):
-    """A field the mapper needs is missing from the dataset dict."""
-
-    def __str__(self):
-        return str(self.args[0]) if self.args else ""
-
-# Keys copied from the dataset dict to the mapper output (everything else is dropped).
 _PASS_THROUGH_KEYS = ("file_name", "image_id", "height", "width")
-
-
-class FixedSizeCropSegPad(T.FixedSizeCrop):
-    """``T.FixedSizeCrop`` whose padding fills the semantic map with ``seg_pad_value``.
-
-    Detectron2 0.6's ``FixedSizeCrop`` builds its ``PadTransform`` without ``seg_pad_value``, so the
-    semantic map is padded with 0 (= background), which would teach "background" on padding.
-    Upstream Detectron2 added a ``seg_pad_value`` argument (default 255) after v0.6; this subclass
-    does the same.
-    """
-
-    def __init__(self, crop_size, pad=True, pad_value=128.0, seg_pad_value=255):
-        """
-        Args:
-            crop_size: output ``(height, width)``.
-            pad: pad images smaller than ``crop_size`` (right / bottom) up to it.
-            pad_value: image padding value.
-            seg_pad_value: semantic-map padding value (the ignore label).
-        """
-        super().__init__(crop_size, pad=pad, pad_value=pad_value)
-        self.seg_pad_value = seg_pad_value
-
-    def _get_pad(self, image):
-        pad = super()._get_pad(image)
-        return PadTransform(
-            pad.x0, pad.y0, pad.x1, pad.y1, pad.orig_w, pad.orig_h, pad.pad_value,
-            seg_pad_value=self.seg_pad_value,
-        )
-
-
-class RandomScale(T.Augmentation):
-    """Resize by a factor drawn uniformly in ``[min_scale, max_scale]`` (bilinear image, nearest
-    semantic map): ``ResizeScale`` around the image's own size instead of a target box."""
-
-    def __init__(self, min_scale: float, max_scale: float):
-        super().__init__()
-        self.min_scale, self.max_scale = float(min_scale), float(max_scale)
-
-    def get_transform(self, image):
-        h, w = image.shape[:2]
-        scale = np.random.uniform(self.min_scale, self.max_scale)
-        new_h, new_w = max(1, int(round(h * scale))), max(1, int(round(w * scale)))
-        return T.ResizeTransform(h, w, new_h, new_w)
-
-
-def build_p2seg_augmentations(cfg, is_train):
-    """Augmentations of P2Seg from the config (a list of Detectron2 ``Augmentation``).
-
-    Training (docs/METHOD.md "Optimisation"): ``ResizeScale`` (the long side fits an
-    ``INPUT.RESIZE_TARGET`` box, times a uniform random factor in ``INPUT.SCALE_RANGE``; with
-    ``RESIZE_TARGET`` 0 the original size times that factor, :class:`RandomScale`), a random
-    ``INPUT.CROP.SIZE`` crop padded right/bottom with ``INPUT.PAD_VALUE`` (image) and
-    ``INPUT.IGNORE_VALUE`` (semantic map) if ``INPUT.CROP.ENABLED``, ``RandomFlip`` per
-    ``INPUT.RANDOM_FLIP`` ("none" disables), and brightness / contrast / saturation jitter in
-    ``[1 - x, 1 + x]`` per ``INPUT.COLOR_JITTER`` (0 disables one; saturation assumes RGB order as
-    in Detectron2). Test: ``ResizeShortestEdge(INPUT.MIN_SIZE_TEST, INPUT.MAX_SIZE_TEST)``; when
-    ``MIN_SIZE_TEST`` is 0, the original size times ``INPUT.TEST_SCALE`` (nothing at 1).
-    """
-    if not is_train:
-        if cfg.INPUT.MIN_SIZE_TEST == 0:
-            scale = cfg.INPUT.TEST_SCALE
-            return [] if scale == 1.0 else [RandomScale(scale, scale)]
-        return [T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST, "choice")]
-
-    target = cfg.INPUT.RESIZE_TARGET
-    target_h, target_w = (target, target) if isinstance(target, int) else tuple(target)
-    min_scale, max_scale = cfg.INPUT.SCALE_RANGE
-    if target_h == 0 and target_w == 0:  # keep the original scale (objects of a fixed pixel size)
-        augs = [RandomScale(min_scale, max_scale)]
-    else:
-        augs = [T.ResizeScale(min_scale, max_scale, target_h, target_w)]
-    if cfg.INPUT.CROP.ENABLED:
-        augs.append(
-            FixedSizeCropSegPad(
-                tuple(cfg.INPUT.CROP.SIZE),
-                pad=True,
-                pad_value=cfg.INPUT.PAD_VALUE,
-                seg_pad_value=cfg.INPUT.IGNORE_VALUE,
-            )
-        )
-    if cfg.INPUT.RANDOM_FLIP != "none":
-        augs.append(
-            T.RandomFlip(
-                horizontal=cfg.INPUT.RANDOM_FLIP == "horizontal",
-                vertical=cfg.INPUT.RANDOM_FLIP == "vertical",
-            )
-        )
-    jitter = cfg.INPUT.COLOR_JITTER
-    if jitter.ENABLED:
-        for cls, x in (
-            (T.RandomBrightness, jitter.BRIGHTNESS),
-            (T.RandomContrast, jitter.CONTRAST),
-            (T.RandomSaturation, jitter.SATURATION),
-        ):
-            if x > 0:
-                augs.append(cls(1.0 - x, 1.0 + x))
-    return augs
-
-
-def read_sem_seg(file_name, height, width, num_classes, ignore_value):
-    """Read and check a semantic pseudo-label PNG (single channel; palette PNGs give their indices).
-
-    Args:
-        file_name: path of the PNG (the dict's ``"sem_seg_file_name"``).
-        height, width: expected size (the image's).
-        num_classes: C; valid labels are ``0..C`` and ``ignore_value``.
-        ignore_value: the ignore label.
-    Returns:
-        uint8 array ``H x W``.
-    Raises:
-        BadSampleFileError (a FileNotFoundError) / BadSampleValueError (a ValueError) naming the
-        file and the field ``sem_seg_file_name``: missing, undecodable, not single-channel, wrong
-        size, or labels outside ``0..C`` and ``ignore_value``.
-    """
-    if not PathManager.isfile(file_name):
-        raise BadSampleFileError(f"sem_seg_file_name: file not found: {file_name}")
-    try:
-        with PathManager.open(file_name, "rb") as f:
-            pil = Image.open(f)
-            pil.load()
-    except _IMAGE_READ_ERRORS as e:
-        raise BadSampleValueError(
-            f"sem_seg_file_name {file_name}: cannot read the PNG ({type(e).__name__}: {e})"
-        ) from e
-    if pil.mode not in LABEL_PNG_MODES:
-        raise BadSampleValueError(
-            f"sem_seg_file_name {file_name}: expected a single-channel label PNG (mode L or P), "
-            f"got mode {pil.mode}"
-        )
-    sem_seg = np.asarray(pil)
-    if sem_seg.shape != (height, width):
-        raise BadSampleValueError(
-            f"sem_seg_file_name {file_name}: size {sem_seg.shape[1]}x{sem_seg.shape[0]} (WxH) "
-            f"differs from the image size {width}x{height}"
-        )
-    if sem_seg.size and (sem_seg.max() > num_classes or sem_seg.min() < 0):
-        bad = np.unique(sem_seg[((sem_seg > num_classes) | (sem_seg < 0)) & (sem_seg != ignore_value)])
-        if len(bad):
-            raise BadSampleValueError(
-                f"sem_seg_file_name {file_name}: labels {bad.tolist()[:10]} are neither "
-                f"0..{num_classes} (background + {num_classes} classes) nor the ignore value "
-                f"{ignore_value}"
-            )
-    return sem_seg.astype(np.uint8, copy=False)
-
-
-def read_image_checked(dataset_dict, image_format):
-    """Read an image (any bit depth, :func:`read_image_any_depth`) and check its size, with errors
-    naming the file and the field.
-
-    Args:
-        dataset_dict: dataset dict with "file_name" and optionally "height" / "width".
-        image_format: cfg.INPUT.FORMAT.
-    Returns:
-        uint8 array ``H x W x 3`` (Detectron2's ``read_image`` output; 16-bit images stretched).
-    Raises:
-        BadSampleKeyError if "file_name" is missing; BadSampleFileError if the file does not
-        exist; BadSampleValueError if it cannot be decoded or its size differs from the dict's
-        "height" / "width".
-    """
-    if "file_name" not in dataset_dict:
-        raise BadSampleKeyError(f"dataset dict (image_id={dataset_dict.get('image_id')}) lacks field 'file_name'")
-    file_name = dataset_dict["file_name"]
-    try:
-        image = read_image_any_depth(file_name, format=image_format)
-    except FileNotFoundError as e:
-        raise BadSampleFileError(f"file_name: image file not found: {file_name}") from e
-    except _IMAGE_READ_ERRORS as e:
-        raise BadSampleValueError(
-            f"file_name {file_name}: cannot read the image ({type(e).__name__}: {e})"
-        ) from e
-    expected = (dataset_dict.get("width", image.shape[1]), dataset_dict.get("height", image.shape[0]))
-    if (image.shape[1], image.shape[0]) != expected:
-        raise BadSampleValueError(
-            f"file_name {file_name}: image size {image.shape[1]}x{image.shape[0]} (WxH) differs "
-            f"from the dataset dict's fields 'width' x 'height' = {expected[0]}x{expected[1]}"
-        )
-    return image
 
 
 def _points_from_annotations(dataset_dict, num_classes, height=None, width=None, min_score=0.0):
@@ -325,37 +107,6 @@ def _points_from_annotations(dataset_dict, num_classes, height=None, width=None,
                 f"image ({width}x{height}) ({int(outside.sum())} such points)"
             )
     return points, classes
-
-
-def clip_points(points, height, width):
-    """Clip points to ``[0, width - 1] x [0, height - 1]`` (keeps each point pixel).
-
-    Args:
-        points: float ``P x 2`` ``(x, y)``.
-    Returns:
-        float64 ``P x 2``.
-    """
-    points = np.asarray(points, dtype=np.float64).reshape(-1, 2)
-    return np.clip(points, 0.0, [width - 1.0, height - 1.0])
-
-
-def transform_points(transforms, points):
-    """Apply Detectron2 transforms to pixel-index points (see the module docstring).
-
-    Args:
-        transforms: a Detectron2 / fvcore ``TransformList``.
-        points: float ``P x 2`` ``(x, y)`` pixel-index coordinates.
-    Returns:
-        float64 ``P x 2`` transformed points, pixel-index coordinates.
-    """
-    coords = np.asarray(points, dtype=np.float64).reshape(-1, 2) + 0.5
-    return transforms.apply_coords(coords) - 0.5
-
-
-def inside_image(points, height, width):
-    """Bool mask ``P`` of points whose pixel ``(round(x), round(y))`` lies inside the image."""
-    x, y = points[:, 0], points[:, 1]
-    return (x >= -0.5) & (x < width - 0.5) & (y >= -0.5) & (y < height - 0.5)
 
 
 class P2SegDatasetMapper:

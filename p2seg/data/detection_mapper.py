@@ -3,7 +3,7 @@
 Detectron2's mapper reads images with ``detection_utils.read_image``, which saturates 16-bit
 greyscale images (p2seg/data/image_io.py); Detectron2 asks for a mapper of one's own when the
 image loading differs ("USER: Write your own image loading"). This one differs only there: the
-image is read by :func:`p2seg.data.dataset_mapper.read_image_checked` (any bit depth, errors that
+image is read by :func:`p2seg.data.bad_samples.read_image_checked` (any bit depth, errors that
 name the file and field); augmentation and annotations are Detectron2's. Stage 2 does not use
 semantic PNGs or precomputed proposals, so they are not read.
 """
@@ -15,7 +15,7 @@ import torch
 from detectron2.data import DatasetMapper
 from detectron2.data import transforms as T
 
-from .dataset_mapper import read_image_checked
+from .bad_samples import read_image_checked
 
 __all__ = ["DetectionDatasetMapper"]
 

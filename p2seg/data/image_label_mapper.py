@@ -7,7 +7,8 @@ import torch
 from detectron2.config import configurable
 from detectron2.data import transforms as T
 
-from .dataset_mapper import BadSampleValueError, build_p2seg_augmentations, read_image_checked
+from .augmentations import build_p2seg_augmentations
+from .bad_samples import BadSampleValueError, read_image_checked
 
 __all__ = ["ImageLabelDatasetMapper", "image_labels_of"]
 
