@@ -373,6 +373,7 @@ def _run_peak_stages(pc: PipelineConfig, cfg1, gt_set: str, timings: Dict[str, d
     register_datasets(cfg1)
     meta = MetadataCatalog.get(gt_set)
     image_root, sem_root, gt_json = (meta.get(k, None) for k in ("image_root", "sem_seg_root", "json_file"))
+    sem_root = sem_root or _semantic_folder(gt_set)
     if not (image_root and sem_root and gt_json):
         raise ValueError(f"--supervision image: the training set {gt_set!r} needs image_root, sem_seg_root (the "
                          f"semantic source) and json_file metadata; it has {image_root!r}, {sem_root!r}, {gt_json!r}")
@@ -381,6 +382,16 @@ def _run_peak_stages(pc: PipelineConfig, cfg1, gt_set: str, timings: Dict[str, d
     return {"stage1_opts": ["DATASETS.POINT_COCO", repr(point_coco), "DATASETS.TRAIN", f'("{spec[0]}",)',
                             *IMAGE_STAGE1_OPTS],
             "json": str(peaks_json), "gt_json": str(gt_json), "quality": _read_json(dk / "results.json")}
+
+
+def _semantic_folder(dataset_name: str) -> Optional[str]:
+    """The one folder holding every ``sem_seg_file_name`` of a registered dataset (a dataset built
+    in a cache, e.g. coco_mini's), or None."""
+    from detectron2.data import DatasetCatalog
+
+    folders = {os.path.dirname(d["sem_seg_file_name"]) for d in DatasetCatalog.get(dataset_name)
+               if d.get("sem_seg_file_name")}
+    return folders.pop() if len(folders) == 1 else None
 
 
 def _registers(cfg, dataset_name: str) -> bool:
