@@ -176,6 +176,9 @@ def add_p2seg_config(cfg):
     # point goes only to the points of that class (others: the nearest point of any class), so
     # neighbouring objects of different classes do not take each other's pixels.
     cfg.MODEL.P2SEG.INFERENCE.SOURCE_CLASSES = True
+    # With points: each pixel goes to the point nearest pixel + POINT_OFFSET_SCALE x offset (1: the
+    # learned offsets; 0: the nearest point, as the baseline splits the source).
+    cfg.MODEL.P2SEG.INFERENCE.POINT_OFFSET_SCALE = 1.0
     cfg.MODEL.P2SEG.INFERENCE.MIN_INSTANCE_AREA = 1  # peak-path instances below this are dropped
     # Point-guided masks whose dense form (points x H x W bytes) would exceed this come as one id
     # map (p2seg/modeling/id_map_masks.py): a crowded large image exports in memory ~ H x W.

@@ -35,7 +35,8 @@ class InstanceInference:
                  nms_kernel: int = 41, top_k: int = 200, min_instance_area: int = 1,
                  fallback_box_size: int = 64, fallback_score: float = 0.5, grouping_semantics: str = "model",
                  foreground_semantics: bool = False, max_dense_mask_mb: float = 256.0, fallback_mask: str = "box",
-                 source_prior: float = 0.0, source_classes: bool = False, source_prior_background: bool = False):
+                 source_prior: float = 0.0, source_classes: bool = False, source_prior_background: bool = False,
+                 point_offset_scale: float = 1.0):
         """
         Args:
             num_classes: C, the classes of the semantic and centre heads (1 with
@@ -60,7 +61,13 @@ class InstanceInference:
             source_classes: with ``foreground_semantics``, points and the input's
                 ``sem_seg_classes``, group each foreground pixel among the points of its source class
                 (:func:`~p2seg.modeling.postprocessing.split_foreground_by_class`).
+            point_offset_scale: with points, pixels go to the point nearest ``pixel + scale x
+                offset``: 1 the learned offsets, 0 the nearest point (the baseline's split), between
+                them a shrunk step toward the learned centre.
         """
+        if not 0.0 <= point_offset_scale:
+            raise ValueError(f"config MODEL.P2SEG.INFERENCE.POINT_OFFSET_SCALE must be >= 0, got {point_offset_scale}")
+        self.point_offset_scale = float(point_offset_scale)
         if not source_prior >= 0.0:
             raise ValueError(f"config MODEL.P2SEG.INFERENCE.SOURCE_PRIOR must be >= 0, got {source_prior}")
         self.source_prior = float(source_prior)
@@ -110,6 +117,7 @@ class InstanceInference:
             "source_prior": inference.SOURCE_PRIOR,
             "source_classes": inference.SOURCE_CLASSES,
             "source_prior_background": inference.SOURCE_PRIOR_BACKGROUND,
+            "point_offset_scale": inference.POINT_OFFSET_SCALE,
         }
 
     def head_classes(self, point_classes: torch.Tensor) -> torch.Tensor:
@@ -174,6 +182,8 @@ class InstanceInference:
                                                   keep, self.source_prior,
                                                   use_background=self.source_prior_background)
             point_classes = x["point_classes"].to(device).long()
+            if self.point_offset_scale != 1.0:
+                offset = offset * self.point_offset_scale
             found = self._point_masks(grouped, offset, points, point_classes, x, self.fallback_box_size)
             found["classes"] = point_classes.clone()  # the point's class, also for foreground semantics
             if self.fallback_mask == "source":
