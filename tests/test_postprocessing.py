@@ -510,3 +510,29 @@ def test_blend_with_source_trusts_a_precise_source_and_ignores_a_random_one():
     noisy = blend_with_source(probs, random, labels, 1.0)
     assert torch.equal(noisy[1] > 0.5, model_fg > 0.5)
     assert blend_with_source(probs, precise, labels, 0.0) is probs
+
+
+def test_point_offset_scale_moves_pixels_between_the_learned_split_and_the_nearest_point():
+    """INFERENCE.POINT_OFFSET_SCALE: with offsets that send every pixel to the second point, scale 1
+    gives it the whole foreground, scale 0 splits by the nearest point (the baseline's split), and
+    0.5 moves each pixel halfway; a negative scale is refused."""
+    from p2seg.modeling.instance_inference import InstanceInference
+
+    sem = torch.zeros(1, 2, 8, 8)
+    sem[0, 1] = 1.0  # foreground everywhere (stride 4: a 32 x 32 image)
+    points = torch.tensor([[4.0, 16.0], [28.0, 16.0]])  # (x, y): left and right
+    ys, xs = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
+    # (dy, dx) to the right point, in pixels of the stride-4 head output
+    offset = torch.stack([16.0 - ys, 28.0 - xs])[None, :, ::4, ::4] / 4
+    outputs = {"center": torch.zeros(1, 1, 8, 8), "offset": offset}
+    inputs = [{"height": 32, "width": 32, "points": points, "point_classes": torch.zeros(2, dtype=torch.int64)}]
+    areas = {}
+    for scale in (1.0, 0.5, 0.0):
+        inference = InstanceInference(num_classes=1, common_stride=4, point_offset_scale=scale, fallback_box_size=0)
+        masks = inference(sem, outputs, inputs, [(32, 32)])[0]["instances"].pred_masks
+        areas[scale] = [int(m.sum()) for m in masks]
+    assert areas[1.0] == [0, 1024]  # the left point gets nothing (no fallback box here)
+    assert areas[0.0] == [544, 480]  # columns 0-16 (16: a tie, the first point) nearer the left point
+    assert areas[0.5] == [96, 928]  # x + (28 - x) / 2 nearer 4 than 28: columns 0-2 only
+    with pytest.raises(ValueError, match="POINT_OFFSET_SCALE"):
+        InstanceInference(num_classes=1, common_stride=4, point_offset_scale=-1.0)
