@@ -533,6 +533,6 @@ def test_point_offset_scale_moves_pixels_between_the_learned_split_and_the_neare
         areas[scale] = [int(m.sum()) for m in masks]
     assert areas[1.0] == [0, 1024]  # the left point gets nothing (no fallback box here)
     assert areas[0.0] == [544, 480]  # columns 0-16 (16: a tie, the first point) nearer the left point
-    assert areas[0.5] == [96, 928]  # x + (28 - x) / 2 nearer 4 than 28: columns 0-2 only
+    assert areas[0.5] == [96, 928]  # halfway steps: only the columns nearest the left point (0-2) stay
     with pytest.raises(ValueError, match="POINT_OFFSET_SCALE"):
         InstanceInference(num_classes=1, common_stride=4, point_offset_scale=-1.0)
