@@ -92,7 +92,7 @@ def add_p2seg_config(cfg):
     cfg.MODEL.P2SEG.LOSS.SEM_TOP_K = 0.2  # hard-pixel mining: mean of the top 20 % pixel losses
     # The mined fraction goes linearly from 1 (all pixels) to SEM_TOP_K over these iterations:
     # mining from step 0 can leave the semantic head at p = 0.5 for good (nuclei_dev, degraded
-    # source: loss_sem 0.693 for 800 iterations, no foreground at all). README "Recipe".
+    # source: loss_sem 0.693 for 800 iterations, no foreground at all). docs/RESULTS.md "Recipe".
     cfg.MODEL.P2SEG.LOSS.SEM_TOP_K_WARMUP_ITERS = 300
     # The mined fraction is at least this times the share of the batch's labels that the head's
     # argmax disagrees with (an online estimate of the source's error): mining fewer pixels than
@@ -122,7 +122,7 @@ def add_p2seg_config(cfg):
     cfg.MODEL.P2SEG.I2S.ENABLED = True  # affinity branch, affinity losses and random walk
     cfg.MODEL.P2SEG.I2S.LOSS_WEIGHT = 1.0  # weight of avg(L_aff, L_aff')
     # "l1": 0.5 mean_pos(1 - A) + 0.5 mean_neg(A) (the paper's); "log": -log A / -log(1 - A), whose
-    # gradient does not vanish on saturated wrong pairs (README "MDM").
+    # gradient does not vanish on saturated wrong pairs (docs/RESULTS.md "The Mutual Distillation Module").
     cfg.MODEL.P2SEG.I2S.LOSS_TYPE = "l1"
     # Class-affinity label: "region" (the background is one region: background pairs positive) or
     # "negative" (the authors': regions are the present classes only, background pairs negative).
@@ -142,7 +142,7 @@ def add_p2seg_config(cfg):
     cfg.MODEL.P2SEG.I2S.RANDOM_WALK_IN_LOSS = True
     cfg.MODEL.P2SEG.I2S.RANDOM_WALK_TRANSITION = "row"  # "row": P D^-1 A (docs/METHOD.md); "column": P A D^-1
     # The walk's affinity is sigmoid(F_i . F_j) ** RANDOM_WALK_POWER (the losses keep the plain
-    # sigmoid). 1 is the paper's walk; above 1 sharpens it as AffinityNet's beta (README "MDM").
+    # sigmoid). 1 is the paper's walk; above 1 sharpens it as AffinityNet's beta (docs/RESULTS.md "The Mutual Distillation Module").
     cfg.MODEL.P2SEG.I2S.RANDOM_WALK_POWER = 1.0
     # The inference walk runs on each image's own cells (padding left out) in independent tiles of
     # this many input pixels (0: the whole image; the training crop's size: the walk's trained extent).

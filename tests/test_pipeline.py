@@ -218,7 +218,7 @@ def test_pipeline_quick_runs_stage2_and_resumes(stage1):
     assert all(f"[{s}] outputs exist: skipped" in log2 for s in results["stages"])
     rerun = json.loads((out / "pipeline_results.json").read_text())["rows"]
     assert json.dumps(rerun) == json.dumps(rows)  # (NaN-safe comparison)
-    # other stage-2 options (the README's "train stage 2 longer"): stage 2 and what follows it run
+    # other stage-2 options (e.g. a longer schedule): stage 2 and what follows it run
     # again, stage 1 and the export are kept
     log3 = _run(["--quick", "--output-dir", str(out), "--stage2-opts", "SOLVER.MAX_ITER 3", "--compare", "none"], stage1["env"],
                 script="tools/run_pipeline.py")

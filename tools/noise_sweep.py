@@ -81,7 +81,7 @@ def data_paths(data):
         given = os.path.join(cache, "sem")
     for path in (json_file, images, given):
         if not os.path.exists(path):
-            raise FileNotFoundError(f"--data {data}: {path} does not exist (README: the nuclei commands and "
+            raise FileNotFoundError(f"--data {data}: {path} does not exist (docs/RESULTS.md: the nuclei commands and "
                                     "tools/split_folds.py make datasets/nuclei_dev/)")
     return os.path.join(ROOT, config), json_file, images, given
 
