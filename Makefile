@@ -25,7 +25,7 @@ $(STAMP): setup.py tools/install_detectron2.py Makefile
 # The suite is mostly small processes and waits: two workers of one thread each use both cores.
 TEST_WORKERS ?= 2
 test: install
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --durations=15 tests
 
 demo: install
 	$(PY) tools/run_pipeline.py --output-dir output/pipeline
