@@ -118,11 +118,12 @@ def test_two_cpu_processes_train_with_identical_parameters(tmp_path):
         averaged = torch.load(tmp_path / f"grad{r}.pt")
         assert averaged.keys() == union.keys() and len(union) > 10
         for name, g in union.items():
-            # float32 sums in another order, accumulated down to the stem: measured 1.7e-5 of the
-            # parameter's largest gradient alone, 5.6e-3 (stem) in the parallel suite; without SyncBN
-            # (per-process statistics) or with dropout the gap is 0.3-0.7
-            scale = float(g.abs().max()) + 1e-12
-            assert float((averaged[name] - g).abs().max()) <= 2e-2 * scale + 1e-8, name
+            # float32 sums in another order: one element of a 590k-element gradient can move by 9 %
+            # of the parameter's largest entry (a ReLU gate flips), so the check is on the whole
+            # tensor: relative L2 error, measured <= 1.2e-5; without SyncBN (per-process statistics) it
+            # is 1.26 at the stem
+            error = float((averaged[name] - g).norm() / (g.norm() + 1e-12))
+            assert error <= 1e-2, (name, error)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
     assert ranks[0].keys() == ranks[1].keys()
     for name in ranks[0]:
