@@ -29,6 +29,7 @@ SEMANTIC_ONLY = ["MODEL.P2SEG.LOSS.SEM_TOP_K", "1.0", "MODEL.P2SEG.LOSS.CENTER_W
                  "MODEL.P2SEG.LOSS.OFFSET_WEIGHT", "0.0", "MODEL.SEM_SEG_HEAD.ASPP_DROPOUT", "0.0",
                  "MODEL.INS_EMBED_HEAD.ASPP_DROPOUT", "0.0"]
 UNION_BATCH = 4
+EXPORT_IMAGES = 16
 
 
 def _tiny_cfg(out_dir: str, cache: str, extra=()):
@@ -151,6 +152,14 @@ def _annotations(path):
                   for a in data["annotations"])
 
 
+def _cmdline(pid: str) -> str:
+    """A process's command line; empty once it has exited."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_text()
+    except OSError:
+        return ""
+
+
 def test_two_process_export_and_evaluation_equal_one_process(tmp_path):
     """--eval-only with --num-gpus 2 on CPU: the export holds every image once with the same masks,
     and its evaluation (gathered on rank 0) the same metrics, as one process; a rank killed
@@ -158,37 +167,43 @@ def test_two_process_export_and_evaluation_equal_one_process(tmp_path):
     _train_net("SOLVER.MAX_ITER", "2", "TEST.EVAL_PERIOD", "0", "DATASETS.TEST", "()",
                "OUTPUT_DIR", str(tmp_path / "train"), tmp_path=tmp_path)
     weights = str(tmp_path / "train" / "model_final.pth")
+    # 16 images to export (8 per rank), so that a kill after rank 1's first image lands mid-export
+    export = ["MODEL.WEIGHTS", weights, "DATASETS.SHAPES.NUM_TRAIN", str(EXPORT_IMAGES),
+              "DATASETS.TEST", '("p2seg_shapes_train",)', "TEST.EXPORT_PSEUDO_MASKS", "True"]
     results = {}
     for n in (1, 2):
-        log = _train_net("MODEL.WEIGHTS", weights, "DATASETS.TEST", '("p2seg_shapes_train",)',
-                         "TEST.EXPORT_PSEUDO_MASKS", "True", "OUTPUT_DIR", str(tmp_path / f"export{n}"),
+        log = _train_net(*export, "OUTPUT_DIR", str(tmp_path / f"export{n}"),
                          tmp_path=tmp_path, processes=n, flags=("--eval-only",))
         assert ("2 CPU processes" in log) == (n == 2)
         results[n] = json.loads((tmp_path / f"export{n}" / "results.json").read_text())
     one = _annotations(tmp_path / "export1" / "pseudo_masks_p2seg_shapes_train.json")
     two = _annotations(tmp_path / "export2" / "pseudo_masks_p2seg_shapes_train.json")
     assert len(one) > 0 and one == two
-    assert len({a[0] for a in one}) == 6  # every image, once
+    assert len({a[0] for a in one}) == EXPORT_IMAGES  # every image, once
     assert results[1] == results[2] and results[1]["segm"]["AP"] >= 0
     # SIGKILL of rank 1 once its sidecar holds an image: the job dies without a JSON; the rerun
     # skips the exported images and ends with the uninterrupted JSON.
     out = tmp_path / "killed"
     json_file = out / "pseudo_masks_p2seg_shapes_train.json"
     env = dict(os.environ, P2SEG_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="2")
-    export = ["MODEL.WEIGHTS", weights, "DATASETS.TEST", '("p2seg_shapes_train",)', "TEST.EXPORT_PSEUDO_MASKS", "True"]
     proc = subprocess.Popen([sys.executable, str(REPO / "train_net.py"), "--num-gpus", "2", "--eval-only",
                              "--config-file", str(CONFIG), *TINY, *export, "OUTPUT_DIR", str(out)],
                             cwd=str(REPO), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    rank1 = Path(f"{json_file}.partial.rank1.jsonl")
     deadline = time.monotonic() + 240
+    workers = []  # found before the export starts, so the kill follows the first image at once
+    while len(workers) < 2:
+        assert proc.poll() is None and time.monotonic() < deadline, "the 2 worker processes never started"
+        children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        workers = [int(c) for c in children if "spawn_main" in _cmdline(c)]
+        time.sleep(0.01)
+    assert len(workers) == 2, children
+    rank1 = Path(f"{json_file}.partial.rank1.jsonl")
     while not (rank1.exists() and rank1.read_text().count("\n") >= 1):
         assert proc.poll() is None and time.monotonic() < deadline, "rank 1 never wrote its sidecar"
-        time.sleep(0.01)
-    children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
-    workers = [int(c) for c in children if "spawn_main" in Path(f"/proc/{c}/cmdline").read_text()]
-    assert len(workers) == 2, children
+        time.sleep(0.002)
     os.kill(max(workers), signal.SIGKILL)  # spawned in rank order: the later one is rank 1
     proc.wait(timeout=240)
+    assert rank1.read_text().count("\n") < EXPORT_IMAGES // 2  # the kill landed mid-export
     assert not json_file.exists()  # nothing assembled from a half export
     _train_net(*export, "OUTPUT_DIR", str(out), tmp_path=tmp_path, processes=2, flags=("--eval-only",))
     assert _annotations(json_file) == two
