@@ -21,7 +21,7 @@ For a stage-2 Mask R-CNN config it behaves as ``DefaultPredictor`` (points are i
 from __future__ import annotations
 
 import logging
-from typing import List, Optional, Tuple
+from typing import List, Optional
 
 import numpy as np
 import torch
@@ -30,6 +30,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data import transforms as T
 from detectron2.engine import DefaultPredictor
 
+from p2seg.data.point_files import Points
 from p2seg.engine.checkpointer import P2SegCheckpointer
 from p2seg.utils.precision import mixed_precision
 
@@ -37,7 +38,6 @@ __all__ = ["Points", "PointPredictor", "class_metadata", "num_classes", "test_au
 
 logger = logging.getLogger(__name__)
 
-Points = Tuple[np.ndarray, np.ndarray]  # float64 (P, 2) x, y; int64 (P,) contiguous classes
 
 
 def num_classes(cfg) -> int:

@@ -5,7 +5,6 @@ import importlib.util
 import json
 from pathlib import Path
 
-import pytest
 
 from p2seg.cli.pipeline import QUICK_COMMON, QUICK_STAGE1
 from test_config_datasets import unique, write_dataset

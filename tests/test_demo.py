@@ -8,6 +8,7 @@ import numpy as np
 import torch
 import pytest
 
+from p2seg.data import point_files
 from p2seg.datasets.shapes import ensure_shapes_dataset, split_paths
 from p2seg.cli.pipeline import QUICK_STAGE1
 
@@ -68,7 +69,7 @@ def test_p2seg_with_points_one_mask_per_point_and_overlay(shapes, tmp_path, p2se
     image_root, json_file = shapes
     cfg = demo.setup_cfg(str(P2SEG), p2seg_opts)
     predictor = demo.PointPredictor(cfg)
-    table = demo.read_points_json(str(json_file), demo.num_classes(cfg))
+    table = point_files.read_points_json(str(json_file), demo.num_classes(cfg))
     path = str(image_root / "000001.png")
     image = cv2.imread(path)
     points = table["000001.png"]
@@ -96,19 +97,19 @@ def test_p2seg_with_points_one_mask_per_point_and_overlay(shapes, tmp_path, p2se
 def test_simple_points_json_and_points_dir_give_same_masks(shapes, tmp_path, p2seg_opts):
     image_root, json_file = shapes
     cfg = demo.setup_cfg(str(P2SEG), p2seg_opts)
-    coco = demo.read_points_json(str(json_file), 3)["000000.png"]
+    coco = point_files.read_points_json(str(json_file), 3)["000000.png"]
     simple = tmp_path / "points.json"
     simple.write_text(json.dumps({"000000.png": [[x, y, int(k)] for (x, y), k in zip(coco[0].tolist(), coco[1])]}))
-    from_simple = demo.read_points_json(str(simple), 3)["000000.png"]
+    from_simple = point_files.read_points_json(str(simple), 3)["000000.png"]
     np.testing.assert_allclose(from_simple[0], coco[0])
     np.testing.assert_array_equal(from_simple[1], coco[1])
     txt_dir = tmp_path / "txt"
     txt_dir.mkdir()
     (txt_dir / "000000.txt").write_text("".join(f"{x} {y} {k + 1} 0.9\n" for (x, y), k in zip(coco[0], coco[1])))
-    from_txt = demo.read_points_dir(str(txt_dir), str(image_root / "000000.png"), 1, 3)
+    from_txt = point_files.read_points_dir(str(txt_dir), str(image_root / "000000.png"), 1, 3)
     np.testing.assert_allclose(from_txt[0], coco[0])
     np.testing.assert_array_equal(from_txt[1], coco[1])
-    assert demo.read_points_dir(str(txt_dir), str(image_root / "000001.png"), 1, 3) is None
+    assert point_files.read_points_dir(str(txt_dir), str(image_root / "000001.png"), 1, 3) is None
     predictor = demo.PointPredictor(cfg)
     image = cv2.imread(str(image_root / "000000.png"))
     a, b = predictor(image, from_simple), predictor(image, from_txt)
@@ -152,11 +153,11 @@ def test_bad_points_files_name_file_and_line(shapes, tmp_path, capsys, p2seg_opt
     bad_json = tmp_path / "bad.json"
     bad_json.write_text('{"000000.png": [[10, 20, 0],\n  [30, 40 1]]}\n')
     with pytest.raises(ValueError, match=r"bad\.json: line 2"):
-        demo.read_points_json(str(bad_json), 3)
+        point_files.read_points_json(str(bad_json), 3)
     wrong = tmp_path / "wrong.json"
     wrong.write_text(json.dumps({"000000.png": [[10, 20, 7]]}))
     with pytest.raises(ValueError, match=r"wrong\.json: entry '000000.png' item 0: cls 7"):
-        demo.read_points_json(str(wrong), 3)
+        point_files.read_points_json(str(wrong), 3)
     rc = demo.main(["--config-file", str(P2SEG), "--input", str(image_root), "--output", str(tmp_path / "o"),
                     "--points", str(bad_json), "--opts", *p2seg_opts])
     assert rc == 1 and "bad.json: line 2" in capsys.readouterr().err
@@ -210,7 +211,7 @@ def test_points_for_another_file_name_warn_and_points_outside_are_errors(shapes,
     outside = tmp_path / "outside.json"
     outside.write_text(json.dumps({"000000.png": [[10, 12, 0], [5000, 12, 1]]}))
     with pytest.raises(ValueError, match=r"1 of 2 points lie outside.*x=5000"):
-        demo.check_points_inside(demo.read_points_json(str(outside), 3)["000000.png"], (128, 160), "000000.png")
+        point_files.check_points_inside(point_files.read_points_json(str(outside), 3)["000000.png"], (128, 160), "000000.png")
     rc = demo.main(["--config-file", str(P2SEG), "--input", str(image_root / "000000.png"), "--output",
                     str(tmp_path / "o2"), "--points", str(outside), "--opts", *p2seg_opts])
     assert rc == 1 and not (tmp_path / "o2" / "000000.png").exists()
@@ -231,7 +232,7 @@ def test_demo_reads_16_bit_images(tmp_path, p2seg_opts):
 def test_nan_in_a_points_dir_file_names_file_and_line(tmp_path):
     (tmp_path / "img0.txt").write_text("10 20 1\nnan 5 1\n")
     with pytest.raises(ValueError, match=r"img0.txt:2: x, y and conf must be finite"):
-        demo.read_points_dir(str(tmp_path), "some/where/img0.png", 1, 3)
+        point_files.read_points_dir(str(tmp_path), "some/where/img0.png", 1, 3)
 
 
 def test_points_keyed_by_relative_path_and_outputs_of_same_named_inputs_do_not_collide(tmp_path, caplog):
@@ -243,20 +244,20 @@ def test_points_keyed_by_relative_path_and_outputs_of_same_named_inputs_do_not_c
     paths = [str(tmp_path / "a" / "x.png"), str(tmp_path / "b" / "x.png"), str(tmp_path / "a" / "x.jpg"),
              str(tmp_path / "a" / "y.png")]
     table = {"a/x.png": (np.zeros((1, 2)), np.zeros(1, np.int64)), "b/x.png": (np.ones((2, 2)), np.zeros(2, np.int64))}
-    assert demo.matching_key(table, paths[0]) == "a/x.png" and demo.matching_key(table, paths[1]) == "b/x.png"
-    assert demo.matching_key(table, paths[2]) is None
-    demo.check_one_image_per_key(table, paths, "p.json")
+    assert point_files.matching_key(table, paths[0]) == "a/x.png" and point_files.matching_key(table, paths[1]) == "b/x.png"
+    assert point_files.matching_key(table, paths[2]) is None
+    point_files.check_one_image_per_key(table, paths, "p.json")
     simple = tmp_path / "p.json"
     simple.write_text(json.dumps({"x.png": [[1, 1, 0]], "b/x.png": [[2, 2, 0], [3, 3, 0]]}))
-    read = demo.read_points_json(str(simple), 3)
-    assert demo.matching_key(read, paths[1]) == "b/x.png"  # the longer entry wins
+    read = point_files.read_points_json(str(simple), 3)
+    assert point_files.matching_key(read, paths[1]) == "b/x.png"  # the longer entry wins
     with pytest.raises(ValueError, match=r"inputs .*a/x.png' and .*b/x.png' both match its entry 'x.png'"):
-        demo.check_one_image_per_key({"x.png": table["a/x.png"]}, paths, "p.json")
+        point_files.check_one_image_per_key({"x.png": table["a/x.png"]}, paths, "p.json")
     names = demo.output_names(paths)
     assert names == {paths[0]: "a__x_png.png", paths[1]: "b__x_png.png", paths[2]: "a__x_jpg.png",
                      paths[3]: "y.png"}
     with caplog.at_level(logging.WARNING):
-        assert demo.read_points_dir(str(tmp_path), paths[3], 1, 3) is None
+        assert point_files.read_points_dir(str(tmp_path), paths[3], 1, 3) is None
     assert any("no file" in r.getMessage() and "y.txt" in r.getMessage() and "without points" in r.getMessage()
                for r in caplog.records)
 

@@ -39,6 +39,7 @@ import numpy as np
 import pycocotools.mask as mask_util
 from PIL import Image
 
+from p2seg.data.point_files import read_points_txt
 from p2seg.datasets.builtin import VOC_CLASSES
 from p2seg.utils.atomic import write_json_atomic
 from p2seg.prep.points import mask_interior_point
@@ -50,49 +51,6 @@ def read_image_list(path: str) -> List[str]:
         raise FileNotFoundError(f"image list not found: {path}")
     with open(path) as f:
         return [line.split()[0] for line in f if line.strip()]
-
-
-def read_points(path: str, class_offset: int, num_classes: int,
-                image_size: Optional[Tuple[int, int]] = None) -> np.ndarray:
-    """Parse a ``Center_points`` file.
-
-    Args:
-        image_size: optional ``(width, height)``; points must then lie in ``[0, W] x [0, H]``
-            (the point loader's rule).
-    Returns:
-        float64 ``Px4`` array ``(x, y, class, conf)``, class contiguous 0..num_classes-1,
-        conf 1.0 when absent.
-    Raises:
-        ValueError naming the file and line: wrong field count, non-numeric or non-finite
-        (NaN / inf) numbers, a class outside 0..num_classes-1, a point outside the image.
-    """
-    rows = []
-    with open(path) as f:
-        for lineno, line in enumerate(f, 1):
-            tokens = line.split()
-            if not tokens:
-                continue
-            if len(tokens) not in (3, 4):
-                raise ValueError(f"{path}:{lineno}: expected 'x y cls [conf]', got {line.strip()!r}")
-            try:
-                x, y, cls = float(tokens[0]), float(tokens[1]), int(float(tokens[2]))
-                conf = float(tokens[3]) if len(tokens) == 4 else 1.0
-            except ValueError as e:
-                raise ValueError(f"{path}:{lineno}: non-numeric field in {line.strip()!r}") from e
-            if not np.isfinite([x, y, conf]).all():
-                raise ValueError(f"{path}:{lineno}: x, y and conf must be finite numbers, got {line.strip()!r}")
-            if image_size is not None and not (0 <= x <= image_size[0] and 0 <= y <= image_size[1]):
-                raise ValueError(
-                    f"{path}:{lineno}: point ({x:g}, {y:g}) lies outside the {image_size[0]}x{image_size[1]} image"
-                )
-            k = cls - class_offset
-            if not 0 <= k < num_classes:
-                raise ValueError(
-                    f"{path}:{lineno}: field 'cls'={cls} gives class {k} outside 0..{num_classes - 1} "
-                    f"with --class-offset {class_offset}"
-                )
-            rows.append((x, y, k, conf))
-    return np.array(rows, dtype=np.float64).reshape(-1, 4)
 
 
 def read_label_png(path: str) -> np.ndarray:
@@ -195,7 +153,7 @@ def convert_voc(
             pt_path = os.path.join(points_dir, name + ".txt")
             if not os.path.isfile(pt_path):
                 raise FileNotFoundError(f"point file of list entry '{name}' not found: {pt_path}")
-            points = read_points(pt_path, class_offset, len(VOC_CLASSES), (width, height))
+            points = read_points_txt(pt_path, class_offset, len(VOC_CLASSES), (width, height))
         elif obj is None:
             raise FileNotFoundError(
                 f"GT mode needs {obj_path} and {cls_path} for list entry '{name}' (no --points-dir)"

@@ -3,7 +3,6 @@ and mIoU (:func:`semantic_miou`; the confusion math is :mod:`p2seg.utils.confusi
 """
 from __future__ import annotations
 
-from typing import Tuple
 
 import numpy as np
 from pycocotools import mask as mask_util
