@@ -159,7 +159,7 @@ def measure_crowded(num_points, side, max_dense_mask_mb):
     import numpy as np
     import torch
 
-    from p2seg.export.exporter import pseudo_annotations
+    from p2seg.export.format import pseudo_annotations
     from p2seg.modeling.instance_inference import InstanceInference
 
     rng = np.random.default_rng(0)

@@ -9,7 +9,7 @@ import torch
 import pytest
 
 from p2seg.data import point_files
-from p2seg.datasets.shapes import ensure_shapes_dataset, split_paths
+from p2seg.prep.shapes import ensure_shapes_dataset, split_paths
 from p2seg.cli.pipeline import QUICK_STAGE1
 
 REPO = Path(__file__).resolve().parents[1]

@@ -17,13 +17,9 @@ from detectron2.evaluation import inference_on_dataset
 from detectron2.structures import Boxes, Instances
 
 from p2seg.data.coco_format import segmentation_to_rle
-from p2seg.export.exporter import (
-    PseudoMaskExporter,
-    original_points,
-    read_sidecar,
-    remaining_dataset_dicts,
-    sidecar_path,
-)
+from p2seg.export.exporter import PseudoMaskExporter, remaining_dataset_dicts
+from p2seg.export.format import original_points
+from p2seg.export.sidecars import read_sidecar, sidecar_path
 
 CLASSES = ["cat", "dog"]
 ID_MAP = {3: 0, 7: 1}  # dataset category id -> contiguous id
@@ -340,7 +336,7 @@ def test_resume_after_the_points_changed_starts_over(tmp_path, caplog):
     starts over (warning names the data) and the JSON has exactly the new points."""
     import logging
 
-    from p2seg.export.exporter import export_provenance
+    from p2seg.export.sidecars import export_provenance
 
     model = torch.nn.Linear(1, 1)
     dicts = make_dicts()

@@ -101,7 +101,7 @@ def test_export_resumes_from_sidecar(stage1, tmp_path, monkeypatch):
 
     from p2seg.datasets.registration import register_datasets
     from p2seg.engine import Trainer
-    from p2seg.export.exporter import sidecar_path
+    from p2seg.export.sidecars import sidecar_path
 
     monkeypatch.setenv("P2SEG_CACHE", stage1["env"]["P2SEG_CACHE"])
     cfg = get_cfg()
@@ -121,7 +121,7 @@ def test_export_resumes_from_sidecar(stage1, tmp_path, monkeypatch):
     Path(sidecar_path(str(out))).write_text(json.dumps({"image_id": 0, "num_points": len(anns), "annotations": anns}) + "\n")
     counting = _CountingModel(model)
     # ... made by this model and config (the export records what produced its sidecars)
-    from p2seg.export.exporter import export_provenance, provenance_path
+    from p2seg.export.sidecars import export_provenance, provenance_path
 
     Path(provenance_path(str(out))).write_text(json.dumps(export_provenance(counting, cfg, TRAIN)))
     import torch

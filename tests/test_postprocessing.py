@@ -367,7 +367,7 @@ def test_id_map_masks_match_the_dense_masks_everywhere_they_are_used():
     areas, RLEs and export records as dense ones, also after Instances indexing and fallback boxes."""
     from detectron2.structures import BitMasks, Instances
 
-    from p2seg.export.exporter import pseudo_annotations
+    from p2seg.export.format import pseudo_annotations
     from p2seg.modeling.id_map_masks import IdMapMasks, mask_boxes, masks_to_rles
 
     g = torch.Generator().manual_seed(0)

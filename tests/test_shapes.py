@@ -8,7 +8,8 @@ import pytest
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from pycocotools import mask as mask_util
 
-from p2seg.datasets import shapes
+from p2seg.datasets import shapes as registration
+from p2seg.prep import shapes
 from p2seg.data.point_coco import load_point_coco_json
 from p2seg.evaluation.baseline import evaluate_baseline, nearest_point_instances
 from p2seg.evaluation.semantic_miou import semantic_miou
@@ -142,7 +143,7 @@ def test_cache_folder_encodes_config():
 
 def test_registration_is_lazy_and_cache_is_reused(tmp_path, monkeypatch):
     root = tmp_path / "cache"
-    names = shapes.register_shapes(1, 2, SEED, root=root, prefix=PREFIX)
+    names = registration.register_shapes(1, 2, SEED, root=root, prefix=PREFIX)
     try:
         assert names == [f"{PREFIX}_train", f"{PREFIX}_val"]
         assert not root.exists(), "registration must not generate"
@@ -278,7 +279,7 @@ def test_cli_prints_stats_and_baseline(tmp_path, capsys):
         out = main(["--root", str(tmp_path), "--num-train", "1", "--num-val", "2", "--seed", "5",
                     "--baseline"])
     finally:
-        shapes.register_shapes()  # restore the default registration for other tests
+        registration.register_shapes()  # restore the default registration for other tests
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert line == json.loads(json.dumps(out))
     assert line["generated_now"] and line["val"]["images"] == 2 and line["train"]["images"] == 1

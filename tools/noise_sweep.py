@@ -69,9 +69,10 @@ def data_paths(data):
     dataset is generated on first use)."""
     config, json_file, images, given = DATA[data]
     if data == "shapes":
-        from p2seg.datasets.shapes import _default_shapes_counts, ensure_shapes_dataset, split_paths
+        from p2seg.datasets.shapes import default_shapes_counts
+        from p2seg.prep.shapes import ensure_shapes_dataset, split_paths
 
-        json_file, images, given = (str(p) for p in split_paths(ensure_shapes_dataset(*_default_shapes_counts()),
+        json_file, images, given = (str(p) for p in split_paths(ensure_shapes_dataset(*default_shapes_counts()),
                                                                  "train"))
     elif data == "coco_mini":
         from p2seg.datasets.coco_mini import build_coco_mini_train_cache, default_coco_mini_root

@@ -119,7 +119,7 @@ class PointEvidenceEvaluator:
         self._fallback, self._masks, self._cls, self._fg = 0, 0, [], []
 
     def process(self, inputs, outputs):
-        from p2seg.export.exporter import original_points
+        from p2seg.export.format import original_points
 
         for inp, out in zip(inputs, outputs):
             scores = out["instances"].scores

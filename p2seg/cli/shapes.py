@@ -38,8 +38,8 @@ def split_stats(name, dicts, num_classes):
     """Counts, touching same-class pairs and semantic mIoU of one registered split."""
     from pycocotools import mask as mask_util
 
-    from p2seg.datasets import shapes
     from p2seg.evaluation.semantic_miou import semantic_miou
+    from p2seg.prep import shapes
 
     pairs = 0
     for d in dicts:
@@ -56,10 +56,11 @@ def main(argv=None):
     args = parse_args(argv)
     from detectron2.data import DatasetCatalog
 
-    from p2seg.datasets import shapes
+    from p2seg.datasets.shapes import register_shapes
     from p2seg.evaluation.baseline import evaluate_baseline
+    from p2seg.prep import shapes
 
-    names = shapes.register_shapes(args.num_train, args.num_val, args.seed, root=args.root)
+    names = register_shapes(args.num_train, args.num_val, args.seed, root=args.root)
     folder = shapes.shapes_dir(*_counts(args), root=args.root)
     existed = (folder / "stats.json").is_file()
     start = time.perf_counter()
@@ -83,9 +84,9 @@ def main(argv=None):
 
 def _counts(args):
     """``(num_train, num_val, seed)`` with the cfg defaults filled in."""
-    from p2seg.datasets import shapes
+    from p2seg.datasets.shapes import default_shapes_counts
 
-    defaults = shapes._default_shapes_counts()
+    defaults = default_shapes_counts()
     return tuple(d if v is None else v for v, d in zip((args.num_train, args.num_val, args.seed), defaults))
 
 

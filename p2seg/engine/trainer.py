@@ -290,17 +290,10 @@ class Trainer(DefaultTrainer):
     @classmethod
     def _run_test(cls, cfg, model, dataset_name, evaluator):
         """:meth:`_test_one` without the precision context."""
-        from p2seg.export import export_provenance, remaining_dataset_dicts
-
-        from p2seg.export import PseudoMaskExporter
-
-        exporter = evaluator if isinstance(evaluator, PseudoMaskExporter) else None
-        if exporter is None:
+        images_to_run = getattr(evaluator, "images_to_run", None)  # a resumable export (PseudoMaskExporter)
+        if images_to_run is None:
             return inference_on_dataset(model, cls.build_test_loader(cfg, dataset_name), evaluator)
-        dicts = DatasetCatalog.get(dataset_name)
-        exporter.bind_provenance(export_provenance(model, cfg, dataset_name, dicts))
-        todo = remaining_dataset_dicts(dicts, exporter)
-        logger.info("Pseudo-mask export of %s: %d of %d images to run", dataset_name, len(todo), len(dicts))
+        todo = images_to_run(model, cfg, DatasetCatalog.get(dataset_name))
         if not todo:  # everything is in the sidecars: only assemble the JSON
             evaluator.reset()
             return evaluator.evaluate()

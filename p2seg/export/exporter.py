@@ -50,26 +50,24 @@ dataset has any (:func:`~p2seg.evaluation.instance_evaluator.evaluate_instance_m
 
 from __future__ import annotations
 
-import glob
-import hashlib
 import json
 import logging
 import os
-import re
 from collections import OrderedDict
 from typing import Dict, List, Optional, Sequence, Set
 
-import numpy as np
-import pycocotools.mask as mask_util
-import torch
 
-from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data import MetadataCatalog
 from detectron2.evaluation import DatasetEvaluator
 from detectron2.utils import comm
 
 from p2seg.datasets.registration import dataset_image_root
-from p2seg.modeling.id_map_masks import masks_to_rles
-from p2seg.utils.atomic import atomic_file, write_json_atomic
+from p2seg.utils.atomic import atomic_file, fsync_path, write_json_atomic
+
+from p2seg.export.format import foreground_counts, original_points, pseudo_annotations
+from p2seg.export.sidecars import (
+    cut_truncated_line, export_provenance, foreground_shares, index_sidecars, list_sidecars, provenance_path, read_sidecar, sidecar_path,
+)
 
 from p2seg.evaluation.fallback_check import fallback_summary
 from p2seg.evaluation.instance_evaluator import (
@@ -84,183 +82,13 @@ from p2seg.evaluation.instance_evaluator import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = [
-    "PseudoMaskExporter",
-    "remaining_dataset_dicts",
-    "sidecar_path",
-    "read_sidecar",
-    "original_points",
-    "pseudo_annotations",
-    "export_provenance",
-    "provenance_path",
-]
-
-
-def sidecar_path(output_file: str, rank: int = 0) -> str:
-    """Sidecar JSON-lines file of process ``rank`` for ``output_file``."""
-    return f"{output_file}.partial.jsonl" if rank == 0 else f"{output_file}.partial.rank{rank}.jsonl"
-
-
-def provenance_path(output_file: str) -> str:
-    """File recording what produced the sidecars of ``output_file``."""
-    return f"{output_file}.partial.provenance.json"
-
-
-def dataset_sha1(dataset_dicts: Sequence[dict]) -> str:
-    """Hash of what an export reads from each dataset dict: image id, file names, size, and the
-    points with their classes (annotation order), so a resumed export notices an edited point JSON."""
-    h = hashlib.sha1()
-    for d in dataset_dicts:
-        points = [(a.get("point"), a.get("category_id"), a.get("iscrowd", 0)) for a in d.get("annotations", [])]
-        record = [d.get("image_id"), d.get("file_name"), d.get("sem_seg_file_name"), d.get("height"), d.get("width"),
-                  points]
-        h.update(json.dumps(record, sort_keys=True, default=str).encode())
-    return h.hexdigest()
-
-
-def export_provenance(model, cfg, dataset_name: str, dataset_dicts: Optional[Sequence[dict]] = None) -> dict:
-    """What determines an export's records: the model's weights, the inference config and the data.
-
-    Args:
-        model: the ``nn.Module`` whose outputs are exported (its ``state_dict`` is hashed: the
-            export after training has no weights file).
-        cfg: the config; ``MODEL`` (without ``WEIGHTS``), ``INPUT`` and ``TEST`` are hashed.
-        dataset_name: the exported dataset.
-        dataset_dicts: its dicts (:func:`dataset_sha1`); default ``DatasetCatalog.get(dataset_name)``.
-    Returns:
-        JSON-able dict ``{"dataset", "weights_sha1", "config_sha1", "data_sha1", "weights_file"}``.
-    """
-    weights = hashlib.sha1()
-    for name, tensor in sorted(model.state_dict().items()):
-        weights.update(name.encode())
-        weights.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    inference_cfg = cfg.clone()
-    inference_cfg.defrost()
-    inference_cfg.MODEL.WEIGHTS = ""
-    text = "\n".join(inference_cfg[k].dump() for k in ("MODEL", "INPUT", "TEST"))
-    if dataset_dicts is None:
-        dataset_dicts = DatasetCatalog.get(dataset_name)
-    return {
-        "dataset": dataset_name,
-        "weights_sha1": weights.hexdigest(),
-        "config_sha1": hashlib.sha1(text.encode()).hexdigest(),
-        "data_sha1": dataset_sha1(dataset_dicts),
-        "weights_file": cfg.MODEL.WEIGHTS,
-    }
-
-
-def _sidecars(output_file: str) -> Dict[int, str]:
-    """Existing sidecars of ``output_file``: ``{rank: path}``."""
-    pattern = re.compile(re.escape(output_file) + r"\.partial(?:\.rank(\d+))?\.jsonl$")
-    found = {}
-    for path in glob.glob(glob.escape(output_file) + ".partial*.jsonl"):
-        m = pattern.match(path)
-        if m:
-            found[int(m.group(1) or 0)] = path
-    return found
-
-
-def _sidecar_records(path: str):
-    """Yield ``(byte offset, record)`` of each complete line of a sidecar, in file order.
-
-    A last line without its newline (interrupted write) is ignored. A malformed complete line is
-    an error naming the file and line number.
-    """
-    offset = 0
-    with open(path, "rb") as f:
-        for k, line in enumerate(f, start=1):
-            if not line.endswith(b"\n"):
-                logger.info("%s: ignoring a truncated last line (%d bytes)", path, len(line))
-                return
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(
-                    f"{path}: line {k} is not valid JSON ({e.msg}); delete the file to restart the export"
-                ) from e
-            if not isinstance(record, dict) or "image_id" not in record or "annotations" not in record:
-                raise ValueError(f"{path}: line {k} lacks field 'image_id' or 'annotations'")
-            yield offset, record
-            offset += len(line)
-
-
-def read_sidecar(path: str) -> List[dict]:
-    """Records of a sidecar file, in file order (:func:`_sidecar_records`)."""
-    return [record for _, record in _sidecar_records(path)]
-
-
-def _cut_truncated_line(path: str) -> None:
-    """Truncate ``path`` after its last newline so that appended lines stay whole."""
-    with open(path, "rb+") as f:
-        data = f.read()
-        end = data.rfind(b"\n") + 1
-        if end != len(data):
-            f.truncate(end)
-            f.flush()
-            os.fsync(f.fileno())
+__all__ = ["PseudoMaskExporter", "remaining_dataset_dicts"]
 
 
 def remaining_dataset_dicts(dataset_dicts: Sequence[dict], exporter: "PseudoMaskExporter") -> List[dict]:
     """The dataset dicts whose image is not yet exported (to build the export data loader)."""
     done = exporter.finished_image_ids()
     return [d for d in dataset_dicts if d["image_id"] not in done]
-
-
-def original_points(inp: dict) -> np.ndarray:
-    """The input's points in ORIGINAL image coordinates.
-
-    The test mapper gives ``"points"`` (float32 P x 2, resized coordinates) built from the
-    non-crowd annotations in order. When those annotations are passed through with the same
-    number of points and the same classes, their exact ``"point"`` values are used; otherwise the
-    resize is inverted (pixel-index convention: ``x = (x' + 0.5) * W / W' - 0.5``).
-
-    Returns:
-        float64 ``(P, 2)`` (x, y).
-    """
-    points = inp["points"].cpu().numpy().astype(np.float64).reshape(-1, 2)
-    anns = [a for a in inp.get("annotations", []) if not a.get("iscrowd", 0)]
-    if len(anns) == len(points) and all("point" in a for a in anns):
-        classes = [int(a["category_id"]) for a in anns]
-        if "point_classes" not in inp or classes == inp["point_classes"].tolist():
-            return np.array([a["point"] for a in anns], dtype=np.float64).reshape(-1, 2)
-    if "image" in inp:
-        h_resized, w_resized = inp["image"].shape[-2:]
-        scale = np.array([inp["width"] / w_resized, inp["height"] / h_resized])
-        points = (points + 0.5) * scale - 0.5
-    return points
-
-
-def pseudo_annotations(instances, points: np.ndarray, classes: Sequence[int], dataset_ids: Sequence[int]) -> List[dict]:
-    """COCO annotations (without ``id`` / ``image_id``) of one image's point-guided masks.
-
-    Args:
-        instances: ``Instances`` with ``pred_masks`` bool ``P x H x W`` (or an ``IdMapMasks``) and ``scores`` ``P``;
-            instance i belongs to point i.
-        points: float ``(P, 2)`` original-image points.
-        classes: P contiguous class ids (the points' labels).
-        dataset_ids: dataset category id per contiguous class.
-    Returns:
-        P dicts ``{"category_id", "segmentation", "bbox", "area", "iscrowd", "score", "point"}``.
-    """
-    instances = instances.to("cpu")
-    # Pixel counts from the masks: pycocotools' area() of a list overflows past 255 RLEs.
-    rles, areas = masks_to_rles(instances.pred_masks)
-    if not rles:
-        return []
-    boxes = mask_util.toBbox(rles).tolist()
-    scores = instances.scores.tolist()
-    return [
-        {
-            "category_id": int(dataset_ids[int(c)]),
-            "segmentation": rle,
-            "bbox": box,
-            "area": float(area),
-            "iscrowd": 0,
-            "score": float(score),
-            "point": [float(p[0]), float(p[1])],
-        }
-        for rle, box, area, score, c, p in zip(rles, boxes, areas, scores, classes, points.tolist())
-    ]
 
 
 class PseudoMaskExporter(DatasetEvaluator):
@@ -303,8 +131,8 @@ class PseudoMaskExporter(DatasetEvaluator):
         self._sidecar = sidecar_path(self._output_file, self._rank)
         os.makedirs(os.path.dirname(self._output_file), exist_ok=True)
         if os.path.exists(self._sidecar):
-            _cut_truncated_line(self._sidecar)
-        self._finished: Set = set(index_sidecars(list(_sidecars(self._output_file).values())))
+            cut_truncated_line(self._sidecar)
+        self._finished: Set = set(index_sidecars(list(list_sidecars(self._output_file).values())))
         if self._finished:
             logger.info("Resuming the export to %s: %d images already done", self._output_file, len(self._finished))
         elif os.path.exists(self._output_file):
@@ -349,9 +177,17 @@ class PseudoMaskExporter(DatasetEvaluator):
         if self._rank == 0:
             write_json_atomic(provenance, path)
 
+    def images_to_run(self, model, cfg, dataset_dicts: Sequence[dict]) -> List[dict]:
+        """Bind the export to ``model`` / ``cfg`` / the data (:meth:`bind_provenance`) and return
+        the dataset dicts still to run: what ``Trainer.test`` feeds the model (none: only assemble)."""
+        self.bind_provenance(export_provenance(model, cfg, self._dataset_name, dataset_dicts))
+        todo = remaining_dataset_dicts(dataset_dicts, self)
+        logger.info("Pseudo-mask export of %s: %d of %d images to run", self._dataset_name, len(todo), len(dataset_dicts))
+        return todo
+
     def _discard_sidecars(self) -> None:
         """Remove this process's sidecar (the main process: every sidecar) and forget its images."""
-        for rank, sidecar in _sidecars(self._output_file).items():
+        for rank, sidecar in list_sidecars(self._output_file).items():
             if rank == self._rank or self._rank == 0:
                 try:
                     os.remove(sidecar)
@@ -412,7 +248,7 @@ class PseudoMaskExporter(DatasetEvaluator):
 
     def _owned_sidecars(self) -> List[str]:
         """Sidecars this process sends at ``evaluate``: its own, plus orphans on the main process."""
-        found = _sidecars(self._output_file)
+        found = list_sidecars(self._output_file)
         return [p for r, p in sorted(found.items()) if r == self._rank or (self._rank == 0 and r >= self._world_size)]
 
     def _gathered_sidecars(self, owned: List[str]) -> List[str]:
@@ -483,7 +319,7 @@ class PseudoMaskExporter(DatasetEvaluator):
             source = self._load_source()
             with_gt = has_mask_gt(source)
             num_images, num_masks, preds = self._write_coco(index, with_gt)
-            _fsync_file(self._output_file)
+            fsync_path(self._output_file)
             logger.info("Wrote %d pseudo masks of %d images to %s", num_masks, num_images, self._output_file)
         if self._distributed and self._world_size > 1:
             comm.synchronize()  # the final file exists before any sidecar disappears
@@ -511,54 +347,3 @@ class PseudoMaskExporter(DatasetEvaluator):
         return results
 
 
-def foreground_counts(inp: dict, out: dict, ignore_value: int = 255) -> dict:
-    """Foreground pixel counts of one image, for the fallback warning: the model's (argmax of
-    ``out["sem_seg"]`` not background) and the semantic source's (``inp["sem_seg"]`` neither 0 nor
-    ``ignore_value``), each with its pixel total; ``{}`` when either map is missing."""
-    if "sem_seg" not in out or "sem_seg" not in inp:
-        return {}
-    model = out["sem_seg"].argmax(dim=0) != 0
-    source = inp["sem_seg"]
-    valid = source != ignore_value
-    return {"fg_model": int(model.sum()), "px_model": int(model.numel()),
-            "fg_source": int(((source != 0) & valid).sum()), "px_source": int(valid.sum())}
-
-
-def index_sidecars(paths: Sequence[str]) -> Dict:
-    """image id -> ``{"path", "offset", "num_points", "num_fallback"}`` of its first complete record
-    in ``paths`` (in order; later duplicates dropped, a truncated last line ignored)."""
-    index: Dict = {}
-    for path in paths:
-        for offset, record in _sidecar_records(path):
-            if record["image_id"] not in index:
-                index[record["image_id"]] = {"path": path, "offset": offset,
-                                             "num_points": int(record.get("num_points", 0)),
-                                             "num_fallback": int(record.get("num_fallback", 0)),
-                                             **{k: int(record[k]) for k in _FOREGROUND_KEYS if k in record}}
-    return index
-
-
-_FOREGROUND_KEYS = ("fg_model", "px_model", "fg_source", "px_source")
-
-
-def foreground_shares(index: Dict):
-    """``(model, source)`` foreground shares over the indexed images that measured both (None if none)."""
-    measured = [e for e in index.values() if all(k in e for k in _FOREGROUND_KEYS)]
-    if not measured:
-        return None
-    total = {k: sum(e[k] for e in measured) for k in _FOREGROUND_KEYS}
-    return total["fg_model"] / max(total["px_model"], 1), total["fg_source"] / max(total["px_source"], 1)
-
-
-def _fsync_file(path: str) -> None:
-    """Flush ``path`` and its folder entry to disk (the sidecars are deleted right after)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    dir_fd = os.open(os.path.dirname(path), os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)

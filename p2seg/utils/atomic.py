@@ -97,3 +97,17 @@ def torch_save_atomic(obj, path: str) -> None:
     """``torch.save(obj, path)`` atomically (:func:`atomic_file`): a checkpoint is whole or absent."""
     with atomic_file(path, suffix=".pth") as tmp:
         torch.save(obj, tmp)
+
+
+def fsync_path(path: str) -> None:
+    """Flush ``path`` and its folder entry to disk (a file written in place, then relied on)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    dir_fd = os.open(os.path.dirname(path), os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
