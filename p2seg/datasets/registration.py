@@ -1,15 +1,16 @@
 """``register_datasets(cfg)``: the one entry point that registers what a config names."""
-import json
 import logging
 import os
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_coco_json
 
+from p2seg.data.pseudo_mask_json import check_pseudo_mask_json, read_pseudo_mask_info
+
 from .config_datasets import register_config_datasets
 from .shapes import register_shapes
 
-__all__ = ["register_datasets", "register_pseudo_label_dataset", "adopt_pseudo_label_classes", "pseudo_label_info",
+__all__ = ["register_datasets", "register_pseudo_label_dataset", "adopt_pseudo_label_classes",
            "dataset_image_root"]
 
 logger = logging.getLogger(__name__)
@@ -44,7 +45,7 @@ def register_pseudo_label_dataset(cfg):
     p = cfg.DATASETS.PSEUDO_LABELS
     if not p.JSON:
         return None
-    info = pseudo_label_info(p.JSON)
+    info = read_pseudo_mask_info(p.JSON)
     json_file, name, max_fallback = p.JSON, p.NAME, p.MAX_FALLBACK_FRACTION
     image_root, source = info.get("image_root"), p.SOURCE
     if image_root:
@@ -86,24 +87,6 @@ def _source_image_root(json_file, source):
     return image_root
 
 
-def pseudo_label_info(json_file):
-    """``info`` of a pseudo-mask JSON (``{}`` when absent) plus ``num_categories``; a missing file
-    or one that does not parse is an error naming DATASETS.PSEUDO_LABELS.JSON."""
-    if not os.path.isfile(json_file):
-        raise FileNotFoundError(f"config DATASETS.PSEUDO_LABELS.JSON: file not found: {json_file}")
-    try:
-        with open(json_file) as f:
-            data = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(
-            f"config DATASETS.PSEUDO_LABELS.JSON: {json_file}: line {e.lineno} column {e.colno}: not valid "
-            f"JSON ({e.msg}); a truncated file? Export it again (train_net.py --eval-only "
-            f"TEST.EXPORT_PSEUDO_MASKS True)"
-        ) from e
-    info = data.get("info") if isinstance(data.get("info"), dict) else {}
-    return dict(info, num_categories=len(data.get("categories") or []))
-
-
 def adopt_pseudo_label_classes(cfg):
     """Before the config is frozen: a Mask R-CNN trained on ``DATASETS.PSEUDO_LABELS.JSON`` takes
     its class count (``MODEL.ROI_HEADS.NUM_CLASSES``) from the JSON's categories, so that a stage-2
@@ -112,7 +95,7 @@ def adopt_pseudo_label_classes(cfg):
     p = cfg.DATASETS.PSEUDO_LABELS
     if not p.JSON or cfg.MODEL.META_ARCHITECTURE != "GeneralizedRCNN" or not cfg.MODEL.MASK_ON:
         return None
-    count = pseudo_label_info(p.JSON)["num_categories"]
+    count = read_pseudo_mask_info(p.JSON)["num_categories"]
     if not count or count == cfg.MODEL.ROI_HEADS.NUM_CLASSES:
         return None
     before, cfg.MODEL.ROI_HEADS.NUM_CLASSES = cfg.MODEL.ROI_HEADS.NUM_CLASSES, count
@@ -120,34 +103,8 @@ def adopt_pseudo_label_classes(cfg):
             f"{p.JSON}")
 
 
-def _check_exported_from(json_file, source, max_fallback_fraction=1.0):
-    """ValueError when the exporter's ``info.source_dataset`` of ``json_file`` is not ``source``
-    (DATASETS.PSEUDO_LABELS.SOURCE): the masks of another dataset with the same file names and
-    sizes would train stage 2 without a word; or when more than ``max_fallback_fraction`` of its
-    points got the fallback box (``info.num_fallback`` / ``info.num_points``): stage 2 would learn
-    boxes. A JSON without these fields (made elsewhere) passes; one that does not parse is named
-    (:func:`pseudo_label_info`)."""
-    info = pseudo_label_info(json_file)
-    exported_from = info.get("source_dataset")
-    if source is not None and exported_from is not None and exported_from != source:
-        raise ValueError(
-            f"config DATASETS.PSEUDO_LABELS: {json_file} was exported from dataset {exported_from!r} "
-            f"(its info.source_dataset), but DATASETS.PSEUDO_LABELS.SOURCE is {source!r}; set SOURCE "
-            f"{exported_from!r} or give the JSON exported from {source!r}"
-        )
-    points, fallback = info.get("num_points"), info.get("num_fallback")
-    if points and fallback is not None and fallback / points > max_fallback_fraction:
-        raise ValueError(
-            f"config DATASETS.PSEUDO_LABELS: {json_file}: {fallback} of its {points} points "
-            f"({100 * fallback / points:.0f} %) got the fallback box, not a mask (info.num_fallback), above "
-            f"DATASETS.PSEUDO_LABELS.MAX_FALLBACK_FRACTION {max_fallback_fraction}: stage 2 would learn boxes. "
-            "Fix stage 1 first (its log, the semantic source; p2seg-baseline shows what the source alone gives), "
-            "or raise MAX_FALLBACK_FRACTION to train on it anyway"
-        )
-
-
 def _load_pseudo_label_json(json_file, image_root, name, source=None, max_fallback_fraction=1.0):
-    """Detectron2's ``load_coco_json`` after :func:`_check_exported_from` (which also turns a JSON
+    """Detectron2's ``load_coco_json`` after :func:`check_pseudo_mask_json` (which also turns a JSON
     that does not parse, e.g. truncated, into a ValueError naming the file and the config key)."""
-    _check_exported_from(json_file, source, max_fallback_fraction)
+    check_pseudo_mask_json(json_file, source, max_fallback_fraction)
     return load_coco_json(json_file, image_root, name)

@@ -13,6 +13,7 @@ from typing import List, Sequence
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
+from p2seg.data.pseudo_mask_json import pseudo_mask_info
 from p2seg.datasets.registration import dataset_image_root
 from p2seg.modeling.id_map_masks import masks_to_rles
 from p2seg.utils.atomic import write_json_atomic
@@ -54,8 +55,7 @@ def _write(records: Sequence[dict], dataset_name: str, path: str, description: s
     coco = dataset_dicts_to_coco_dict(records, MetadataCatalog.get(dataset_name))
     if not coco["annotations"]:
         raise ValueError(f"dataset '{dataset_name}': no masks to write to {path} ({description})")
-    coco["info"] = {"description": description, "source_dataset": dataset_name,
-                    "image_root": dataset_image_root(dataset_name)}
+    coco["info"] = pseudo_mask_info(description, dataset_name, dataset_image_root(dataset_name))
     write_json_atomic(coco, path)
     return len(coco["annotations"])
 

@@ -61,6 +61,7 @@ from detectron2.data import MetadataCatalog
 from detectron2.evaluation import DatasetEvaluator
 from detectron2.utils import comm
 
+from p2seg.data.pseudo_mask_json import pseudo_mask_info
 from p2seg.datasets.registration import dataset_image_root
 from p2seg.utils.atomic import atomic_file, fsync_path, write_json_atomic
 
@@ -281,10 +282,10 @@ class PseudoMaskExporter(DatasetEvaluator):
         if missing:
             raise ValueError(f"dataset '{self._dataset_name}' has no image entry for exported image ids {missing[:5]}")
         image_ids = sorted(index, key=image_id_sort_key)
-        info = {"description": "P2Seg pseudo masks, one per point", "source_dataset": self._dataset_name,
-                "image_root": dataset_image_root(self._dataset_name),
-                "num_points": sum(index[i]["num_points"] for i in image_ids),
-                "num_fallback": sum(index[i]["num_fallback"] for i in image_ids)}
+        info = pseudo_mask_info("P2Seg pseudo masks, one per point", self._dataset_name,
+                                 dataset_image_root(self._dataset_name),
+                                 num_points=sum(index[i]["num_points"] for i in image_ids),
+                                 num_fallback=sum(index[i]["num_fallback"] for i in image_ids))
         predictions, num_annotations, files = [], 0, {}
         try:
             with atomic_file(self._output_file, suffix=".json") as tmp, open(tmp, "w") as out:
