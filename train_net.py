@@ -6,7 +6,7 @@ Examples::
     # CPU demo on the synthetic "shapes" dataset
     python train_net.py --config-file configs/shapes/p2seg_R18_cpu.yaml
     # 8 GPUs, one machine (a CUDA config; or override MODEL.DEVICE cuda)
-    python train_net.py --config-file configs/VOC/p2seg_R50.yaml --num-gpus 8
+    python train_net.py --config-file configs/VOC/p2seg_R101_voc.yaml --num-gpus 8
     # evaluation of a checkpoint
     python train_net.py --config-file ... --eval-only MODEL.WEIGHTS output/model_final.pth
     # resume from the last checkpoint in OUTPUT_DIR

@@ -1,4 +1,4 @@
-"""Config keys of P2Seg. Every number of the method lives here (see docs in README).
+"""Config keys of P2Seg. Every number of the method lives here (docs/METHOD.md says what each does).
 
 ``add_p2seg_config(cfg)`` first adds Panoptic-DeepLab's keys (which add DeepLab's), because
 P2Seg reuses their decoder heads, then the P2Seg keys below. Defaults are the reference
@@ -163,7 +163,7 @@ def add_p2seg_config(cfg):
     cfg.MODEL.P2SEG.INFERENCE.FLIP_TTA = False  # average with the horizontally flipped input
     # With points, the foreground grouped by the offsets: "model" (the semantic head) or "source"
     # (the dataset's semantic source, pixel for pixel; the learned offsets still split the objects).
-    # "source" suits sources that are exact where they fire (thresholds, SAM masks); README, Recipe.
+    # "source" suits sources that are exact where they fire (thresholds, SAM masks); docs/RESULTS.md, Recipe.
     cfg.MODEL.P2SEG.INFERENCE.SEMANTICS = "model"
     # With points and a semantic source (the export): the source's foreground as evidence on the
     # model's, its likelihood ratio TPR / FPR (estimated per image against the model) raised to this

@@ -2,9 +2,9 @@
 
 All three are DeepLabV3+ decoders (Detectron2's ``DeepLabV3PlusHead``: ASPP on the coarsest
 feature, then top-down fusion with 1x1-projected low-level features) whose ``.layers(features)``
-return predictions at the decoder's output stride (``common_stride`` = 4). The meta-architecture
-(:class:`p2seg.modeling.meta_arch.P2Seg`) computes every loss itself (p2seg/modeling/losses.py);
-the loss modules the Detectron2 heads construct are unused.
+return predictions at the decoder's output stride (``common_stride`` = 4). The losses are
+computed by the criterion (:class:`p2seg.modeling.criterion.P2SegCriterion`, with
+p2seg/modeling/losses.py); the loss modules the Detectron2 heads construct are unused.
 
 * Semantic head: Panoptic-DeepLab's ``PanopticDeepLabSemSegHead`` reused as is, with C+1
   outputs (background + C classes), built on :func:`head_cfg` by :func:`build_p2seg_heads`.
