@@ -486,6 +486,21 @@ def test_model_fallback_gives_a_point_the_source_missed_the_models_mask():
         InstanceInference(num_classes=1, common_stride=4, fallback_mask="model")
 
 
+def test_an_image_without_points_gives_no_instance_under_every_fallback_mode():
+    """An image whose points were all dropped (image tags: every peak below POINT_SCORE_THRESH) still
+    goes through the export: no instance, whatever INFERENCE.FALLBACK_MASK fills fallbacks with
+    (the 'model' mode once crashed on it with KeyError 'fallback')."""
+    from p2seg.modeling.instance_inference import InstanceInference
+
+    sem, outputs, source, inputs = _fallback_case((slice(0, 3), slice(0, 3)), [(slice(2, 10), slice(2, 10))])
+    inputs = [dict(inputs[0], points=torch.zeros((0, 2)), point_classes=torch.zeros((0,), dtype=torch.int64))]
+    for mode, grouping in (("box", "model"), ("source", "model"), ("model", "source")):
+        inference = InstanceInference(num_classes=1, common_stride=4, fallback_box_size=4, fallback_mask=mode,
+                                      grouping_semantics=grouping)
+        found = inference(sem, outputs, inputs, [(32, 32)])[0]["instances"]
+        assert len(found) == 0 and found.fallback.shape == (0,) and found.pred_masks.shape == (0, 32, 32), mode
+
+
 def test_blend_with_source_trusts_a_precise_source_and_ignores_a_random_one():
     """SOURCE_PRIOR: on the source's foreground the model's odds grow by the source's likelihood
     ratio, estimated against the model on the image; a precise source turns the model's unsure

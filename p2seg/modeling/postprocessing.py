@@ -182,7 +182,7 @@ def point_guided_instances(
     Returns:
         dict(masks bool PxHxW (or IdMapMasks), scores (P,) dtype of sem_probs, classes int64 (P,), fallback bool
         (P,): the mask is the fallback box); instance i belongs to point i. P == 0 gives masks of
-        shape (0, H, W) (and no "fallback").
+        shape (0, H, W) and an empty ``fallback``.
     """
     fn = "point_guided_instances"
     _check_maps(fn, sem_probs, offsets)
@@ -197,8 +197,8 @@ def point_guided_instances(
         raise ValueError(
             f"{fn}: point_classes has {point_classes.shape[0]} entries for {num_points} points"
         )
-    if num_points == 0:
-        return _empty_result(sem_probs)
+    if num_points == 0:  # e.g. an image whose points were all below DATASETS.POINT_SCORE_THRESH
+        return dict(_empty_result(sem_probs), fallback=torch.zeros((0,), dtype=torch.bool, device=device))
     if int(point_classes.min()) < 0 or int(point_classes.max()) >= num_classes:
         raise ValueError(
             f"{fn}: point_classes must lie in 0..{num_classes - 1}, "
