@@ -169,8 +169,8 @@ def test_pipeline_from_image_tags_trains_on_the_classifiers_peaks(tmp_path):
     results = json.loads((out / "pipeline_results.json").read_text())
     assert results["supervision"] == "image" and "point_precision" in json.dumps(results["peaks"])
     rows = results["rows"]
-    assert set(rows) == {"P2Seg pseudo masks (from peaks)", "nearest-point baseline (same peaks)",
-                         "nearest-point baseline (p2seg_shapes_val)"}
+    # no test-set rows: those belong to stage 2 (a stage-2 config of other data must not be read)
+    assert set(rows) == {"P2Seg pseudo masks (from peaks)", "nearest-point baseline (same peaks)"}
     for name in ("P2Seg pseudo masks (from peaks)", "nearest-point baseline (same peaks)"):
         assert rows[name]["dataset"] == "p2seg_shapes_train" and 0 <= rows[name]["AP50"] <= 100  # scored, not n/a
     exported = json.loads(Path(results["files"]["pseudo_masks"]).read_text())

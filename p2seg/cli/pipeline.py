@@ -547,7 +547,9 @@ def run_pipeline(pc: PipelineConfig) -> dict:
     baseline_file = pc.output_dir / "baseline.json"
 
     def run_baseline():
-        names = [n for n in dict.fromkeys([train_set] + test_sets) if _has_points_and_source(cfg1, n)]
+        # the test sets are stage 2's: with --pseudo-masks-only only the training set is compared
+        sets = [train_set] + ([] if pc.pseudo_masks_only else test_sets)
+        names = [n for n in dict.fromkeys(sets) if _has_points_and_source(cfg1, n)]
         write_json_atomic({n: nearest_point_metrics(cfg1, n) for n in names}, str(baseline_file))
 
     _stage(pc, "baseline", baseline_file.is_file(), ["--config-file", pc.stage1_config, *o1], run_baseline, timings,
