@@ -30,7 +30,7 @@ Points = Tuple[np.ndarray, np.ndarray]  # float64 (P, 2) x, y; int64 (P,) contig
 
 
 def read_points_txt(path: str, class_offset: int, num_classes: int,
-                image_size: Optional[Tuple[int, int]] = None) -> np.ndarray:
+                    image_size: Optional[Tuple[int, int]] = None) -> np.ndarray:
     """Parse one of the authors' ``Center_points`` / ``Peak_points`` files (``x y cls [conf]`` lines).
 
     Args:
