@@ -551,3 +551,55 @@ def test_point_offset_scale_moves_pixels_between_the_learned_split_and_the_neare
     assert areas[0.5] == [96, 928]  # halfway steps: only the columns nearest the left point (0-2) stay
     with pytest.raises(ValueError, match="POINT_OFFSET_SCALE"):
         InstanceInference(num_classes=1, common_stride=4, point_offset_scale=-1.0)
+
+
+def test_mask_score_model_ranks_source_masks_by_the_models_probability():
+    """INFERENCE.MASK_SCORE: masks grouped from the semantic source all score 1 ("grouped": the
+    source's one-hot), so their ranking says nothing; "model" scores each with the mean of the
+    model's foreground probability over it (the masks stay the same); a fallback keeps its score;
+    an unknown value is refused."""
+    from p2seg.modeling.instance_inference import InstanceInference
+
+    sem = torch.zeros(1, 2, 8, 8)
+    sem[0, 1, :, :4], sem[0, 1, :, 4:] = 0.9, 0.6  # the model is surer of the left object
+    sem[0, 0] = 1.0 - sem[0, 1]
+    outputs = {"center": torch.zeros(1, 1, 8, 8), "offset": torch.zeros(1, 2, 8, 8)}
+    source = torch.ones(32, 32, dtype=torch.int64)
+    points = torch.tensor([[4.0, 20.0], [28.0, 20.0], [4.0, 20.0]])  # a duplicate: no pixel, the fallback box
+    inputs = [{"height": 32, "width": 32, "points": points, "point_classes": torch.zeros(3, dtype=torch.int64),
+               "sem_seg": source}]
+    results = {}
+    for score in ("grouped", "model"):
+        inference = InstanceInference(num_classes=1, common_stride=4, grouping_semantics="source",
+                                      fallback_box_size=4, fallback_score=0.25, mask_score=score)
+        results[score] = inference(sem, outputs, inputs, [(32, 32)])[0]
+    grouped, model = results["grouped"]["instances"], results["model"]["instances"]
+    assert torch.equal(grouped.pred_masks, model.pred_masks)
+    assert grouped.scores.tolist() == [1.0, 1.0, 0.25]
+    foreground = results["model"]["sem_seg"][1]
+    expected = [float(foreground[m].mean()) for m in model.pred_masks[:2]]
+    assert model.scores[:2].tolist() == pytest.approx(expected, abs=1e-6)
+    assert 0.85 < model.scores[0] <= 0.9 and 0.6 <= model.scores[1] < 0.65
+    assert model.fallback.tolist() == [False, False, True] and float(model.scores[2]) == 0.25
+    with pytest.raises(ValueError, match="MASK_SCORE"):
+        InstanceInference(num_classes=1, common_stride=4, mask_score="area")
+
+
+def test_mean_over_masks_is_the_same_for_dense_masks_and_an_id_map():
+    """:func:`mean_over_masks` reads each mask's own channel, in chunks, from dense masks and from
+    an ``IdMapMasks`` (a crowded image) alike; an empty mask gives 0."""
+    from p2seg.modeling.id_map_masks import IdMapMasks
+    from p2seg.modeling.postprocessing import mean_over_masks
+
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(-1, 4, (12, 10), generator=generator).reshape(-1)
+    ids[ids == 3] = 2  # slot 3 stays empty
+    values = torch.rand(3, 12, 10, generator=generator)
+    channels = torch.tensor([0, 2, 1, 1])
+    dense = torch.stack([(ids == i).reshape(12, 10) for i in range(4)])
+    expected = torch.stack([values[c][m].mean() if m.any() else torch.tensor(0.0) for c, m in zip(channels, dense)])
+    id_map = IdMapMasks.from_instance_ids(ids, 4, 12, 10)
+    for masks in (dense, id_map):
+        for chunk in (120, 2**22):  # one mask per chunk, all at once
+            assert torch.allclose(mean_over_masks(masks, values, channels, chunk_elements=chunk), expected)
+    assert float(expected[3]) == 0.0

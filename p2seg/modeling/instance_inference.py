@@ -18,13 +18,14 @@ from detectron2.structures import Boxes, Instances
 from p2seg.config import semantic_channels
 
 from .id_map_masks import mask_boxes
-from .postprocessing import (blend_with_source, one_hot_semantics, peak_instances, point_guided_instances,
-                             split_foreground_by_class)
+from .postprocessing import (blend_with_source, mean_over_masks, one_hot_semantics, peak_instances,
+                             point_guided_instances, split_foreground_by_class)
 
 __all__ = ["InstanceInference", "GROUPING_SEMANTICS"]
 
 GROUPING_SEMANTICS = ("model", "source")
 FALLBACK_MASKS = ("box", "source", "model")
+MASK_SCORES = ("grouped", "model")
 
 
 class InstanceInference:
@@ -36,7 +37,7 @@ class InstanceInference:
                  fallback_box_size: int = 64, fallback_score: float = 0.5, grouping_semantics: str = "model",
                  foreground_semantics: bool = False, max_dense_mask_mb: float = 256.0, fallback_mask: str = "box",
                  source_prior: float = 0.0, source_classes: bool = False, source_prior_background: bool = False,
-                 point_offset_scale: float = 1.0):
+                 point_offset_scale: float = 1.0, mask_score: str = "grouped"):
         """
         Args:
             num_classes: C, the classes of the semantic and centre heads (1 with
@@ -64,7 +65,14 @@ class InstanceInference:
             point_offset_scale: with points, pixels go to the point nearest ``pixel + scale x
                 offset``: 1 the learned offsets, 0 the nearest point (the baseline's split), between
                 them a shrunk step toward the learned centre.
+            mask_score: with points, a mask's score: "grouped" (the mean over the mask of the
+                semantics that were grouped: the source's one-hot with ``grouping_semantics``
+                "source", constant) or "model" (the mean of the model's own probability of the
+                point's class); a fallback mask keeps its score either way.
         """
+        if mask_score not in MASK_SCORES:
+            raise ValueError(f"config MODEL.P2SEG.INFERENCE.MASK_SCORE must be one of {MASK_SCORES}, got {mask_score!r}")
+        self.mask_score = mask_score
         if not 0.0 <= point_offset_scale:
             raise ValueError(f"config MODEL.P2SEG.INFERENCE.POINT_OFFSET_SCALE must be >= 0, got {point_offset_scale}")
         self.point_offset_scale = float(point_offset_scale)
@@ -118,6 +126,7 @@ class InstanceInference:
             "source_classes": inference.SOURCE_CLASSES,
             "source_prior_background": inference.SOURCE_PRIOR_BACKGROUND,
             "point_offset_scale": inference.POINT_OFFSET_SCALE,
+            "mask_score": inference.MASK_SCORE,
         }
 
     def head_classes(self, point_classes: torch.Tensor) -> torch.Tensor:
@@ -190,6 +199,10 @@ class InstanceInference:
                 self._source_fallback(found, x, points, self.head_classes(point_classes), present, height, width)
             elif self.fallback_mask == "model" and on_source:
                 _fill_fallbacks(found, self._point_masks(probs, offset, points, point_classes, x, 0))
+            if self.mask_score == "model":
+                scored = ~found["fallback"]
+                model_scores = mean_over_masks(found["masks"], probs, self.head_classes(point_classes) + 1)
+                found["scores"] = torch.where(scored, model_scores.to(found["scores"].dtype), found["scores"])
         else:
             center = self.to_output_size(center, image_size, height, width)
             found = peak_instances(probs, center, offset, self.center_threshold, self.nms_kernel, self.top_k,
