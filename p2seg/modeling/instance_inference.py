@@ -18,14 +18,14 @@ from detectron2.structures import Boxes, Instances
 from p2seg.config import semantic_channels
 
 from .id_map_masks import mask_boxes
-from .postprocessing import (blend_with_source, mean_over_masks, one_hot_semantics, peak_instances,
-                             point_guided_instances, split_foreground_by_class)
+from .postprocessing import (blend_with_source, mean_over_masks, one_hot_semantics, paired_mask_iou,
+                             peak_instances, point_guided_instances, split_foreground_by_class)
 
 __all__ = ["InstanceInference", "GROUPING_SEMANTICS"]
 
 GROUPING_SEMANTICS = ("model", "source")
 FALLBACK_MASKS = ("box", "source", "model")
-MASK_SCORES = ("grouped", "model")
+MASK_SCORES = ("grouped", "model", "agreement")
 
 
 class InstanceInference:
@@ -197,17 +197,32 @@ class InstanceInference:
             found["classes"] = point_classes.clone()  # the point's class, also for foreground semantics
             if self.fallback_mask == "source":
                 self._source_fallback(found, x, points, self.head_classes(point_classes), present, height, width)
-            elif self.fallback_mask == "model" and on_source:
-                _fill_fallbacks(found, self._point_masks(probs, offset, points, point_classes, x, 0))
-            if self.mask_score == "model":
-                scored = ~found["fallback"]
-                model_scores = mean_over_masks(found["masks"], probs, self.head_classes(point_classes) + 1)
-                found["scores"] = torch.where(scored, model_scores.to(found["scores"].dtype), found["scores"])
+            own = None  # the model's own masks for the points, when other semantics were grouped
+            if grouped is not probs and (self.mask_score == "agreement" or (self.fallback_mask == "model" and on_source)):
+                own = self._point_masks(probs, offset, points, point_classes, x, 0)
+            if self.fallback_mask == "model" and on_source:
+                _fill_fallbacks(found, own)
+            self._score_masks(found, probs, point_classes, own)
         else:
             center = self.to_output_size(center, image_size, height, width)
             found = peak_instances(probs, center, offset, self.center_threshold, self.nms_kernel, self.top_k,
                                    self.min_instance_area)
         return {"instances": _to_instances(found, height, width), "sem_seg": probs}
+
+    def _score_masks(self, found: Dict, probs, point_classes, own) -> None:
+        """In place: the non-fallback masks of ``found`` get the MASK_SCORE score: "model" the mean of
+        ``probs`` ((C+1) x H x W) of the point's class over the mask, "agreement" the mask's IoU with
+        the model's own mask for the point (``own``, :meth:`_point_masks` of ``probs``; None when the
+        model's own semantics were grouped: the mask is the model's own, IoU 1)."""
+        if self.mask_score == "grouped" or not len(point_classes):
+            return
+        if self.mask_score == "model":
+            new = mean_over_masks(found["masks"], probs, self.head_classes(point_classes) + 1)
+        elif own is None:
+            new = torch.ones_like(found["scores"])
+        else:
+            new = paired_mask_iou(found["masks"], own["masks"])
+        found["scores"] = torch.where(found["fallback"], found["scores"], new.to(found["scores"].dtype))
 
     def _point_masks(self, semantics, offset, points, point_classes, x: Dict, fallback_box_size: int) -> Dict:
         """:func:`point_guided_instances` of ``semantics`` ((C+1) x H x W at the output size) grouped

@@ -24,7 +24,7 @@ from p2seg.utils.nearest_point import nearest_point
 from .id_map_masks import IdMapMasks
 
 __all__ = ["point_guided_instances", "peak_instances", "one_hot_semantics", "blend_with_source", "split_foreground_by_class",
-           "mean_over_masks"]
+           "mean_over_masks", "paired_mask_iou"]
 
 
 
@@ -318,6 +318,29 @@ def mean_over_masks(masks, value_maps, channels, *, chunk_elements=2**22):
         area = chunk.sum(dim=(1, 2)).clamp(min=1)
         means[rows] = (value_maps[channels[rows]] * chunk).sum(dim=(1, 2)) / area
     return means
+
+
+def paired_mask_iou(masks, others, *, chunk_elements=2**22):
+    """IoU of each mask with the mask of the same index in ``others`` (two estimates of one object).
+
+    Args:
+        masks, others: bool (P, H, W) tensors or :class:`~p2seg.modeling.id_map_masks.IdMapMasks`.
+        chunk_elements: bound on the dense mask entries held at once (per operand).
+    Returns:
+        float32 (P,); 0 where both masks are empty.
+    """
+    num_masks, height, width = masks.shape
+    ious = torch.zeros(num_masks, dtype=torch.float32, device=masks.device)
+    step = max(1, int(chunk_elements) // max(height * width, 1))
+    for start in range(0, num_masks, step):
+        rows = torch.arange(start, min(num_masks, start + step), device=ious.device)
+        a, b = masks[rows], others[rows]
+        a = a.dense() if isinstance(a, IdMapMasks) else a
+        b = b.dense() if isinstance(b, IdMapMasks) else b
+        inter = (a & b).sum(dim=(1, 2))
+        union = (a | b).sum(dim=(1, 2))
+        ious[rows] = inter.float() / union.clamp(min=1).float()
+    return ious
 
 
 def split_foreground_by_class(fg_probs, offsets, points, point_classes, source_sem, *, chunk_elements=2**22):
