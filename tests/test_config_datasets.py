@@ -136,6 +136,31 @@ def test_baseline_cli_with_an_eroded_source_scores_below_perfect(tmp_path, capsy
 
 
 
+def test_baseline_cli_area_score_ranks_the_larger_mask_first(tmp_path, capsys):
+    """--score area: each mask scores its area over the image's largest (a ranking without learning);
+    a small object whose source region is dilated (IoU 0.25) then ranks after a big exact one, which
+    raises AP over constant scores, where the tie keeps the file order (the bad mask first)."""
+    from p2seg.evaluation.baseline import baseline_prediction
+
+    points = write_squares(tmp_path, [(4, 4, 4), (30, 10, 12)], (48, 64), category_id=1, name="cell")
+    sem = cv2.imread(str(tmp_path / "sem" / "a.png"), cv2.IMREAD_UNCHANGED)
+    sem[2:10, 2:10] = 1  # the small square's region in the source: 8 x 8 around the true 4 x 4
+    cv2.imwrite(str(tmp_path / "sem" / "a.png"), sem)
+    args = [str(points), "--images", str(tmp_path / "img"), "--semantic", str(tmp_path / "sem")]
+    printed = {}
+    for score in ("constant", "area"):
+        baseline_tool.main(args + ["--score", score, "--quiet"])
+        printed[score] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert printed[score]["score"] == score
+    assert printed["area"]["segm"]["AP50"] > printed["constant"]["segm"]["AP50"]
+    anns = [dict(a, category_id=0) for a in json.loads(points.read_text())["annotations"]]  # contiguous ids
+    record = {"sem_seg_file_name": str(tmp_path / "sem" / "a.png"), "height": 48, "width": 64, "annotations": anns}
+    scores = baseline_prediction(record, score="area")["instances"].scores.tolist()
+    assert scores == pytest.approx([64 / 144, 1.0])
+    with pytest.raises(ValueError, match="baseline score"):
+        baseline_prediction(record, score="iou")
+
+
 def _baseline(tmp_path, capsys, *extra):
     rc = baseline_tool.main([str(tmp_path / "points.json"), "--images", str(tmp_path / "img"), "--semantic",
                              str(tmp_path / "sem"), *extra])

@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vis", default=None, metavar="DIR",
                    help="also write DIR/baseline_overview.png: image + points, source, baseline masks, ground truth")
     p.add_argument("--vis-images", type=int, default=4, help="images (rows) of the overview (default 4)")
+    p.add_argument("--score", choices=("constant", "area"), default="constant",
+                   help="the masks' score, which orders them for AP: constant (every mask 1) or area (larger "
+                        "first: a ranking without learning, to compare with P2Seg's MODEL.P2SEG.INFERENCE.MASK_SCORE)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -82,8 +85,8 @@ def run_baseline(args) -> dict:
     else:
         with contextlib.redirect_stdout(sys.stderr):  # pycocotools prints its tables
             results = evaluate_baseline(_DATASET, dicts, tuple(args.iou_thresholds), args.max_dets,
-                                        args.fallback_box_size, 0.0, progress=not args.quiet)
-        summary.update(scored=True, points_without_region=results["baseline"]["num_without_region"],
+                                        args.fallback_box_size, 0.0, progress=not args.quiet, score=args.score)
+        summary.update(scored=True, score=args.score, points_without_region=results["baseline"]["num_without_region"],
                        segm={k: round(v, 2) for k, v in results["segm"].items()},
                        voc_mask={k: round(v, 2) for k, v in results["voc_mask"].items()})
     if args.vis:

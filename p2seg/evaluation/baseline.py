@@ -25,7 +25,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import Boxes, Instances
 
 from p2seg.data.semantic_sources import read_semantic_png
-from p2seg.modeling.id_map_masks import mask_boxes
+from p2seg.modeling.id_map_masks import mask_areas, mask_boxes
 from p2seg.modeling.postprocessing import one_hot_semantics, point_guided_instances
 
 from .instance_evaluator import DEFAULT_IOU_THRESHOLDS, InstanceMaskEvaluator
@@ -71,10 +71,17 @@ def nearest_point_instances(sem: np.ndarray, points, classes, fallback_box_size:
     return inst
 
 
+BASELINE_SCORES = ("constant", "area")
+
+
 def baseline_prediction(record: dict, fallback_box_size: int = 0, fallback_score: float = 0.0,
-                        num_classes: Optional[int] = None, ignore_label: int = 255) -> Dict:
+                        num_classes: Optional[int] = None, ignore_label: int = 255, score: str = "constant") -> Dict:
     """Baseline output of one dataset dict (``sem_seg_file_name`` and non-crowd ``annotations``
     with ``point``), in the model's output contract: ``{"instances": Instances}``.
+
+    ``score``: "constant" (every mask 1, the mean of the source's one-hot over it) or "area" (its
+    pixel count over the image's largest: a ranking without learning, as boundary errors of a
+    fixed width cost small masks the most); a fallback keeps ``fallback_score``.
 
     With ``num_classes`` C, labels outside ``0..C`` and ``ignore_label`` are an error naming the
     file (as in training: such a map does not belong to this dataset)."""
@@ -96,7 +103,13 @@ def baseline_prediction(record: dict, fallback_box_size: int = 0, fallback_score
     anns = [a for a in record.get("annotations", []) if not a.get("iscrowd", 0) and "point" in a]
     points = np.array([a["point"] for a in anns], np.float64).reshape(-1, 2)
     classes = np.array([a["category_id"] for a in anns], np.int64)
-    return {"instances": nearest_point_instances(sem, points, classes, fallback_box_size, fallback_score)}
+    instances = nearest_point_instances(sem, points, classes, fallback_box_size, fallback_score)
+    if score not in BASELINE_SCORES:
+        raise ValueError(f"baseline score must be one of {BASELINE_SCORES}, got {score!r}")
+    if score == "area" and len(instances):
+        area = mask_areas(instances.pred_masks).float()
+        instances.scores = torch.where(instances.fallback, instances.scores, area / area.max().clamp(min=1))
+    return {"instances": instances}
 
 
 def warn_points_without_region(num_without: int, num_points: int, where: str) -> None:
@@ -120,6 +133,7 @@ def evaluate_baseline(
     fallback_score: float = 0.0,
     on_prediction=None,
     progress: bool = False,
+    score: str = "constant",
 ):
     """Score the baseline on a registered dataset with the models' evaluator.
 
@@ -129,6 +143,7 @@ def evaluate_baseline(
         iou_thresholds, max_dets_per_image: as :class:`InstanceMaskEvaluator` (max dets are
             raised to the points of the most crowded image).
         fallback_box_size, fallback_score: see :func:`nearest_point_instances`.
+        score: the masks' score (:func:`baseline_prediction`).
         on_prediction: optional ``callable(record, output)`` (e.g. to draw pictures).
         progress: a progress bar on stderr (images done / total, rate, time left).
     Returns:
@@ -142,7 +157,7 @@ def evaluate_baseline(
     evaluator.reset()
     counts = {"num_points": 0, "num_without_region": 0}
     for d in tqdm(dicts, desc=f"baseline {dataset_name}", unit="image", disable=not progress, file=sys.stderr):
-        out = baseline_prediction(d, fallback_box_size, fallback_score, num_classes)
+        out = baseline_prediction(d, fallback_box_size, fallback_score, num_classes, score=score)
         num_points = len(out["instances"])
         counts["num_points"] += num_points
         counts["num_without_region"] += int(out["instances"].fallback.sum())

@@ -20,7 +20,7 @@ import torch
 
 from detectron2.structures import BitMasks
 
-__all__ = ["IdMapMasks", "mask_boxes", "masks_to_rles"]
+__all__ = ["IdMapMasks", "mask_areas", "mask_boxes", "masks_to_rles"]
 
 # Dense masks materialised at once when encoding an IdMapMasks (bytes of bool).
 _ENCODE_CHUNK_BYTES = 64 * 2**20
@@ -142,6 +142,13 @@ def mask_boxes(masks) -> torch.Tensor:
     if isinstance(masks, IdMapMasks):
         return masks.bounding_boxes()
     return BitMasks(masks).get_bounding_boxes().tensor.to(masks.device)
+
+
+def mask_areas(masks) -> torch.Tensor:
+    """int64 ``(R,)`` pixel counts of dense bool ``(R, H, W)`` masks or an :class:`IdMapMasks`."""
+    if isinstance(masks, IdMapMasks):
+        return masks.areas()
+    return masks.reshape(len(masks), -1).sum(dim=1)
 
 
 def masks_to_rles(masks) -> Tuple[List[dict], List[float]]:
