@@ -179,9 +179,9 @@ def add_p2seg_config(cfg):
     # With points: each pixel goes to the point nearest pixel + POINT_OFFSET_SCALE x offset (1: the
     # learned offsets; 0: the nearest point, as the baseline splits the source).
     cfg.MODEL.P2SEG.INFERENCE.POINT_OFFSET_SCALE = 1.0
-    # With points, a mask's score: "grouped" (the mean of the grouped semantics over it; constant
-    # when the source is grouped), "model" (the mean of the model's probability of its class) or
-    # "agreement" (its IoU with the model's own mask for the point). COCO AP ranks masks by it.
+    # With points, a mask's score (COCO AP ranks masks by it): "grouped" (the mean of the grouped
+    # semantics over it; constant when the source is grouped) or "agreement" (its IoU with the
+    # model's own mask for the point). docs/RECIPE_SELECTION.md "Mask scores".
     cfg.MODEL.P2SEG.INFERENCE.MASK_SCORE = "grouped"
     cfg.MODEL.P2SEG.INFERENCE.MIN_INSTANCE_AREA = 1  # peak-path instances below this are dropped
     # Point-guided masks whose dense form (points x H x W bytes) would exceed this come as one id

@@ -553,16 +553,16 @@ def test_point_offset_scale_moves_pixels_between_the_learned_split_and_the_neare
         InstanceInference(num_classes=1, common_stride=4, point_offset_scale=-1.0)
 
 
-def test_mask_score_model_ranks_source_masks_by_the_models_probability():
+def test_mask_score_agreement_ranks_source_masks_by_the_models_own_masks():
     """INFERENCE.MASK_SCORE: masks grouped from the semantic source all score 1 ("grouped": the
-    source's one-hot), so their ranking says nothing; "model" scores each with the mean of the
-    model's foreground probability over it, "agreement" with its IoU with the model's own mask for
-    the point (the masks stay the same); a fallback keeps its score; an unknown value is refused."""
+    source's one-hot), so their ranking says nothing; "agreement" scores each with its IoU with the
+    model's own mask for the point (the masks stay the same); a fallback keeps its score; an unknown
+    value is refused."""
     from p2seg.modeling.instance_inference import InstanceInference
 
     sem = torch.zeros(1, 2, 8, 8)
-    # the model is surer of the left object and calls the right third of the image background
-    sem[0, 1, :, :4], sem[0, 1, :, 4:6], sem[0, 1, :, 6:] = 0.9, 0.6, 0.2
+    # the model calls the right quarter of the image background
+    sem[0, 1, :, :6], sem[0, 1, :, 6:] = 0.8, 0.2
     sem[0, 0] = 1.0 - sem[0, 1]
     outputs = {"center": torch.zeros(1, 1, 8, 8), "offset": torch.zeros(1, 2, 8, 8)}
     source = torch.ones(32, 32, dtype=torch.int64)
@@ -570,51 +570,38 @@ def test_mask_score_model_ranks_source_masks_by_the_models_probability():
     inputs = [{"height": 32, "width": 32, "points": points, "point_classes": torch.zeros(3, dtype=torch.int64),
                "sem_seg": source}]
     results = {}
-    for score in ("grouped", "model", "agreement"):
+    for score in ("grouped", "agreement"):
         inference = InstanceInference(num_classes=1, common_stride=4, grouping_semantics="source",
                                       fallback_box_size=4, fallback_score=0.25, mask_score=score)
         results[score] = inference(sem, outputs, inputs, [(32, 32)])[0]
     # the model's own masks for the points: its foreground grouped (here with zero offsets)
     own = InstanceInference(num_classes=1, common_stride=4, fallback_box_size=0)(sem, outputs, inputs, [(32, 32)])
     own = own[0]["instances"].pred_masks
-    grouped, model, agreement = (results[k]["instances"] for k in ("grouped", "model", "agreement"))
-    assert torch.equal(grouped.pred_masks, model.pred_masks) and torch.equal(grouped.pred_masks, agreement.pred_masks)
+    grouped, agreement = results["grouped"]["instances"], results["agreement"]["instances"]
+    assert torch.equal(grouped.pred_masks, agreement.pred_masks)
     assert grouped.scores.tolist() == [1.0, 1.0, 0.25]
-    foreground = results["model"]["sem_seg"][1]
-    expected = [float(foreground[m].mean()) for m in model.pred_masks[:2]]
-    assert model.scores[:2].tolist() == pytest.approx(expected, abs=1e-6)
-    assert model.scores[0] > model.scores[1]
     ious = [float((m & o).sum() / (m | o).sum()) for m, o in zip(agreement.pred_masks[:2], own[:2])]
     assert agreement.scores[:2].tolist() == pytest.approx(ious, abs=1e-6)
     assert ious[0] == 1.0 and ious[1] < 0.7  # the source's right mask reaches into the model's background
-    for result in (model, agreement):
-        assert result.fallback.tolist() == [False, False, True] and float(result.scores[2]) == 0.25
+    assert agreement.fallback.tolist() == [False, False, True] and float(agreement.scores[2]) == 0.25
     with pytest.raises(ValueError, match="MASK_SCORE"):
         InstanceInference(num_classes=1, common_stride=4, mask_score="area")
 
 
-def test_mean_over_masks_and_paired_iou_are_the_same_for_dense_masks_and_an_id_map():
-    """:func:`mean_over_masks` reads each mask's own channel and :func:`paired_mask_iou` pairs mask i
-    with mask i, in chunks, from dense masks and from an ``IdMapMasks`` (a crowded image) alike; an
-    empty mask gives 0."""
+def test_paired_mask_iou_is_the_same_for_dense_masks_and_an_id_map():
+    """:func:`paired_mask_iou` pairs mask i with mask i, in chunks, from dense masks and from an
+    ``IdMapMasks`` (a crowded image) alike; two empty masks give 0."""
     from p2seg.modeling.id_map_masks import IdMapMasks
-    from p2seg.modeling.postprocessing import mean_over_masks, paired_mask_iou
+    from p2seg.modeling.postprocessing import paired_mask_iou
 
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(-1, 4, (12, 10), generator=generator).reshape(-1)
     ids[ids == 3] = 2  # slot 3 stays empty
-    values = torch.rand(3, 12, 10, generator=generator)
-    channels = torch.tensor([0, 2, 1, 1])
     dense = torch.stack([(ids == i).reshape(12, 10) for i in range(4)])
-    expected = torch.stack([values[c][m].mean() if m.any() else torch.tensor(0.0) for c, m in zip(channels, dense)])
     id_map = IdMapMasks.from_instance_ids(ids, 4, 12, 10)
+    shifted = torch.roll(dense, 1, dims=2)
+    expected = torch.stack([(a & b).sum() / (a | b).sum().clamp(min=1) for a, b in zip(dense, shifted)])
     for masks in (dense, id_map):
         for chunk in (120, 2**22):  # one mask per chunk, all at once
-            assert torch.allclose(mean_over_masks(masks, values, channels, chunk_elements=chunk), expected)
-    assert float(expected[3]) == 0.0
-    # paired IoUs: each mask against the same index of the other set, id map or dense alike
-    shifted = torch.roll(dense, 1, dims=2)
-    expected_iou = torch.stack([(a & b).sum() / (a | b).sum().clamp(min=1) for a, b in zip(dense, shifted)])
-    for masks in (dense, id_map):
-        assert torch.allclose(paired_mask_iou(masks, shifted, chunk_elements=120), expected_iou)
+            assert torch.allclose(paired_mask_iou(masks, shifted, chunk_elements=chunk), expected)
         assert paired_mask_iou(masks, masks).tolist() == [1.0, 1.0, 1.0, 0.0]

@@ -18,14 +18,14 @@ from detectron2.structures import Boxes, Instances
 from p2seg.config import semantic_channels
 
 from .id_map_masks import mask_boxes
-from .postprocessing import (blend_with_source, mean_over_masks, one_hot_semantics, paired_mask_iou,
-                             peak_instances, point_guided_instances, split_foreground_by_class)
+from .postprocessing import (blend_with_source, one_hot_semantics, paired_mask_iou, peak_instances,
+                             point_guided_instances, split_foreground_by_class)
 
 __all__ = ["InstanceInference", "GROUPING_SEMANTICS"]
 
 GROUPING_SEMANTICS = ("model", "source")
 FALLBACK_MASKS = ("box", "source", "model")
-MASK_SCORES = ("grouped", "model", "agreement")
+MASK_SCORES = ("grouped", "agreement")
 
 
 class InstanceInference:
@@ -67,8 +67,8 @@ class InstanceInference:
                 them a shrunk step toward the learned centre.
             mask_score: with points, a mask's score: "grouped" (the mean over the mask of the
                 semantics that were grouped: the source's one-hot with ``grouping_semantics``
-                "source", constant) or "model" (the mean of the model's own probability of the
-                point's class); a fallback mask keeps its score either way.
+                "source", constant) or "agreement" (its IoU with the model's own mask for the
+                point); a fallback mask keeps its score either way.
         """
         if mask_score not in MASK_SCORES:
             raise ValueError(f"config MODEL.P2SEG.INFERENCE.MASK_SCORE must be one of {MASK_SCORES}, got {mask_score!r}")
@@ -202,26 +202,20 @@ class InstanceInference:
                 own = self._point_masks(probs, offset, points, point_classes, x, 0)
             if self.fallback_mask == "model" and on_source:
                 _fill_fallbacks(found, own)
-            self._score_masks(found, probs, point_classes, own)
+            self._score_masks(found, own)
         else:
             center = self.to_output_size(center, image_size, height, width)
             found = peak_instances(probs, center, offset, self.center_threshold, self.nms_kernel, self.top_k,
                                    self.min_instance_area)
         return {"instances": _to_instances(found, height, width), "sem_seg": probs}
 
-    def _score_masks(self, found: Dict, probs, point_classes, own) -> None:
-        """In place: the non-fallback masks of ``found`` get the MASK_SCORE score: "model" the mean of
-        ``probs`` ((C+1) x H x W) of the point's class over the mask, "agreement" the mask's IoU with
-        the model's own mask for the point (``own``, :meth:`_point_masks` of ``probs``; None when the
-        model's own semantics were grouped: the mask is the model's own, IoU 1)."""
-        if self.mask_score == "grouped" or not len(point_classes):
+    def _score_masks(self, found: Dict, own) -> None:
+        """In place, with MASK_SCORE "agreement": each non-fallback mask of ``found`` scores its IoU
+        with the model's own mask for the point (``own``: :meth:`_point_masks` of the model's
+        probabilities; None when those were what was grouped: the mask is the model's own, IoU 1)."""
+        if self.mask_score != "agreement":
             return
-        if self.mask_score == "model":
-            new = mean_over_masks(found["masks"], probs, self.head_classes(point_classes) + 1)
-        elif own is None:
-            new = torch.ones_like(found["scores"])
-        else:
-            new = paired_mask_iou(found["masks"], own["masks"])
+        new = torch.ones_like(found["scores"]) if own is None else paired_mask_iou(found["masks"], own["masks"])
         found["scores"] = torch.where(found["fallback"], found["scores"], new.to(found["scores"].dtype))
 
     def _point_masks(self, semantics, offset, points, point_classes, x: Dict, fallback_box_size: int) -> Dict:

@@ -24,7 +24,7 @@ from p2seg.utils.nearest_point import nearest_point
 from .id_map_masks import IdMapMasks
 
 __all__ = ["point_guided_instances", "peak_instances", "one_hot_semantics", "blend_with_source", "split_foreground_by_class",
-           "mean_over_masks", "paired_mask_iou"]
+           "paired_mask_iou"]
 
 
 
@@ -294,30 +294,6 @@ def blend_with_source(probs: torch.Tensor, sem: torch.Tensor, labels: torch.Tens
     out[1:] = probs[1:] * (fused_fg / fg)[None]
     out[0] = 1.0 - fused_fg
     return torch.where(changed[None], out, probs)
-
-
-def mean_over_masks(masks, value_maps, channels, *, chunk_elements=2**22):
-    """Mean of each mask's own value map over the mask (e.g. the model's probability of the mask's
-    class: a mask score).
-
-    Args:
-        masks: bool (P, H, W) tensor or :class:`~p2seg.modeling.id_map_masks.IdMapMasks`.
-        value_maps: float (K, H, W).
-        channels: int64 (P,) the map of each mask (index into ``value_maps``).
-        chunk_elements: bound on the dense mask entries held at once.
-    Returns:
-        float (P,) of ``value_maps``' dtype; 0 for an empty mask.
-    """
-    num_masks, height, width = masks.shape
-    means = value_maps.new_zeros(num_masks)
-    step = max(1, int(chunk_elements) // max(height * width, 1))
-    for start in range(0, num_masks, step):
-        rows = torch.arange(start, min(num_masks, start + step), device=channels.device)
-        chunk = masks[rows]
-        chunk = chunk.dense() if isinstance(chunk, IdMapMasks) else chunk
-        area = chunk.sum(dim=(1, 2)).clamp(min=1)
-        means[rows] = (value_maps[channels[rows]] * chunk).sum(dim=(1, 2)) / area
-    return means
 
 
 def paired_mask_iou(masks, others, *, chunk_elements=2**22):
