@@ -85,6 +85,8 @@ def baseline_prediction(record: dict, fallback_box_size: int = 0, fallback_score
 
     With ``num_classes`` C, labels outside ``0..C`` and ``ignore_label`` are an error naming the
     file (as in training: such a map does not belong to this dataset)."""
+    if score not in BASELINE_SCORES:
+        raise ValueError(f"baseline score must be one of {BASELINE_SCORES}, got {score!r}")
     if "sem_seg_file_name" not in record:
         raise KeyError(f"{record.get('file_name')}: dataset dict lacks field 'sem_seg_file_name'")
     sem = read_semantic_png(record["sem_seg_file_name"])
@@ -104,8 +106,6 @@ def baseline_prediction(record: dict, fallback_box_size: int = 0, fallback_score
     points = np.array([a["point"] for a in anns], np.float64).reshape(-1, 2)
     classes = np.array([a["category_id"] for a in anns], np.int64)
     instances = nearest_point_instances(sem, points, classes, fallback_box_size, fallback_score)
-    if score not in BASELINE_SCORES:
-        raise ValueError(f"baseline score must be one of {BASELINE_SCORES}, got {score!r}")
     if score == "area" and len(instances):
         area = mask_areas(instances.pred_masks).float()
         instances.scores = torch.where(instances.fallback, instances.scores, area / area.max().clamp(min=1))
