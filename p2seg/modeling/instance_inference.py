@@ -71,7 +71,8 @@ class InstanceInference:
                 point); a fallback mask keeps its score either way.
         """
         if mask_score not in MASK_SCORES:
-            raise ValueError(f"config MODEL.P2SEG.INFERENCE.MASK_SCORE must be one of {MASK_SCORES}, got {mask_score!r}")
+            raise ValueError(
+                f"config MODEL.P2SEG.INFERENCE.MASK_SCORE must be one of {MASK_SCORES}, got {mask_score!r}")
         self.mask_score = mask_score
         if not 0.0 <= point_offset_scale:
             raise ValueError(f"config MODEL.P2SEG.INFERENCE.POINT_OFFSET_SCALE must be >= 0, got {point_offset_scale}")
@@ -197,8 +198,10 @@ class InstanceInference:
             found["classes"] = point_classes.clone()  # the point's class, also for foreground semantics
             if self.fallback_mask == "source":
                 self._source_fallback(found, x, points, self.head_classes(point_classes), present, height, width)
-            own = None  # the model's own masks for the points, when other semantics were grouped
-            if grouped is not probs and (self.mask_score == "agreement" or (self.fallback_mask == "model" and on_source)):
+            # the model's own masks for the points, when other semantics were grouped
+            needs_own = self.mask_score == "agreement" or (self.fallback_mask == "model" and on_source)
+            own = None
+            if needs_own and grouped is not probs:
                 own = self._point_masks(probs, offset, points, point_classes, x, 0)
             if self.fallback_mask == "model" and on_source:
                 _fill_fallbacks(found, own)
