@@ -23,8 +23,8 @@ from p2seg.utils.nearest_point import nearest_point
 
 from .id_map_masks import IdMapMasks
 
-__all__ = ["point_guided_instances", "peak_instances", "one_hot_semantics", "blend_with_source", "split_foreground_by_class",
-           "paired_mask_iou"]
+__all__ = ["point_guided_instances", "peak_instances", "one_hot_semantics", "blend_with_source",
+           "split_foreground_by_class", "paired_mask_iou"]
 
 
 
