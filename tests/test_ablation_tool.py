@@ -3,10 +3,11 @@ one tiny I2S run in process with its diagnosis (walk before / after, affinity ca
 run on a dataset that only the config registers (``DATASETS.POINT_COCO``)."""
 import importlib.util
 import json
+import shlex
 from pathlib import Path
 
 
-from p2seg.cli.pipeline import QUICK_COMMON, QUICK_STAGE1
+from p2seg.cli.pipeline import DEFAULT_STAGE2, QUICK_COMMON, QUICK_STAGE1, QUICK_STAGE2
 from test_config_datasets import unique, write_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,12 +44,23 @@ def test_finished_runs_are_reused_without_training(tmp_path, capsys):
     assert not list(tmp_path.glob("*.log"))  # nothing was started
 
 
-def test_one_i2s_run_scores_the_training_images_and_diagnoses_the_walk(tmp_path, monkeypatch, capsys):
+def test_one_i2s_run_scores_the_training_images_diagnoses_the_walk_and_goes_on_to_stage2(tmp_path, monkeypatch,
+                                                                                         capsys):
     monkeypatch.setenv("P2SEG_CACHE", str(tmp_path / "cache"))
     opts = QUICK_COMMON + QUICK_STAGE1 + ["DATALOADER.NUM_WORKERS", "0"]
     ablation.main(["--worker", "--variant", "i2s", "--seed", "1", "--iters", "2", "--out", str(tmp_path),
-                   "--tag", "t", "--opts", *opts])
-    row = json.loads((tmp_path / "t_i2s_s1" / "ablation_run.json").read_text())
+                   "--tag", "t", "--stage2-config", str(DEFAULT_STAGE2),
+                   "--stage2-opts", shlex.join(QUICK_COMMON + QUICK_STAGE2), "--opts", *opts])
+    run = tmp_path / "t_i2s_s1"
+    row = json.loads((run / "ablation_run.json").read_text())
+    # the pipeline went on from the run's own checkpoint: stage 1 was not trained twice
+    pipeline = json.loads((run / "pipeline_results.json").read_text())
+    assert (run / "stage1" / "model_final.pth").is_file() and pipeline["stages"]["stage1"]["skipped"]
+    for part in ("stage2", "export"):
+        assert all(0.0 <= row[part][m] <= 100.0 for m in ("AP", "AP50", "AP75")), part
+    assert set(row["pointfree"]) == {"AP", "AP50", "AP75"}  # NaN here: a 2-iteration model finds no centre
+    assert row["stage2"]["AP"] == pipeline["rows"]["Mask R-CNN on P2Seg pseudo masks"]["AP"]
+    assert "stage 2: AP / AP50 / AP75" in ablation.format_table(ablation.summarise([row]))
     assert row["dataset"] == "p2seg_shapes_train" and row["iters"] == 2
     assert all(0.0 <= row[m] <= 100.0 for m in ("AP", "AP50", "AP75"))
     diag = row["diagnosis"]

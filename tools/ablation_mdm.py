@@ -5,7 +5,9 @@ Usage::
 
     .venv/bin/python tools/ablation_mdm.py --config configs/shapes/p2seg_R18_cpu.yaml \\
         [--variants none s2i i2s both | ladder] [--seeds 3407 1] [--iters 800] [--parallel 2] [--threads 1] \\
-        [--dataset NAME] [--out output/ablation_mdm] [--tag shapes] [--opts KEY VALUE ...]
+        [--dataset NAME] [--out output/ablation_mdm] [--tag shapes] \\
+        [--stage2-config configs/MaskRCNN/mask_rcnn_lite0_FPN_shapes_cpu.yaml [--stage2-opts "KEY VALUE ..."]] \\
+        [--opts KEY VALUE ...]
 
 Every (variant, seed) trains in a FRESH subprocess (``--worker``; ``--parallel`` at a time, each
 with ``--threads`` torch threads) from ``--config`` with the variant's overrides (``VARIANTS``:
@@ -23,6 +25,13 @@ inference random walk, and the affinity's calibration (mean ``A`` over pixel pai
 ground-truth instance, of different instances, of instance vs background and of two background
 pixels; the fraction above 0.5; the median absolute logit).
 
+With ``--stage2-config`` every run also goes on through the end-product pipeline
+(:func:`p2seg.cli.pipeline.run_pipeline`, stage 1 reused from ``<run>/stage1``): the export of the
+training images' pseudo masks, the stage-2 Mask R-CNN trained on them (``SEED`` = the run's seed)
+and scored without points on the stage-2 config's ``DATASETS.TEST``, and P2Seg's own point-free
+instances there; the row gains ``stage2`` / ``pointfree`` (AP / AP50 / AP75) and the table their
+means.
+
 A finished run's JSON (``--out/<tag>_<variant>_s<seed>/ablation_run.json``) is reused, so an
 interrupted ablation resumes. Prints one JSON line per run, then one table: per variant the mean
 and spread (half the range) of AP / AP50 / AP75 over the seeds and the mean training time; the
@@ -31,6 +40,7 @@ rows also go to ``--out/<tag>_ablation.json`` (atomically).
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -67,13 +77,19 @@ def run_dir(args, variant, seed):
     return os.path.join(args.out, f"{args.tag}_{variant}_s{seed}")
 
 
-def run_opts(args, variant, seed):
-    """Config overrides of one run."""
-    opts = list(VARIANTS[variant]) + ["SEED", str(seed), "TEST.EVAL_PERIOD", "0", "OUTPUT_DIR",
-                                      run_dir(args, variant, seed)]
+def stage1_opts(args, variant, seed):
+    """Config overrides of one run's training (its variant, seed, schedule and ``--opts``)."""
+    opts = list(VARIANTS[variant]) + ["SEED", str(seed), "TEST.EVAL_PERIOD", "0"]
     if args.iters:
         opts += ["SOLVER.MAX_ITER", str(args.iters)]
     return opts + list(args.opts)
+
+
+def run_opts(args, variant, seed):
+    """Config overrides of one run: :func:`stage1_opts` and its output folder (``<run>/stage1``
+    when the run goes on to stage 2: the pipeline's layout)."""
+    out = run_dir(args, variant, seed)
+    return stage1_opts(args, variant, seed) + ["OUTPUT_DIR", os.path.join(out, "stage1") if args.stage2_config else out]
 
 
 # ------------------------------------------------------------------------------------ diagnosis
@@ -212,14 +228,43 @@ def worker(args):
            "loadavg_1min": round(os.getloadavg()[0], 2)}
     if cfg.MODEL.P2SEG.I2S.ENABLED:
         row["diagnosis"] = walk_diagnostics(trainer.model, cfg, name)
-    write_json_atomic(row, os.path.join(cfg.OUTPUT_DIR, "ablation_run.json"))
+    if args.stage2_config:
+        del trainer
+        row.update(end_product(args))
+    write_json_atomic(row, os.path.join(run_dir(args, args.variant, args.seed), "ablation_run.json"))
     print(json.dumps(row), flush=True)
 
 
+def end_product(args):
+    """The run's stage-1 checkpoint through the pipeline (module docstring): ``{"stage2": {AP,
+    AP50, AP75}, "pointfree": {...}, "export": {...}, "stage2_s": seconds}`` of the stage-2 Mask
+    R-CNN on the test images, P2Seg's own point-free instances there and the exported pseudo masks."""
+    from p2seg.cli.pipeline import PipelineConfig, run_pipeline
+
+    pc = PipelineConfig(run_dir(args, args.variant, args.seed), args.config, args.stage2_config,
+                        stage1_opts=stage1_opts(args, args.variant, args.seed),
+                        stage2_opts=["SEED", str(args.seed)] + shlex.split(args.stage2_opts), compare=[])
+    out = run_pipeline(pc)
+    rows = out["rows"]
+
+    def metrics(title):
+        return {m: rows.get(title, {}).get(m) for m in METRICS}
+
+    return {"stage2": metrics("Mask R-CNN on P2Seg pseudo masks"), "pointfree": metrics("P2Seg, centre peaks"),
+            "export": metrics("P2Seg pseudo masks"),
+            "stage2_s": (out["stages"].get("stage2") or {}).get("seconds")}
+
+
 # ---------------------------------------------------------------------------------------- table
+def _mean_and_spread(values):
+    """(mean, half the range) of a list of numbers, rounded to 0.01."""
+    return round(sum(values) / len(values), 2), round((max(values) - min(values)) / 2, 2)
+
+
 def summarise(rows):
     """Per variant (in VARIANTS order): seeds, mean and spread (half the range) of each metric,
-    mean training seconds; rows with an error are left out."""
+    mean training seconds, and with stage 2 the means of its metrics (``stage2_AP`` ...); rows
+    with an error are left out."""
     out = []
     for variant in VARIANTS:
         runs = [r for r in rows if r.get("variant") == variant and "error" not in r]
@@ -228,25 +273,34 @@ def summarise(rows):
         row = {"variant": variant, "seeds": [r["seed"] for r in runs],
                "train_s": round(sum(r["train_s"] for r in runs) / len(runs), 1)}
         for m in METRICS:
-            values = [r[m] for r in runs]
-            row[m] = round(sum(values) / len(values), 2)
-            row[f"{m}_spread"] = round((max(values) - min(values)) / 2, 2)
+            row[m], row[f"{m}_spread"] = _mean_and_spread([r[m] for r in runs])
+        for part in ("stage2", "pointfree"):
+            values = {m: [r[part][m] for r in runs if r.get(part, {}).get(m) is not None] for m in METRICS}
+            for m, v in values.items():
+                if v:
+                    row[f"{part}_{m}"], row[f"{part}_{m}_spread"] = _mean_and_spread(v)
         out.append(row)
     return out
 
 
 def format_table(summary):
-    lines = [f"{'variant':8} {'seeds':>10} {'AP':>13} {'AP50':>13} {'AP75':>13} {'train_s':>8}"]
+    """The summary as text: pseudo masks (and stage 2 when measured), mean ± spread per metric."""
+    with_stage2 = any("stage2_AP" in r for r in summary)
+    head = f"{'variant':12} {'seeds':>10} {'AP':>13} {'AP50':>13} {'AP75':>13} {'train_s':>8}"
+    lines = [head + ("   stage 2: AP / AP50 / AP75" if with_stage2 else "")]
     for r in summary:
         cells = " ".join(f"{r[m]:6.2f} ±{r[m + '_spread']:5.2f}" for m in METRICS)
-        lines.append(f"{r['variant']:8} {','.join(map(str, r['seeds'])):>10} {cells} {r['train_s']:8.1f}")
+        line = f"{r['variant']:12} {','.join(map(str, r['seeds'])):>10} {cells} {r['train_s']:8.1f}"
+        if with_stage2:
+            line += "   " + " / ".join(f"{r.get('stage2_' + m, float('nan')):.2f}" for m in METRICS)
+        lines.append(line)
     return "\n".join(lines)
 
 
 def _command(args, variant, seed):
     return [sys.executable, os.path.abspath(__file__), "--worker", "--config", args.config, "--variant", variant,
             "--seed", str(seed), "--iters", str(args.iters), "--threads", str(args.threads), "--out", args.out,
-            "--tag", args.tag, "--dataset", args.dataset, "--opts", *args.opts]
+            "--tag", args.tag, "--dataset", args.dataset, "--stage2-config", args.stage2_config, "--stage2-opts", args.stage2_opts, "--opts", *args.opts]
 
 
 def main(argv=None):
@@ -261,6 +315,9 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
     parser.add_argument("--out", default=os.path.join(ROOT, "output", "ablation_mdm"))
     parser.add_argument("--tag", default="", help="run-name prefix (default: the config's file name)")
+    parser.add_argument("--stage2-config", default="",
+                        help="also train this stage-2 config on each run's pseudo masks and score it (module docstring)")
+    parser.add_argument("--stage2-opts", default="", help='overrides of stage 2 only, one string: "KEY VALUE ..."')
     parser.add_argument("--opts", nargs="*", default=[], help="extra config KEY VALUE pairs")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--variant", default="none", help=argparse.SUPPRESS)
@@ -268,6 +325,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     args.config = os.path.abspath(args.config)
     args.tag = args.tag or os.path.splitext(os.path.basename(args.config))[0]
+    args.stage2_config = os.path.abspath(args.stage2_config) if args.stage2_config else ""
     if args.worker:
         return worker(args)
     os.makedirs(args.out, exist_ok=True)
