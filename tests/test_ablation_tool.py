@@ -32,6 +32,29 @@ def test_summary_is_mean_and_half_range_per_variant_in_order_and_skips_errors():
     assert "35.00 ± 1.00" in table and table.splitlines()[2].startswith("both")
 
 
+def test_a_run_whose_pipeline_stops_before_stage2_keeps_its_pseudo_mask_scores(tmp_path, monkeypatch):
+    """With --stage2-config, a pipeline that refuses to go on (a stuck stage 1, an export of
+    fallback boxes: RuntimeError) makes the run's stage-2 part a recorded refusal, not a lost row;
+    the summary counts it and the table says so."""
+    import p2seg.cli.pipeline as pipeline
+
+    def refuse(pc):
+        raise RuntimeError("the export gave 992 of 992 points (100 %) the fallback box")
+
+    monkeypatch.setattr(pipeline, "run_pipeline", refuse)
+    args = ablation.argparse.Namespace(out=str(tmp_path), tag="t", variant="walk", seed=1, iters=0, opts=[],
+                                       config="c.yaml", stage2_config="s2.yaml", stage2_opts="")
+    part = ablation.end_product(args)
+    assert part == {"stage2_refused": "the export gave 992 of 992 points (100 %) the fallback box"}
+    rows = [{**_row("walk", 1, 2.0, 11.8, 0.0), **part},
+            {**_row("dg", 1, 40.0, 76.0, 36.0), "stage2": {"AP": 52.0, "AP50": 85.0, "AP75": 55.0}}]
+    summary = ablation.summarise(rows)
+    assert summary[0]["stage2_AP"] == 52.0 and "stage2_refused" not in summary[0]
+    assert summary[1]["stage2_refused"] == 1 and "stage2_AP" not in summary[1]
+    table = ablation.format_table(summary).splitlines()
+    assert table[1].endswith("52.00 / 85.00 / 55.00") and table[2].endswith("stage 2 refused in 1 run(s)")
+
+
 def test_finished_runs_are_reused_without_training(tmp_path, capsys):
     for variant in ("none", "i2s"):
         for seed in (1, 2):

@@ -238,13 +238,18 @@ def worker(args):
 def end_product(args):
     """The run's stage-1 checkpoint through the pipeline (module docstring): ``{"stage2": {AP,
     AP50, AP75}, "pointfree": {...}, "export": {...}, "stage2_s": seconds}`` of the stage-2 Mask
-    R-CNN on the test images, P2Seg's own point-free instances there and the exported pseudo masks."""
+    R-CNN on the test images, P2Seg's own point-free instances there and the exported pseudo masks;
+    ``{"stage2_refused": message}`` when the pipeline stops before stage 2 (a stuck stage 1, an
+    export of fallback boxes): the row keeps its pseudo-mask scores."""
     from p2seg.cli.pipeline import PipelineConfig, run_pipeline
 
     pc = PipelineConfig(run_dir(args, args.variant, args.seed), args.config, args.stage2_config,
                         stage1_opts=stage1_opts(args, args.variant, args.seed),
                         stage2_opts=["SEED", str(args.seed)] + shlex.split(args.stage2_opts), compare=[])
-    out = run_pipeline(pc)
+    try:
+        out = run_pipeline(pc)
+    except RuntimeError as refused:
+        return {"stage2_refused": str(refused)}
     rows = out["rows"]
 
     def metrics(title):
@@ -274,6 +279,9 @@ def summarise(rows):
                "train_s": round(sum(r["train_s"] for r in runs) / len(runs), 1)}
         for m in METRICS:
             row[m], row[f"{m}_spread"] = _mean_and_spread([r[m] for r in runs])
+        refused = sum("stage2_refused" in r for r in runs)
+        if refused:
+            row["stage2_refused"] = refused  # runs whose pipeline stopped before stage 2
         for part in ("stage2", "pointfree"):
             values = {m: [r[part][m] for r in runs if r.get(part, {}).get(m) is not None] for m in METRICS}
             for m, v in values.items():
@@ -285,14 +293,16 @@ def summarise(rows):
 
 def format_table(summary):
     """The summary as text: pseudo masks (and stage 2 when measured), mean ± spread per metric."""
-    with_stage2 = any("stage2_AP" in r for r in summary)
+    with_stage2 = any("stage2_AP" in r or "stage2_refused" in r for r in summary)
     head = f"{'variant':12} {'seeds':>10} {'AP':>13} {'AP50':>13} {'AP75':>13} {'train_s':>8}"
     lines = [head + ("   stage 2: AP / AP50 / AP75" if with_stage2 else "")]
     for r in summary:
         cells = " ".join(f"{r[m]:6.2f} ±{r[m + '_spread']:5.2f}" for m in METRICS)
         line = f"{r['variant']:12} {','.join(map(str, r['seeds'])):>10} {cells} {r['train_s']:8.1f}"
-        if with_stage2:
-            line += "   " + " / ".join(f"{r.get('stage2_' + m, float('nan')):.2f}" for m in METRICS)
+        if with_stage2 and "stage2_AP" in r:
+            line += "   " + " / ".join(f"{r['stage2_' + m]:.2f}" for m in METRICS)
+        if r.get("stage2_refused"):
+            line += f"   stage 2 refused in {r['stage2_refused']} run(s)"
         lines.append(line)
     return "\n".join(lines)
 
