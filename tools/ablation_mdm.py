@@ -299,7 +299,7 @@ def format_table(summary):
     for r in summary:
         cells = " ".join(f"{r[m]:6.2f} ±{r[m + '_spread']:5.2f}" for m in METRICS)
         line = f"{r['variant']:12} {','.join(map(str, r['seeds'])):>10} {cells} {r['train_s']:8.1f}"
-        if with_stage2 and "stage2_AP" in r:
+        if "stage2_AP" in r:
             line += "   " + " / ".join(f"{r['stage2_' + m]:.2f}" for m in METRICS)
         if r.get("stage2_refused"):
             line += f"   stage 2 refused in {r['stage2_refused']} run(s)"
@@ -310,7 +310,8 @@ def format_table(summary):
 def _command(args, variant, seed):
     return [sys.executable, os.path.abspath(__file__), "--worker", "--config", args.config, "--variant", variant,
             "--seed", str(seed), "--iters", str(args.iters), "--threads", str(args.threads), "--out", args.out,
-            "--tag", args.tag, "--dataset", args.dataset, "--stage2-config", args.stage2_config, "--stage2-opts", args.stage2_opts, "--opts", *args.opts]
+            "--tag", args.tag, "--dataset", args.dataset, "--stage2-config", args.stage2_config,
+            "--stage2-opts", args.stage2_opts, "--opts", *args.opts]
 
 
 def main(argv=None):
@@ -326,7 +327,7 @@ def main(argv=None):
     parser.add_argument("--out", default=os.path.join(ROOT, "output", "ablation_mdm"))
     parser.add_argument("--tag", default="", help="run-name prefix (default: the config's file name)")
     parser.add_argument("--stage2-config", default="",
-                        help="also train this stage-2 config on each run's pseudo masks and score it (module docstring)")
+                        help="also train this stage-2 config on each run's pseudo masks, scored (module docstring)")
     parser.add_argument("--stage2-opts", default="", help='overrides of stage 2 only, one string: "KEY VALUE ..."')
     parser.add_argument("--opts", nargs="*", default=[], help="extra config KEY VALUE pairs")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
